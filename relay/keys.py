@@ -19,6 +19,11 @@ _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _TURN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
+def _glob_escape(text: str) -> str:
+    """Escape the characters Redis glob patterns treat specially (braces are literal there)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
 def validate_conversation_id(conversation_id: str) -> str:
     if not isinstance(conversation_id, str) or not _CONVERSATION_ID.match(conversation_id):
         raise InvalidConversationId(
@@ -63,6 +68,22 @@ class Keys:
     def control_channel(self, conversation_id: str) -> str:
         """Pub/sub channel that tells the producer running a turn to stop it at once."""
         return self._conv(conversation_id, "control")
+
+    def control_pattern(self) -> str:
+        """PSUBSCRIBE pattern matching every conversation's control channel under this prefix."""
+        return f"{_glob_escape(self.prefix)}:{{*}}:control"
+
+    def conversation_of_control(self, channel: str) -> str | None:
+        """The conversation id inside a control channel name, or None for any other name."""
+        head, tail = f"{self.prefix}:{{", "}:control"
+        if not (channel.startswith(head) and channel.endswith(tail)):
+            return None
+        conversation_id = channel[len(head) : -len(tail)]
+        return conversation_id if _CONVERSATION_ID.match(conversation_id) else None
+
+    def edge_wake(self, node_id: str) -> str:
+        """Tiny stream an edge includes in its blocking read so a new subscription can wake it."""
+        return f"{self.prefix}:edge:{node_id}:wake"
 
     def jobs(self) -> str:
         """Stream of turn jobs consumed by producer workers through a consumer group."""

@@ -203,3 +203,24 @@ def _unpack_map(data: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise WireError("message is not a msgpack map")
     return body
+
+
+class CloseCode:
+    """WebSocket close codes the edge uses (docs/protocol.md). ``RESUMABLE`` ones mean: reconnect,
+    to this or any edge, with your last position."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    EDGE_RESTARTING = 1012
+    BAD_REQUEST = 4400
+    TOKEN_INVALID = 4401
+    TOKEN_EXPIRED = 4402
+    TOKEN_WRONG_CONVERSATION = 4403
+    SLOW_CONSUMER = 4429
+    UNAVAILABLE = 4503
+
+    RESUMABLE = frozenset({GOING_AWAY, INTERNAL_ERROR, EDGE_RESTARTING, SLOW_CONSUMER, UNAVAILABLE})
+    # A client should stop and surface these; reconnecting with the same token cannot succeed.
+    FATAL = frozenset({BAD_REQUEST, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_CONVERSATION, TOO_BIG})

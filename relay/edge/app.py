@@ -1,0 +1,156 @@
+"""The edge's aiohttp application: the client WebSocket endpoint, health and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import redis.asyncio as redis
+import structlog
+from aiohttp import web
+
+from relay import wire
+from relay.edge.hub import Hub
+from relay.edge.session import ClientSession, choose_start
+from relay.errors import InvalidConversationId, TokenError
+from relay.keys import Keys, validate_conversation_id
+from relay.redis_conn import create_client
+from relay.settings import Settings
+from relay.streams import valid_id
+from relay.tokens import verify_token
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+KEYS = web.AppKey("keys", Keys)
+REDIS = web.AppKey("redis", redis.Redis)
+HUB = web.AppKey("hub", Hub)
+SESSIONS = web.AppKey("sessions", set[ClientSession])
+
+# Client messages are tiny; anything far above the documented limit is cut off by aiohttp itself.
+_TRANSPORT_MAX_MSG = 64 * 1024
+
+
+def create_app(settings: Settings) -> web.Application:
+    settings.require_secret()
+    settings.require_redis()
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[KEYS] = Keys(settings.key_prefix)
+    app[SESSIONS] = set()
+    app.cleanup_ctx.append(_redis_and_hub)
+    app.on_shutdown.append(_close_sessions)
+    app.router.add_get("/v1/conversations/{conversation_id}/ws", websocket_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[REDIS] = create_client(settings.redis_url, block_ms=0)
+    # The hub's blocking read holds its connection for up to read_block_ms; it gets its own client.
+    reader = create_client(settings.redis_url, block_ms=settings.read_block_ms, max_connections=4)
+    hub = Hub(reader, app[KEYS], node_id=settings.node_id, block_ms=settings.read_block_ms,
+              count=settings.read_count)
+    app[HUB] = hub
+    task = asyncio.create_task(hub.run(), name="hub")
+    log.info("edge_started", node_id=settings.node_id)
+    try:
+        yield
+    finally:
+        await hub.stop(task)
+        await reader.aclose()
+        await app[REDIS].aclose()
+
+
+async def _close_sessions(app: web.Application) -> None:
+    for session in list(app[SESSIONS]):
+        session.request_close(wire.CloseCode.EDGE_RESTARTING, "edge_restarting")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    try:
+        await asyncio.wait_for(request.app[REDIS].ping(), 2.0)
+    except (OSError, asyncio.TimeoutError, redis.RedisError) as exc:
+        return web.json_response({"status": "redis_unavailable", "error": str(exc)}, status=503)
+    if not hub.ready.is_set():
+        return web.json_response({"status": "reader_not_ready"}, status=503)
+    return web.json_response({"status": "ready", "conversations": hub.conversations,
+                              "clients": len(request.app[SESSIONS])})
+
+
+def _token_from(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query.get("token")
+
+
+async def websocket_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    ws = web.WebSocketResponse(max_msg_size=_TRANSPORT_MAX_MSG, heartbeat=settings.heartbeat_s)
+    await ws.prepare(request)
+    conversation_id = request.match_info["conversation_id"]
+    try:
+        validate_conversation_id(conversation_id)
+        verify_token(settings.require_secret(), _token_from(request), conversation_id)
+    except TokenError as exc:
+        log.info("client_refused", reason=exc.reason)
+        await ws.close(code=exc.close_code, message=exc.reason.encode())
+        return ws
+    except InvalidConversationId as exc:
+        await ws.send_bytes(wire.error("bad_conversation_id", str(exc)))
+        await ws.close(code=wire.CloseCode.BAD_REQUEST, message=b"bad_conversation_id")
+        return ws
+    last_id = request.query.get("last_id") or None
+    if last_id is not None and not valid_id(last_id):
+        await ws.send_bytes(wire.error("bad_last_id", "last_id must look like <ms>-<seq>"))
+        await ws.close(code=wire.CloseCode.BAD_REQUEST, message=b"bad_last_id")
+        return ws
+    with structlog.contextvars.bound_contextvars(conversation_id=conversation_id):
+        await _serve(app, ws, conversation_id, last_id)
+    return ws
+
+
+async def _serve(
+    app: web.Application, ws: web.WebSocketResponse, conversation_id: str, last_id: str | None
+) -> None:
+    settings, hub = app[SETTINGS], app[HUB]
+    session = ClientSession(ws, conversation_id, settings)
+    app[SESSIONS].add(session)
+    reader: asyncio.Task[None] | None = None
+    try:
+        start, tip = await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
+        position, created = hub.attach(conversation_id, session, tip)
+        if created:
+            await hub.wake()
+        await ws.send_bytes(wire.welcome(
+            conversation=conversation_id, edge=settings.node_id, start=start.mode,
+            recovered=start.recovered, position=start.position,
+        ))
+        log.info("client_joined", start=start.mode, recovered=start.recovered)
+        reader = asyncio.create_task(session.read_client(), name="client-reader")
+        reader.add_done_callback(lambda _: session.request_close(wire.CloseCode.NORMAL, "bye"))
+        await session.catch_up(app[REDIS], app[KEYS], start, position)
+        await session.pump()
+    except (ConnectionResetError, asyncio.TimeoutError) as exc:
+        log.info("client_lost", error=type(exc).__name__)
+    except redis.RedisError as exc:
+        log.warning("client_redis_error", error=str(exc))
+        await ws.close(code=wire.CloseCode.UNAVAILABLE, message=b"redis_unavailable")
+    finally:
+        hub.detach(conversation_id, session)
+        app[SESSIONS].discard(session)
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        log.info("client_left", sent=session.sent_count)

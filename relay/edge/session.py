@@ -1,0 +1,157 @@
+"""One connected client: where its delivery starts, its bounded send queue, its writer and reader."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+import structlog
+from aiohttp import WSMsgType, web
+
+from relay import streams, wire
+from relay.edge.hub import Hub
+from relay.errors import WireError
+from relay.keys import Keys
+from relay.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_CATCH_UP_PAGE = 256
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a client's delivery begins. ``position`` is exclusive unless ``inclusive``."""
+
+    position: str
+    inclusive: bool
+    mode: str  # "resume" | "turn" | "live"
+    recovered: bool | None
+
+
+async def choose_start(
+    client: redis.Redis, keys: Keys, conversation_id: str, last_id: str | None
+) -> tuple[StartPoint, str]:
+    """Return the start point and the stream's current tip.
+
+    A resume position still inside retention continues right after it. Without one (or when it
+    cannot be honoured) a client joins at the first entry of the active turn, because the client
+    SDK needs a turn's first audio before its frames; with no active turn it starts live.
+    """
+    info = await streams.stream_info(client, keys, conversation_id)
+    if last_id is not None and info.can_resume_after(last_id):
+        return StartPoint(last_id, False, "resume", True), info.last_id
+    recovered = None if last_id is None else False
+    turn = await streams.read_turn(client, keys, conversation_id)
+    if turn is not None and turn.status == streams.ACTIVE and info.exists:
+        return StartPoint(turn.start_id, True, "turn", recovered), info.last_id
+    return StartPoint(info.last_id, False, "live", recovered), info.last_id
+
+
+class ClientSession:
+    """Delivers one conversation to one WebSocket, in stream order, exactly once."""
+
+    def __init__(self, ws: web.WebSocketResponse, conversation_id: str, settings: Settings) -> None:
+        self.ws = ws
+        self.conversation_id = conversation_id
+        self._settings = settings
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._sent = (0, -1)  # id of the last frame written to the socket
+        self.sent_count = 0
+
+    # --- called by the hub, never awaits -------------------------------------------------------
+
+    def offer(self, entry_id: str, frame: bytes) -> None:
+        if self._close_code is not None:
+            return
+        limits = self._settings
+        if (len(self._queue) >= limits.client_queue_messages
+                or self._queued_bytes + len(frame) > limits.client_queue_bytes):
+            # Overflow policy: disconnect, never drop. The client resumes from its last position
+            # and gets everything still retained, so a slow client costs itself, not the edge.
+            self.request_close(wire.CloseCode.SLOW_CONSUMER, "slow_consumer")
+            return
+        self._queue.append((entry_id, frame))
+        self._queued_bytes += len(frame)
+        self._wakeup.set()
+
+    def on_unavailable(self) -> None:
+        self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
+
+    def request_close(self, code: int, reason: str) -> None:
+        if self._close_code is None:
+            self._close_code, self._close_reason = code, reason
+            self._wakeup.set()
+
+    # --- delivery ----------------------------------------------------------------------------
+
+    async def send(self, entry_id: str, frame: bytes) -> None:
+        parsed = streams.parse_id(entry_id)
+        if parsed <= self._sent:
+            return  # already delivered by catch-up or by the live path
+        await asyncio.wait_for(self.ws.send_bytes(frame), self._settings.send_timeout_s)
+        self._sent = parsed
+        self.sent_count += 1
+
+    async def catch_up(
+        self, client: redis.Redis, keys: Keys, start: StartPoint, until: str
+    ) -> None:
+        """Send stored entries from the start point up to ``until`` (inclusive), page by page."""
+        if start.mode == "live":
+            return
+        stop = streams.parse_id(until)
+        position, inclusive = start.position, start.inclusive
+        while True:
+            reader = streams.read_from if inclusive else streams.read_after
+            rows = await reader(client, keys, self.conversation_id, position, count=_CATCH_UP_PAGE)
+            for entry_id, stored in rows:
+                if streams.parse_id(entry_id) > stop:
+                    return
+                await self.send(entry_id, wire.delivery(entry_id, stored))
+            if len(rows) < _CATCH_UP_PAGE:
+                return
+            position, inclusive = rows[-1][0], False
+
+    async def pump(self) -> None:
+        """Drain the live queue until the session is asked to close."""
+        while True:
+            while self._queue and self._close_code is None:
+                entry_id, frame = self._queue.popleft()
+                self._queued_bytes -= len(frame)
+                await self.send(entry_id, frame)
+            if self._close_code is not None:
+                await self.ws.close(code=self._close_code, message=self._close_reason.encode())
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def read_client(self) -> None:
+        """Answer pings; refuse anything else with an error message and a close."""
+        limit = self._settings.client_message_max_bytes
+        async for msg in self.ws:
+            if msg.type != WSMsgType.BINARY:
+                await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message",
+                                   "only binary msgpack messages are accepted")
+                return
+            if len(msg.data) > limit:
+                await self._refuse(wire.CloseCode.TOO_BIG, "message_too_big",
+                                   f"client messages are limited to {limit} bytes")
+                return
+            try:
+                decoded = wire.decode_client(msg.data, max_bytes=limit)
+            except WireError as exc:
+                await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message", str(exc))
+                return
+            if decoded.kind == wire.PING:
+                await self.ws.send_bytes(wire.pong(decoded.fields.get("nonce")))
+
+    async def _refuse(self, code: int, error_code: str, message: str) -> None:
+        log.info("client_message_refused", error_code=error_code, detail=message)
+        await self.ws.send_bytes(wire.error(error_code, message))
+        self.request_close(code, error_code)

@@ -1,0 +1,44 @@
+"""Helpers for tests that run edges in-process on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from relay.client import RelayClient
+from relay.edge import create_app
+from relay.settings import Settings
+from relay.wire import Message
+
+
+@asynccontextmanager
+async def running_edge(settings: Settings, node_id: str) -> AsyncIterator[str]:
+    app = create_app(settings.with_overrides(node_id=node_id))
+    runner = web.AppRunner(app, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def collect(client: RelayClient, until, timeout: float = 10.0) -> list[Message]:
+    """Read messages until ``until(messages)`` is true (welcomes excluded from the list)."""
+    received: list[Message] = []
+
+    async def run() -> None:
+        async for message in client.messages():
+            if message.kind == "welcome":
+                continue
+            received.append(message)
+            if until(received):
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return received
