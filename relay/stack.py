@@ -45,13 +45,13 @@ class StackOptions:
 
 
 class Child:
-    """One role process, its output in .run/logs/<name>.log."""
+    """One role process (``python -m relay <args>``) with its output in ``<log_dir>/<name>.log``."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self._args = args
         self._env = env
-        self.log_path = RUN_DIR / "logs" / f"{name}.log"
+        self.log_path = log_dir / f"{name}.log"
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -66,6 +66,11 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.alive and self.proc is not None:
+            self.proc.kill()
+
     async def stop(self) -> None:
         if not self.alive or self.proc is None:
             return
@@ -78,16 +83,62 @@ class Child:
             await self.proc.wait()
 
 
+class LocalStack:
+    """Role processes on this machine sharing one Redis; used by ``relay run``/``demo`` and tests."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path = RUN_DIR / "logs") -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+
+    async def _spawn(self, name: str, args: list[str], **extra_env: str) -> Child:
+        child = Child(name, args, {**self.env, "RELAY_NODE_ID": name, **extra_env}, self.log_dir)
+        await child.start()
+        self.children.append(child)
+        return child
+
+    async def start_sim(self) -> str:
+        """Start the simulator and point every later producer at it; returns its base URL."""
+        port = free_port()
+        sim = await self._spawn("motion-sim", ["motion-sim", "--port", str(port)])
+        base = f"http://127.0.0.1:{port}"
+        self.env["SPATIUS_CONSOLE_URL"] = f"{base}/v1/console"
+        self.env["SPATIUS_INGRESS_URL"] = f"ws://127.0.0.1:{port}/v2/driveningress"
+        await wait_http(f"{base}/_sim/stats", sim)
+        return base
+
+    async def start_producer(self, name: str, **extra_env: str) -> Child:
+        return await self._spawn(name, ["producer"], **extra_env)
+
+    async def start_edge(self, name: str, port: int = 0, **extra_env: str) -> tuple[Child, str]:
+        port = port or free_port()
+        edge = await self._spawn(name, ["edge", "--port", str(port)], **extra_env)
+        await wait_http(f"http://127.0.0.1:{port}/readyz", edge)
+        return edge, f"ws://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        """Edges first (clients are told to go), then producers, the simulator last."""
+        stages = [[c for c in self.children if c.name.startswith("edge")],
+                  [c for c in self.children if not c.name.startswith(("edge", "motion-sim"))],
+                  [c for c in self.children if c.name.startswith("motion-sim")]]
+        for stage in stages:
+            await asyncio.gather(*(child.stop() for child in stage))
+
+
 async def run_stack(settings: Settings, options: StackOptions) -> int:
     async with AsyncExitStack() as stack:
         redis_url = settings.redis_url or _start_embedded(stack)
         secret = settings.token_secret or secrets.token_urlsafe(32)
-        env = _child_env(settings, redis_url, secret)
-        children: list[Child] = []
-        stack.push_async_callback(_stop_all, children)
+        local = LocalStack(child_env(settings, redis_url, secret))
+        stack.push_async_callback(local.stop)
         if not settings.uses_real_motion_server:
-            await _start_sim(env, children)
-        edges = await _start_roles(env, children, options)
+            await local.start_sim()
+        for index in range(options.producers):
+            await local.start_producer(f"producer-{index + 1}")
+        edges = []
+        for index in range(options.edges):
+            port = options.edge_port + index if options.edge_port else 0
+            edges.append((await local.start_edge(f"edge-{index + 1}", port))[1])
         client = create_client(redis_url)
         stack.push_async_callback(client.aclose)
         await wait_until_ready(client)
@@ -99,7 +150,7 @@ async def run_stack(settings: Settings, options: StackOptions) -> int:
         )
         print(report.render(), flush=True)
         if options.serve_forever:
-            return await _serve_until_signal(children)
+            return await _serve_until_signal(local.children)
         return 0 if report.ok else 1
     return 1
 
@@ -111,42 +162,14 @@ def _start_embedded(stack: AsyncExitStack) -> str:
     return server.url
 
 
-def _child_env(settings: Settings, redis_url: str, secret: str) -> dict[str, str]:
+def child_env(settings: Settings, redis_url: str, secret: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"REDIS_URL": redis_url, "RELAY_TOKEN_SECRET": secret, "RELAY_LOG_JSON": "true",
                 "RELAY_KEY_PREFIX": settings.key_prefix, "PYTHONUNBUFFERED": "1"})
     return env
 
 
-async def _start_sim(env: dict[str, str], children: list[Child]) -> None:
-    port = free_port()
-    sim = Child("motion-sim", ["motion-sim", "--port", str(port)], env)
-    await sim.start()
-    children.append(sim)
-    env["SPATIUS_CONSOLE_URL"] = f"http://127.0.0.1:{port}/v1/console"
-    env["SPATIUS_INGRESS_URL"] = f"ws://127.0.0.1:{port}/v2/driveningress"
-    await _wait_http(f"http://127.0.0.1:{port}/_sim/stats", sim)
-
-
-async def _start_roles(env: dict[str, str], children: list[Child], options: StackOptions) -> list[str]:
-    for index in range(options.producers):
-        producer = Child(f"producer-{index + 1}", ["producer"],
-                         {**env, "RELAY_NODE_ID": f"producer-{index + 1}"})
-        await producer.start()
-        children.append(producer)
-    urls = []
-    for index in range(options.edges):
-        port = options.edge_port + index if options.edge_port else free_port()
-        edge = Child(f"edge-{index + 1}", ["edge", "--port", str(port)],
-                     {**env, "RELAY_NODE_ID": f"edge-{index + 1}"})
-        await edge.start()
-        children.append(edge)
-        await _wait_http(f"http://127.0.0.1:{port}/readyz", edge)
-        urls.append(f"ws://127.0.0.1:{port}")
-    return urls
-
-
-async def _wait_http(url: str, child: Child, timeout_s: float = 30.0) -> None:
+async def wait_http(url: str, child: Child, timeout_s: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with aiohttp.ClientSession() as http:
@@ -211,9 +234,3 @@ async def _serve_until_signal(children: list[Child]) -> int:
             await asyncio.wait_for(stop.wait(), 1.0)
     print("stopping", flush=True)
     return 0
-
-
-async def _stop_all(children: list[Child]) -> None:
-    # Edges first so clients are told to go; then producers; the simulator last.
-    ordered = sorted(children, key=lambda c: (not c.name.startswith("edge"), c.name == "motion-sim"))
-    await asyncio.gather(*(child.stop() for child in ordered))

@@ -42,3 +42,39 @@ async def collect(client: RelayClient, until, timeout: float = 10.0) -> list[Mes
 
     await asyncio.wait_for(run(), timeout)
     return received
+
+
+class Listener:
+    """Consumes a client in the background; tests wait on conditions over what arrived."""
+
+    def __init__(self, client: RelayClient) -> None:
+        self.client = client
+        self.messages: list[Message] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for message in self.client.messages():
+            if message.kind != "welcome":
+                self.messages.append(message)
+            self._changed.set()
+
+    async def wait_for(self, predicate, timeout: float = 30.0) -> list[Message]:
+        async def poll() -> None:
+            while not predicate(self.messages):
+                self._changed.clear()
+                if self._task.done():
+                    self._task.result()
+                    raise AssertionError("client stopped before the condition held")
+                await self._changed.wait()
+
+        await asyncio.wait_for(poll(), timeout)
+        return self.messages
+
+    async def joined(self, timeout: float = 10.0) -> None:
+        await self.wait_for(lambda _: bool(self.client.welcomes), timeout)
+
+    async def close(self) -> None:
+        await self.client.close()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
