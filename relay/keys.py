@@ -92,6 +92,13 @@ class Keys:
     def jobs_group(self) -> str:
         return "producers"
 
+    # The two session-cap keys share the ``{sdk}`` hash tag: one script updates both.
+
     def sdk_sessions(self) -> str:
         """Sorted set of live Motion Server session leases (member -> expiry in ms) across producers."""
-        return f"{self.prefix}:sdk-sessions"
+        return f"{self.prefix}:{{sdk}}:sessions"
+
+    def sdk_waiters(self) -> str:
+        """Sorted set of turns waiting for a session slot (member -> expiry in ms): the demand
+        that makes producers close their idle sessions early."""
+        return f"{self.prefix}:{{sdk}}:waiters"

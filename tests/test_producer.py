@@ -1,0 +1,509 @@
+"""Producer against a real Redis and the Motion Server simulator, through the unmodified SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from array import array
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as redis
+from aiohttp import web
+from spatius.proto.generated import message_pb2
+
+from relay import wire
+from relay.keys import Keys
+from relay.motion_sim import (
+    SIM_KEY,
+    FaultKind,
+    FaultRule,
+    MotionSim,
+    SimConfig,
+    bound_port,
+    decode_animation,
+    encode_animation,
+    keyframes_for_audio,
+    serve,
+)
+from relay.settings import Settings
+from relay.streams import ConversationLog, read_after
+from workers.leases import ConversationBusy, ConversationLeases, SessionLeases
+from workers.producer import FramesPipe, PipeOutcome, Producer, ProducerError
+from workers.sdk import MotionEndpoints, MotionSession
+
+RATE = 16000
+FAST = {"frames_timeout_s": 3.0, "sdk_wait_s": 2.0, "conversation_wait_s": 5.0}
+
+
+# --- helpers shared with test_queue_worker -------------------------------------------------------
+
+
+def tone(seconds: float, *, freq: float = 220.0, rate: int = RATE) -> bytes:
+    """A PCM16 sine clip; different frequencies give different keyframes."""
+    count = int(seconds * rate)
+    samples = (int(9000 * math.sin(math.tau * freq * i / rate)) for i in range(count))
+    return array("h", samples).tobytes()
+
+
+@dataclass
+class SimHandle:
+    runner: web.AppRunner
+    port: int
+
+    @property
+    def sim(self) -> MotionSim:
+        return self.runner.app[SIM_KEY]
+
+    @property
+    def console_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/console"
+
+    @property
+    def ingress_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v2/driveningress"
+
+    def fault(self, kind: str, **options: object) -> None:
+        self.sim.add_fault(FaultRule(kind=FaultKind(kind), **options))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def start_sim() -> AsyncIterator[Callable[..., Awaitable[SimHandle]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(config: SimConfig | None = None) -> SimHandle:
+        runner = await serve(config or SimConfig(max_concurrent_sessions=0))
+        runners.append(runner)
+        return SimHandle(runner, bound_port(runner))
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def sim(start_sim: Callable[..., Awaitable[SimHandle]]) -> SimHandle:
+    return await start_sim()
+
+
+@pytest.fixture
+async def make_producer(
+    settings: Settings, redis_client: redis.Redis, sim: SimHandle
+) -> AsyncIterator[Callable[..., Awaitable[Producer]]]:
+    producers: list[Producer] = []
+
+    async def make(*, at: SimHandle | None = None, **overrides: object) -> Producer:
+        target = at or sim
+        producer = Producer(settings.with_overrides(**{**FAST, **overrides}), redis_client,
+                            console_url=target.console_url, ingress_url=target.ingress_url)
+        await producer.start()
+        producers.append(producer)
+        return producer
+
+    yield make
+    for producer in producers:
+        await producer.close()
+
+
+async def stream_messages(
+    client: redis.Redis, keys: Keys, conversation_id: str
+) -> list[wire.Message]:
+    rows = await read_after(client, keys, conversation_id, "0-0", count=100_000)
+    return [wire.decode_server(wire.delivery(entry_id, data)) for entry_id, data in rows]
+
+
+async def wait_turn_end(
+    client: redis.Redis, keys: Keys, conversation_id: str, turn_id: str, timeout_s: float = 10.0
+) -> list[wire.Message]:
+    """Block on the conversation stream until ``turn_id`` ends (turn_end or interrupt)."""
+    key, last = keys.stream(conversation_id), "0-0"
+    async with asyncio.timeout(timeout_s):
+        while True:
+            reply = await client.xread({key: last}, block=200)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    kind, turn = wire.stored_kind(fields[b"d"])
+                    if turn == turn_id and kind in (wire.TURN_END, wire.INTERRUPT):
+                        return await stream_messages(client, keys, conversation_id)
+
+
+def of_turn(messages: list[wire.Message], turn_id: str) -> list[wire.Message]:
+    mine = [i for i, m in enumerate(messages) if m.turn == turn_id]
+    assert mine == list(range(mine[0], mine[-1] + 1)), "turns of one conversation interleaved"
+    return [messages[i] for i in mine]
+
+
+def check_audio(mine: list[wire.Message], clip: bytes) -> None:
+    audio = [m for m in mine if m.kind == wire.AUDIO]
+    assert [m.get("seq") for m in audio] == list(range(len(audio)))
+    assert b"".join(m.get("data") for m in audio) == clip
+    assert audio[-1].get("end") is True
+    assert not any(m.get("end") for m in audio[:-1])
+
+
+def check_frames(mine: list[wire.Message]) -> list[wire.Message]:
+    frames = [m for m in mine if m.kind == wire.FRAMES]
+    assert [m.get("seq") for m in frames] == list(range(len(frames)))
+    for message in frames:
+        envelope = message_pb2.Message()
+        envelope.ParseFromString(message.get("data"))  # the SDK's own schema reads every entry
+        assert envelope.type == message_pb2.MESSAGE_SERVER_RESPONSE_ANIMATION
+        assert message.get("data"), "empty frames message"
+    return frames
+
+
+def assert_complete(
+    messages: list[wire.Message], turn_id: str, clip: bytes, rate: int = RATE
+) -> None:
+    mine = of_turn(messages, turn_id)
+    kinds = [m.kind for m in mine]
+    assert kinds[0] == wire.TURN_START and mine[0].get("sample_rate") == rate
+    assert kinds[-1] == wire.TURN_END and mine[-1].get("status") == wire.STATUS_COMPLETE
+    assert wire.AUDIO_ONLY not in kinds and wire.INTERRUPT not in kinds
+    check_audio(mine, clip)
+    frames = check_frames(mine)
+    assert kinds.index(wire.FRAMES) > kinds.index(wire.AUDIO)
+    assert [m.get("last") for m in frames].count(True) == 1 and frames[-1].get("last")
+    batches = [decode_animation(m.get("data")) for m in frames]
+    assert len({b.req_id for b in batches}) == 1
+    keyframes = [k for batch in batches for k in batch.keyframes]
+    assert keyframes == keyframes_for_audio(clip, rate)
+
+
+def assert_audio_only(
+    messages: list[wire.Message], turn_id: str, clip: bytes, reason: str | None = None
+) -> None:
+    mine = of_turn(messages, turn_id)
+    kinds = [m.kind for m in mine]
+    assert kinds.count(wire.AUDIO_ONLY) == 1
+    marker = kinds.index(wire.AUDIO_ONLY)
+    assert wire.FRAMES not in kinds[marker:]
+    if reason is not None:
+        assert mine[marker].get("reason") == reason
+    check_audio(mine, clip)
+    check_frames(mine)
+    assert kinds[-1] == wire.TURN_END and mine[-1].get("status") == wire.STATUS_AUDIO_ONLY
+
+
+def assert_interrupted(messages: list[wire.Message], turn_id: str) -> None:
+    mine = of_turn(messages, turn_id)
+    assert mine[-1].kind == wire.INTERRUPT
+    assert [m.kind for m in mine].count(wire.INTERRUPT) == 1
+    assert wire.TURN_END not in [m.kind for m in mine]
+
+
+# --- turns ---------------------------------------------------------------------------------------
+
+
+async def test_clip_turn_writes_audio_before_frames(make_producer, redis_client, keys, sim):
+    producer = await make_producer()
+    clip = tone(0.6)
+    result = await producer.speak("conv-clip", clip)
+    assert result.status == wire.STATUS_COMPLETE and result.error is None
+    assert result.audio_bytes == len(clip) and result.frames_messages >= 2
+    messages = await stream_messages(redis_client, keys, "conv-clip")
+    assert messages[0].id == result.start_id
+    assert_complete(messages, result.turn_id, clip)
+
+
+async def test_streamed_turn(make_producer, redis_client, keys):
+    producer = await make_producer()
+    clip = tone(0.5, freq=330.0, rate=24000)
+    async with await producer.open_turn("conv-stream", sample_rate=24000) as turn:
+        for start in range(0, len(clip), 1000):
+            assert await turn.send(clip[start : start + 1000])
+            await asyncio.sleep(0)
+    result = await turn.end()  # already ended by the block; the result is kept
+    assert result.status == wire.STATUS_COMPLETE
+    messages = await stream_messages(redis_client, keys, "conv-stream")
+    assert_complete(messages, turn.turn_id, clip, rate=24000)
+
+
+async def test_tts_pause_is_not_a_stall(make_producer, redis_client, keys):
+    producer = await make_producer(frames_timeout_s=0.4)
+    clip = tone(0.6, freq=260.0)
+    turn = await producer.open_turn("conv-pause")
+    assert await turn.send(clip[:9600])  # 0.3 s: the server answers part, holds back the rest
+    await asyncio.sleep(1.0)  # TTS is slow; the server owes nothing for held-back audio
+    assert await turn.send(clip[9600:])
+    assert (await turn.end()).status == wire.STATUS_COMPLETE
+    assert_complete(await stream_messages(redis_client, keys, "conv-pause"), turn.turn_id, clip)
+
+
+async def test_streamed_turn_validates_chunks(make_producer):
+    producer = await make_producer()
+    turn = await producer.open_turn("conv-bad-chunk")
+    with pytest.raises(ValueError, match="even number"):
+        await turn.send(b"\x00\x01\x02")
+    with pytest.raises(TypeError):
+        await turn.send("not bytes")  # type: ignore[arg-type]
+    await turn.send(tone(0.1))
+    assert (await turn.end()).status == wire.STATUS_COMPLETE
+    with pytest.raises(ProducerError):
+        await turn.send(b"\x00\x00")
+    with pytest.raises(ValueError):
+        await producer.speak("conv-bad-chunk", b"")
+    with pytest.raises(ValueError):
+        await producer.speak("bad conversation id", tone(0.1))
+    with pytest.raises(ValueError):
+        await producer.speak("conv-bad-chunk", tone(0.1), sample_rate=12345)
+
+
+async def test_turns_reuse_one_session(make_producer, redis_client, keys, sim):
+    producer = await make_producer()
+    clips = [tone(0.4, freq=200.0), tone(0.4, freq=500.0)]
+    results = [await producer.speak("conv-reuse", clip) for clip in clips]
+    messages = await stream_messages(redis_client, keys, "conv-reuse")
+    for result, clip in zip(results, clips, strict=True):
+        assert_complete(messages, result.turn_id, clip)
+    assert sim.sim.stats.sessions_opened == 1
+
+
+async def test_per_turn_sessions(make_producer, sim):
+    producer = await make_producer(per_turn_sessions=True)
+    for freq in (200.0, 500.0):
+        assert (await producer.speak("conv-per-turn", tone(0.3, freq=freq))).status == "complete"
+    assert sim.sim.stats.sessions_opened == 2
+    assert producer.motion_sessions == 0
+
+
+async def test_many_concurrent_conversations(make_producer, redis_client, keys, sim):
+    producer = await make_producer(max_sdk_sessions=20)
+
+    async def converse(n: int) -> None:
+        for turn in range(2):
+            clip = tone(0.3, freq=150.0 + 20 * n + 7 * turn)
+            result = await producer.speak(f"conv-many-{n}", clip)
+            messages = await stream_messages(redis_client, keys, f"conv-many-{n}")
+            assert_complete(messages, result.turn_id, clip)
+
+    await asyncio.gather(*(converse(n) for n in range(20)))
+    assert sim.sim.stats.sessions_opened == 20
+
+
+async def test_idle_session_is_closed(make_producer, sim):
+    producer = await make_producer(session_idle_s=0.2)
+    await producer.speak("conv-idle", tone(0.2))
+    async with asyncio.timeout(5):
+        while producer.motion_sessions or sim.sim.stats.sessions_open:
+            await asyncio.sleep(0.05)
+
+
+async def test_turns_of_a_conversation_queue_up(make_producer, redis_client, keys):
+    producer = await make_producer()
+    clips = [tone(0.3, freq=200.0 + 100 * i) for i in range(3)]
+    results = await asyncio.gather(*(producer.speak("conv-queue", clip) for clip in clips))
+    messages = await stream_messages(redis_client, keys, "conv-queue")
+    for result, clip in zip(results, clips, strict=True):
+        assert_complete(messages, result.turn_id, clip)  # also checks that turns did not interleave
+
+
+# --- interrupts ----------------------------------------------------------------------------------
+
+
+async def test_interrupt_from_another_process_while_waiting_for_frames(
+    make_producer, start_sim, redis_client, keys
+):
+    paced = await start_sim(SimConfig(max_concurrent_sessions=0, realtime=True))
+    producer = await make_producer(at=paced)
+    other_process = ConversationLog(redis_client, keys, maxlen=1000, ttl_s=60)
+    c = "conv-int"
+    speaking = asyncio.create_task(producer.speak(c, tone(2.0)))
+    async with asyncio.timeout(5):  # wait for the first frames of the paced turn
+        while wire.FRAMES not in {m.kind for m in await stream_messages(redis_client, keys, c)}:
+            await asyncio.sleep(0.02)
+    turn_id = await other_process.interrupt("conv-int", reason="barge_in")
+    result = await asyncio.wait_for(speaking, 2)  # stopped by the control channel, not a timeout
+    assert result.status == wire.STATUS_INTERRUPTED and result.turn_id == turn_id
+    await asyncio.sleep(0.3)  # late frames of the interrupted request must not be written
+    messages = await stream_messages(redis_client, keys, "conv-int")
+    assert_interrupted(messages, turn_id)
+    assert paced.sim.stats.interrupts == 1
+
+    clip = tone(0.3, freq=440.0)
+    after = await producer.speak("conv-int", clip)
+    messages = await stream_messages(redis_client, keys, "conv-int")
+    assert_complete(messages, after.turn_id, clip)  # no keyframes of the old request leaked in
+    assert paced.sim.stats.sessions_opened == 1
+
+
+async def test_interrupt_streamed_turn(make_producer, redis_client, keys):
+    producer = await make_producer()
+    turn = await producer.open_turn("conv-int-stream")
+    assert await turn.send(tone(0.2))
+    assert await producer.interrupt("conv-int-stream") == turn.turn_id
+    assert turn.interrupted
+    assert not await turn.send(tone(0.2))
+    result = await turn.end()
+    assert result.status == wire.STATUS_INTERRUPTED
+    assert_interrupted(await stream_messages(redis_client, keys, "conv-int-stream"), turn.turn_id)
+    assert await producer.interrupt("conv-int-stream") is None
+
+
+async def test_abort_on_error_in_block(make_producer, redis_client, keys):
+    producer = await make_producer()
+    with pytest.raises(RuntimeError):
+        async with await producer.open_turn("conv-abort") as turn:
+            await turn.send(tone(0.1))
+            raise RuntimeError("tts failed")
+    messages = await stream_messages(redis_client, keys, "conv-abort")
+    assert_interrupted(messages, turn.turn_id)
+    assert messages[-1].get("reason") == "aborted"
+    assert (await producer.speak("conv-abort", tone(0.1))).status == wire.STATUS_COMPLETE
+
+
+# --- Motion Server failures ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ({"kind": "server_error", "after_keyframes": 5}, "motion_error"),
+        ({"kind": "drop", "after_keyframes": 5}, "motion_closed"),
+        ({"kind": "close", "after_keyframes": 5}, "motion_closed"),
+        ({"kind": "stall", "after_keyframes": 5}, "stall"),
+        ({"kind": "token_error"}, "motion_error"),
+        ({"kind": "reject_upgrade"}, "motion_error"),
+        ({"kind": "handshake_silence"}, "motion_error"),
+    ],
+)
+async def test_motion_failure_falls_back_to_audio_only(
+    make_producer, redis_client, keys, sim, fault, reason
+):
+    producer = await make_producer(frames_timeout_s=0.5)
+    sim.fault(**fault)
+    clip = tone(1.0)
+    result = await producer.speak("conv-fail", clip)
+    assert result.status == wire.STATUS_AUDIO_ONLY and result.error.startswith(reason)
+    messages = await stream_messages(redis_client, keys, "conv-fail")
+    assert_audio_only(messages, result.turn_id, clip, reason)
+
+    clip = tone(0.3, freq=500.0)  # the broken session is gone; the next turn gets a new one
+    result = await producer.speak("conv-fail", clip)
+    assert_complete(await stream_messages(redis_client, keys, "conv-fail"), result.turn_id, clip)
+
+
+async def test_capacity_falls_back_to_audio_only(make_producer, redis_client, keys, sim):
+    producer = await make_producer(max_sdk_sessions=1, sdk_wait_s=0.3)
+    await producer.speak("conv-holder", tone(0.2))  # keeps the only slot while idle
+    clip = tone(0.4)
+    result = await producer.speak("conv-waiter", clip)
+    assert result.status == wire.STATUS_AUDIO_ONLY and result.error.startswith("capacity")
+    messages = await stream_messages(redis_client, keys, "conv-waiter")
+    assert_audio_only(messages, result.turn_id, clip, "capacity")
+    first_two = [m.kind for m in of_turn(messages, result.turn_id)][:2]
+    assert first_two == [wire.TURN_START, wire.AUDIO_ONLY]  # known before any audio was sent
+
+
+async def test_idle_sessions_yield_to_waiting_turns(make_producer, redis_client, keys, sim):
+    # The holder keeps its session for the next turn (idle 60 s), but a turn waiting on another
+    # producer needs the only slot: the holder must close its idle session for it.
+    holder = await make_producer(max_sdk_sessions=1, session_idle_s=60.0)
+    waiter = await make_producer(max_sdk_sessions=1, sdk_wait_s=10.0)
+    await holder.speak("conv-idle-holder", tone(0.2))
+    assert holder.motion_sessions == 1
+    clip = tone(0.4, freq=330.0)
+    result = await waiter.speak("conv-needs-slot", clip)
+    assert result.status == wire.STATUS_COMPLETE
+    assert_complete(await stream_messages(redis_client, keys, "conv-needs-slot"), result.turn_id, clip)
+    assert holder.motion_sessions == 0
+    assert sim.sim.stats.sessions_peak == 1
+
+
+async def test_two_producers_share_the_session_cap(make_producer, redis_client, keys, sim):
+    options = {"max_sdk_sessions": 2, "per_turn_sessions": True, "sdk_wait_s": 10.0}
+    producers = [await make_producer(**options), await make_producer(**options)]
+
+    async def speak(producer: Producer, n: int) -> None:
+        clip = tone(0.3, freq=200.0 + 30 * n)
+        result = await producer.speak(f"conv-cap-{n}", clip)
+        messages = await stream_messages(redis_client, keys, f"conv-cap-{n}")
+        assert_complete(messages, result.turn_id, clip)
+
+    await asyncio.gather(*(speak(producers[n % 2], n) for n in range(6)))
+    assert sim.sim.stats.sessions_opened == 6
+    assert sim.sim.stats.sessions_peak <= 2
+
+
+async def test_frames_backlog_policy(redis_client, keys):
+    log = ConversationLog(redis_client, keys, maxlen=1000, ttl_s=60)
+    await log.open_turn("conv-backlog", "t1", sample_rate=RATE, owner="test")
+    pipe = FramesPipe(log, "conv-backlog", "t1", stall_s=5.0, capacity=2)
+    for _ in range(3):  # one more than the writer may fall behind
+        pipe.offer(b"envelope", False)
+    pipe.start()
+    assert await pipe.wait() is PipeOutcome.AUDIO_ONLY
+    await pipe.close()
+    messages = await stream_messages(redis_client, keys, "conv-backlog")
+    assert [m.kind for m in messages] == [wire.TURN_START, wire.AUDIO_ONLY]
+    assert messages[-1].get("reason") == "frames_backlog"
+
+
+async def test_envelopes_of_other_requests_are_dropped(settings, sim):
+    endpoints = MotionEndpoints.from_settings(
+        settings, console_url=sim.console_url, ingress_url=sim.ingress_url
+    )
+    session = MotionSession(endpoints, conversation_id="c", avatar_id="a", sample_rate=RATE,
+                            lease_id="l")
+    received: list[str] = []
+
+    class Sink:
+        def offer(self, envelope: bytes, is_last: bool) -> None:
+            received.append(decode_animation(envelope).req_id)
+
+        def fail(self, reason: str, detail: str = "") -> None:
+            raise AssertionError(reason)
+
+    def envelope(req_id: str, end: bool = False) -> bytes:
+        return encode_animation("conn", req_id, end=end, keyframes=[[0.0] * 120])
+
+    session.attach(Sink())
+    session._on_frames(envelope("req-1"), False)  # first envelope of the turn: adopted
+    session._on_frames(envelope("req-1"), False)
+    session.detach()  # turn over (e.g. interrupted): req-1 is retired
+    session._on_frames(envelope("req-1"), False)  # late: nobody attached
+    session.attach(Sink())
+    session._on_frames(envelope("req-1", end=True), True)  # late: must not reach the new turn
+    session._on_frames(envelope("req-2"), False)
+    session._on_frames(envelope("req-3"), False)  # not the attached request either
+    assert received == ["req-1", "req-1", "req-2"]
+    assert session.dropped_envelopes == 3
+
+
+# --- leases --------------------------------------------------------------------------------------
+
+
+async def test_crashed_session_lease_expires(redis_client, keys):
+    crashed = SessionLeases(redis_client, keys, cap=1, lease_s=0.3, wait_s=0, owner="crashed")
+    assert await crashed.acquire() is not None  # never renewed: its process "died"
+    other = SessionLeases(redis_client, keys, cap=1, lease_s=5, wait_s=0, owner="other")
+    assert await other.acquire() is None  # full, and no waiting
+    other_waiting = SessionLeases(redis_client, keys, cap=1, lease_s=5, wait_s=2, owner="other")
+    assert await other_waiting.acquire() is not None  # admitted once the crashed lease expired
+
+
+async def test_live_session_lease_is_renewed(redis_client, keys):
+    live = SessionLeases(redis_client, keys, cap=1, lease_s=0.3, wait_s=0, owner="live")
+    live.start()
+    try:
+        lease = await live.acquire()
+        assert lease is not None
+        waiter = SessionLeases(redis_client, keys, cap=1, lease_s=5, wait_s=0.8, owner="waiter")
+        assert await waiter.acquire() is None  # renewed past several lease lengths
+        await live.release(lease)
+        assert await waiter.acquire() is not None
+    finally:
+        await live.close()
+
+
+async def test_conversation_lease(redis_client, keys):
+    crashed = ConversationLeases(redis_client, keys, owner="crashed", lease_s=0.3)
+    await crashed.acquire("conv-lock", wait_s=0)
+    other = ConversationLeases(redis_client, keys, owner="other", lease_s=5)
+    with pytest.raises(ConversationBusy):
+        await other.acquire("conv-lock", wait_s=0.1)
+    await other.acquire("conv-lock", wait_s=2)  # the crashed holder's lease expired
+    await crashed.release("conv-lock")  # not the owner any more: must not delete other's lock
+    assert await redis_client.get(keys.conversation_lock("conv-lock")) == b"other"

@@ -1,0 +1,192 @@
+"""Turn queue and producer worker: jobs through Redis, turns through the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgpack
+import pytest
+import redis.asyncio as redis
+
+from relay.errors import InvalidConversationId
+from relay.keys import Keys
+from relay.settings import Settings
+from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+    RATE,
+    SimHandle,
+    assert_complete,
+    assert_interrupted,
+    make_producer,
+    sim,
+    start_sim,
+    tone,
+    wait_turn_end,
+)
+from workers.producer import Producer
+from workers.queue import JOB_FIELD, MalformedJob, QueueFull, TurnQueue, decode_job
+from workers.worker import ProducerWorker
+
+
+@pytest.fixture
+def queue(settings: Settings, redis_client: redis.Redis) -> TurnQueue:
+    return TurnQueue.from_settings(settings, redis_client)
+
+
+@pytest.fixture
+async def run_worker(
+    settings: Settings,
+    redis_client: redis.Redis,
+    make_producer: Callable[..., Awaitable[Producer]],  # noqa: F811 - the imported fixture
+) -> AsyncIterator[Callable[..., Awaitable[ProducerWorker]]]:
+    running: list[tuple[ProducerWorker, asyncio.Task[None]]] = []
+
+    async def start(**overrides: object) -> ProducerWorker:
+        producer = await make_producer(**overrides)
+        worker = ProducerWorker(settings.with_overrides(**overrides), redis_client, producer)
+        running.append((worker, asyncio.create_task(worker.run())))
+        return worker
+
+    yield start
+    for worker, task in running:
+        await worker.stop(timeout_s=2)
+        await task
+
+
+async def pending_jobs(client: redis.Redis, keys: Keys) -> int:
+    summary = await client.xpending(keys.jobs(), keys.jobs_group())
+    return int(summary["pending"])
+
+
+async def test_clip_job_is_spoken(queue, run_worker, redis_client, keys):
+    await run_worker()
+    clip = tone(0.5)
+    turn_id = await queue.submit_clip("conv-q", clip, sample_rate=RATE)
+    messages = await wait_turn_end(redis_client, keys, "conv-q", turn_id)
+    assert_complete(messages, turn_id, clip)
+    async with asyncio.timeout(2):  # acknowledged and deleted once the turn finished
+        while await redis_client.xlen(keys.jobs()) or await pending_jobs(redis_client, keys):
+            await asyncio.sleep(0.02)
+
+
+async def test_streamed_job(queue, run_worker, redis_client, keys):
+    await run_worker()
+    clip = tone(0.6, freq=300.0)
+    async with await queue.open_streamed("conv-qs", sample_rate=RATE) as feed:
+        for start in range(0, len(clip), 1600):
+            await feed.send(clip[start : start + 1600])
+            await asyncio.sleep(0.01)  # audio arriving while the turn already runs
+    messages = await wait_turn_end(redis_client, keys, "conv-qs", feed.turn_id)
+    assert_complete(messages, feed.turn_id, clip)
+    async with asyncio.timeout(2):  # the input stream is dropped with the job
+        while await redis_client.exists(keys.turn_input("conv-qs", feed.turn_id)):
+            await asyncio.sleep(0.02)
+
+
+async def test_streamed_job_without_end_marker_times_out(queue, run_worker, redis_client, keys):
+    await run_worker(turn_input_timeout_s=0.4)
+    clip = tone(0.3)
+    feed = await queue.open_streamed("conv-qt", sample_rate=RATE)
+    await feed.send(clip)  # and the caller never calls end()
+    messages = await wait_turn_end(redis_client, keys, "conv-qt", feed.turn_id)
+    assert_complete(messages, feed.turn_id, clip)  # ended with what arrived
+
+
+async def test_interrupt_through_the_queue(queue, run_worker, redis_client, keys):
+    await run_worker()
+    feed = await queue.open_streamed("conv-qi", sample_rate=RATE)
+    await feed.send(tone(0.2))
+    async with asyncio.timeout(5):
+        while not await queue.interrupt("conv-qi"):
+            await asyncio.sleep(0.02)  # until the worker has opened the turn
+    messages = await wait_turn_end(redis_client, keys, "conv-qi", feed.turn_id)
+    assert_interrupted(messages, feed.turn_id)
+    clip = tone(0.3, freq=500.0)
+    turn_id = await queue.submit_clip("conv-qi", clip, sample_rate=RATE)
+    assert_complete(await wait_turn_end(redis_client, keys, "conv-qi", turn_id), turn_id, clip)
+
+
+async def test_malformed_job_is_acked_and_skipped(queue, run_worker, redis_client, keys):
+    await redis_client.xadd(keys.jobs(), {JOB_FIELD: b"\xc1 not msgpack"})
+    bad_version = msgpack.packb({"v": 99, "kind": "clip"})
+    await redis_client.xadd(keys.jobs(), {JOB_FIELD: bad_version})
+    await redis_client.xadd(keys.jobs(), {b"other": b"field"})
+    await run_worker()
+    clip = tone(0.3)
+    turn_id = await queue.submit_clip("conv-qm", clip, sample_rate=RATE)
+    assert_complete(await wait_turn_end(redis_client, keys, "conv-qm", turn_id), turn_id, clip)
+    async with asyncio.timeout(2):
+        while await redis_client.xlen(keys.jobs()) or await pending_jobs(redis_client, keys):
+            await asyncio.sleep(0.02)
+
+
+async def test_worker_stop_is_bounded(queue, run_worker, redis_client, keys):
+    worker = await run_worker(turn_input_timeout_s=60)
+    feed = await queue.open_streamed("conv-qstop", sample_rate=RATE)
+    await feed.send(tone(0.2))  # a turn that would wait a minute for more input
+    async with asyncio.timeout(5):
+        while not worker.running_turns:
+            await asyncio.sleep(0.02)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await worker.stop(timeout_s=0.3)
+    assert loop.time() - started < 2.0
+    assert worker.running_turns == 0
+    messages = await wait_turn_end(redis_client, keys, "conv-qstop", feed.turn_id)
+    assert_interrupted(messages, feed.turn_id)
+    assert await pending_jobs(redis_client, keys) == 1  # left for crash recovery
+
+
+async def test_worker_limits_concurrent_turns(queue, run_worker, redis_client, keys):
+    worker = await run_worker(producer_concurrency=2, turn_input_timeout_s=60)
+    feeds = [await queue.open_streamed(f"conv-qc-{n}", sample_rate=RATE) for n in range(4)]
+    for feed in feeds:
+        await feed.send(tone(0.1))
+    await asyncio.sleep(0.5)
+    assert worker.running_turns == 2
+    assert await pending_jobs(redis_client, keys) == 2  # the other two wait in Redis, unread
+    for feed in feeds:
+        await feed.end()
+    for feed in feeds:
+        await wait_turn_end(redis_client, keys, feed.conversation_id, feed.turn_id)
+
+
+async def test_queue_validation(queue, settings, redis_client, keys):
+    with pytest.raises(ValueError, match="even"):
+        await queue.submit_clip("c", b"\x00\x01\x02", sample_rate=RATE)
+    with pytest.raises(ValueError, match="empty"):
+        await queue.submit_clip("c", b"", sample_rate=RATE)
+    with pytest.raises(ValueError, match="sample_rate"):
+        await queue.submit_clip("c", tone(0.1), sample_rate=11025)
+    with pytest.raises(InvalidConversationId):
+        await queue.submit_clip("no spaces", tone(0.1), sample_rate=RATE)
+    with pytest.raises(TypeError):
+        await queue.submit_clip("c", "text", sample_rate=RATE)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await queue.open_streamed("c", sample_rate=RATE, turn_id="bad turn")
+    feed = await queue.open_streamed("c", sample_rate=RATE)
+    with pytest.raises(ValueError):
+        await feed.send(b"\x00")
+    assert await redis_client.xlen(keys.jobs()) == 1  # only the valid streamed job
+
+
+async def test_queue_full(settings, redis_client, keys):
+    small = TurnQueue(redis_client, keys, input_ttl_s=60, max_jobs=1)
+    await small.submit_clip("c", tone(0.1), sample_rate=RATE)
+    with pytest.raises(QueueFull):
+        await small.submit_clip("c", tone(0.1), sample_rate=RATE)
+
+
+async def test_job_round_trip(queue, redis_client, keys):
+    turn_id = await queue.submit_clip(
+        "c", tone(0.1), sample_rate=24000, avatar_id="av", turn_id="t-1"
+    )
+    [(_, fields)] = await redis_client.xrange(keys.jobs())
+    job = decode_job(fields)
+    assert (job.kind, job.conversation_id, job.turn_id, job.sample_rate, job.avatar_id) == (
+        "clip", "c", turn_id, 24000, "av"
+    )
+    assert job.pcm == tone(0.1)
+    with pytest.raises(MalformedJob):
+        decode_job({JOB_FIELD: msgpack.packb({"v": 1, "kind": "clip", "conv": "c", "turn": "t",
+                                              "rate": RATE, "pcm": b"\x00"})})

@@ -1,0 +1,278 @@
+"""The built-in turn queue: any backend process with a Redis client hands turns to producer workers.
+
+Jobs go to one Redis stream (``Keys.jobs``) read by the ``producers`` consumer group. A job is a
+small versioned msgpack map::
+
+    {"v": 1, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
+     "avatar": str | None, "pcm": bytes (clip only), "at": submit time in unix ms}
+
+A clip job carries its audio. A streamed job is submitted when the turn is opened, and its audio
+follows through the turn's input stream (``Keys.turn_input``): one entry ``{"a": pcm}`` per chunk
+and a final ``{"end": "1"}``. The input stream expires ``input_ttl_s`` after its last write, so
+abandoned input does not pile up.
+
+Backpressure: ``submit_clip`` and ``open_streamed`` raise QueueFull once ``max_jobs`` jobs wait
+(submitted but not yet finished), rather than letting the queue grow without bound.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import msgpack
+import redis.asyncio as redis
+
+from relay.errors import RelayError
+from relay.keys import Keys, validate_conversation_id, validate_turn_id
+from relay.settings import Settings
+from relay.streams import ConversationLog
+from workers.sdk import validate_pcm, validate_sample_rate
+
+JOB_VERSION = 1
+KIND_CLIP = "clip"
+KIND_STREAM = "stream"
+JOB_FIELD = b"job"
+INPUT_AUDIO = b"a"
+INPUT_END = b"end"
+DEFAULT_MAX_JOBS = 10_000
+MAX_CLIP_BYTES = 8 * 1024 * 1024  # about 87 s at 48 kHz; longer speech belongs in a streamed turn
+MAX_CHUNK_BYTES = 1024 * 1024
+
+
+class QueueError(RelayError):
+    """A turn could not be queued."""
+
+
+class QueueFull(QueueError):
+    """``max_jobs`` turns are already waiting; try again later."""
+
+
+class MalformedJob(QueueError):
+    """A job entry that does not decode as a job of a known version."""
+
+
+@dataclass(frozen=True)
+class TurnJob:
+    kind: str
+    conversation_id: str
+    turn_id: str
+    sample_rate: int
+    avatar_id: str | None
+    submitted_ms: int
+    pcm: bytes | None = None  # clip jobs only
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {
+            "v": JOB_VERSION, "kind": self.kind, "conv": self.conversation_id,
+            "turn": self.turn_id, "rate": self.sample_rate, "avatar": self.avatar_id,
+            "at": self.submitted_ms,
+        }
+        if self.kind == KIND_CLIP:
+            body["pcm"] = self.pcm
+        packed: bytes = msgpack.packb(body, use_bin_type=True)
+        return packed
+
+
+def decode_job(fields: Mapping[bytes, bytes]) -> TurnJob:
+    """The job in a jobs-stream entry; MalformedJob for anything that is not a valid job."""
+    raw = fields.get(JOB_FIELD)
+    if raw is None:
+        raise MalformedJob("entry has no job field")
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except (ValueError, TypeError) as exc:
+        raise MalformedJob("job is not valid msgpack") from exc
+    if not isinstance(body, dict):
+        raise MalformedJob("job is not a msgpack map")
+    if body.get("v") != JOB_VERSION:
+        raise MalformedJob(f"unsupported job version {body.get('v')!r}")
+    try:
+        return _job_from(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedJob(f"invalid job: {exc}") from exc
+
+
+def _job_from(body: dict[str, Any]) -> TurnJob:
+    kind = body["kind"]
+    if kind not in (KIND_CLIP, KIND_STREAM):
+        raise ValueError(f"unknown job kind {kind!r}")
+    avatar = body.get("avatar")
+    if avatar is not None and not isinstance(avatar, str):
+        raise TypeError("avatar must be a string")
+    pcm = validate_pcm(body["pcm"], allow_empty=False) if kind == KIND_CLIP else None
+    return TurnJob(
+        kind=kind,
+        conversation_id=validate_conversation_id(body["conv"]),
+        turn_id=validate_turn_id(body["turn"]),
+        sample_rate=validate_sample_rate(body["rate"]),
+        avatar_id=avatar,
+        submitted_ms=int(body.get("at", 0)),
+        pcm=pcm,
+    )
+
+
+def _new_turn_id(turn_id: str | None) -> str:
+    return validate_turn_id(turn_id) if turn_id else uuid.uuid4().hex
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class StreamedInput:
+    """The feeding end of a queued streamed turn: ``send`` PCM16 chunks, then ``end``.
+
+    As an async context manager it ends the input on exit, whatever happened: the worker then
+    finishes the turn with the audio that arrived.
+    """
+
+    def __init__(self, client: redis.Redis, key: str, *, conversation_id: str, turn_id: str,
+                 ttl_ms: int) -> None:
+        self._client = client
+        self._key = key
+        self._ttl_ms = ttl_ms
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self._ended = False
+
+    async def __aenter__(self) -> StreamedInput:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.end()
+
+    async def send(self, chunk: bytes | bytearray | memoryview) -> None:
+        pcm = validate_pcm(chunk)
+        if len(pcm) > MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk of {len(pcm)} bytes exceeds {MAX_CHUNK_BYTES}")
+        if self._ended:
+            raise QueueError("send() after end()")
+        if pcm:
+            await self._write({INPUT_AUDIO: pcm})
+
+    async def end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            await self._write({INPUT_END: b"1"})
+
+    async def _write(self, fields: dict[bytes, bytes]) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self._key, fields)  # type: ignore[arg-type]
+            pipe.pexpire(self._key, self._ttl_ms)
+            await pipe.execute()
+
+
+@dataclass(frozen=True)
+class InputBatch:
+    last_id: str
+    chunks: list[bytes]
+    ended: bool
+
+
+async def read_input(
+    client: redis.Redis, keys: Keys, conversation_id: str, turn_id: str,
+    *, after: str, block_ms: int, count: int = 256,
+) -> InputBatch:
+    """Input entries of a streamed turn after ``after`` (blocking up to ``block_ms``)."""
+    key = keys.turn_input(conversation_id, turn_id)
+    reply = await client.xread({key: after}, count=count, block=max(1, block_ms))
+    chunks: list[bytes] = []
+    last_id, ended = after, False
+    for entry_id, fields in stream_entries(reply):
+        last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        if INPUT_END in fields:
+            ended = True
+            break
+        audio = fields.get(INPUT_AUDIO)
+        if audio:
+            chunks.append(audio)
+    return InputBatch(last_id=last_id, chunks=chunks, ended=ended)
+
+
+def stream_entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes]]]:
+    """Stream entries of a one-stream XREAD/XREADGROUP reply (RESP2 list or RESP3 map)."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else [item[1] for item in reply]
+    return [(entry_id, fields) for entries in streams for entry_id, fields in entries]
+
+
+class TurnQueue:
+    """Submit turns for producer workers; needs only a Redis client.
+
+    :param input_ttl_s: expiry of a streamed turn's input stream after its last write.
+    :param max_jobs: submissions are refused (QueueFull) while this many jobs wait.
+    """
+
+    def __init__(
+        self, client: redis.Redis, keys: Keys, *, input_ttl_s: int,
+        max_jobs: int = DEFAULT_MAX_JOBS, stream_maxlen: int = 10_000, stream_ttl_s: int = 3600,
+    ) -> None:
+        if input_ttl_s <= 0 or max_jobs <= 0:
+            raise ValueError("input_ttl_s and max_jobs must be positive")
+        self._client = client
+        self._keys = keys
+        self._input_ttl_ms = input_ttl_s * 1000
+        self._max_jobs = max_jobs
+        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis) -> TurnQueue:
+        return cls(
+            client, Keys(settings.key_prefix), input_ttl_s=settings.turn_input_ttl_s,
+            stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
+        )
+
+    async def submit_clip(
+        self, conversation_id: str, pcm: bytes | bytearray | memoryview, *, sample_rate: int,
+        avatar_id: str | None = None, turn_id: str | None = None,
+    ) -> str:
+        """Queue a whole clip as one turn; returns its turn id."""
+        clip = validate_pcm(pcm, allow_empty=False)
+        if len(clip) > MAX_CLIP_BYTES:
+            raise ValueError(f"clip of {len(clip)} bytes exceeds {MAX_CLIP_BYTES}; stream it")
+        job = TurnJob(
+            kind=KIND_CLIP, conversation_id=validate_conversation_id(conversation_id),
+            turn_id=_new_turn_id(turn_id), sample_rate=validate_sample_rate(sample_rate),
+            avatar_id=_check_avatar(avatar_id), submitted_ms=_now_ms(), pcm=clip,
+        )
+        await self._submit(job)
+        return job.turn_id
+
+    async def open_streamed(
+        self, conversation_id: str, *, sample_rate: int, avatar_id: str | None = None,
+        turn_id: str | None = None,
+    ) -> StreamedInput:
+        """Queue a turn whose audio is still being generated; feed it through the result."""
+        job = TurnJob(
+            kind=KIND_STREAM, conversation_id=validate_conversation_id(conversation_id),
+            turn_id=_new_turn_id(turn_id), sample_rate=validate_sample_rate(sample_rate),
+            avatar_id=_check_avatar(avatar_id), submitted_ms=_now_ms(),
+        )
+        await self._submit(job)
+        key = self._keys.turn_input(job.conversation_id, job.turn_id)
+        return StreamedInput(self._client, key, conversation_id=job.conversation_id,
+                             turn_id=job.turn_id, ttl_ms=self._input_ttl_ms)
+
+    async def interrupt(self, conversation_id: str, *, reason: str = "interrupted") -> str | None:
+        """Interrupt the conversation's active turn (wherever it runs); its id, or None."""
+        return await self._log.interrupt(conversation_id, reason=reason)
+
+    async def _submit(self, job: TurnJob) -> None:
+        if await self._client.xlen(self._keys.jobs()) >= self._max_jobs:
+            raise QueueFull(f"{self._max_jobs} turns are already waiting")
+        await self._client.xadd(self._keys.jobs(), {JOB_FIELD: job.encode()})
+
+
+def _check_avatar(avatar_id: str | None) -> str | None:
+    if avatar_id is not None and (not isinstance(avatar_id, str) or not avatar_id):
+        raise ValueError("avatar_id must be a non-empty string")
+    return avatar_id

@@ -1,0 +1,43 @@
+"""``relay producer``: one producer process, from start-up to a bounded graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from relay.redis_conn import create_client, wait_until_ready
+from relay.settings import Settings
+from workers.producer import Producer
+from workers.sdk import MotionEndpoints
+from workers.worker import ProducerWorker
+
+log = structlog.get_logger(__name__)
+
+
+async def run_producer(settings: Settings) -> int:
+    MotionEndpoints.from_settings(settings)  # fail fast on missing credentials or endpoints
+    client = create_client(settings.require_redis(), block_ms=settings.jobs_block_ms)
+    try:
+        await wait_until_ready(client)
+        async with Producer(settings, client) as producer:
+            worker = ProducerWorker(settings, client, producer)
+            loop_task = asyncio.create_task(worker.run(), name="jobs-loop")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({loop_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            log.info("producer_stopping", running_turns=worker.running_turns)
+            await worker.stop()
+            stopper.cancel()
+            if loop_task.done() and not stop.is_set():
+                loop_task.result()  # the loop ended on its own: surface why
+            else:
+                await loop_task
+    finally:
+        await client.aclose()
+    log.info("producer_stopped")
+    return 0
