@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass
-from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
 import redis.asyncio as redis
 import structlog
-from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
@@ -40,6 +37,9 @@ from relay.errors import RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.settings import Settings
 from relay.streams import ACTIVE, ConversationLog
+from workers.control import ControlListener
+from workers.errors import ProducerClosed, ProducerError
+from workers.frames import REASON_STALL, FramesPipe, PipeOutcome
 from workers.leases import ConversationLeases, SessionLeases
 from workers.sdk import (
     MotionEndpoints,
@@ -53,26 +53,14 @@ from workers.sdk import (
     validate_sample_rate,
 )
 
+__all__ = [  # FramesPipe and PipeOutcome moved to workers.frames; kept importable from here
+    "FramesPipe", "PipeOutcome", "Producer", "ProducerClosed", "ProducerError", "Turn",
+    "TurnResult",
+]
+
 log = structlog.get_logger(__name__)
 
-# Overflow policy "frames_backlog": a turn holds at most this many envelopes the writer has not
-# appended yet. More means Redis writes fell that far behind the Motion Server; the turn then
-# gives up on motion and finishes audio-only, because buffering without bound risks the process
-# and dropping envelopes from the middle would corrupt the animation.
-FRAMES_QUEUE_MAX = 256
-REASON_STALL = "stall"
-REASON_FRAMES_BACKLOG = "frames_backlog"
 CLOSE_WAIT_S = 10.0  # Producer.close waits this long for running turns before closing sessions
-_RECONNECT_FIRST_S = 0.1
-_RECONNECT_MAX_S = 5.0
-
-
-class ProducerError(RelayError):
-    """A turn could not be produced (Redis failed under it, or it could not even start)."""
-
-
-class ProducerClosed(ProducerError):
-    """The producer is closed or closing and takes no new turns."""
 
 
 @dataclass(frozen=True)
@@ -83,172 +71,6 @@ class TurnResult:
     frames_messages: int
     start_id: str
     error: str | None = None  # the audio-only reason (and detail) when motion failed
-
-
-class PipeOutcome(StrEnum):
-    COMPLETE = "complete"  # the frames with is_last are in the stream
-    AUDIO_ONLY = "audio_only"  # the audio_only entry is in the stream
-    STOPPED = "stopped"  # the turn was interrupted; nothing more is written
-    FENCED = "fenced"  # a write found the turn no longer active
-    ERROR = "error"  # Redis failed; ``error`` holds the exception
-
-
-class FramesPipe:
-    """A turn's animation envelopes, from the SDK callback to the stream, in arrival order.
-
-    ``offer`` and ``fail`` are synchronous so SDK callbacks never block the read loop. The writer
-    task is the only one that appends ``frames`` and ``audio_only`` entries, which is what keeps
-    every frames entry of the turn ahead of its audio_only marker.
-
-    Stall rule: the Motion Server owes frames once the audio end was sent, or once more than
-    ``stall_s`` seconds of audio went unanswered; owing and silent for ``stall_s`` is a stall.
-    (A TTS pause mid-turn is not a stall: the server holds back a batch until it has the audio.)
-    """
-
-    def __init__(
-        self, log_: ConversationLog, conversation_id: str, turn_id: str,
-        *, stall_s: float, capacity: int = FRAMES_QUEUE_MAX,
-    ) -> None:
-        self._log = log_
-        self._conversation_id = conversation_id
-        self._turn_id = turn_id
-        self._stall_s = stall_s
-        self._capacity = capacity
-        self._items: deque[tuple[bytes, bool]] = deque()
-        self._wake = asyncio.Event()
-        self._done = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[None] | None = None
-        self._end_sent = False
-        self._unanswered_s = 0.0
-        self._owed_since: float | None = None
-        self._progress_at = 0.0
-        self.outcome: PipeOutcome | None = None
-        self.reason: str | None = None
-        self.detail = ""
-        self.error: BaseException | None = None
-        self.frames_written = 0
-        self.dropped = 0
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def failed(self) -> bool:
-        return self.reason is not None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"frames-{self._turn_id}")
-
-    async def wait(self) -> PipeOutcome:
-        await self._done.wait()
-        return self.outcome or PipeOutcome.ERROR  # set together with _done
-
-    async def close(self) -> None:
-        """Stop the writer (if still running) and surface a crash of it."""
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.wait({task})
-        if not task.cancelled() and task.exception() is not None:
-            raise ProducerError("frames writer crashed") from task.exception()
-
-    # Called from the SDK read task or the turn; all synchronous.
-
-    def offer(self, envelope: bytes, is_last: bool) -> None:
-        if self.done or self.failed or not envelope:  # never write an empty frames message
-            self.dropped += 1
-            return
-        if len(self._items) >= self._capacity:
-            self.fail(REASON_FRAMES_BACKLOG, f"{self._capacity} envelopes waiting for Redis")
-            return
-        self._items.append((envelope, is_last))
-        self._progress_at = self._loop.time()
-        self._unanswered_s = 0.0
-        if not self._end_sent:
-            self._owed_since = None
-        self._wake.set()
-
-    def fail(self, reason: str, detail: str = "") -> None:
-        if self.done or self.failed:
-            return
-        self.reason, self.detail = reason, detail
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._items.clear()
-        self._finish(PipeOutcome.STOPPED)
-
-    def audio_sent(self, seconds: float, *, end: bool) -> None:
-        self._unanswered_s += seconds
-        self._end_sent = self._end_sent or end
-        owes = self._end_sent or self._unanswered_s >= self._stall_s
-        if owes and self._owed_since is None:
-            self._owed_since = self._loop.time()
-        self._wake.set()
-
-    def no_motion_needed(self) -> None:
-        """The turn had no audio for the Motion Server, so there is no animation to wait for."""
-        self._finish(PipeOutcome.COMPLETE)
-
-    # The writer task.
-
-    async def _run(self) -> None:
-        try:
-            while not self.done:
-                if self.failed:
-                    await self._write_fallback()
-                elif self._items:
-                    await self._write_next()
-                else:
-                    await self._idle()
-        except TurnFenced:
-            self._finish(PipeOutcome.FENCED)
-        except (RedisError, OSError) as exc:
-            self.error = exc
-            self._finish(PipeOutcome.ERROR)
-        finally:
-            self._finish(PipeOutcome.ERROR)  # no-op unless the writer crashed; waiters go on
-
-    async def _write_next(self) -> None:
-        envelope, last = self._items.popleft()
-        entry = wire.frames(self._turn_id, self.frames_written, envelope, last=last)
-        await self._log.append(self._conversation_id, self._turn_id, entry)
-        self.frames_written += 1
-        if last:
-            self._finish(PipeOutcome.COMPLETE)
-
-    async def _write_fallback(self) -> None:
-        self._items.clear()
-        reason = self.reason or "motion_error"
-        log.warning("motion_failed", reason=reason, detail=self.detail,
-                    frames_messages=self.frames_written)
-        await self._log.append(
-            self._conversation_id, self._turn_id, wire.audio_only(self._turn_id, reason=reason)
-        )
-        self._finish(PipeOutcome.AUDIO_ONLY)
-
-    async def _idle(self) -> None:
-        self._wake.clear()
-        try:
-            await asyncio.wait_for(self._wake.wait(), self._stall_timeout())
-        except TimeoutError:
-            left = self._stall_timeout()
-            if left is not None and left <= 0:
-                self.fail(REASON_STALL, f"no frames for {self._stall_s:g}s")
-
-    def _stall_timeout(self) -> float | None:
-        if self._owed_since is None:
-            return None
-        since = max(self._owed_since, self._progress_at)
-        return since + self._stall_s - self._loop.time()
-
-    def _finish(self, outcome: PipeOutcome) -> None:
-        if not self.done:
-            self.outcome = outcome
-            self._done.set()
 
 
 @dataclass(frozen=True)
@@ -532,70 +354,6 @@ class _KeyedLocks:
             self._locks[key] = (lock, users - 1)
 
 
-class _ControlListener:
-    """PSUBSCRIBE to every conversation's control channel; hands (conversation, turn) to a callback.
-
-    It only speeds things up: a turn that misses a message (Redis hiccup) still stops at its next
-    fenced write, or when waiting for frames runs into the stall timeout.
-    """
-
-    def __init__(self, client: redis.Redis, keys: Keys, on_interrupt: Any) -> None:
-        self._client = client
-        self._keys = keys
-        self._on_interrupt = on_interrupt
-        self._pubsub: PubSub | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._pubsub = await self._subscribe()
-        self._task = asyncio.create_task(self._run(), name="control-listener")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
-            if not task.cancelled() and task.exception() is not None:
-                log.error("control_listener_failed", exc_info=task.exception())
-        await self._drop()
-
-    async def _subscribe(self) -> PubSub:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.psubscribe(self._keys.control_pattern())
-        except BaseException:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-            raise
-        return pubsub
-
-    async def _drop(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def _run(self) -> None:
-        delay = _RECONNECT_FIRST_S
-        while True:
-            try:
-                if self._pubsub is None:
-                    self._pubsub = await self._subscribe()
-                    log.info("control_channel_resubscribed")
-                message = await self._pubsub.get_message(timeout=1.0)
-                delay = _RECONNECT_FIRST_S
-            except (RedisError, OSError) as exc:
-                log.warning("control_channel_lost", error=str(exc), retry_in_s=delay)
-                await self._drop()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RECONNECT_MAX_S)
-                continue
-            if message is not None and message.get("type") == "pmessage":
-                self._dispatch(message["channel"], message["data"])
-
-    def _dispatch(self, channel: bytes, data: bytes) -> None:
-        conversation_id = self._keys.conversation_of_control(channel.decode(errors="replace"))
-        if conversation_id is not None:
-            self._on_interrupt(conversation_id, data.decode(errors="replace"))
 
 
 class Producer:
@@ -635,7 +393,7 @@ class Producer:
             log=self._log, pool=self._pool, frames_timeout_s=settings.frames_timeout_s,
             spawn=self._spawn, closed=self._turn_closed, interrupt=self._interrupt_own_turn,
         )
-        self._control = _ControlListener(client, self._keys, self._on_interrupt_message)
+        self._control = ControlListener(client, self._keys, self._on_interrupt_message)
         self._locks = _KeyedLocks()
         self._active: dict[str, Turn] = {}
         self._no_turns = asyncio.Event()

@@ -1,0 +1,13 @@
+"""Errors of the producer side, shared by the producer, its frames pipe and the worker."""
+
+from __future__ import annotations
+
+from relay.errors import RelayError
+
+
+class ProducerError(RelayError):
+    """A turn could not be produced (Redis failed under it, or it could not even start)."""
+
+
+class ProducerClosed(ProducerError):
+    """The producer is closed or closing and takes no new turns."""
