@@ -24,6 +24,10 @@ def server_binary() -> Path:
     return path
 
 
+def cli_binary() -> Path:
+    return server_binary().with_name("valkey-cli")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,6 +91,69 @@ class EmbeddedServer:
             self._dir = None
 
     def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedCluster:
+    """A Redis Cluster of ``masters`` valkey-server processes (no replicas) on 127.0.0.1.
+
+    Used by the test suite to run the relay on a real cluster. ``url`` names one node; cluster
+    clients discover the rest.
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        if masters < 3:
+            raise ValueError("a Redis Cluster needs at least 3 masters")
+        self.nodes = [
+            EmbeddedServer(extra_args=["--cluster-enabled", "yes",
+                                       "--cluster-node-timeout", "2000",
+                                       "--cluster-config-file", f"nodes-{index}.conf"])
+            for index in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self, timeout_s: float = 30.0) -> EmbeddedCluster:
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [str(cli_binary()), "--cluster", "create", *addresses,
+                 "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, capture_output=True, timeout=timeout_s,
+            )
+            self._wait_ok(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ok(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = [self._info(node.port) for node in self.nodes]
+            if all("cluster_state:ok" in state for state in states):
+                return
+            time.sleep(0.1)
+        raise ConfigError("embedded cluster did not reach cluster_state:ok")
+
+    @staticmethod
+    def _info(port: int) -> str:
+        result = subprocess.run([str(cli_binary()), "-p", str(port), "cluster", "info"],
+                                capture_output=True, text=True, timeout=5)
+        return result.stdout
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> EmbeddedCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 import redis.asyncio as redis
 import structlog
 
-from relay.redis_conn import create_client
+from relay.redis_conn import client_for
 from relay.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -16,7 +16,7 @@ log = structlog.get_logger(__name__)
 
 async def check(settings: Settings, *, role: str) -> int:
     failures = []
-    client = create_client(settings.require_redis())
+    client = client_for(settings)
     try:
         await asyncio.wait_for(client.ping(), 3.0)
     except (OSError, asyncio.TimeoutError, redis.RedisError) as exc:

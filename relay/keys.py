@@ -81,9 +81,13 @@ class Keys:
         conversation_id = channel[len(head) : -len(tail)]
         return conversation_id if _CONVERSATION_ID.match(conversation_id) else None
 
-    def edge_wake(self, node_id: str) -> str:
-        """Tiny stream an edge includes in its blocking read so a new subscription can wake it."""
-        return f"{self.prefix}:edge:{node_id}:wake"
+    def edge_wake(self, node_id: str, tag: str = "") -> str:
+        """Tiny stream an edge includes in its blocking read so a new subscription can wake it.
+
+        On a cluster the edge needs one per node; ``tag`` becomes a hash tag chosen to land on it.
+        """
+        suffix = f":{{w{tag}}}" if tag else ""
+        return f"{self.prefix}:edge:{node_id}:wake{suffix}"
 
     def jobs(self) -> str:
         """Stream of turn jobs consumed by producer workers through a consumer group."""

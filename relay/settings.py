@@ -22,6 +22,8 @@ def _default_node_id() -> str:
 class Settings:
     # Redis. Empty means "start an embedded server" where the command allows it.
     redis_url: str = field(default="", repr=False)
+    redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster
+    redis_pool_size: int = 32  # connections per process (per node on a cluster) for commands
     key_prefix: str = "relay"
 
     # Retention of conversation streams: length cap (approximate trim) and idle expiry.
@@ -43,6 +45,8 @@ class Settings:
     client_message_max_bytes: int = 4096
     send_timeout_s: float = 10.0
     heartbeat_s: float = 20.0
+    drain_delay_s: float = 0.0  # after SIGTERM: /readyz says 503 this long before clients go
+    drain_timeout_s: float = 10.0  # then clients get 1012 and have this long to leave
 
     # Producer and the Spatius Server SDK.
     spatius_api_key: str = field(default="", repr=False)
@@ -81,7 +85,7 @@ class Settings:
         _check_positive(self, ["stream_maxlen", "stream_ttl_s", "token_ttl_s", "read_count",
                                "client_queue_messages", "client_queue_bytes", "chunk_ms",
                                "producer_concurrency", "max_sdk_sessions", "read_block_ms",
-                               "client_message_max_bytes", "jobs_block_ms",
+                               "client_message_max_bytes", "jobs_block_ms", "redis_pool_size",
                                "conversation_wait_s", "turn_input_timeout_s", "turn_input_ttl_s"])
         if self.sample_rate not in SAMPLE_RATES:
             raise ConfigError(f"RELAY_SAMPLE_RATE must be one of {sorted(SAMPLE_RATES)}")
@@ -89,6 +93,8 @@ class Settings:
             raise ConfigError(f"RELAY_TOKEN_SECRET must be at least {MIN_SECRET_LEN} characters")
         if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
             raise ConfigError("RELAY_KEY_PREFIX must be non-empty and contain no braces")
+        if not self.node_id or "{" in self.node_id or "}" in self.node_id:
+            raise ConfigError("RELAY_NODE_ID must be non-empty and contain no braces")
 
     @property
     def uses_real_motion_server(self) -> bool:

@@ -25,7 +25,7 @@ from relay.demo import run_demo
 from relay.embedded import EmbeddedServer, free_port
 from relay.errors import ConfigError
 from relay.keys import Keys
-from relay.redis_conn import create_client, wait_until_ready
+from relay.redis_conn import client_for, wait_until_ready
 from relay.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -139,7 +139,7 @@ async def run_stack(settings: Settings, options: StackOptions) -> int:
         for index in range(options.edges):
             port = options.edge_port + index if options.edge_port else 0
             edges.append((await local.start_edge(f"edge-{index + 1}", port))[1])
-        client = create_client(redis_url)
+        client = client_for(settings.with_overrides(redis_url=redis_url))
         stack.push_async_callback(client.aclose)
         await wait_until_ready(client)
         _print_banner(redis_url, edges, secret, settings, options)
@@ -165,7 +165,8 @@ def _start_embedded(stack: AsyncExitStack) -> str:
 def child_env(settings: Settings, redis_url: str, secret: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"REDIS_URL": redis_url, "RELAY_TOKEN_SECRET": secret, "RELAY_LOG_JSON": "true",
-                "RELAY_KEY_PREFIX": settings.key_prefix, "PYTHONUNBUFFERED": "1"})
+                "RELAY_KEY_PREFIX": settings.key_prefix, "PYTHONUNBUFFERED": "1",
+                "RELAY_REDIS_CLUSTER": "true" if settings.redis_cluster else "false"})
     return env
 
 

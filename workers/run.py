@@ -7,7 +7,7 @@ import signal
 
 import structlog
 
-from relay.redis_conn import create_client, wait_until_ready
+from relay.redis_conn import client_for, wait_until_ready
 from relay.settings import Settings
 from workers.producer import Producer
 from workers.sdk import MotionEndpoints
@@ -18,7 +18,11 @@ log = structlog.get_logger(__name__)
 
 async def run_producer(settings: Settings) -> int:
     MotionEndpoints.from_settings(settings)  # fail fast on missing credentials or endpoints
-    client = create_client(settings.require_redis(), block_ms=settings.jobs_block_ms)
+    # Streamed turns each hold a connection for their blocking input read, plus the job read
+    # and the control subscription.
+    client = client_for(settings, block_ms=settings.jobs_block_ms,
+                        max_connections=max(settings.redis_pool_size,
+                                            2 * settings.producer_concurrency + 16))
     try:
         await wait_until_ready(client)
         async with Producer(settings, client) as producer:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
 import structlog
+from redis.asyncio.cluster import RedisCluster
 from aiohttp import web
 
 from relay import wire
@@ -15,7 +16,8 @@ from relay.edge.hub import Hub
 from relay.edge.session import ClientSession, choose_start
 from relay.errors import InvalidConversationId, TokenError
 from relay.keys import Keys, validate_conversation_id
-from relay.redis_conn import create_client
+from relay.edge.routing import ClusterRouter, Router, SingleRouter
+from relay.redis_conn import RedisClient, client_for, create_client
 from relay.settings import Settings
 from relay.streams import valid_id
 from relay.tokens import verify_token
@@ -24,7 +26,9 @@ log = structlog.get_logger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", Keys)
-REDIS = web.AppKey("redis", redis.Redis)
+REDIS = web.AppKey("redis", object)  # RedisClient: redis.Redis or RedisCluster
+JOINS = web.AppKey("joins", asyncio.Semaphore)
+DRAINING = web.AppKey("draining", asyncio.Event)
 HUB = web.AppKey("hub", Hub)
 SESSIONS = web.AppKey("sessions", set[ClientSession])
 
@@ -39,6 +43,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[KEYS] = Keys(settings.key_prefix)
     app[SESSIONS] = set()
+    app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_redis_and_hub)
     app.on_shutdown.append(_close_sessions)
     app.router.add_get("/v1/conversations/{conversation_id}/ws", websocket_handler)
@@ -47,22 +52,31 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+def _router(settings: Settings, client: RedisClient, keys: Keys) -> Router:
+    if isinstance(client, RedisCluster):
+        return ClusterRouter(client, keys, settings.node_id, block_ms=settings.read_block_ms)
+    # The blocking read holds its connection for up to read_block_ms: it gets its own client.
+    reader = create_client(settings.require_redis(), block_ms=settings.read_block_ms,
+                           max_connections=4)
+    return SingleRouter(reader, keys, settings.node_id)
+
+
 async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[REDIS] = create_client(settings.redis_url, block_ms=0)
-    # The hub's blocking read holds its connection for up to read_block_ms; it gets its own client.
-    reader = create_client(settings.redis_url, block_ms=settings.read_block_ms, max_connections=4)
-    hub = Hub(reader, app[KEYS], node_id=settings.node_id, block_ms=settings.read_block_ms,
+    client = client_for(settings)
+    app[REDIS] = client
+    # Joining clients read history; the semaphore keeps a burst of joins within the pool.
+    app[JOINS] = asyncio.Semaphore(max(1, settings.redis_pool_size // 2))
+    hub = Hub(_router(settings, client, app[KEYS]), app[KEYS], block_ms=settings.read_block_ms,
               count=settings.read_count)
     app[HUB] = hub
     task = asyncio.create_task(hub.run(), name="hub")
-    log.info("edge_started", node_id=settings.node_id)
+    log.info("edge_started", node_id=settings.node_id, cluster=settings.redis_cluster)
     try:
         yield
     finally:
         await hub.stop(task)
-        await reader.aclose()
-        await app[REDIS].aclose()
+        await client.aclose()
 
 
 async def _close_sessions(app: web.Application) -> None:
@@ -76,11 +90,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     hub = request.app[HUB]
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), 2.0)
     except (OSError, asyncio.TimeoutError, redis.RedisError) as exc:
         return web.json_response({"status": "redis_unavailable", "error": str(exc)}, status=503)
-    if not hub.ready.is_set():
+    if not hub.ready:
         return web.json_response({"status": "reader_not_ready"}, status=503)
     return web.json_response({"status": "ready", "conversations": hub.conversations,
                               "clients": len(request.app[SESSIONS])})
@@ -98,6 +114,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     settings = app[SETTINGS]
     ws = web.WebSocketResponse(max_msg_size=_TRANSPORT_MAX_MSG, heartbeat=settings.heartbeat_s)
     await ws.prepare(request)
+    if app[DRAINING].is_set():
+        await ws.close(code=wire.CloseCode.EDGE_RESTARTING, message=b"edge_draining")
+        return ws
     conversation_id = request.match_info["conversation_id"]
     try:
         validate_conversation_id(conversation_id)
@@ -128,10 +147,11 @@ async def _serve(
     app[SESSIONS].add(session)
     reader: asyncio.Task[None] | None = None
     try:
-        start, tip = await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
+        async with app[JOINS]:
+            start, tip = await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
         position, created = hub.attach(conversation_id, session, tip)
         if created:
-            await hub.wake()
+            await hub.wake(conversation_id)
         await ws.send_bytes(wire.welcome(
             conversation=conversation_id, edge=settings.node_id, start=start.mode,
             recovered=start.recovered, position=start.position,
@@ -139,7 +159,7 @@ async def _serve(
         log.info("client_joined", start=start.mode, recovered=start.recovered)
         reader = asyncio.create_task(session.read_client(), name="client-reader")
         reader.add_done_callback(lambda _: session.request_close(wire.CloseCode.NORMAL, "bye"))
-        await session.catch_up(app[REDIS], app[KEYS], start, position)
+        await session.catch_up(app[REDIS], app[KEYS], start, position, app[JOINS])
         await session.pump()
     except (ConnectionResetError, asyncio.TimeoutError) as exc:
         log.info("client_lost", error=type(exc).__name__)

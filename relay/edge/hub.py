@@ -1,10 +1,11 @@
-"""One blocking read loop per edge that serves every conversation its clients watch.
+"""One blocking read loop per Redis node that serves every conversation an edge's clients watch.
 
 The hub keeps, per conversation, the stream position it has read up to and the set of attached
-client sessions. A single ``XREAD BLOCK`` over all those streams (plus the edge's wake stream)
-brings new entries; each entry is turned into a client frame once and offered to every attached
-session, so N clients of one conversation on one edge cost one read. Offering never awaits: each
-session has its own bounded queue and writer task, so a slow client cannot hold up the loop.
+client sessions. Per Redis node (one on a single server, one per primary on a cluster) a single
+``XREAD BLOCK`` over all of that node's streams (plus the edge's wake stream on that node) brings
+new entries; each entry is turned into a client frame once and offered to every attached session,
+so N clients of one conversation on one edge cost one read. Offering never awaits: each session
+has its own bounded queue and writer task, so a slow client cannot hold up the loop.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ from typing import Protocol
 import redis.asyncio as redis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import wire
+from relay.edge.routing import Router, Shard, TopologyChanged
 from relay.keys import Keys
 from relay.streams import parse_id
 
 log = structlog.get_logger(__name__)
 
 _WAKE_MAXLEN = 16
+_FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 2.0
+_READ_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class Subscriber(Protocol):
@@ -43,18 +48,17 @@ class _Subscription:
 
 
 class Hub:
-    def __init__(self, client: redis.Redis, keys: Keys, *, node_id: str, block_ms: int,
-                 count: int, unavailable_after_s: float = 10.0) -> None:
-        self._client = client
+    def __init__(self, router: Router, keys: Keys, *, block_ms: int, count: int,
+                 unavailable_after_s: float = 10.0) -> None:
+        self._router = router
         self._keys = keys
-        self._wake_key = keys.edge_wake(node_id)
-        self._wake_position = "$"
         self._block_ms = block_ms
         self._count = count
         self._unavailable_after_s = unavailable_after_s
         self._subs: dict[str, _Subscription] = {}
         self._by_stream: dict[bytes, _Subscription] = {}
-        self.ready = asyncio.Event()
+        self._shards: list[Shard] = []
+        self._shard_ready: dict[str, bool] = {}
         self._stopping = False
         self.reads = 0
         self.delivered = 0
@@ -62,6 +66,15 @@ class Hub:
     @property
     def conversations(self) -> int:
         return len(self._subs)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._shard_ready) and all(self._shard_ready.values())
+
+    @property
+    def redis_connections(self) -> int:
+        """Connections the read loops hold open (one per node), for the scale-out measurements."""
+        return len(self._shards)
 
     def attach(self, conversation_id: str, subscriber: Subscriber, tip: str) -> tuple[str, bool]:
         """Attach and return (position, is_new): entries after it reach the subscriber live.
@@ -89,64 +102,104 @@ class Hub:
             del self._subs[conversation_id]
             del self._by_stream[sub.stream_key.encode()]
 
-    async def wake(self) -> None:
-        """Make the blocking read return so it picks up a new subscription now."""
-        await self._client.xadd(self._wake_key, {b"w": b"1"}, maxlen=_WAKE_MAXLEN, approximate=False)
+    async def wake(self, conversation_id: str) -> None:
+        """Make the blocking read on the conversation's node return, so it includes the stream now."""
+        shard = self._router.shard_of(self._keys.stream(conversation_id), self._shards)
+        if shard is not None:
+            await shard.client.xadd(shard.wake_key, {b"w": b"1"}, maxlen=_WAKE_MAXLEN,
+                                    approximate=False)
 
     async def stop(self, task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
-        """End the read loop by waking it (a cancelled blocking read can leave the connection
-        mid-reply), then cancel it if it has not finished in time."""
+        """End the read loops by waking them (a cancelled blocking read can leave a connection
+        mid-reply), then cancel whatever has not finished in time."""
         self._stopping = True
-        with contextlib.suppress(redis.RedisError, OSError):
-            await asyncio.wait_for(self.wake(), timeout_s)
+        for shard in self._shards:
+            with contextlib.suppress(redis.RedisError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(
+                    shard.client.xadd(shard.wake_key, {b"w": b"1"}, maxlen=_WAKE_MAXLEN), timeout_s)
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
         if not done:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._router.close()
 
     async def run(self) -> None:
-        backoff = 0.05
-        down_since: float | None = None
-        loop = asyncio.get_running_loop()
+        """Discover the nodes, read each in its own loop; start over when the topology changes."""
+        backoff = _FIRST_BACKOFF_S
         while not self._stopping:
             try:
-                await self._read_once()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                self.ready.clear()
+                self._shards = await self._router.refresh()
+                self._shard_ready = {s.name: False for s in self._shards}
+                await self._read_shards()
+                backoff = _FIRST_BACKOFF_S
+            except (TopologyChanged, *_READ_ERRORS) as exc:
+                self._shard_ready = {}
+                log.warning("hub_topology_refresh", reason=str(exc), retry_in_s=round(backoff, 2))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def _read_shards(self) -> None:
+        tasks = [asyncio.create_task(self._read_loop(shard), name=f"hub-{shard.name}")
+                 for shard in self._shards]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # a loop only ends early by raising: surface it
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read_loop(self, shard: Shard) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = _FIRST_BACKOFF_S
+        down_since: float | None = None
+        wake_position = await self._wake_tip(shard)
+        while not self._stopping:
+            try:
+                wake_position = await self._read_once(shard, wake_position)
+            except ResponseError as exc:
+                if _is_redirect(exc):
+                    raise TopologyChanged(str(exc)) from exc
+                raise
+            except _READ_ERRORS as exc:
+                self._shard_ready[shard.name] = False
                 down_since = down_since or loop.time()
-                log.warning("hub_read_failed", error=str(exc), retry_in_s=round(backoff, 2))
+                log.warning("hub_read_failed", node=shard.name, error=str(exc),
+                            retry_in_s=round(backoff, 2))
                 if loop.time() - down_since > self._unavailable_after_s:
-                    self._release_all()
+                    # Redis has been gone too long: send clients elsewhere rather than keep them
+                    # half-alive, and look again at the topology (a replica may have taken over).
+                    self._release(shard)
+                    raise TopologyChanged(f"node {shard.name} unavailable") from exc
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
             if down_since is not None:
-                log.info("hub_read_recovered")
-            down_since = None
-            backoff = 0.05
-            self.ready.set()
+                log.info("hub_read_recovered", node=shard.name)
+            down_since, backoff = None, _FIRST_BACKOFF_S
 
-    async def _read_once(self) -> None:
-        if self._wake_position == "$":
-            self._wake_position = await self._wake_tip()
-        streams: dict[str | bytes, str] = {self._wake_key: self._wake_position}
+    async def _wake_tip(self, shard: Shard) -> str:
+        last = await shard.client.xrevrange(shard.wake_key, count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    async def _read_once(self, shard: Shard, wake_position: str) -> str:
+        streams: dict[str | bytes, str] = {shard.wake_key: wake_position}
         for sub in self._subs.values():
-            streams[sub.stream_key] = sub.position
-        self.ready.set()
-        reply = await self._client.xread(streams, count=self._count, block=self._block_ms)
+            if self._router.shard_of(sub.stream_key, self._shards) is shard:
+                streams[sub.stream_key] = sub.position
+        self._shard_ready[shard.name] = True
+        reply = await shard.client.xread(streams, count=self._count, block=self._block_ms)
         self.reads += 1
         for key, entries in reply or ():
-            if key == self._wake_key.encode():
-                self._wake_position = entries[-1][0].decode()
+            if key == shard.wake_key_bytes:
+                wake_position = entries[-1][0].decode()
                 continue
             sub = self._by_stream.get(key)
             if sub is not None and entries:
                 self._fan_out(sub, entries)
-
-    async def _wake_tip(self) -> str:
-        last = await self._client.xrevrange(self._wake_key, count=1)
-        return last[0][0].decode() if last else "0-0"
+        return wake_position
 
     def _fan_out(self, sub: _Subscription, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
         # A subscription dropped and re-created while this read was in flight starts at a newer
@@ -164,8 +217,13 @@ class Hub:
             current = parsed
             sub.position = entry_id
 
-    def _release_all(self) -> None:
-        """Redis has been gone too long: send clients elsewhere rather than keep them half-alive."""
+    def _release(self, shard: Shard) -> None:
         for sub in list(self._subs.values()):
-            for subscriber in tuple(sub.subscribers):
-                subscriber.on_unavailable()
+            if self._router.shard_of(sub.stream_key, self._shards) is shard:
+                for subscriber in tuple(sub.subscribers):
+                    subscriber.on_unavailable()
+
+
+def _is_redirect(exc: ResponseError) -> bool:
+    text = str(exc)
+    return text.startswith(("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"))

@@ -6,14 +6,13 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass
 
-import redis.asyncio as redis
 import structlog
 from aiohttp import WSMsgType, web
 
 from relay import streams, wire
-from relay.edge.hub import Hub
 from relay.errors import WireError
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -32,7 +31,7 @@ class StartPoint:
 
 
 async def choose_start(
-    client: redis.Redis, keys: Keys, conversation_id: str, last_id: str | None
+    client: RedisClient, keys: Keys, conversation_id: str, last_id: str | None
 ) -> tuple[StartPoint, str]:
     """Return the start point and the stream's current tip.
 
@@ -100,16 +99,23 @@ class ClientSession:
         self.sent_count += 1
 
     async def catch_up(
-        self, client: redis.Redis, keys: Keys, start: StartPoint, until: str
+        self, client: RedisClient, keys: Keys, start: StartPoint, until: str,
+        limiter: asyncio.Semaphore,
     ) -> None:
-        """Send stored entries from the start point up to ``until`` (inclusive), page by page."""
+        """Send stored entries from the start point up to ``until`` (inclusive), page by page.
+
+        ``limiter`` bounds concurrent history reads across the edge; it is held for each read,
+        never while sending, so a slow client cannot starve the others' joins.
+        """
         if start.mode == "live":
             return
         stop = streams.parse_id(until)
         position, inclusive = start.position, start.inclusive
         while True:
             reader = streams.read_from if inclusive else streams.read_after
-            rows = await reader(client, keys, self.conversation_id, position, count=_CATCH_UP_PAGE)
+            async with limiter:
+                rows = await reader(client, keys, self.conversation_id, position,
+                                    count=_CATCH_UP_PAGE)
             for entry_id, stored in rows:
                 if streams.parse_id(entry_id) > stop:
                     return
