@@ -330,15 +330,12 @@ class ConversationLeases:
         held = sorted(self._held)
         if not held:
             return
-        # Per-conversation keys live in different cluster slots: one script call per key,
-        # sent together in one non-transactional pipeline.
-        async with self._client.pipeline(transaction=False) as pipe:
-            for conversation_id in held:
-                key = self._keys.conversation_lock(conversation_id)
-                # Queued, not sent: awaiting a script on a pipeline only buffers the EVALSHA.
-                args: list[str | int] = [self._owner, self._lease_ms]
-                await self._renew_script(keys=[key], args=args, client=pipe)
-            results = await pipe.execute()
+        # Per-conversation keys live in different cluster slots, and cluster pipelines refuse
+        # scripts: one script call per key, all in flight at once.
+        args: list[str | int] = [self._owner, self._lease_ms]
+        results = await asyncio.gather(*(
+            self._renew_script(keys=[self._keys.conversation_lock(c)], args=args) for c in held
+        ))
         for conversation_id, extended in zip(held, results, strict=True):
             if not int(extended) and conversation_id in self._held:
                 await self._take_back(conversation_id)
