@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default=None)
     sim.add_argument("--port", type=int, default=None)
 
+    bench = sub.add_parser("bench", help="measure the relay against a bare Redis loop on this "
+                           "machine (loopback only); results in bench/results/latest.json")
+    from relay.bench.command import add_arguments as bench_arguments
+
+    bench_arguments(bench)
+
     token = sub.add_parser("token", help="mint a client token for one conversation")
     token.add_argument("conversation_id")
     token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
         if args.log_level:
             settings = settings.with_overrides(log_level=args.log_level)
-        configure_logging(json=settings.log_json and args.command not in {"run", "demo", "token"},
+        plain = {"run", "demo", "token", "bench"}
+        configure_logging(json=settings.log_json and args.command not in plain,
                           level=settings.log_level)
         sys.exit(_dispatch(args, settings) or 0)
     except ConfigError as exc:
@@ -89,6 +96,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         print(mint_token(settings.require_secret(), args.conversation_id,
                          ttl_s=args.ttl or settings.token_ttl_s))
         return 0
+    if args.command == "bench":
+        from relay.bench.command import run as run_bench
+
+        return run_bench(args)
     if args.command == "check":
         from relay.health import check
 
