@@ -6,6 +6,7 @@ keeps nothing on disk: it is a scratch engine for local runs and tests.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -32,6 +33,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 50000)
+        if _port_free(port) and _port_free(port + 10000):
+            return port
+    raise ConfigError("no free port pair for a cluster node")
 
 
 class EmbeddedServer:
@@ -108,7 +128,7 @@ class EmbeddedCluster:
         if masters < 3:
             raise ValueError("a Redis Cluster needs at least 3 masters")
         self.nodes = [
-            EmbeddedServer(extra_args=["--cluster-enabled", "yes",
+            EmbeddedServer(free_cluster_port(), extra_args=["--cluster-enabled", "yes",
                                        "--cluster-node-timeout", "2000",
                                        "--cluster-config-file", f"nodes-{index}.conf"])
             for index in range(masters)

@@ -1,14 +1,18 @@
 """The only module that names Redis keys.
 
-Every per-conversation key carries the conversation id inside a hash tag (``{...}``) so that a
-conversation's stream, turn record and locks live in one Redis Cluster slot and can be touched
-by one script or transaction. Keys shared by the whole deployment (the job queue, the SDK session
-leases) have no tag and live wherever the cluster puts them.
+Every per-conversation key carries the conversation's *bucket* as its hash tag
+(``relay:{b7}:<conversation>:stream``): a conversation's stream, turn record and locks live in
+one Redis Cluster slot and can be touched by one script. Conversations share a bucket by hash
+(``crc32(id) % buckets``), so on a cluster an edge can read all streams of a bucket with one
+blocking multi-stream XREAD (multi-key commands must stay within one slot): the number of
+blocking reads an edge needs is the bucket count, never the number of conversations. Keys shared
+by the whole deployment (the job queue, the session cap) have tags of their own.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from relay.errors import InvalidConversationId
@@ -38,15 +42,29 @@ def validate_turn_id(turn_id: str) -> str:
     return turn_id
 
 
+DEFAULT_BUCKETS = 16
+
+
 @dataclass(frozen=True)
 class Keys:
-    """Key names under one prefix, so several deployments (or test runs) can share a server."""
+    """Key names under one prefix, so several deployments (or test runs) can share a server.
+
+    Every process of a deployment must use the same ``prefix`` and ``buckets``.
+    """
 
     prefix: str = "relay"
+    buckets: int = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.buckets <= 16384:
+            raise ValueError("buckets must be between 1 and 16384")
+
+    def bucket(self, conversation_id: str) -> int:
+        validate_conversation_id(conversation_id)
+        return zlib.crc32(conversation_id.encode()) % self.buckets
 
     def _conv(self, conversation_id: str, suffix: str) -> str:
-        validate_conversation_id(conversation_id)
-        return f"{self.prefix}:{{{conversation_id}}}:{suffix}"
+        return f"{self.prefix}:{{b{self.bucket(conversation_id)}}}:{conversation_id}:{suffix}"
 
     def stream(self, conversation_id: str) -> str:
         """The conversation's delivery stream: every message clients receive, in order."""
@@ -71,26 +89,26 @@ class Keys:
 
     def control_pattern(self) -> str:
         """PSUBSCRIBE pattern matching every conversation's control channel under this prefix."""
-        return f"{_glob_escape(self.prefix)}:{{*}}:control"
+        return f"{_glob_escape(self.prefix)}:{{b*}}:*:control"
 
     def conversation_of_control(self, channel: str) -> str | None:
         """The conversation id inside a control channel name, or None for any other name."""
-        head, tail = f"{self.prefix}:{{", "}:control"
+        head, tail = f"{self.prefix}:{{b", ":control"
         if not (channel.startswith(head) and channel.endswith(tail)):
             return None
-        conversation_id = channel[len(head) : -len(tail)]
-        return conversation_id if _CONVERSATION_ID.match(conversation_id) else None
+        _, sep, conversation_id = channel[len(head) : -len(tail)].partition("}:")
+        if not sep or not _CONVERSATION_ID.match(conversation_id):
+            return None
+        return conversation_id if self.control_channel(conversation_id) == channel else None
 
-    def edge_wake(self, node_id: str, tag: str = "") -> str:
-        """Tiny stream an edge includes in its blocking read so a new subscription can wake it.
-
-        On a cluster the edge needs one per node; ``tag`` becomes a hash tag chosen to land on it.
-        """
-        suffix = f":{{w{tag}}}" if tag else ""
-        return f"{self.prefix}:edge:{node_id}:wake{suffix}"
+    def edge_wake(self, node_id: str, bucket: int = 0) -> str:
+        """Tiny stream an edge includes in its blocking read of a bucket so that a new
+        subscription can wake that read; it shares the bucket's slot."""
+        return f"{self.prefix}:{{b{bucket}}}:edge:{node_id}:wake"
 
     def jobs(self) -> str:
-        """Stream of turn jobs consumed by producer workers through a consumer group."""
+        """Stream of doorbells ("conversation X has queued turns") consumed by producer workers
+        through a consumer group; the turns themselves wait in ``queue``."""
         return f"{self.prefix}:jobs"
 
     def jobs_group(self) -> str:
@@ -106,3 +124,23 @@ class Keys:
         """Sorted set of turns waiting for a session slot (member -> expiry in ms): the demand
         that makes producers close their idle sessions early."""
         return f"{self.prefix}:{{sdk}}:waiters"
+
+    # The job queue (workers/jobstore.py). A conversation's queued turns live in its own slot, so
+    # one script can claim, fence and finish a turn together with the turn record.
+
+    def queue(self, conversation_id: str) -> str:
+        """Stream of this conversation's queued turn jobs, oldest first: its FIFO."""
+        return self._conv(conversation_id, "queue")
+
+    def queue_state(self, conversation_id: str) -> str:
+        """Hash of the queue's bookkeeping: attempts per queued turn, the epoch counter, and the
+        attempt allowed to run now."""
+        return self._conv(conversation_id, "qstate")
+
+    def queue_runner(self, conversation_id: str) -> str:
+        """Lease of the worker running this conversation's queue, with the doorbell backing it."""
+        return self._conv(conversation_id, "runner")
+
+    def dead_letters(self) -> str:
+        """Stream of turns that will not be played: attempts exhausted, deadline passed, malformed."""
+        return f"{self.prefix}:jobs:dead"

@@ -7,7 +7,7 @@ and pool bounds are the same everywhere.
 from __future__ import annotations
 
 import asyncio
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import redis.asyncio as redis
 import structlog
@@ -31,6 +31,23 @@ _SOCKET_TIMEOUT_MARGIN_S = 10.0
 _POOL_WAIT_S = 10.0
 
 
+class BoundedRedisCluster(RedisCluster):
+    """A cluster client that waits for a free connection instead of failing.
+
+    redis-py's cluster pool raises MaxConnectionsError when a node's pool runs dry. Bounding the
+    commands in flight to the pool size makes callers queue instead, as the single-server
+    BlockingConnectionPool does.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_flight = asyncio.Semaphore(int(kwargs.get("max_connections", 100)))
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._in_flight:
+            return await super().execute_command(*args, **kwargs)
+
+
 def create_client(
     url: str, *, block_ms: int = 0, max_connections: int = 64, cluster: bool = False
 ) -> RedisClient:
@@ -42,7 +59,7 @@ def create_client(
     socket_timeout = block_ms / 1000 + _SOCKET_TIMEOUT_MARGIN_S
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3)
     if cluster:
-        return RedisCluster.from_url(
+        return BoundedRedisCluster.from_url(
             url, decode_responses=False, socket_timeout=socket_timeout,
             socket_connect_timeout=5.0, max_connections=max_connections, retry=retry,
         )
@@ -71,6 +88,15 @@ def node_client(host: str, port: int, *, block_ms: int, like: RedisClient) -> re
         socket_timeout=block_ms / 1000 + _SOCKET_TIMEOUT_MARGIN_S, socket_connect_timeout=5.0,
         max_connections=4,
     )
+
+
+def pubsub_client(client: RedisClient) -> redis.Redis:
+    """A client for classic pub/sub. On a cluster, PUBLISH reaches subscribers on every node, so
+    one connection to any node hears every channel (the cluster client has no pub/sub)."""
+    if not isinstance(client, RedisCluster):
+        return client
+    node = client.get_default_node()
+    return node_client(node.host, node.port, block_ms=0, like=client)
 
 
 async def wait_until_ready(client: RedisClient, *, timeout_s: float = 30.0) -> None:

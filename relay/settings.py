@@ -25,6 +25,7 @@ class Settings:
     redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster
     redis_pool_size: int = 32  # connections per process (per node on a cluster) for commands
     key_prefix: str = "relay"
+    key_buckets: int = 16  # conversations per hash-tag bucket; the same on every process
 
     # Retention of conversation streams: length cap (approximate trim) and idle expiry.
     stream_maxlen: int = 10_000
@@ -69,6 +70,14 @@ class Settings:
     jobs_block_ms: int = 1000
     turn_input_timeout_s: float = 30.0  # a queued streamed turn ends after this long without input
     turn_input_ttl_s: int = 600  # expiry of a queued streamed turn's input stream
+    # Job queue: crash recovery, poison turns, graceful stop (docs/operations.md "Job queue").
+    job_claim_idle_s: float = 10.0  # a turn job unrenewed this long is taken over by another worker
+    job_max_attempts: int = 3  # attempts of a turn before it goes to the dead letters
+    job_ttl_s: int = 86_400  # a conversation's queue expires this long after its last change
+    conversation_queue_max: int = 64  # queued turns one conversation may hold (QueueFull beyond)
+    dead_letter_maxlen: int = 1000  # dead letters kept (approximate trim); each holds its audio
+    interrupt_drops_queued: bool = True  # TurnQueue.interrupt also drops turns queued before it
+    producer_stop_s: float = 20.0  # on SIGTERM, running turns get this long before hand-back
 
     # Motion Server simulator (`relay motion-sim`).
     sim_host: str = "127.0.0.1"
@@ -82,10 +91,12 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        _check_positive(self, ["job_claim_idle_s", "job_max_attempts", "job_ttl_s",
+                               "conversation_queue_max", "dead_letter_maxlen", "producer_stop_s"])
         _check_positive(self, ["stream_maxlen", "stream_ttl_s", "token_ttl_s", "read_count",
                                "client_queue_messages", "client_queue_bytes", "chunk_ms",
                                "producer_concurrency", "max_sdk_sessions", "read_block_ms",
-                               "client_message_max_bytes", "jobs_block_ms", "redis_pool_size",
+                               "client_message_max_bytes", "jobs_block_ms", "redis_pool_size", "key_buckets",
                                "conversation_wait_s", "turn_input_timeout_s", "turn_input_ttl_s"])
         if self.sample_rate not in SAMPLE_RATES:
             raise ConfigError(f"RELAY_SAMPLE_RATE must be one of {sorted(SAMPLE_RATES)}")

@@ -144,7 +144,7 @@ async def run_stack(settings: Settings, options: StackOptions) -> int:
         await wait_until_ready(client)
         _print_banner(redis_url, edges, secret, settings, options)
         report = await run_demo(
-            client, Keys(settings.key_prefix), secret, edges, _submitter(client, settings),
+            client, Keys(settings.key_prefix, settings.key_buckets), secret, edges, _submitter(client, settings),
             conversations=options.conversations, turns=options.turns,
             sample_rate=settings.sample_rate, simulated=not settings.uses_real_motion_server,
         )
@@ -166,7 +166,8 @@ def child_env(settings: Settings, redis_url: str, secret: str) -> dict[str, str]
     env = dict(os.environ)
     env.update({"REDIS_URL": redis_url, "RELAY_TOKEN_SECRET": secret, "RELAY_LOG_JSON": "true",
                 "RELAY_KEY_PREFIX": settings.key_prefix, "PYTHONUNBUFFERED": "1",
-                "RELAY_REDIS_CLUSTER": "true" if settings.redis_cluster else "false"})
+                "RELAY_REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
+                "RELAY_KEY_BUCKETS": str(settings.key_buckets)})
     return env
 
 
@@ -188,7 +189,7 @@ async def wait_http(url: str, child: Child, timeout_s: float = 30.0) -> None:
 def _submitter(client, settings: Settings):  # type: ignore[no-untyped-def]
     from workers.queue import TurnQueue
 
-    queue = TurnQueue(client, Keys(settings.key_prefix), input_ttl_s=settings.stream_ttl_s)
+    queue = TurnQueue(client, Keys(settings.key_prefix, settings.key_buckets), input_ttl_s=settings.stream_ttl_s)
 
     async def submit(conversation_id: str, pcm: bytes, sample_rate: int) -> str:
         return await queue.submit_clip(conversation_id, pcm, sample_rate=sample_rate)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as redis
 
-from relay.embedded import EmbeddedServer
+from relay.embedded import EmbeddedCluster, EmbeddedServer
 from relay.keys import Keys
 from relay.redis_conn import create_client
 from relay.settings import Settings
@@ -26,6 +26,17 @@ def redis_url() -> Iterator[str]:
         return
     with EmbeddedServer() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A real 3-master Redis Cluster (REDIS_CLUSTER_URL, or valkey-server from PyPI)."""
+    url = os.environ.get("REDIS_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedCluster(masters=3) as cluster:
+        yield cluster.url
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from relay import wire
 from relay.client import RelayClient
 from relay.demo import run_demo, speech_like_pcm
+from relay.redis_conn import client_for
 from relay.stack import LocalStack, child_env
 from relay.streams import read_after
 from relay.tokens import mint_token
@@ -24,9 +25,25 @@ from workers.queue import TurnQueue
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(params=["single", "cluster"])
+def backend(request, settings):
+    """Every test here runs on one Redis server and again on a 3-master Redis Cluster."""
+    if request.param == "cluster":
+        url = request.getfixturevalue("cluster_url")
+        return settings.with_overrides(redis_url=url, redis_cluster=True)
+    return settings
+
+
 @pytest.fixture
-async def stack(settings, tmp_path):
-    local = LocalStack(child_env(settings, settings.redis_url, TEST_SECRET), tmp_path / "logs")
+async def redis_client(backend):
+    client = client_for(backend, block_ms=2000)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def stack(backend, tmp_path):
+    local = LocalStack(child_env(backend, backend.redis_url, TEST_SECRET), tmp_path / "logs")
     sim_url = await local.start_sim()
     local.sim_url = sim_url  # type: ignore[attr-defined]
     try:

@@ -83,12 +83,23 @@ def test_resume_rule():
 
 
 def test_keys_share_a_slot_per_conversation():
-    keys = Keys("p")
+    keys = Keys("p", buckets=16)
+    tag = f"{{b{keys.bucket('c-1')}}}"
     tagged = {keys.stream("c-1"), keys.turn("c-1"), keys.conversation_lock("c-1"),
-              keys.turn_input("c-1", "t-1")}
-    assert all("{c-1}" in key for key in tagged)
+              keys.turn_input("c-1", "t-1"), keys.control_channel("c-1")}
+    assert all(key.startswith(f"p:{tag}:c-1:") for key in tagged)
+    assert keys.edge_wake("edge-1", keys.bucket("c-1")).startswith(f"p:{tag}:")
+    assert {keys.bucket(f"c-{n}") for n in range(200)} == set(range(16))
     with pytest.raises(InvalidConversationId):
         keys.stream("bad{id}")
+
+
+def test_control_channel_round_trip():
+    keys = Keys("p.x")
+    channel = keys.control_channel("conv:7.a")
+    assert keys.conversation_of_control(channel) == "conv:7.a"
+    assert keys.conversation_of_control("p.x:{b3}:other:stream") is None
+    assert keys.conversation_of_control("p.x:{b99}:conv-1:control") is None  # wrong bucket
 
 
 def test_settings_from_env():

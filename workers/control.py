@@ -12,6 +12,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from relay.keys import Keys
+from relay.redis_conn import RedisClient, pubsub_client
 
 log = structlog.get_logger(__name__)
 
@@ -26,8 +27,9 @@ class ControlListener:
     fenced write, or when waiting for frames runs into the stall timeout.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, on_interrupt: Any) -> None:
-        self._client = client
+    def __init__(self, client: RedisClient, keys: Keys, on_interrupt: Any) -> None:
+        self._client = pubsub_client(client)
+        self._owns_client = self._client is not client
         self._keys = keys
         self._on_interrupt = on_interrupt
         self._pubsub: PubSub | None = None
@@ -45,6 +47,8 @@ class ControlListener:
             if not task.cancelled() and task.exception() is not None:
                 log.error("control_listener_failed", exc_info=task.exception())
         await self._drop()
+        if self._owns_client:
+            await self._client.aclose()
 
     async def _subscribe(self) -> PubSub:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)

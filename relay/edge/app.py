@@ -41,7 +41,7 @@ def create_app(settings: Settings) -> web.Application:
     settings.require_redis()
     app = web.Application()
     app[SETTINGS] = settings
-    app[KEYS] = Keys(settings.key_prefix)
+    app[KEYS] = Keys(settings.key_prefix, settings.key_buckets)
     app[SESSIONS] = set()
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_redis_and_hub)

@@ -43,6 +43,7 @@ class Subscriber(Protocol):
 @dataclass
 class _Subscription:
     stream_key: str
+    bucket: int
     position: str
     subscribers: set[Subscriber] = field(default_factory=set)
 
@@ -73,7 +74,7 @@ class Hub:
 
     @property
     def redis_connections(self) -> int:
-        """Connections the read loops hold open (one per node), for the scale-out measurements."""
+        """Connections the blocking reads hold (one per shard), for the scale-out measurements."""
         return len(self._shards)
 
     def attach(self, conversation_id: str, subscriber: Subscriber, tip: str) -> tuple[str, bool]:
@@ -87,7 +88,8 @@ class Hub:
         created = sub is None
         if sub is None:
             key = self._keys.stream(conversation_id)
-            sub = _Subscription(stream_key=key, position=tip)
+            sub = _Subscription(stream_key=key, bucket=self._keys.bucket(conversation_id),
+                                position=tip)
             self._subs[conversation_id] = sub
             self._by_stream[key.encode()] = sub
         sub.subscribers.add(subscriber)
@@ -104,7 +106,7 @@ class Hub:
 
     async def wake(self, conversation_id: str) -> None:
         """Make the blocking read on the conversation's node return, so it includes the stream now."""
-        shard = self._router.shard_of(self._keys.stream(conversation_id), self._shards)
+        shard = self._router.shard_for(self._keys.bucket(conversation_id), self._shards)
         if shard is not None:
             await shard.client.xadd(shard.wake_key, {b"w": b"1"}, maxlen=_WAKE_MAXLEN,
                                     approximate=False)
@@ -187,7 +189,7 @@ class Hub:
     async def _read_once(self, shard: Shard, wake_position: str) -> str:
         streams: dict[str | bytes, str] = {shard.wake_key: wake_position}
         for sub in self._subs.values():
-            if self._router.shard_of(sub.stream_key, self._shards) is shard:
+            if shard.covers(sub.bucket):
                 streams[sub.stream_key] = sub.position
         self._shard_ready[shard.name] = True
         reply = await shard.client.xread(streams, count=self._count, block=self._block_ms)
@@ -219,7 +221,7 @@ class Hub:
 
     def _release(self, shard: Shard) -> None:
         for sub in list(self._subs.values()):
-            if self._router.shard_of(sub.stream_key, self._shards) is shard:
+            if shard.covers(sub.bucket):
                 for subscriber in tuple(sub.subscribers):
                     subscriber.on_unavailable()
 

@@ -1,8 +1,10 @@
-"""Which Redis node serves which conversation stream, for the hub's per-node blocking reads.
+"""Which blocking read serves which conversation stream.
 
-On a single server there is one shard. On a Redis Cluster there is one shard per primary; a
-stream belongs to the primary that owns its slot. Each shard has its own small client (a blocking
-read occupies a connection) and a wake stream whose key hashes to a slot on that same node.
+On a single server one shard reads every stream the edge watches in one multi-stream XREAD. On a
+Redis Cluster a multi-key command must stay within one slot, so there is one shard per key
+bucket (see ``relay.keys``): each reads that bucket's streams, on the node that owns the bucket's
+slot, through a connection of its own. Either way the number of blocking reads (and of Redis
+connections they hold) is fixed by configuration, never by the number of clients.
 """
 
 from __future__ import annotations
@@ -12,12 +14,9 @@ from typing import Protocol
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
-from redis.crc import key_slot
 
 from relay.keys import Keys
 from relay.redis_conn import node_client
-
-SLOTS = 16384
 
 
 class TopologyChanged(Exception):
@@ -29,18 +28,20 @@ class Shard:
     name: str
     client: redis.Redis
     wake_key: str
+    bucket: int | None  # None: every bucket
 
     @property
     def wake_key_bytes(self) -> bytes:
         return self.wake_key.encode()
 
+    def covers(self, bucket: int) -> bool:
+        return self.bucket is None or self.bucket == bucket
+
 
 class Router(Protocol):
     async def refresh(self) -> list[Shard]: ...
 
-    def slot_of(self, key: str) -> int: ...
-
-    def shard_of(self, key: str, shards: list[Shard]) -> Shard | None: ...
+    def shard_for(self, bucket: int, shards: list[Shard]) -> Shard | None: ...
 
     async def close(self) -> None: ...
 
@@ -49,15 +50,12 @@ class SingleRouter:
     """One server: every stream on the one shard, read through the given client."""
 
     def __init__(self, client: redis.Redis, keys: Keys, node_id: str) -> None:
-        self._shard = Shard("redis", client, keys.edge_wake(node_id))
+        self._shard = Shard("redis", client, keys.edge_wake(node_id), bucket=None)
 
     async def refresh(self) -> list[Shard]:
         return [self._shard]
 
-    def slot_of(self, key: str) -> int:
-        return 0
-
-    def shard_of(self, key: str, shards: list[Shard]) -> Shard | None:
+    def shard_for(self, bucket: int, shards: list[Shard]) -> Shard | None:
         return shards[0] if shards else None
 
     async def close(self) -> None:
@@ -65,55 +63,31 @@ class SingleRouter:
 
 
 class ClusterRouter:
-    """Redis Cluster: a shard per primary, found from the cluster client's slot table."""
+    """Redis Cluster: a shard per bucket, on the primary that owns the bucket's slot."""
 
     def __init__(self, cluster: RedisCluster, keys: Keys, node_id: str, *, block_ms: int) -> None:
         self._cluster = cluster
         self._keys = keys
         self._node_id = node_id
         self._block_ms = block_ms
-        self._clients: dict[str, redis.Redis] = {}
-        self._slot_owner: list[str] = []
+        self._clients: list[redis.Redis] = []
 
     async def refresh(self) -> list[Shard]:
-        await self._cluster.initialize()
-        manager = self._cluster.nodes_manager
-        await manager.initialize()
-        owners = []
-        for slot in range(SLOTS):
-            owners.append(manager.get_node_from_slot(slot).name)
-        self._slot_owner = owners
+        await self.close()
+        await self._cluster.nodes_manager.initialize()
         shards = []
-        for node in self._cluster.get_primaries():
-            client = self._clients.get(node.name)
-            if client is None:
-                client = node_client(node.host, node.port, block_ms=self._block_ms,
-                                     like=self._cluster)
-                self._clients[node.name] = client
-            shards.append(Shard(node.name, client, self._wake_key_on(node.name)))
+        for bucket in range(self._keys.buckets):
+            wake_key = self._keys.edge_wake(self._node_id, bucket)
+            node = self._cluster.get_node_from_key(wake_key)
+            client = node_client(node.host, node.port, block_ms=self._block_ms, like=self._cluster)
+            self._clients.append(client)
+            shards.append(Shard(f"{node.name}/b{bucket}", client, wake_key, bucket))
         return shards
 
-    def _wake_key_on(self, node_name: str) -> str:
-        """A wake key whose hash tag puts it on ``node_name``."""
-        for index in range(SLOTS * 4):
-            key = self._keys.edge_wake(self._node_id, tag=str(index))
-            if self._slot_owner[key_slot(key.encode())] == node_name:
-                return key
-        raise TopologyChanged(f"no slot found on {node_name}")
-
-    def slot_of(self, key: str) -> int:
-        return key_slot(key.encode())
-
-    def shard_of(self, key: str, shards: list[Shard]) -> Shard | None:
-        if not self._slot_owner:
-            return None
-        owner = self._slot_owner[key_slot(key.encode())]
-        for shard in shards:  # a handful of primaries; a dict would not pay for itself
-            if shard.name == owner:
-                return shard
-        return None
+    def shard_for(self, bucket: int, shards: list[Shard]) -> Shard | None:
+        return shards[bucket] if bucket < len(shards) else None
 
     async def close(self) -> None:
-        for client in self._clients.values():
+        clients, self._clients = self._clients, []
+        for client in clients:
             await client.aclose()
-        self._clients.clear()
