@@ -46,6 +46,7 @@ class Settings:
     client_message_max_bytes: int = 4096
     send_timeout_s: float = 10.0
     heartbeat_s: float = 20.0
+    redis_unavailable_s: float = 10.0  # Redis gone this long: clients get 4503 and move on
     drain_delay_s: float = 0.0  # after SIGTERM: /readyz says 503 this long before clients go
     drain_timeout_s: float = 10.0  # then clients get 1012 and have this long to leave
 

@@ -68,7 +68,7 @@ async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
     # Joining clients read history; the semaphore keeps a burst of joins within the pool.
     app[JOINS] = asyncio.Semaphore(max(1, settings.redis_pool_size // 2))
     hub = Hub(_router(settings, client, app[KEYS]), app[KEYS], block_ms=settings.read_block_ms,
-              count=settings.read_count)
+              count=settings.read_count, unavailable_after_s=settings.redis_unavailable_s)
     app[HUB] = hub
     task = asyncio.create_task(hub.run(), name="hub")
     log.info("edge_started", node_id=settings.node_id, cluster=settings.redis_cluster)

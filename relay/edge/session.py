@@ -63,6 +63,7 @@ class ClientSession:
         self._close_reason = ""
         self._sent = (0, -1)  # id of the last frame written to the socket
         self.sent_count = 0
+        self.peak_queued_bytes = 0
 
     # --- called by the hub, never awaits -------------------------------------------------------
 
@@ -78,6 +79,7 @@ class ClientSession:
             return
         self._queue.append((entry_id, frame))
         self._queued_bytes += len(frame)
+        self.peak_queued_bytes = max(self.peak_queued_bytes, self._queued_bytes)
         self._wakeup.set()
 
     def on_unavailable(self) -> None:
