@@ -10,18 +10,9 @@ from relay.motion_sim.animation import (
     encode_animation,
     keyframes_for_audio,
 )
-from relay.motion_sim.server import (
-    SIM_KEY,
-    FaultKind,
-    FaultRule,
-    MotionSim,
-    SimConfig,
-    SimStats,
-    bound_port,
-    create_app,
-    run_forever,
-    serve,
-)
+from relay.motion_sim.faults import FaultKind, FaultRule
+from relay.motion_sim.server import bound_port, create_app, run_forever, serve
+from relay.motion_sim.sim import SIM_KEY, MotionSim, SimConfig, SimStats
 
 __all__ = [
     "FPS",
