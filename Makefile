@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := run
-.PHONY: run demo test install lint clean
+.PHONY: run demo test install lint clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# py-spy (profiles of the edge and the producer under load) is only needed by `make bench`.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
 run: $(STAMP)
 	$(BIN)/relay run
 
@@ -23,6 +29,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Bounded load on this machine, loopback only (under 10 minutes): JSON in bench/results/,
+# a table on stdout, and the figures appended to docs/benchmarks.md.
+bench: $(BENCH_STAMP)
+	$(BIN)/relay bench --record docs/benchmarks.md
+
+bench-quick: $(STAMP)
+	$(BIN)/relay bench --quick
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache

@@ -70,10 +70,13 @@ class Feeder:
         if opening:
             await asyncio.gather(*(self._submit(s) for s in opening))
         commands: list[bytes] = []
+        ttl = str(INPUT_TTL_S * 1000).encode()
         for slot in slots:
             key = self._open.get(slot.conversation)
             if key is None:
                 continue
+            if slot.index == 0:
+                commands.append(pack(b"PEXPIRE", key, ttl))
             chunk = self._chunks[slot.index % len(self._chunks)]
             commands.append(xadd_prefix(key, None, INPUT_AUDIO) + value(chunk))
             self.chunks_sent += 1
@@ -87,9 +90,7 @@ class Feeder:
         turn = slot.turn_id()
         await self._queue.open_streamed(conv, sample_rate=SAMPLE_RATE, turn_id=turn)
         self.redis_py_calls += 2  # XLEN + XADD of the job
-        key = self._keys.turn_input(conv, turn).encode()
-        await self._pipe.send([pack(b"PEXPIRE", key, str(INPUT_TTL_S * 1000).encode())])
-        self._open[slot.conversation] = key
+        self._open[slot.conversation] = self._keys.turn_input(conv, turn).encode()
         self.turns += 1
 
     async def _end_open_turns(self) -> None:

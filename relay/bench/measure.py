@@ -8,6 +8,7 @@ from typing import Any
 
 from relay.bench.histogram import Histogram
 from relay.bench.procstat import cpu_seconds, machine_busy_seconds
+from relay.bench.tally import parse_id
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ def cpu_delta(before: CpuSnap, after: CpuSnap) -> dict[str, Any]:
     }
 
 
-Truth = dict[str, tuple[int, int]]  # conversation -> (entries appended, id hash)
+# conversation -> (entries appended, id hash, last id appended)
+Truth = dict[str, tuple[int, int, str | None]]
 
 
 def receivers(reports: list[dict[str, Any]], truth: Truth, window: tuple[float, float]
@@ -65,14 +67,22 @@ def receivers(reports: list[dict[str, Any]], truth: Truth, window: tuple[float, 
 
 
 def _check(reports: list[dict[str, Any]], truth: Truth) -> dict[str, Any]:
-    lost = duplicated = reordered = gaps = violations = mismatched = extra = 0
+    """Loss is a hole: a receiver that got its conversation's last entry but fewer entries than
+    were appended. A receiver still behind at the deadline (the relay was saturated) has its
+    missing tail counted as undelivered instead: in-order delivery means a tail, not holes,
+    and holes inside what it did get would show as sequence gaps."""
+    lost = undelivered = duplicated = reordered = gaps = violations = mismatched = extra = 0
     kinds: dict[str, int] = {}
     seen = 0
     for report in reports:
         for tally in report["tallies"]:
             seen += 1
-            want_n, want_h = truth.get(tally["c"], (0, 0))
-            lost += max(0, want_n - tally["n"])
+            want_n, want_h, want_last = truth.get(tally["c"], (0, 0, None))
+            missing = max(0, want_n - tally["n"])
+            if _reached(tally["last"], want_last):
+                lost += missing
+            else:
+                undelivered += missing
             extra += max(0, tally["n"] - want_n)
             mismatched += tally["n"] == want_n and tally["h"] != want_h
             duplicated += tally["dup"]
@@ -82,10 +92,17 @@ def _check(reports: list[dict[str, Any]], truth: Truth) -> dict[str, Any]:
             for kind, count in tally["kinds"].items():
                 kinds[kind] = kinds.get(kind, 0) + count
     missing_receivers = max(0, len(truth) - seen)
-    return {"lost": lost, "duplicated": duplicated, "reordered": reordered,
+    return {"lost": lost, "undelivered_at_deadline": undelivered,
+            "duplicated": duplicated, "reordered": reordered,
             "seq_gaps": gaps, "order_violations": violations,
             "mismatched_conversations": mismatched, "unexpected": extra,
             "missing_receivers": missing_receivers, "kinds": kinds}
+
+
+def _reached(last: str | None, target: str | None) -> bool:
+    if target is None:
+        return True
+    return last is not None and parse_id(last) >= parse_id(target)
 
 
 def _merge_counts(parts: Any) -> dict[str, int]:

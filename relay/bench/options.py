@@ -13,16 +13,16 @@ SATURATION_P99_MS = 200.0
 @dataclass(frozen=True)
 class BenchOptions:
     paths: tuple[str, ...] = ("edge", "full")
-    edge_steps: tuple[int, ...] = (250, 500, 1000, 1500, 2000, 3000)
+    edge_steps: tuple[int, ...] = (250, 500, 1000, 2000, 3000)
     edge_target: int = 2000
-    full_steps: tuple[int, ...] = (50, 100, 200, 300, 500)
+    full_steps: tuple[int, ...] = (25, 50, 100, 200, 500)
     full_target: int = 500
-    duration_s: float = 15.0
+    duration_s: float = 10.0
     shape: ConversationShape = field(default_factory=ConversationShape)
     client_processes: int = 4
     bisect: int = 1  # extra steps between the last passing and the first failing step
-    profile_s: float = 10.0  # 0 = no profiling runs
-    drain_s: float = 20.0  # after the load stops, receivers get this long to catch up
+    profile_s: float = 6.0  # 0 = no profiling runs
+    drain_s: float = 15.0  # after the load stops, receivers get this long to catch up
     maxlen: int = 10_000
     quick: bool = False
     out: Path = Path("bench/results/latest.json")

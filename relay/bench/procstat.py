@@ -80,3 +80,32 @@ def git_commit(cwd: Path | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}+dirty" if dirty.strip() else head
+
+
+def tcp_local_ports(pids: dict[str, int]) -> dict[int, str]:
+    """Local TCP port -> name, for the sockets each named process holds (loopback bench only)."""
+    inode_owner: dict[str, str] = {}
+    for name, pid in pids.items():
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode_owner[target[8:-1]] = name
+    ports: dict[int, str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            owner = inode_owner.get(cols[9])
+            if owner is not None:
+                ports[int(cols[1].rsplit(":", 1)[1], 16)] = owner
+    return ports

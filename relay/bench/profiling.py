@@ -12,6 +12,13 @@ from typing import Any
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 RATE_HZ = 100
+# Frames every sample passes through (interpreter start, the event loop's dispatch): they say
+# nothing about where the time goes, so the inclusive table leaves them out.
+_PLUMBING = frozenset({
+    "<module>", "_run_module_as_main", "_run_code", "main", "_dispatch", "run", "Runner.run",
+    "BaseEventLoop.run_until_complete", "BaseEventLoop.run_forever", "BaseEventLoop._run_once",
+    "Handle._run", "run_edge", "run_app", "_run_app", "Context.run",
+})
 
 
 def py_spy() -> str | None:
@@ -46,7 +53,7 @@ def _frame_name(frame: str) -> str:
     return f"{match.group('func')} ({short})"
 
 
-def summarise(raw: Path, seconds: float, top: int = 15) -> dict[str, Any]:
+def summarise(raw: Path, seconds: float, top: int = 25) -> dict[str, Any]:
     """Self and inclusive shares of active samples per function, hottest first."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -63,7 +70,8 @@ def summarise(raw: Path, seconds: float, top: int = 15) -> dict[str, Any]:
         samples += count
         own[frames[-1]] += count
         for name in set(frames):
-            inclusive[name] += count
+            if name.split(" (", 1)[0] not in _PLUMBING:
+                inclusive[name] += count
     expected = seconds * RATE_HZ
 
     def table(counter: Counter[str]) -> list[list[Any]]:

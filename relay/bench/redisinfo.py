@@ -7,6 +7,8 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from relay.bench.procstat import tcp_local_ports
+
 
 @dataclass(frozen=True)
 class RedisSnapshot:
@@ -39,6 +41,22 @@ async def snapshot(client: redis.Redis) -> RedisSnapshot:
         used_memory=int(memory["used_memory"]),
         cpu_s=float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
     )
+
+
+async def commands_by_process(client: redis.Redis, pids: dict[str, int]) -> dict[str, int]:
+    """Top-level commands each named process has sent so far over its open connections
+    (``CLIENT LIST`` tot-cmds, matched to processes by the connections' source ports)."""
+    listing = await client.execute_command("CLIENT", "LIST")
+    text = listing.decode() if isinstance(listing, bytes) else str(listing)
+    owners = tcp_local_ports(pids)
+    totals = dict.fromkeys(pids, 0)
+    for line in text.splitlines():
+        fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        port = int(fields.get("addr", ":0").rsplit(":", 1)[1])
+        owner = owners.get(port)
+        if owner is not None:
+            totals[owner] += int(fields.get("tot-cmds", 0))
+    return totals
 
 
 # Entry ids only, so the truth of a stream can be read without moving its payloads.

@@ -15,11 +15,12 @@ _COLUMNS = (
     ("maxms", "max_ms", "{:.0f}"),
     ("bare p99", "baseline_p99_ms", "{:.1f}"),
     ("p99x", "p99_ratio", "{:.1f}"),
+    ("send p99", "input_p99_ms", "{:.0f}"),
     ("lost/dup/reo", None, ""),
     ("edge us/msg", "edge_cpu_us_per_msg", "{:.1f}"),
     ("prod us/msg", "producer_cpu_us_per_msg", "{:.1f}"),
     ("cmd/msg", "redis_cmds_per_delivered_msg", "{:.3f}"),
-    ("cmd/msg -gen", "redis_cmds_per_delivered_msg_excl_generator", "{:.3f}"),
+    ("edge cmd/msg", "edge_redis_cmds_per_delivered_msg", "{:.3f}"),
     ("KB/client", "edge_rss_kb_per_client", "{:.1f}"),
     ("KB/conv", "redis_memory_bytes_per_conversation", None),
     ("busy%", "machine_busy_pct", "{:.0f}"),
@@ -29,7 +30,9 @@ _COLUMNS = (
 
 def _cell(row: dict[str, Any], key: str | None, fmt: str | None) -> str:
     if key is None:
-        return f"{row.get('lost', '-')}/{row.get('duplicated', '-')}/{row.get('reordered', '-')}"
+        text = f"{row.get('lost', '-')}/{row.get('duplicated', '-')}/{row.get('reordered', '-')}"
+        late = row.get("undelivered_at_deadline")
+        return f"{text} (+{late:,} late)" if late else text
     value = row.get(key)
     if value is None:
         return "-"

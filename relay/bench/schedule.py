@@ -92,9 +92,18 @@ class Timeline:
 
     def pop_due(self, now_ms: float) -> Iterator[Slot]:
         shape, heap = self._shape, self._heap
+        ended: set[int] = set()
+        deferred: list[tuple[float, int, int, int, float]] = []
         while heap and heap[0][0] <= now_ms:
-            due, conv, turn, index, start = heapq.heappop(heap)
+            item = heapq.heappop(heap)
+            due, conv, turn, index, start = item
+            if conv in ended:
+                # A late caller must finish a turn before it opens the conversation's next one.
+                deferred.append(item)
+                continue
             yield Slot(conv, turn, index, int(start), due)
+            if index + 1 == shape.chunks:
+                ended.add(conv)
             if index + 1 < shape.chunks:
                 nxt = (start + (index + 1) * CHUNK_MS, conv, turn, index + 1, start)
             else:
@@ -102,6 +111,8 @@ class Timeline:
                 nxt = (following, conv, turn + 1, 0, following)
             if nxt[0] < self._end_ms:
                 heapq.heappush(heap, nxt)
+        for item in deferred:
+            heapq.heappush(heap, item)
 
     def is_last(self, slot: Slot) -> bool:
         return slot.index == self._shape.chunks - 1

@@ -18,7 +18,7 @@ from relay.bench import measure, profiling
 from relay.bench.child import BenchChild, ChildFailed
 from relay.bench.options import BenchOptions
 from relay.bench.procstat import rss_kb
-from relay.bench.redisinfo import STREAM_IDS, snapshot
+from relay.bench.redisinfo import STREAM_IDS, commands_by_process, snapshot
 from relay.keys import Keys
 from relay.settings import Settings
 from relay.stack import Child, LocalStack, child_env
@@ -80,6 +80,7 @@ class Bench:
         figures = measure.receivers(reports, _counts(truth), run["window"])
         figures.update(self._common(conversations, run, before_clients))
         figures["edge_cpu_us_per_msg"] = _per_msg(run["cpu"]["cpu_s"]["edge"], figures)
+        figures["edge_redis_cmds_per_delivered_msg"] = _cmds_per_msg(run, "edge", figures)
         figures["edge_rss_kb"] = {"base": rss_base, "idle": rss_idle, "load": rss_load}
         figures["edge_rss_kb_per_client"] = round((rss_idle - rss_base) / len(conversations), 1)
         figures["edge_rss_kb_per_client_under_load"] = round(
@@ -122,12 +123,16 @@ class Bench:
         truth = await self._stream_truth(prefix, conversations)
         reports = await self._finish(clients, {c: t[2] for c, t in truth.items()})
         figures = measure.receivers(reports, _counts(truth), run["window"])
+        run["report"]["appended"] = sum(t[0] for t in truth.values())
         figures.update(self._common(conversations, run, before_clients))
         cpu = run["cpu"]["cpu_s"]
         figures["edge_cpu_us_per_msg"] = _per_msg(cpu["edge"], figures)
         figures["producer_cpu_us_per_msg"] = _per_msg(cpu["producer"], figures)
+        figures["edge_redis_cmds_per_delivered_msg"] = _cmds_per_msg(run, "edge", figures)
+        figures["producer_redis_cmds_per_delivered_msg"] = _cmds_per_msg(run, "producer", figures)
         figures["sim_cpu_us_per_msg"] = _per_msg(cpu["sim"], figures)
         figures["turns_submitted"] = run["report"]["turns"]
+        figures["turns_completed"] = figures["kinds"].get("turn_end", 0)
         figures["turns_drain_s"] = drain_s
         figures["audio_only_turns"] = figures["kinds"].get("audio_only", 0)
         figures["interrupted_turns"] = figures["kinds"].get("interrupt", 0)
@@ -159,6 +164,7 @@ class Bench:
         figures = measure.receivers(reports, _counts(truth), run["window"])
         figures.update(self._common(conversations, run, before))
         figures["reader_cpu_us_per_msg"] = _per_msg(run["cpu"]["cpu_s"]["reader"], figures)
+        figures["reader_redis_cmds_per_msg"] = _cmds_per_msg(run, "reader", figures)
         figures["xread_calls"] = reports[0].get("reads")
         return figures
 
@@ -208,12 +214,17 @@ class Bench:
         t0 = float(started["t0"])
         await asyncio.sleep(max(0.0, t0 - time.time()))
         cpu0, redis0 = measure.cpu_snap(pids), await snapshot(self._client)
+        cmds0 = await commands_by_process(self._client, pids)
         profiler = self._profiler(profile)
         report = await source.expect("report", self.options.duration_s + 120)
         cpu1, redis1 = measure.cpu_snap(pids), await snapshot(self._client)
+        cmds1 = await commands_by_process(self._client, pids)
         t1 = float(report["t1"])
+        by_process = {name: max(0, cmds1[name] - cmds0.get(name, 0)) for name in cmds1
+                      if not name.startswith("clients")}
         result = {"report": report, "window": (t0, t1), "cpu": measure.cpu_delta(cpu0, cpu1),
-                  "redis": redis0.delta(redis1), "redis_after": redis1}
+                  "redis": {**redis0.delta(redis1), "commands_by_process": by_process},
+                  "redis_after": redis1}
         if profiler is not None:
             result["profile"] = await profiler
         return result
@@ -236,11 +247,13 @@ class Bench:
                 ) -> dict[str, Any]:
         report, redis_delta = run["report"], run["redis"]
         t0, t1 = run["window"]
-        offered = report.get("appended") or None
+        appended = report.get("appended") or 0
         return {
             "conversations": len(conversations),
             "window_s": round(t1 - t0, 2),
-            "offered_msgs_per_s": round(offered / (t1 - t0), 1) if offered else None,
+            # What the schedule asks for; the writer's or producer's actual appends may lag.
+            "offered_msgs_per_s": round(len(conversations) * self.options.shape.messages_per_s, 1),
+            "appended_msgs_per_s": round(appended / (t1 - t0), 1),
             "cpu": run["cpu"],
             "redis": redis_delta,
             "redis_commands_by_generator": report.get("commands"),
@@ -324,12 +337,18 @@ def _truth(conversations: list[str], rows: list[list[Any]]
 
 
 def _counts(truth: dict[str, tuple[int, int, str | None]]) -> measure.Truth:
-    return {conv: (t[0], t[1]) for conv, t in truth.items()}
+    return dict(truth)
 
 
 def _per_msg(cpu_s: float, figures: dict[str, Any]) -> float | None:
     delivered = figures.get("delivered_in_window") or 0
     return round(cpu_s / delivered * 1e6, 1) if delivered else None
+
+
+def _cmds_per_msg(run: dict[str, Any], name: str, figures: dict[str, Any]) -> float | None:
+    delivered = figures.get("delivered_in_window") or 0
+    commands = run["redis"]["commands_by_process"].get(name)
+    return round(commands / delivered, 4) if delivered and commands is not None else None
 
 
 async def _stop_all(children: list[BenchChild]) -> None:
