@@ -4,6 +4,11 @@ Every write for a turn goes through a Lua script that first checks the conversat
 (``Keys.turn``): only the active turn may append. An interrupt or a newer turn flips that record in
 the same atomic step that appends its own marker, so once a client has seen ``interrupt`` no audio
 or frames of the old turn can follow it, however late the old producer's writes arrive.
+
+Queued turns are retried after a producer crash, and every attempt writes under the same turn id.
+The turn record therefore also holds the attempt's **epoch**: a takeover bumps it atomically
+(``workers.jobstore``), and every write here checks turn id *and* epoch, so a previous attempt that
+is paused rather than dead can never write again. Turns spoken directly (no queue) use epoch 0.
 """
 
 from __future__ import annotations
@@ -21,37 +26,83 @@ ACTIVE = "active"
 ENDED = "ended"
 INTERRUPTED = "interrupted"
 
-# KEYS: stream, turn. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry, expected_previous,
-# interrupt_entry_for_previous. Returns {0} when the active turn changed under the caller (retry),
-# {1, id} on success, {2, start_id} when this turn is already the active one (idempotent re-open).
+# "<turn>/<epoch>": the attempt of a queued turn allowed to run now (``run`` in the queue state).
+# Turn ids cannot contain "/", so the pair is unambiguous.
+RUN_SEPARATOR = "/"
+
+# KEYS: stream, turn, queue state. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
+# expected_previous, interrupt_entry_for_previous, epoch. Returns {0} when the active turn changed
+# under the caller (retry), {1, id} on success, {2, start_id} when this attempt already opened the
+# turn (idempotent re-open), {3} when the caller is fenced: its queued attempt is no longer the
+# one allowed to run, or the turn already ended (a queued turn never opens twice).
 _OPEN = """
-local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start')
+local epoch = ARGV[8]
+if epoch ~= '0' and redis.call('HGET', KEYS[3], 'run') ~= ARGV[1] .. '/' .. epoch then
+  return {3}
+end
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start', 'epoch')
+if cur[1] == ARGV[1] then
+  if cur[2] == 'active' then
+    if (cur[4] or '0') == epoch then return {2, cur[3]} end
+    return {3}
+  end
+  if epoch ~= '0' then return {3} end
+end
 if cur[2] == 'active' then
-  if cur[1] == ARGV[1] then return {2, cur[3]} end
   if cur[1] ~= ARGV[6] then return {0} end
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[5])
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2])
+redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2],
+           'epoch', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1, id}
 """
 
-# KEYS: stream, turn. ARGV: turn_id, maxlen, ttl_ms, new_status ('' keeps it), entries...
-# Returns the last entry id, or false when the turn is not the active one.
+# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms, new_status ('' keeps it), entries...
+# Returns the last entry id, or false when the turn (at this epoch) is not the active one.
 _APPEND = """
-local cur = redis.call('HMGET', KEYS[2], 'id', 'status')
-if cur[1] ~= ARGV[1] or cur[2] ~= 'active' then return false end
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
+if cur[1] ~= ARGV[1] or cur[2] ~= 'active' or (cur[3] or '0') ~= ARGV[2] then return false end
 local last
-for i = 5, #ARGV do
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[i])
+for i = 6, #ARGV do
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[i])
 end
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[4], 'end', last) end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return last
+"""
+
+# KEYS: stream, turn, queue, queue state. ARGV: expected turn id, expected epoch, maxlen, ttl_ms,
+# drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry. Returns {-1} when the active
+# turn changed since the caller read it (retry), else {interrupted (0|1), dropped turns}. The
+# queue state keeps its epoch counter: epochs must never repeat for a conversation.
+_INTERRUPT = """
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
+local hit = 0
+if cur[2] == 'active' then
+  if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return {-1} end
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
+  redis.call('HSET', KEYS[2], 'status', 'interrupted', 'end', id)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  hit = 1
+end
+local dropped = 0
+if ARGV[5] == '1' then
+  dropped = redis.call('XLEN', KEYS[3])
+  redis.call('DEL', KEYS[3])
+  local epoch = redis.call('HGET', KEYS[4], 'epoch')
+  redis.call('DEL', KEYS[4])
+  if epoch then
+    redis.call('HSET', KEYS[4], 'epoch', epoch)
+    redis.call('PEXPIRE', KEYS[4], ARGV[6])
+  end
+end
+return {hit, dropped}
 """
 
 
@@ -61,6 +112,13 @@ class TurnState:
     start_id: str
     status: str
     owner: str
+    epoch: int = 0
+
+
+@dataclass(frozen=True)
+class InterruptOutcome:
+    turn_id: str | None  # the turn that was interrupted, None when none was playing
+    dropped: int  # queued turns removed with it
 
 
 @dataclass(frozen=True)
@@ -107,62 +165,109 @@ def _text(value: Any) -> str:
 
 
 class ConversationLog:
-    """Fenced writes to conversation streams, shared by producers and the interrupt API."""
+    """Fenced writes to conversation streams, shared by producers and the interrupt API.
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int, ttl_s: int) -> None:
+    :param queue_ttl_s: expiry of a conversation's queue state (only touched by interrupts that
+        drop queued turns); see ``workers.jobstore``.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int, ttl_s: int,
+                 queue_ttl_s: int = 86_400) -> None:
         self._client = client
         self._keys = keys
         self._maxlen = maxlen
         self._ttl_ms = ttl_s * 1000
+        self._queue_ttl_ms = queue_ttl_s * 1000
         self._open = client.register_script(_OPEN)
         self._append = client.register_script(_APPEND)
+        self._interrupt = client.register_script(_INTERRUPT)
 
     async def open_turn(
-        self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str
+        self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0
     ) -> str:
-        """Start a turn; an active turn of the conversation is ended with ``interrupt`` first."""
-        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
+        """Start a turn; an active turn of the conversation is ended with ``interrupt`` first.
+
+        ``epoch`` > 0 opens a queued turn's attempt: it is refused (TurnFenced) unless that
+        attempt is still the one the queue lets run.
+        """
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
+                self._keys.queue_state(conversation_id)]
         start = wire.turn_start(turn_id, sample_rate=sample_rate)
         for _ in range(16):
             current = await self.current_turn(conversation_id)
             previous = current.turn_id if current and current.status == ACTIVE else ""
             superseded = wire.interrupt(previous or "-", reason="superseded")
-            args = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous, superseded]
+            args = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous, superseded, epoch]
             result = await self._open(keys=keys, args=args)
-            if int(result[0]) != 0:
+            code = int(result[0])
+            if code == 3:
+                raise TurnFenced(f"attempt {epoch} of turn {turn_id} may not open it")
+            if code != 0:
                 return _text(result[1])
         raise TurnFenced(f"turn record of {conversation_id} kept changing; could not open turn")
 
-    async def append(self, conversation_id: str, turn_id: str, *entries: bytes) -> str:
-        """Append entries of ``turn_id``; raise TurnFenced if that turn is no longer active."""
-        return await self._write(conversation_id, turn_id, "", entries)
+    async def append(
+        self, conversation_id: str, turn_id: str, *entries: bytes, epoch: int = 0
+    ) -> str:
+        """Append entries of ``turn_id``; raise TurnFenced if that turn (at ``epoch``) is no
+        longer active."""
+        return await self._write(conversation_id, turn_id, epoch, "", entries)
 
-    async def end_turn(self, conversation_id: str, turn_id: str, *, status: str) -> str:
+    async def end_turn(
+        self, conversation_id: str, turn_id: str, *, status: str, epoch: int = 0
+    ) -> str:
         entry = wire.turn_end(turn_id, status=status)
-        return await self._write(conversation_id, turn_id, ENDED, (entry,))
+        return await self._write(conversation_id, turn_id, epoch, ENDED, (entry,))
+
+    async def interrupt_turn(
+        self, conversation_id: str, turn_id: str, *, epoch: int = 0, reason: str
+    ) -> str:
+        """Interrupt exactly this attempt of a turn (TurnFenced when it is not the active one)."""
+        entry = wire.interrupt(turn_id, reason=reason)
+        last = await self._write(conversation_id, turn_id, epoch, INTERRUPTED, (entry,))
+        await self._publish_stop(conversation_id, turn_id)
+        return last
 
     async def interrupt(self, conversation_id: str, *, reason: str = "interrupted") -> str | None:
         """Interrupt the active turn; return its id, or None when no turn was active."""
+        outcome = await self.interrupt_and_drop(conversation_id, reason=reason, drop_queued=False)
+        return outcome.turn_id
+
+    async def interrupt_and_drop(
+        self, conversation_id: str, *, reason: str = "interrupted", drop_queued: bool
+    ) -> InterruptOutcome:
+        """Interrupt the active turn and, with ``drop_queued``, drop every turn still queued for
+        the conversation, in one atomic step (turns queued after it are kept)."""
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
+                self._keys.queue(conversation_id), self._keys.queue_state(conversation_id)]
         for _ in range(16):
             current = await self.current_turn(conversation_id)
-            if current is None or current.status != ACTIVE:
-                return None
-            entry = wire.interrupt(current.turn_id, reason=reason)
-            try:
-                await self._write(conversation_id, current.turn_id, INTERRUPTED, (entry,))
-            except TurnFenced:
-                continue  # the turn ended or changed between the read and the write; look again
-            await self._client.publish(
-                self._keys.control_channel(conversation_id), current.turn_id.encode()
-            )
-            return current.turn_id
-        return None
+            active = current if current is not None and current.status == ACTIVE else None
+            turn_id, epoch = (active.turn_id, active.epoch) if active else ("", 0)
+            entry = wire.interrupt(turn_id or "-", reason=reason)
+            args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms,
+                               "1" if drop_queued else "0", self._queue_ttl_ms, entry]
+            result = await self._interrupt(keys=keys, args=args)
+            if int(result[0]) < 0:
+                continue  # the turn or its attempt changed between the read and the script
+            if int(result[0]) == 1:
+                await self._publish_stop(conversation_id, turn_id)
+            return InterruptOutcome(turn_id=turn_id if int(result[0]) else None,
+                                    dropped=int(result[1]))
+        return InterruptOutcome(turn_id=None, dropped=0)
+
+    async def _publish_stop(self, conversation_id: str, turn_id: str) -> None:
+        """Tell the producer running the turn to stop now (it would stop at its next fenced write
+        anyway). A plain PUBLISH command: the async cluster client has no publish() method."""
+        channel = self._keys.control_channel(conversation_id)
+        await self._client.execute_command("PUBLISH", channel, turn_id.encode())
 
     async def _write(
-        self, conversation_id: str, turn_id: str, status: str, entries: tuple[bytes, ...]
+        self, conversation_id: str, turn_id: str, epoch: int, status: str,
+        entries: tuple[bytes, ...],
     ) -> str:
         keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
-        args: list[Any] = [turn_id, self._maxlen, self._ttl_ms, status, *entries]
+        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms, status, *entries]
         result = await self._append(keys=keys, args=args)
         if result is None:
             raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")
@@ -182,6 +287,7 @@ async def read_turn(client: redis.Redis, keys: Keys, conversation_id: str) -> Tu
         start_id=record.get("start", "0-0"),
         status=record.get("status", ""),
         owner=record.get("owner", ""),
+        epoch=int(record.get("epoch") or 0),
     )
 
 

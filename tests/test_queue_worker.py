@@ -12,12 +12,15 @@ import redis.asyncio as redis
 from relay.errors import InvalidConversationId
 from relay.keys import Keys
 from relay.settings import Settings
+from relay.streams import read_turn
+from tests.job_helpers import assert_played_once
 from tests.test_producer import (  # noqa: F401 - fixtures are used by name
     RATE,
     SimHandle,
     assert_complete,
     assert_interrupted,
     make_producer,
+    of_turn,
     sim,
     start_sim,
     tone,
@@ -97,8 +100,10 @@ async def test_interrupt_through_the_queue(queue, run_worker, redis_client, keys
     feed = await queue.open_streamed("conv-qi", sample_rate=RATE)
     await feed.send(tone(0.2))
     async with asyncio.timeout(5):
-        while not await queue.interrupt("conv-qi"):
+        # An interrupt before the turn opens would drop it from the queue (the default).
+        while getattr(await read_turn(redis_client, keys, "conv-qi"), "turn_id", None) is None:
             await asyncio.sleep(0.02)  # until the worker has opened the turn
+    assert await queue.interrupt("conv-qi") == feed.turn_id
     messages = await wait_turn_end(redis_client, keys, "conv-qi", feed.turn_id)
     assert_interrupted(messages, feed.turn_id)
     clip = tone(0.3, freq=500.0)
@@ -120,21 +125,30 @@ async def test_malformed_job_is_acked_and_skipped(queue, run_worker, redis_clien
             await asyncio.sleep(0.02)
 
 
-async def test_worker_stop_is_bounded(queue, run_worker, redis_client, keys):
-    worker = await run_worker(turn_input_timeout_s=60)
+async def test_worker_stop_is_bounded_and_hands_turns_back(queue, run_worker, redis_client, keys):
+    worker = await run_worker(turn_input_timeout_s=60, job_claim_idle_s=1.0)
+    clip = tone(0.6)
     feed = await queue.open_streamed("conv-qstop", sample_rate=RATE)
-    await feed.send(tone(0.2))  # a turn that would wait a minute for more input
+    await feed.send(clip[:6400])  # a turn that would wait a minute for more input
     async with asyncio.timeout(5):
-        while not worker.running_turns:
+        while getattr(await read_turn(redis_client, keys, "conv-qstop"), "status", "") != "active":
             await asyncio.sleep(0.02)
     loop = asyncio.get_running_loop()
     started = loop.time()
     await worker.stop(timeout_s=0.3)
     assert loop.time() - started < 2.0
     assert worker.running_turns == 0
+    # Handed back, not interrupted: nothing was written for it, and its job waits for a worker.
+    assert (await read_turn(redis_client, keys, "conv-qstop")).status == "active"
+    assert await pending_jobs(redis_client, keys) == 1
+    [entry] = await redis_client.xpending_range(keys.jobs(), keys.jobs_group(), "-", "+", 1)
+    assert entry["time_since_delivered"] >= 1000  # claimable by any worker at once
+
+    await run_worker(job_claim_idle_s=1.0)
+    await feed.send(clip[6400:])
+    await feed.end()
     messages = await wait_turn_end(redis_client, keys, "conv-qstop", feed.turn_id)
-    assert_interrupted(messages, feed.turn_id)
-    assert await pending_jobs(redis_client, keys) == 1  # left for crash recovery
+    assert_played_once(of_turn(messages, feed.turn_id), clip)
 
 
 async def test_worker_limits_concurrent_turns(queue, run_worker, redis_client, keys):
@@ -181,8 +195,10 @@ async def test_job_round_trip(queue, redis_client, keys):
     turn_id = await queue.submit_clip(
         "c", tone(0.1), sample_rate=24000, avatar_id="av", turn_id="t-1"
     )
-    [(_, fields)] = await redis_client.xrange(keys.jobs())
+    [(_, fields)] = await redis_client.xrange(keys.queue("c"))  # the conversation's FIFO
     job = decode_job(fields)
+    [(_, bell)] = await redis_client.xrange(keys.jobs())  # and one doorbell for the workers
+    assert bell[b"conv"] == b"c" and bell[b"turn"] == turn_id.encode()
     assert (job.kind, job.conversation_id, job.turn_id, job.sample_rate, job.avatar_id) == (
         "clip", "c", turn_id, 24000, "av"
     )

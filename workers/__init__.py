@@ -5,11 +5,12 @@
 """
 
 from workers.leases import ConversationBusy
-from workers.producer import Producer, ProducerClosed, ProducerError, Turn, TurnResult
+from workers.producer import Attempt, Producer, ProducerClosed, ProducerError, Turn, TurnResult
 from workers.queue import MalformedJob, QueueError, QueueFull, StreamedInput, TurnQueue
 from workers.worker import ProducerWorker
 
 __all__ = [
+    "Attempt",
     "ConversationBusy",
     "MalformedJob",
     "Producer",

@@ -11,3 +11,7 @@ class ProducerError(RelayError):
 
 class ProducerClosed(ProducerError):
     """The producer is closed or closing and takes no new turns."""
+
+
+class AttemptFenced(ProducerError):
+    """A queued turn's attempt may no longer run: it was dropped, or another attempt took over."""

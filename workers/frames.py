@@ -51,11 +51,12 @@ class FramesPipe:
 
     def __init__(
         self, log_: ConversationLog, conversation_id: str, turn_id: str,
-        *, stall_s: float, capacity: int = FRAMES_QUEUE_MAX,
+        *, stall_s: float, capacity: int = FRAMES_QUEUE_MAX, epoch: int = 0,
     ) -> None:
         self._log = log_
         self._conversation_id = conversation_id
         self._turn_id = turn_id
+        self._epoch = epoch
         self._stall_s = stall_s
         self._capacity = capacity
         self._items: deque[tuple[bytes, bool]] = deque()
@@ -137,6 +138,12 @@ class FramesPipe:
         """The turn had no audio for the Motion Server, so there is no animation to wait for."""
         self._finish(PipeOutcome.COMPLETE)
 
+    def assume_audio_only(self, reason: str) -> None:
+        """An earlier attempt of the turn already wrote its audio_only entry: write nothing more."""
+        self.reason = self.reason or reason
+        self._items.clear()
+        self._finish(PipeOutcome.AUDIO_ONLY)
+
     # The writer task.
 
     async def _run(self) -> None:
@@ -159,7 +166,7 @@ class FramesPipe:
     async def _write_next(self) -> None:
         envelope, last = self._items.popleft()
         entry = wire.frames(self._turn_id, self.frames_written, envelope, last=last)
-        await self._log.append(self._conversation_id, self._turn_id, entry)
+        await self._log.append(self._conversation_id, self._turn_id, entry, epoch=self._epoch)
         self.frames_written += 1
         if last:
             self._finish(PipeOutcome.COMPLETE)
@@ -170,7 +177,8 @@ class FramesPipe:
         log.warning("motion_failed", reason=reason, detail=self.detail,
                     frames_messages=self.frames_written)
         await self._log.append(
-            self._conversation_id, self._turn_id, wire.audio_only(self._turn_id, reason=reason)
+            self._conversation_id, self._turn_id, wire.audio_only(self._turn_id, reason=reason),
+            epoch=self._epoch,
         )
         self._finish(PipeOutcome.AUDIO_ONLY)
 

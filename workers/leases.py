@@ -60,6 +60,20 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 return 1
 """
 
+# KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms. Free slots now, taking none; when
+# there are none the caller is recorded as a waiter, so idle sessions anywhere yield to it.
+_ROOM = _NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+if free > 0 then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return free
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 2)
+return 0
+"""
+
 # KEYS: waiter set. Returns how many turns are waiting for a slot right now.
 _DEMAND = _NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -92,6 +106,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+
+# KEYS: lock. ARGV: owner token, lease_ms, previous owner. Takes the lock when it is free or held
+# by the previous owner (a producer whose turn attempt was fenced by a takeover). 1 when taken.
+_TAKE_LOCK = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[3] and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 """
 
 # KEYS: lock. ARGV: owner token. Deletes the lock only when the caller owns it.
@@ -199,6 +222,7 @@ class SessionLeases:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._demand = client.register_script(_DEMAND)
+        self._room = client.register_script(_ROOM)
         self._renewer = Periodic("sdk-lease-renewer", lease_s / 3, self.renew)
 
     @property
@@ -241,6 +265,13 @@ class SessionLeases:
             self._held.add(lease_id)
             return True
         return False
+
+    async def room(self) -> int:
+        """Slots free right now across all producers (none is taken). At 0 this producer counts
+        as waiting, so idle kept sessions close for it: a worker asks before it takes new work."""
+        free = await self._room(keys=[self._key, self._waiters_key],
+                                args=[self._cap, f"{self._owner}:gate", _WAITER_TTL_MS])
+        return max(0, int(free))
 
     async def demand(self) -> int:
         """Turns on any producer waiting for a slot now; holders close idle sessions for them."""
@@ -285,6 +316,7 @@ class ConversationLeases:
         self._wakeup = _Wakeup()
         self._renew_script = client.register_script(_RENEW_LOCK)
         self._release_script = client.register_script(_RELEASE_LOCK)
+        self._take_script = client.register_script(_TAKE_LOCK)
         self._renewer = Periodic("conversation-lease-renewer", lease_s / 3, self.renew)
 
     @property
@@ -300,15 +332,19 @@ class ConversationLeases:
             with suppress(RedisError, OSError):
                 await self.release(conversation_id)
 
-    async def acquire(self, conversation_id: str, *, wait_s: float) -> None:
-        """Take the conversation, waiting up to ``wait_s``; raise ConversationBusy after that."""
+    async def acquire(self, conversation_id: str, *, wait_s: float, take_from: str = "") -> None:
+        """Take the conversation, waiting up to ``wait_s``; raise ConversationBusy after that.
+
+        ``take_from`` names a producer whose lock may be taken at once: the previous owner of a
+        turn whose attempt a takeover already fenced (it can write nothing more).
+        """
         key = self._keys.conversation_lock(conversation_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         delay = _FIRST_POLL_S
         while True:
             woken = self._wakeup.current()
-            if await self._client.set(key, self._owner, nx=True, px=self._lease_ms):
+            if await self._take(key, take_from):
                 self._held.add(conversation_id)
                 return
             remaining = deadline - loop.time()
@@ -318,6 +354,12 @@ class ConversationLeases:
                 )
             await _wait_a_little(woken, min(delay, remaining))
             delay = min(delay * 2, _MAX_POLL_S)
+
+    async def _take(self, key: str, take_from: str) -> bool:
+        if not take_from:
+            return bool(await self._client.set(key, self._owner, nx=True, px=self._lease_ms))
+        args: list[str | int] = [self._owner, self._lease_ms, take_from]
+        return bool(int(await self._take_script(keys=[key], args=args)))
 
     async def release(self, conversation_id: str) -> None:
         self._held.discard(conversation_id)

@@ -1,7 +1,8 @@
 """The built-in turn queue: any backend process with a Redis client hands turns to producer workers.
 
-Jobs go to one Redis stream (``Keys.jobs``) read by the ``producers`` consumer group. A job is a
-small versioned msgpack map::
+A submitted turn goes into its conversation's own FIFO (``Keys.queue``, see ``workers.jobstore``),
+then a doorbell for the conversation goes into ``Keys.jobs``, read by the ``producers`` consumer
+group (``workers.doorbells``). A job is a small versioned msgpack map::
 
     {"v": 1, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
      "avatar": str | None, "pcm": bytes (clip only), "at": submit time in unix ms}
@@ -9,10 +10,16 @@ small versioned msgpack map::
 A clip job carries its audio. A streamed job is submitted when the turn is opened, and its audio
 follows through the turn's input stream (``Keys.turn_input``): one entry ``{"a": pcm}`` per chunk
 and a final ``{"end": "1"}``. The input stream expires ``input_ttl_s`` after its last write, so
-abandoned input does not pile up.
+abandoned input does not pile up; it must outlive the turn's wait in the queue, because a retried
+turn reads its input again from the start.
 
-Backpressure: ``submit_clip`` and ``open_streamed`` raise QueueFull once ``max_jobs`` jobs wait
-(submitted but not yet finished), rather than letting the queue grow without bound.
+Turn ids are fixed here, at submit: every attempt of the turn writes under the same id. A submit is
+idempotent per turn id while the turn is queued or running, so a caller that got an error may
+submit again with the same ``turn_id`` (that also rings the doorbell again, which repairs a submit
+whose doorbell write failed).
+
+Backpressure: ``QueueFull`` once ``max_jobs`` doorbells wait in ``Keys.jobs`` (conversations no
+worker took yet), or once the conversation itself holds ``queue_max`` queued turns.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import redis.asyncio as redis
 from relay.errors import RelayError
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.settings import Settings
-from relay.streams import ConversationLog
+from relay.streams import ConversationLog, InterruptOutcome
+from workers.doorbells import Doorbells, stream_entries
+from workers.jobstore import JobStore
 from workers.sdk import validate_pcm, validate_sample_rate
 
 JOB_VERSION = 1
@@ -197,24 +206,20 @@ async def read_input(
     return InputBatch(last_id=last_id, chunks=chunks, ended=ended)
 
 
-def stream_entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes]]]:
-    """Stream entries of a one-stream XREAD/XREADGROUP reply (RESP2 list or RESP3 map)."""
-    if not reply:
-        return []
-    streams = reply.values() if isinstance(reply, dict) else [item[1] for item in reply]
-    return [(entry_id, fields) for entries in streams for entry_id, fields in entries]
-
-
 class TurnQueue:
     """Submit turns for producer workers; needs only a Redis client.
 
     :param input_ttl_s: expiry of a streamed turn's input stream after its last write.
-    :param max_jobs: submissions are refused (QueueFull) while this many jobs wait.
+    :param max_jobs: submissions are refused (QueueFull) while this many doorbells wait.
+    :param queue_max: submissions are refused while the conversation has this many turns queued.
+    :param queue_ttl_s: a conversation's queue expires this long after its last change.
+    :param drop_queued_on_interrupt: default of ``interrupt(drop_queued=...)``.
     """
 
     def __init__(
         self, client: redis.Redis, keys: Keys, *, input_ttl_s: int,
         max_jobs: int = DEFAULT_MAX_JOBS, stream_maxlen: int = 10_000, stream_ttl_s: int = 3600,
+        queue_max: int = 64, queue_ttl_s: int = 86_400, drop_queued_on_interrupt: bool = True,
     ) -> None:
         if input_ttl_s <= 0 or max_jobs <= 0:
             raise ValueError("input_ttl_s and max_jobs must be positive")
@@ -222,20 +227,33 @@ class TurnQueue:
         self._keys = keys
         self._input_ttl_ms = input_ttl_s * 1000
         self._max_jobs = max_jobs
-        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s)
+        self._drop_queued = drop_queued_on_interrupt
+        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s,
+                                    queue_ttl_s=queue_ttl_s)
+        # Submitting never leases anything: the lease time only matters to workers.
+        self._store = JobStore(client, keys, ttl_s=queue_ttl_s, lease_s=1.0, queue_max=queue_max)
+        self._doorbells = Doorbells(client, keys, consumer="submitter")
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis) -> TurnQueue:
         return cls(
-            client, Keys(settings.key_prefix), input_ttl_s=settings.turn_input_ttl_s,
+            client, Keys(settings.key_prefix, settings.key_buckets),
+            input_ttl_s=settings.turn_input_ttl_s,
             stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
+            queue_max=settings.conversation_queue_max, queue_ttl_s=settings.job_ttl_s,
+            drop_queued_on_interrupt=settings.interrupt_drops_queued,
         )
 
     async def submit_clip(
         self, conversation_id: str, pcm: bytes | bytearray | memoryview, *, sample_rate: int,
         avatar_id: str | None = None, turn_id: str | None = None,
+        deadline_s: float | None = None,
     ) -> str:
-        """Queue a whole clip as one turn; returns its turn id."""
+        """Queue a whole clip as one turn; returns its turn id.
+
+        :param deadline_s: the turn must start within this many seconds (Redis server clock),
+            or it is not played and goes to the dead letters with reason "deadline".
+        """
         clip = validate_pcm(pcm, allow_empty=False)
         if len(clip) > MAX_CLIP_BYTES:
             raise ValueError(f"clip of {len(clip)} bytes exceeds {MAX_CLIP_BYTES}; stream it")
@@ -244,12 +262,12 @@ class TurnQueue:
             turn_id=_new_turn_id(turn_id), sample_rate=validate_sample_rate(sample_rate),
             avatar_id=_check_avatar(avatar_id), submitted_ms=_now_ms(), pcm=clip,
         )
-        await self._submit(job)
+        await self._submit(job, deadline_s)
         return job.turn_id
 
     async def open_streamed(
         self, conversation_id: str, *, sample_rate: int, avatar_id: str | None = None,
-        turn_id: str | None = None,
+        turn_id: str | None = None, deadline_s: float | None = None,
     ) -> StreamedInput:
         """Queue a turn whose audio is still being generated; feed it through the result."""
         job = TurnJob(
@@ -257,19 +275,51 @@ class TurnQueue:
             turn_id=_new_turn_id(turn_id), sample_rate=validate_sample_rate(sample_rate),
             avatar_id=_check_avatar(avatar_id), submitted_ms=_now_ms(),
         )
-        await self._submit(job)
+        await self._submit(job, deadline_s)
         key = self._keys.turn_input(job.conversation_id, job.turn_id)
         return StreamedInput(self._client, key, conversation_id=job.conversation_id,
                              turn_id=job.turn_id, ttl_ms=self._input_ttl_ms)
 
-    async def interrupt(self, conversation_id: str, *, reason: str = "interrupted") -> str | None:
-        """Interrupt the conversation's active turn (wherever it runs); its id, or None."""
-        return await self._log.interrupt(conversation_id, reason=reason)
+    async def interrupt(self, conversation_id: str, *, reason: str = "interrupted",
+                        drop_queued: bool | None = None) -> str | None:
+        """Interrupt the conversation's active turn (wherever it runs); its id, or None.
 
-    async def _submit(self, job: TurnJob) -> None:
+        With ``drop_queued`` (default: ``drop_queued_on_interrupt``) every turn queued for the
+        conversation before this call is dropped too, so the next turn submitted after it starts
+        clean; without it, queued turns play after the interrupt.
+        """
+        outcome = await self.interrupt_detail(conversation_id, reason=reason,
+                                              drop_queued=drop_queued)
+        return outcome.turn_id
+
+    async def interrupt_detail(self, conversation_id: str, *, reason: str = "interrupted",
+                               drop_queued: bool | None = None) -> InterruptOutcome:
+        """``interrupt``, also telling how many queued turns were dropped."""
+        drop = self._drop_queued if drop_queued is None else drop_queued
+        return await self._log.interrupt_and_drop(conversation_id, reason=reason,
+                                                  drop_queued=drop)
+
+    async def resubmit(self, job: TurnJob, *, turn_id: str | None = None) -> str:
+        """Queue a copy of ``job`` as a new turn (operators requeueing a dead letter)."""
+        if job.kind != KIND_CLIP or job.pcm is None:
+            raise QueueError("only clip turns can be requeued: a streamed turn's input is gone")
+        return await self.submit_clip(job.conversation_id, job.pcm, sample_rate=job.sample_rate,
+                                      avatar_id=job.avatar_id, turn_id=turn_id)
+
+    async def _submit(self, job: TurnJob, deadline_s: float | None) -> None:
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
         if await self._client.xlen(self._keys.jobs()) >= self._max_jobs:
-            raise QueueFull(f"{self._max_jobs} turns are already waiting")
-        await self._client.xadd(self._keys.jobs(), {JOB_FIELD: job.encode()})
+            raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
+        deadline_ms = int(deadline_s * 1000) if deadline_s else 0
+        queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
+                                           deadline_in_ms=deadline_ms)
+        if queued < 0:
+            raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
+                            "turns queued")
+        # Rung after the turn is queued, so whoever reads the doorbell finds the turn. Rung
+        # again for a duplicate submit: it costs one entry and repairs a lost doorbell.
+        await self._doorbells.ring(job.conversation_id, job.turn_id)
 
 
 def _check_avatar(avatar_id: str | None) -> str | None:

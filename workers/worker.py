@@ -1,288 +1,263 @@
-"""``relay producer``: take turn jobs from the queue and speak them through a Producer.
+"""``relay producer``: take conversations from the job queue and run their turns through a Producer.
 
-The loop reads jobs with XREADGROUP only while it has a free slot (``producer_concurrency``
-turns at once), so a busy worker leaves jobs in Redis for other workers instead of buffering
-them. A job is acknowledged (XACK, then XDEL to keep the jobs stream small) once its turn
-finished, whatever its status, and also when it can never succeed:
+The loop, while not stopping:
 
-* a malformed job (bad msgpack, unknown version, invalid field) is logged, acknowledged and
-  not retried: running it again cannot fix it;
-* a job whose arguments the producer refuses (ValueError, TypeError), or whose conversation
-  stayed busy past ``conversation_wait_s``, is logged and acknowledged the same way.
+1. wait for a free slot (``producer_concurrency`` conversations at once);
+2. wait until the Motion Server session cap has room (``SessionLeases.room``): a worker does not
+   take work it cannot give a session to, so at the cap turns wait in Redis, and idle sessions
+   anywhere are closed for them; audio-only for capacity stays a last resort, for the rare turn
+   that still finds no slot within ``sdk_wait_s``;
+3. take doorbells: first those idle for ``job_claim_idle_s`` (their worker crashed or handed them
+   back; XAUTOCLAIM), else new ones (XREADGROUP);
+4. for each, try to become the conversation's runner (``workers.jobstore``); a conversation that
+   another worker runs is left to it and the doorbell acknowledged; otherwise a
+   ``ConversationRunner`` runs its queue until it is empty.
 
-A job whose turn failed because Redis failed, or that was cancelled by ``stop``, stays pending
-in the group. Reclaiming such jobs (XAUTOCLAIM after an idle time, with a dead-letter stream after
-N deliveries) is left to the crash-recovery work: ``handle_entry`` is the single entry point a
-reclaimer would feed claimed entries to.
+One heartbeat task renews, for every conversation this worker runs, the runner lease and the
+doorbell's idle time; what it lost, it stops at once (a paused worker that lost its conversations
+is fenced by the epoch anyway). ``stop`` stops taking work, lets running turns finish for up to
+``producer_stop_s``, then hands the rest back: nothing is written for them, their attempt is not
+counted, and their doorbells become claimable by any other worker at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Mapping
 from contextlib import suppress
-from typing import Any
 
 import redis.asyncio as redis
 import structlog
-from redis.exceptions import RedisError, ResponseError
-from structlog.contextvars import bound_contextvars
+from redis.exceptions import RedisError
 
 from relay.keys import Keys
 from relay.settings import Settings
-from workers.leases import ConversationBusy
-from workers.producer import Producer, ProducerClosed, ProducerError, Turn, TurnResult
-from workers.queue import (
-    KIND_CLIP,
-    InputBatch,
-    MalformedJob,
-    TurnJob,
-    decode_job,
-    read_input,
-    stream_entries,
-)
+from relay.streams import ConversationLog
+from workers.deadletters import REASON_MALFORMED, DeadLetters
+from workers.doorbells import Doorbell, Doorbells
+from workers.jobstore import JobStore, RunnerTake
+from workers.leases import Periodic
+from workers.producer import Producer
+from workers.runner import ConversationRunner, RunnerExit, RunnerServices
 
 log = structlog.get_logger(__name__)
 
-STOP_TIMEOUT_S = 30.0
-_BACKOFF_FIRST_S = 0.1
-_BACKOFF_MAX_S = 5.0
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 2.0
+# A handed-back doorbell looks this idle, so any worker's next XAUTOCLAIM takes it.
+_HANDED_BACK_IDLE_MS = 10 * 365 * 86_400_000
 
 
 class ProducerWorker:
-    """Consumes ``Keys.jobs`` in group ``Keys.jobs_group`` as consumer ``settings.node_id``."""
+    """Consumes ``Keys.jobs`` in group ``Keys.jobs_group`` under a consumer name unique to the
+    process (the producer's owner id)."""
 
     def __init__(self, settings: Settings, client: redis.Redis, producer: Producer) -> None:
         self._settings = settings
         self._client = client
         self._producer = producer
-        self._keys = Keys(settings.key_prefix)
-        self._consumer = settings.node_id
-        self._concurrency = settings.producer_concurrency
-        self._running: set[asyncio.Task[None]] = set()
-        self._acks: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
+        keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._doorbells = Doorbells(client, keys, consumer=producer.owner)
+        store = JobStore(client, keys, ttl_s=settings.job_ttl_s,
+                         lease_s=settings.conversation_lease_s,
+                         max_attempts=settings.job_max_attempts,
+                         queue_max=settings.conversation_queue_max)
+        self._store = store
+        self._dead = DeadLetters(client, keys, maxlen=settings.dead_letter_maxlen)
         self._stopping = asyncio.Event()
+        self._services = RunnerServices(
+            settings=settings, client=client, keys=keys, producer=producer, store=store,
+            dead=self._dead, stopping=self._stopping,
+            log=ConversationLog(client, keys, maxlen=settings.stream_maxlen,
+                                ttl_s=settings.stream_ttl_s, queue_ttl_s=settings.job_ttl_s),
+        )
+        self._claim_idle_ms = int(settings.job_claim_idle_s * 1000)
+        self._runners: dict[str, ConversationRunner] = {}  # by doorbell id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
         self._loop_done = asyncio.Event()
+        self._next_reclaim = 0.0
+        beat = min(settings.job_claim_idle_s, settings.conversation_lease_s) / 3
+        self._heartbeat = Periodic("jobs-heartbeat", beat, self.heartbeat)
 
     @property
     def running_turns(self) -> int:
-        return len(self._running)
-
-    async def ensure_group(self) -> None:
-        """Create the consumer group (and the stream) unless it exists; only BUSYGROUP is benign."""
-        try:
-            await self._client.xgroup_create(
-                self._keys.jobs(), self._keys.jobs_group(), id="0", mkstream=True
-            )
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Conversations this worker is running now (each runs one turn at a time)."""
+        return len(self._runners)
 
     async def run(self) -> None:
-        """Take jobs until ``stop``; returns once no more jobs will be started."""
+        """Take work until ``stop``; returns once no more work will be started."""
         self._loop_done.clear()
         try:
-            await self.ensure_group()
-            log.info("worker_started", consumer=self._consumer, concurrency=self._concurrency)
+            await self._doorbells.ensure_group()
+            self._heartbeat.start()
+            log.info("worker_started", consumer=self._doorbells.consumer,
+                     concurrency=self._settings.producer_concurrency)
             delay = _BACKOFF_FIRST_S
             while not self._stopping.is_set():
-                free = await self._free_slots()
-                if not free:
-                    break
                 try:
-                    entries = await self._read(free)
+                    await self._take_work()
                     delay = _BACKOFF_FIRST_S
                 except (RedisError, OSError) as exc:
                     log.warning("jobs_read_failed", error=str(exc), retry_in_s=delay)
                     await self._sleep_unless_stopping(delay)
                     delay = min(delay * 2, _BACKOFF_MAX_S)
-                    continue
-                for entry_id, fields in entries:
-                    self._start(entry_id, fields)
         finally:
             self._loop_done.set()
 
-    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop taking jobs; wait up to ``timeout_s`` for running turns, then cancel the rest.
-
-        Cancelled turns end interrupted (reason "aborted") and their jobs stay pending.
-        """
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop taking work; let running turns finish for ``timeout_s`` (``producer_stop_s``),
+        then hand every conversation still held back to the other workers."""
+        grace = self._settings.producer_stop_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self._stopping.set()
         self._slot_freed.set()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         with suppress(TimeoutError):
             # The read loop notices within one jobs_block_ms; bounded in case it never ran.
             await asyncio.wait_for(self._loop_done.wait(), self._settings.jobs_block_ms / 1000 + 1)
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=max(0.0, deadline - loop.time()))
-        await _cancel_all(self._running)
-        if self._acks:
-            await asyncio.wait(set(self._acks))
-        log.info("worker_stopped", consumer=self._consumer)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
+        for runner in list(self._runners.values()):
+            with suppress(RedisError, OSError):
+                await runner.stop_now()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        await self._heartbeat.close()
+        with suppress(RedisError, OSError):
+            await self._doorbells.forget_consumer()
+        log.info("worker_stopped", consumer=self._doorbells.consumer)
+
+    # Taking work.
+
+    async def _take_work(self) -> None:
+        free = await self._free_slots()
+        room = await self._session_room() if free else 0
+        if not free or not room:
+            return
+        bells = await self._reclaim(min(free, room))
+        if not bells:
+            bells = await self._doorbells.read(min(free, room), self._settings.jobs_block_ms)
+        for bell in bells:
+            await self._dispatch(bell)
 
     async def _free_slots(self) -> int:
-        """Wait for at least one free turn slot; 0 once stopping."""
+        """Wait for at least one free slot; 0 once stopping."""
         while not self._stopping.is_set():
-            free = self._concurrency - len(self._running)
+            free = self._settings.producer_concurrency - len(self._runners)
             if free > 0:
                 return free
             self._slot_freed.clear()
             await self._slot_freed.wait()
         return 0
 
-    async def _read(self, count: int) -> list[tuple[Any, dict[bytes, bytes]]]:
-        try:
-            reply = await self._client.xreadgroup(
-                self._keys.jobs_group(), self._consumer, {self._keys.jobs(): ">"},
-                count=count, block=self._settings.jobs_block_ms,
-            )
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning("jobs_group_missing_recreating")
-            await self.ensure_group()
+    async def _session_room(self) -> int:
+        """Wait until the session cap has room (polling: slots free up on other processes too);
+        0 once stopping."""
+        delay = _BACKOFF_FIRST_S
+        while not self._stopping.is_set():
+            room = await self._producer.session_room()
+            if room > 0:
+                return room
+            await self._sleep_unless_stopping(delay)
+            delay = min(delay * 2, 1.0)
+        return 0
+
+    async def _reclaim(self, count: int) -> list[Doorbell]:
+        """Doorbells of crashed or stopping workers, looked for every half claim-idle time."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_reclaim:
             return []
-        return stream_entries(reply)
+        self._next_reclaim = loop.time() + min(self._settings.job_claim_idle_s / 2, 5.0)
+        bells = await self._doorbells.reclaim(count, self._claim_idle_ms)
+        for bell in bells:
+            log.info("doorbell_reclaimed", doorbell=bell.entry_id,
+                     conversation_id=bell.conversation_id)
+        return bells
+
+    async def _dispatch(self, bell: Doorbell) -> None:
+        if bell.entry_id in self._runners:
+            return  # our own doorbell came back through XAUTOCLAIM: it is running here
+        conversation_id = bell.conversation_id
+        if conversation_id is None:
+            await self._bury_malformed(bell)
+            return
+        try:
+            take, holder = await self._store.take(
+                conversation_id, owner=self._producer.owner, doorbell=bell.entry_id)
+        except ValueError:  # an invalid conversation id: no key can be named for it
+            await self._bury_malformed(bell)
+            return
+        if take in (RunnerTake.BUSY, RunnerTake.MINE):
+            # The runner (here or elsewhere) holds a doorbell of its own and checks the queue
+            # atomically before it lets go, so it will run every turn queued before now.
+            await self._doorbells.ack(bell.entry_id)
+            return
+        if take is RunnerTake.TAKEN_OVER:
+            log.info("conversation_taken_over", conversation_id=conversation_id,
+                     previous_owner=holder)
+        runner = ConversationRunner(self._services, conversation_id, bell.entry_id,
+                                    take_over_from=holder if take is RunnerTake.TAKEN_OVER else "")
+        self._start(runner)
+
+    async def _bury_malformed(self, bell: Doorbell) -> None:
+        log.warning("doorbell_malformed", doorbell=bell.entry_id)
+        await self._dead.bury(conversation_id=bell.conversation_id or "", turn_id=bell.turn_id or "",
+                              reason=REASON_MALFORMED, error="not a doorbell of this version",
+                              job=bell.fields.get(b"job", b""))
+        await self._doorbells.ack(bell.entry_id)
+
+    # Running conversations.
+
+    def _start(self, runner: ConversationRunner) -> None:
+        self._runners[runner.doorbell] = runner
+        task = asyncio.create_task(self._run(runner), name=f"runner-{runner.conversation_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, runner: ConversationRunner) -> None:
+        exit_ = RunnerExit.HANDED_BACK
+        try:
+            exit_ = await runner.run()
+        except (RedisError, OSError) as exc:
+            log.error("runner_redis_failed", conversation_id=runner.conversation_id,
+                      error=str(exc))
+        except Exception:
+            log.exception("runner_failed", conversation_id=runner.conversation_id)
+        finally:
+            await asyncio.shield(self._settle(runner, exit_))
+
+    async def _settle(self, runner: ConversationRunner, exit_: RunnerExit) -> None:
+        """Acknowledge or hand back the runner's doorbell: never leave it pending and renewed
+        with nobody running the conversation."""
+        try:
+            if exit_ is RunnerExit.DONE:
+                await self._doorbells.ack(runner.doorbell)
+            elif exit_ is RunnerExit.HANDED_BACK:
+                await self._store.give_up(runner.conversation_id, owner=self._producer.owner,
+                                          doorbell=runner.doorbell)
+                await self._doorbells.hand_back(runner.doorbell, _HANDED_BACK_IDLE_MS)
+                log.info("conversation_handed_back", conversation_id=runner.conversation_id)
+        except (RedisError, OSError) as exc:
+            # Not renewed any more, the doorbell goes idle and is reclaimed after claim-idle.
+            log.warning("doorbell_settle_failed", error=str(exc), exit=exit_)
+        finally:
+            self._runners.pop(runner.doorbell, None)
+            self._slot_freed.set()
+
+    async def heartbeat(self) -> None:
+        """Renew every runner lease and doorbell held here; stop the conversations lost."""
+        runners = list(self._runners.values())
+        if not runners:
+            return
+        lost = await self._doorbells.touch([r.doorbell for r in runners])
+        renewed = await asyncio.gather(*(
+            self._store.renew(r.conversation_id, owner=self._producer.owner, doorbell=r.doorbell)
+            for r in runners))
+        for runner, kept in zip(runners, renewed, strict=True):
+            if (runner.doorbell in lost or not kept) and runner.doorbell in self._runners:
+                log.warning("conversation_lost", conversation_id=runner.conversation_id)
+                await runner.lose()
 
     async def _sleep_unless_stopping(self, delay_s: float) -> None:
         with suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay_s)
-
-    def _start(self, entry_id: Any, fields: Mapping[bytes, bytes]) -> None:
-        job_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-        task = asyncio.create_task(self.handle_entry(job_id, fields), name=f"job-{job_id}")
-        self._running.add(task)
-        task.add_done_callback(self._job_done)
-
-    def _job_done(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._slot_freed.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("job_task_failed", task=task.get_name(), exc_info=task.exception())
-
-    # One job.
-
-    async def handle_entry(self, job_id: str, fields: Mapping[bytes, bytes]) -> None:
-        """Run one jobs-stream entry to its end and acknowledge it when it must not run again."""
-        try:
-            job = decode_job(fields)
-        except MalformedJob as exc:
-            log.warning("job_malformed", job_id=job_id, error=str(exc))
-            await self._ack(job_id)
-            return
-        with bound_contextvars(job_id=job_id, conversation_id=job.conversation_id,
-                               turn_id=job.turn_id):
-            if await self._run_job(job):
-                await self._ack(job_id, job)
-
-    async def _run_job(self, job: TurnJob) -> bool:
-        """True when the job is finished for good (to acknowledge), False to leave it pending."""
-        try:
-            result = await (self._speak_clip(job) if job.kind == KIND_CLIP else self._stream(job))
-        except (ValueError, TypeError, ConversationBusy) as exc:
-            log.warning("job_failed", kind=job.kind, error=str(exc), retried=False)
-            return True
-        except (ProducerClosed, ProducerError, RedisError, OSError) as exc:
-            log.error("job_failed", kind=job.kind, error=str(exc), retried="pending")
-            return False
-        if result is None:
-            return True
-        log.info("job_done", kind=job.kind, status=result.status, error=result.error,
-                 queued_ms=_queued_ms(job))
-        return True
-
-    async def _speak_clip(self, job: TurnJob) -> TurnResult:
-        return await self._producer.speak(
-            job.conversation_id, job.pcm or b"", sample_rate=job.sample_rate,
-            avatar_id=job.avatar_id, turn_id=job.turn_id,
-        )
-
-    async def _stream(self, job: TurnJob) -> TurnResult | None:
-        """Open the turn once its first audio (or its end) is in; None when no audio ever came."""
-        first = await self._first_input(job)
-        if first is None or not first.chunks:
-            log.info("turn_input_empty", ended=first is not None and first.ended)
-            return None
-        turn = await self._producer.open_turn(
-            job.conversation_id, sample_rate=job.sample_rate, avatar_id=job.avatar_id,
-            turn_id=job.turn_id,
-        )
-        async with turn:  # ends the turn on exit, aborts it if pumping raised
-            await self._pump(job, turn, first)
-        return await turn.end()
-
-    async def _first_input(self, job: TurnJob) -> InputBatch | None:
-        """The first input that holds audio or the end; None after ``turn_input_timeout_s``."""
-        batch = InputBatch(last_id="0-0", chunks=[], ended=False)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.turn_input_timeout_s
-        while not batch.chunks and not batch.ended:
-            if self._stopping.is_set():
-                # Nothing was spoken yet: leave the job pending for another worker.
-                raise ProducerClosed("worker stopping before the turn's audio arrived")
-            left_ms = int((deadline - loop.time()) * 1000)
-            if left_ms <= 0:
-                return None
-            batch = await self._read_input(job, batch.last_id, min(left_ms, self._block_ms))
-        return batch
-
-    async def _pump(self, job: TurnJob, turn: Turn, batch: InputBatch) -> None:
-        """Feed input to the turn until its end marker, an interrupt or the input timeout."""
-        loop = asyncio.get_running_loop()
-        timeout_s = self._settings.turn_input_timeout_s
-        deadline = loop.time() + timeout_s
-        while True:
-            for chunk in batch.chunks:
-                if not await turn.send(chunk):
-                    return  # interrupted
-            if batch.ended or turn.interrupted:
-                return
-            if batch.chunks:
-                deadline = loop.time() + timeout_s
-            elif loop.time() >= deadline:
-                log.warning("turn_input_timeout", timeout_s=timeout_s)
-                return  # end the turn with what arrived
-            batch = await self._read_input(job, batch.last_id, self._block_ms)
-
-    @property
-    def _block_ms(self) -> int:
-        return self._settings.jobs_block_ms
-
-    async def _read_input(self, job: TurnJob, after: str, block_ms: int) -> InputBatch:
-        return await read_input(self._client, self._keys, job.conversation_id, job.turn_id,
-                                after=after, block_ms=block_ms)
-
-    async def _ack(self, job_id: str, job: TurnJob | None = None) -> None:
-        """XACK + XDEL (and drop the turn's input), in a task ``stop`` cannot cancel halfway:
-        a finished turn whose ack was lost would be spoken twice after recovery."""
-        task = asyncio.create_task(self._write_ack(job_id, job), name=f"ack-{job_id}")
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
-        try:
-            await asyncio.shield(task)
-        except (RedisError, OSError) as exc:
-            log.error("job_ack_failed", job_id=job_id, error=str(exc))
-
-    async def _write_ack(self, job_id: str, job: TurnJob | None) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.xack(self._keys.jobs(), self._keys.jobs_group(), job_id)
-            pipe.xdel(self._keys.jobs(), job_id)
-            if job is not None and job.kind != KIND_CLIP:
-                pipe.delete(self._keys.turn_input(job.conversation_id, job.turn_id))
-            await pipe.execute()
-
-
-def _queued_ms(job: TurnJob) -> int | None:
-    return int(time.time() * 1000) - job.submitted_ms if job.submitted_ms else None
-
-
-async def _cancel_all(tasks: set[asyncio.Task[None]]) -> None:
-    pending = [task for task in tasks if not task.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending)
-
