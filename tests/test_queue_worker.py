@@ -44,8 +44,8 @@ async def run_worker(
 ) -> AsyncIterator[Callable[..., Awaitable[ProducerWorker]]]:
     running: list[tuple[ProducerWorker, asyncio.Task[None]]] = []
 
-    async def start(**overrides: object) -> ProducerWorker:
-        producer = await make_producer(**overrides)
+    async def start(*, at: SimHandle | None = None, **overrides: object) -> ProducerWorker:
+        producer = await make_producer(at=at, **overrides)
         worker = ProducerWorker(settings.with_overrides(**overrides), redis_client, producer)
         running.append((worker, asyncio.create_task(worker.run())))
         return worker

@@ -239,11 +239,12 @@ class SessionLeases:
             with suppress(RedisError, OSError):
                 await self.release(lease_id)
 
-    async def acquire(self) -> str | None:
-        """A new lease id, or None when no slot freed up within ``wait_s``."""
+    async def acquire(self, wait_s: float | None = None) -> str | None:
+        """A new lease id, or None when no slot freed up within ``wait_s`` (default: the
+        configured wait)."""
         lease_id = f"{self._owner}:{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._wait_s
+        deadline = loop.time() + (self._wait_s if wait_s is None else wait_s)
         delay = _FIRST_POLL_S
         while True:
             woken = self._wakeup.current()
@@ -251,7 +252,8 @@ class SessionLeases:
                 return lease_id
             remaining = deadline - loop.time()
             if remaining <= 0:
-                log.info("sdk_capacity_exhausted", cap=self._cap, waited_s=self._wait_s)
+                if wait_s is None:
+                    log.info("sdk_capacity_exhausted", cap=self._cap, waited_s=self._wait_s)
                 return None
             await _wait_a_little(woken, min(delay, remaining))
             delay = min(delay * 2, _MAX_POLL_S)

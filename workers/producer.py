@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +58,7 @@ __all__ = [  # FramesPipe, PipeOutcome moved to workers.frames, Turn to workers.
 log = structlog.get_logger(__name__)
 
 CLOSE_WAIT_S = 10.0  # Producer.close waits this long for running turns before closing sessions
+_RESERVE_POLL_S = 1.0  # a waiting reservation re-checks whether it should still wait this often
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,14 @@ class Attempt:
         attempt continues it instead of opening it.
     :param take_over_from: a producer whose conversation lock may be taken at once (its attempt
         was fenced by the claim).
+    :param session_lease: a Motion Server session slot reserved before the claim
+        (``reserve_session``); the turn's new session uses it.
     """
 
     epoch: int
     delivered: Delivered | None = None
     take_over_from: str = ""
+    session_lease: str | None = None
 
 
 class _KeyedLocks:
@@ -268,7 +272,7 @@ class Producer:
         except BaseException:
             await self._release_conversation(conversation_id)
             raise
-        return await self._begin(spec, start_id, attempt.delivered if attempt else None)
+        return await self._begin(spec, start_id, attempt)
 
     async def _start_id(self, spec: TurnSpec, attempt: Attempt | None) -> str:
         """The turn_start entry: the one an earlier attempt wrote, or a new one."""
@@ -284,8 +288,10 @@ class Producer:
                 raise AttemptFenced(f"attempt {spec.epoch} of turn {spec.turn_id}") from exc
             raise ProducerError(f"could not open turn {spec.turn_id}") from exc
 
-    async def _begin(self, spec: TurnSpec, start_id: str, delivered: Delivered | None) -> Turn:
-        turn = Turn(self._services, spec, start_id, delivered)
+    async def _begin(self, spec: TurnSpec, start_id: str, attempt: Attempt | None) -> Turn:
+        delivered = attempt.delivered if attempt else None
+        turn = Turn(self._services, spec, start_id, delivered,
+                    session_lease=attempt.session_lease if attempt else None)
         self._active[spec.conversation_id] = turn
         self._no_turns.clear()
         log.info("turn_started", sample_rate=spec.sample_rate, avatar_id=spec.avatar_id,
@@ -330,6 +336,28 @@ class Producer:
     async def session_room(self) -> int:
         """Motion Server session slots free across all producers (none is taken)."""
         return await self._session_leases.room()
+
+    async def reserve_session(
+        self, conversation_id: str, *, avatar_id: str | None, sample_rate: int,
+        keep_waiting: Callable[[], bool],
+    ) -> str | None:
+        """Reserve a Motion Server session slot for the conversation's next turn before it
+        starts, waiting for as long as ``keep_waiting()`` holds (meanwhile idle sessions
+        anywhere close for it). None when the conversation's kept session will do, or when the
+        wait was given up. Give it back with ``release_reservation`` once the turn is over."""
+        avatar = avatar_id or self._endpoints.default_avatar_id
+        if self._pool.has_session(conversation_id, avatar, sample_rate):
+            return None
+        while keep_waiting():
+            lease_id = await self._session_leases.acquire(wait_s=_RESERVE_POLL_S)
+            if lease_id is not None:
+                return lease_id
+        return None
+
+    async def release_reservation(self, lease_id: str | None) -> None:
+        """Free a reserved slot unless a session (running or kept) now holds it."""
+        if lease_id is not None and not self._pool.uses_lease(lease_id):
+            await self._session_leases.release(lease_id)
 
     def _on_interrupt_message(self, conversation_id: str, turn_id: str) -> None:
         turn = self._active.get(conversation_id)

@@ -124,6 +124,28 @@ class ConversationRunner:
 
     async def _run_head(self, head: QueuedTurn) -> bool:
         """Deal with the head turn; False when this runner must stop."""
+        lease = await self._reserve_session(head)
+        if self._s.stopping.is_set() or self._lost.is_set():
+            await self._s.producer.release_reservation(lease)
+            return False  # nothing claimed yet: the turn waits for the next runner untouched
+        try:
+            return await self._claimed(head, lease)
+        finally:
+            await self._s.producer.release_reservation(lease)
+
+    async def _reserve_session(self, head: QueuedTurn) -> str | None:
+        """A Motion Server session slot for the turn, taken before the turn is claimed: at the
+        session cap a turn waits here, queued and not counted as an attempt, instead of starting
+        and falling back to audio-only."""
+        try:
+            job = decode_job({b"job": head.job})
+        except MalformedJob:
+            return None  # dead-lettered right after the claim; needs no session
+        return await self._s.producer.reserve_session(
+            self.conversation_id, avatar_id=job.avatar_id, sample_rate=job.sample_rate,
+            keep_waiting=lambda: not (self._s.stopping.is_set() or self._lost.is_set()))
+
+    async def _claimed(self, head: QueuedTurn, lease: str | None) -> bool:
         claim = await self._s.store.claim(self.conversation_id, head, owner=self.owner)
         log.info("turn_claimed", kind=claim.kind, epoch=claim.epoch, attempt=claim.attempts)
         if claim.kind is ClaimKind.GONE:
@@ -132,15 +154,15 @@ class ConversationRunner:
             return await self._finish(head, claim)
         if claim.kind in (ClaimKind.DEAD, ClaimKind.EXPIRED):
             return await self._bury(head, claim)
-        return await self._attempt(head, claim)
+        return await self._attempt(head, claim, lease)
 
-    async def _attempt(self, head: QueuedTurn, claim: Claim) -> bool:
+    async def _attempt(self, head: QueuedTurn, claim: Claim, lease: str | None) -> bool:
         try:
             job = decode_job({b"job": head.job})
         except MalformedJob as exc:
             return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
         try:
-            result = await self._speak(job, claim)
+            result = await self._speak(job, claim, lease)
         except _Stop:
             if not self._lost.is_set():
                 await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
@@ -156,8 +178,8 @@ class ConversationRunner:
                      attempt=claim.attempts)
         return await self._finish(head, claim)
 
-    async def _speak(self, job: TurnJob, claim: Claim) -> TurnResult | None:
-        attempt = await self._attempt_for(job, claim)
+    async def _speak(self, job: TurnJob, claim: Claim, lease: str | None) -> TurnResult | None:
+        attempt = await self._attempt_for(job, claim, lease)
         if attempt is None:
             return None
         if job.kind == KIND_CLIP:
@@ -168,10 +190,12 @@ class ConversationRunner:
             raise _Stop()
         return result
 
-    async def _attempt_for(self, job: TurnJob, claim: Claim) -> Attempt | None:
+    async def _attempt_for(self, job: TurnJob, claim: Claim,
+                           lease: str | None) -> Attempt | None:
         """The attempt to run; None when the turn cannot be continued (ended for clients)."""
         if claim.kind is not ClaimKind.RESUME:
-            return Attempt(epoch=claim.epoch, take_over_from=self._take_over_from)
+            return Attempt(epoch=claim.epoch, take_over_from=self._take_over_from,
+                           session_lease=lease)
         delivered = await read_delivered(self._s.client, self._s.keys, job.conversation_id,
                                          job.turn_id, claim.start_id)
         if delivered is None:
@@ -182,7 +206,8 @@ class ConversationRunner:
                  audio_ended=delivered.audio_ended, frames=delivered.frames,
                  audio_only=delivered.audio_only)
         return Attempt(epoch=claim.epoch, delivered=delivered,
-                       take_over_from=claim.previous_owner or self._take_over_from)
+                       take_over_from=claim.previous_owner or self._take_over_from,
+                       session_lease=lease)
 
     async def _open(self, job: TurnJob, attempt: Attempt) -> Turn:
         if self._must_stop():

@@ -402,21 +402,35 @@ class SessionPool:
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(self._dispose(s) for s in sessions))
 
+    def has_session(self, conversation_id: str, avatar_id: str, sample_rate: int) -> bool:
+        """The conversation keeps a session its next turn can reuse (no new slot needed)."""
+        existing = self._sessions.get(conversation_id)
+        return existing is not None and existing.reusable_for(avatar_id, sample_rate)
+
+    def uses_lease(self, lease_id: str) -> bool:
+        return any(session.lease_id == lease_id for session in self._sessions.values())
+
     async def checkout(
-        self, conversation_id: str, avatar_id: str, sample_rate: int
+        self, conversation_id: str, avatar_id: str, sample_rate: int, *,
+        lease_id: str | None = None,
     ) -> MotionSession:
         """The conversation's session, opened if needed; MotionUnavailable when none can be had.
 
-        Callers serialize turns per conversation, so one conversation never checks out twice.
+        ``lease_id`` is a slot the caller reserved beforehand (``SessionLeases.acquire``); it is
+        used for a new session, or released when the kept one is reused. Callers serialize turns
+        per conversation, so one conversation never checks out twice.
         """
         existing = self._sessions.pop(conversation_id, None)
         if existing is not None:
             if existing.reusable_for(avatar_id, sample_rate):
                 existing.touch()  # not idle any more: the reaper must leave it to this turn
                 self._sessions[conversation_id] = existing
+                if lease_id is not None:
+                    await self._leases.release(lease_id)
                 return existing
             await self._dispose(existing)
-        lease_id = await self._leases.acquire()
+        if lease_id is None:
+            lease_id = await self._leases.acquire()
         if lease_id is None:
             raise MotionUnavailable(REASON_CAPACITY, "no Motion Server session slot free")
         session = MotionSession(self._endpoints, conversation_id=conversation_id,

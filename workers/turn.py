@@ -89,8 +89,9 @@ class Turn:
     """
 
     def __init__(self, services: TurnServices, spec: TurnSpec, start_id: str,
-                 delivered: Delivered | None = None) -> None:
+                 delivered: Delivered | None = None, *, session_lease: str | None = None) -> None:
         self._services = services
+        self._session_lease = session_lease  # reserved before the claim (queued turns)
         self._spec = spec
         self.start_id = start_id
         self._log = services.log
@@ -256,9 +257,9 @@ class Turn:
             return
         pool, spec = self._services.pool, self._spec
         try:
-            session = await self._until_stopped(
-                pool.checkout(spec.conversation_id, spec.avatar_id, spec.sample_rate)
-            )
+            session = await self._until_stopped(pool.checkout(
+                spec.conversation_id, spec.avatar_id, spec.sample_rate,
+                lease_id=self._session_lease))
         except MotionUnavailable as exc:
             self._pipe.fail(exc.reason, exc.detail)
             await self._pipe.wait()  # the audio_only entry goes in before any audio
