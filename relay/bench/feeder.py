@@ -58,7 +58,10 @@ class Feeder:
             await self._feed(list(timeline.pop_due(now)), timeline, now)
         t1 = time.time()
         await self._end_open_turns()
-        link.emit("report", t1=t1, turns=self.turns, chunks=self.chunks_sent,
+        # What this schedule asks the relay to deliver: per chunk one audio entry, per five one
+        # frames entry, per turn its turn_start and turn_end.
+        offered = self.chunks_sent + self.chunks_sent // 5 + 2 * self.turns
+        link.emit("report", t1=t1, turns=self.turns, chunks=self.chunks_sent, offered=offered,
                   commands=self._pipe.commands + self.redis_py_calls,
                   lag_p99_ms=_pct(self._lags, 0.99), lag_max_ms=_pct(self._lags, 1.0))
         await self._pipe.close()

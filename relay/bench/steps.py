@@ -251,8 +251,9 @@ class Bench:
         return {
             "conversations": len(conversations),
             "window_s": round(t1 - t0, 2),
-            # What the schedule asks for; the writer's or producer's actual appends may lag.
-            "offered_msgs_per_s": round(len(conversations) * self.options.shape.messages_per_s, 1),
+            # What the schedule asked for in this window (ramp-up included); the writer's or the
+            # producer's actual appends may lag behind it.
+            "offered_msgs_per_s": round(report.get("offered", 0) / (t1 - t0), 1),
             "appended_msgs_per_s": round(appended / (t1 - t0), 1),
             "cpu": run["cpu"],
             "redis": redis_delta,

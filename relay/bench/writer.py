@@ -156,6 +156,7 @@ class Writer:
         truth = self._truth
         return {
             "appended": sum(truth.count), "errors": truth.errors,
+            "offered": sum(truth.count) + truth.errors,
             "commands": self._pipe.commands + self.redis_py_calls,
             "lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))], 1),
             "lag_max_ms": round(lags[-1], 1),
