@@ -69,6 +69,8 @@ class Settings:
     conversation_lease_s: float = 15.0
     conversation_wait_s: float = 60.0  # longest a turn waits for another producer's turn to end
     jobs_block_ms: int = 1000
+    producer_health_host: str = "127.0.0.1"
+    producer_health_port: int = 8090  # /healthz and /readyz of `relay producer`; 0 = off
     turn_input_timeout_s: float = 30.0  # a queued streamed turn ends after this long without input
     turn_input_ttl_s: int = 600  # expiry of a queued streamed turn's input stream
     # Job queue: crash recovery, poison turns, graceful stop (docs/operations.md "Job queue").

@@ -108,7 +108,12 @@ class LocalStack:
         return base
 
     async def start_producer(self, name: str, **extra_env: str) -> Child:
-        return await self._spawn(name, ["producer"], **extra_env)
+        """Start a producer and wait until its /readyz answers 200; returns the process."""
+        port = free_port()
+        producer = await self._spawn(name, ["producer"], RELAY_PRODUCER_HEALTH_PORT=str(port),
+                                     **extra_env)
+        await wait_http(f"http://127.0.0.1:{port}/readyz", producer)
+        return producer
 
     async def start_edge(self, name: str, port: int = 0, **extra_env: str) -> tuple[Child, str]:
         port = port or free_port()

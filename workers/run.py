@@ -9,6 +9,7 @@ import structlog
 
 from relay.redis_conn import client_for, wait_until_ready
 from relay.settings import Settings
+from workers.health import start_health_server
 from workers.producer import Producer
 from workers.sdk import MotionEndpoints
 from workers.worker import ProducerWorker
@@ -27,8 +28,9 @@ async def run_producer(settings: Settings) -> int:
         await wait_until_ready(client)
         async with Producer(settings, client) as producer:
             worker = ProducerWorker(settings, client, producer)
-            loop_task = asyncio.create_task(worker.run(), name="jobs-loop")
             stop = asyncio.Event()
+            health = await start_health_server(settings, client, lambda: not stop.is_set())
+            loop_task = asyncio.create_task(worker.run(), name="jobs-loop")
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
@@ -37,6 +39,8 @@ async def run_producer(settings: Settings) -> int:
             log.info("producer_stopping", running_turns=worker.running_turns)
             await worker.stop()
             stopper.cancel()
+            if health is not None:
+                await health.cleanup()
             if loop_task.done() and not stop.is_set():
                 loop_task.result()  # the loop ended on its own: surface why
             else:
