@@ -36,6 +36,22 @@ def _parser() -> argparse.ArgumentParser:
 
     bench_arguments(bench)
 
+    enqueue = sub.add_parser("enqueue", help="queue one turn from a .wav (PCM16 mono) or a raw "
+                             ".pcm file; prints its turn id")
+    enqueue.add_argument("conversation_id")
+    enqueue.add_argument("audio", help=".wav (rate from its header) or .pcm (needs --rate)")
+    enqueue.add_argument("--rate", type=int, default=None, help="sample rate of a .pcm file")
+    enqueue.add_argument("--avatar", default=None, help="avatar id (default SPATIUS_AVATAR_ID)")
+    enqueue.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                         help="not played, and dead-lettered, unless a worker starts it in time")
+    enqueue.add_argument("--turn-id", default=None, help="fixed turn id (retries are idempotent)")
+
+    jobs = sub.add_parser("jobs", help="list queued, running and dead turns; drop or requeue a "
+                          "dead one")
+    jobs.add_argument("action", nargs="?", choices=["list", "drop", "requeue"], default="list")
+    jobs.add_argument("dead_id", nargs="?", help="dead letter id (for drop and requeue)")
+    jobs.add_argument("--json", action="store_true")
+
     token = sub.add_parser("token", help="mint a client token for one conversation")
     token.add_argument("conversation_id")
     token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = Settings.from_env()
         if args.log_level:
             settings = settings.with_overrides(log_level=args.log_level)
-        plain = {"run", "demo", "token", "bench"}
+        plain = {"run", "demo", "token", "bench", "enqueue", "jobs"}
         configure_logging(json=settings.log_json and args.command not in plain,
                           level=settings.log_level)
         sys.exit(_dispatch(args, settings) or 0)
@@ -72,6 +88,34 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+async def _jobs_command(args: argparse.Namespace, settings: Settings) -> int:
+    from redis.exceptions import RedisError
+
+    try:
+        return await _jobs_action(args, settings)
+    except (RedisError, OSError) as exc:
+        print(f"relay: redis unavailable: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _jobs_action(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from workers import admin
+
+    if args.command == "enqueue":
+        print(await admin.enqueue(settings, args.conversation_id, Path(args.audio),
+                                  rate=args.rate, avatar_id=args.avatar,
+                                  deadline_s=args.deadline, turn_id=args.turn_id))
+        return 0
+    if args.action == "list":
+        return await admin.list_jobs(settings, as_json=args.json, out=print)
+    if not args.dead_id:
+        raise ConfigError(f"relay jobs {args.action} needs a dead letter id")
+    print(await admin.fix_dead_letter(settings, args.action, args.dead_id))
+    return 0
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
@@ -100,6 +144,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         from relay.bench.command import run as run_bench
 
         return run_bench(args)
+    if args.command in ("enqueue", "jobs"):
+        return asyncio.run(_jobs_command(args, settings))
     if args.command == "check":
         from relay.health import check
 

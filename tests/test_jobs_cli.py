@@ -1,0 +1,99 @@
+"""``relay enqueue`` and ``relay jobs`` as an operator runs them (real subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import wave
+
+from tests.test_cli import relay
+from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+    RATE,
+    assert_complete,
+    make_producer,
+    sim,
+    start_sim,
+    tone,
+    wait_turn_end,
+)
+from tests.test_queue_worker import run_worker  # noqa: F401
+from workers.deadletters import DeadLetters
+from workers.queue import decode_job
+
+
+def write_wav(path, pcm: bytes, *, rate: int = RATE, channels: int = 1) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm)
+
+
+async def cli(settings, *args: str):
+    env = {"REDIS_URL": settings.redis_url, "RELAY_KEY_PREFIX": settings.key_prefix}
+    return await asyncio.to_thread(relay, *args, **env)
+
+
+async def test_enqueue_reads_wav_and_pcm(settings, redis_client, keys, tmp_path):
+    clip = tone(0.3)
+    write_wav(tmp_path / "hello.wav", clip, rate=24000)
+    (tmp_path / "hello.pcm").write_bytes(clip)
+    from_wav = await cli(settings, "enqueue", "conv-cli", str(tmp_path / "hello.wav"),
+                         "--avatar", "av-1", "--turn-id", "t-wav")
+    assert from_wav.returncode == 0, from_wav.stderr
+    assert from_wav.stdout.strip() == "t-wav"
+    from_pcm = await cli(settings, "enqueue", "conv-cli", str(tmp_path / "hello.pcm"),
+                         "--rate", "16000")
+    assert from_pcm.returncode == 0, from_pcm.stderr
+    jobs = [decode_job(f) for _, f in await redis_client.xrange(keys.queue("conv-cli"))]
+    assert [(j.turn_id, j.sample_rate, j.avatar_id, j.pcm) for j in jobs] == [
+        ("t-wav", 24000, "av-1", clip), (from_pcm.stdout.strip(), 16000, None, clip)]
+    listing = await cli(settings, "jobs", "--json")
+    queued = json.loads(listing.stdout)["queued"]
+    assert [(r["turn"], r["state"], r["audio_s"]) for r in queued] == [
+        ("t-wav", "queued", 0.2), (from_pcm.stdout.strip(), "queued", 0.3)]
+
+
+async def test_enqueue_refuses_what_it_cannot_send(settings, tmp_path):
+    write_wav(tmp_path / "stereo.wav", tone(0.1) * 2, channels=2)
+    (tmp_path / "raw.pcm").write_bytes(tone(0.1))
+    (tmp_path / "odd.mp3").write_bytes(b"ID3")
+    cases = [
+        ((str(tmp_path / "stereo.wav"),), "only mono"),
+        ((str(tmp_path / "raw.pcm"),), "needs --rate"),
+        ((str(tmp_path / "raw.pcm"), "--rate", "11025"), "is not one of"),
+        ((str(tmp_path / "odd.mp3"),), "expected a .wav"),
+    ]
+    for args, message in cases:
+        result = await cli(settings, "enqueue", "conv-bad", *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+async def test_dead_letters_listed_dropped_and_requeued(settings, redis_client, keys, tmp_path,
+                                                        run_worker):
+    clip = tone(0.3, freq=330.0)
+    write_wav(tmp_path / "late.wav", clip)
+    for turn in ("late-1", "late-2"):
+        result = await cli(settings, "enqueue", "conv-dead", str(tmp_path / "late.wav"),
+                           "--deadline", "0.05", "--turn-id", turn)
+        assert result.returncode == 0, result.stderr
+    await asyncio.sleep(0.2)
+    await run_worker()
+    dead = DeadLetters(redis_client, keys, maxlen=10)
+    async with asyncio.timeout(5):
+        while await dead.count() < 2:
+            await asyncio.sleep(0.05)
+    first, second = await dead.list()
+    listing = await cli(settings, "jobs")
+    assert "DEAD LETTERS (2" in listing.stdout and "deadline" in listing.stdout
+    assert first.entry_id in listing.stdout
+
+    requeued = await cli(settings, "jobs", "requeue", first.entry_id)
+    assert requeued.returncode == 0, requeued.stderr
+    new_turn = requeued.stdout.strip().split()[-3]
+    messages = await wait_turn_end(redis_client, keys, "conv-dead", new_turn)
+    assert_complete(messages, new_turn, clip)
+    dropped = await cli(settings, "jobs", "drop", second.entry_id)
+    assert dropped.returncode == 0 and await dead.count() == 0
+    missing = await cli(settings, "jobs", "drop", second.entry_id)
+    assert missing.returncode == 2 and "no dead letter" in missing.stderr
