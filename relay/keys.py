@@ -137,6 +137,11 @@ class Keys:
         attempt allowed to run now."""
         return self._conv(conversation_id, "qstate")
 
+    def turns_done(self, conversation_id: str) -> str:
+        """Sorted set of turn ids that left the queue (played, dead, dropped) -> when: a job
+        delivered again by another queue system must not play its turn twice."""
+        return self._conv(conversation_id, "done")
+
     def queue_runner(self, conversation_id: str) -> str:
         """Lease of the worker running this conversation's queue, with the doorbell backing it."""
         return self._conv(conversation_id, "runner")

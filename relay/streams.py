@@ -30,6 +30,21 @@ INTERRUPTED = "interrupted"
 # Turn ids cannot contain "/", so the pair is unambiguous.
 RUN_SEPARATOR = "/"
 
+# Turns remembered as done per conversation (and for at most the queue's ttl): a job that another
+# queue system delivers again after its turn left the queue is ignored within these bounds.
+DONE_KEEP = 1000
+
+# Lua: remember_done(done key, turn, ttl_ms) records a turn that left the queue (``Keys.turns_done``)
+# and keeps the set bounded; the script must have ``now`` (server ms) defined before it.
+REMEMBER_DONE = """
+local function remember_done(done, turn, ttl_ms)
+  redis.call('ZADD', done, now, turn)
+  redis.call('ZREMRANGEBYSCORE', done, '-inf', now - ttl_ms)
+  redis.call('ZREMRANGEBYRANK', done, 0, -1 - %d)
+  redis.call('PEXPIRE', done, ttl_ms)
+end
+""" % DONE_KEEP
+
 # KEYS: stream, turn, queue state. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
 # expected_previous, interrupt_entry_for_previous, epoch. Returns {0} when the active turn changed
 # under the caller (retry), {1, id} on success, {2, start_id} when this attempt already opened the
@@ -76,11 +91,14 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return last
 """
 
-# KEYS: stream, turn, queue, queue state. ARGV: expected turn id, expected epoch, maxlen, ttl_ms,
-# drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry. Returns {-1} when the active
-# turn changed since the caller read it (retry), else {interrupted (0|1), dropped turns}. The
-# queue state keeps its epoch counter: epochs must never repeat for a conversation.
+# KEYS: stream, turn, queue, queue state, done. ARGV: expected turn id, expected epoch, maxlen,
+# ttl_ms, drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry. Returns {-1} when the
+# active turn changed since the caller read it (retry), else {interrupted (0|1), dropped turns}.
+# Dropped turns count as done; the queue state keeps its epoch counter: epochs never repeat.
 _INTERRUPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+""" + REMEMBER_DONE + """
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
 local hit = 0
 if cur[2] == 'active' then
@@ -93,7 +111,13 @@ if cur[2] == 'active' then
 end
 local dropped = 0
 if ARGV[5] == '1' then
-  dropped = redis.call('XLEN', KEYS[3])
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'turn' then remember_done(KEYS[5], fields[i + 1], tonumber(ARGV[6])) end
+    end
+    dropped = dropped + 1
+  end
   redis.call('DEL', KEYS[3])
   local epoch = redis.call('HGET', KEYS[4], 'epoch')
   redis.call('DEL', KEYS[4])
@@ -239,7 +263,8 @@ class ConversationLog:
         """Interrupt the active turn and, with ``drop_queued``, drop every turn still queued for
         the conversation, in one atomic step (turns queued after it are kept)."""
         keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
-                self._keys.queue(conversation_id), self._keys.queue_state(conversation_id)]
+                self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
+                self._keys.turns_done(conversation_id)]
         for _ in range(16):
             current = await self.current_turn(conversation_id)
             active = current if current is not None and current.status == ACTIVE else None

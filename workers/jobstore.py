@@ -26,17 +26,19 @@ from typing import Any
 import redis.asyncio as redis
 
 from relay.keys import Keys
-from relay.streams import RUN_SEPARATOR
+from relay.streams import REMEMBER_DONE, RUN_SEPARATOR
 
 _NOW_MS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: queue, state. ARGV: turn, job, deadline_in_ms (0: none), max_queued, ttl_ms.
-# Returns {1, entry id}, {0} when the turn is already queued, {-1} when the queue is full.
+# KEYS: queue, state, done. ARGV: turn, job, deadline_in_ms (0: none), max_queued, ttl_ms.
+# Returns {1, entry id}, {0} when the turn is already queued, {2} when it already left the queue
+# (played, dead or dropped), {-1} when the queue is full.
 _SUBMIT = _NOW_MS + """
 if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return {0} end
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {2} end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1} end
 local fields = {'turn', ARGV[1], 'job', ARGV[2]}
 if tonumber(ARGV[3]) > 0 then
@@ -74,14 +76,15 @@ if deadline > 0 and now > deadline then return {'expired', epoch, attempts, '', 
 return {'fresh', epoch, attempts, '', '', ''}
 """
 
-# KEYS: queue, state. ARGV: turn, epoch, queue entry id. Removes a finished turn. Returns 1, or 0
-# when it was dropped meanwhile (interrupt), or -1 when another attempt runs it now.
-_FINISH = """
+# KEYS: queue, state, done. ARGV: turn, epoch, queue entry id, ttl_ms. Removes a finished turn.
+# Returns 1, or 0 when it was dropped meanwhile (interrupt), or -1 when another attempt runs it.
+_FINISH = _NOW_MS + REMEMBER_DONE + """
 local a_key = 'a:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[2], a_key) == 0 then return 0 end
 if redis.call('HGET', KEYS[2], 'run') ~= ARGV[1] .. '/' .. ARGV[2] then return -1 end
 redis.call('XDEL', KEYS[1], ARGV[3])
 redis.call('HDEL', KEYS[2], a_key, 'run', 'err:' .. ARGV[1])
+remember_done(KEYS[3], ARGV[1], tonumber(ARGV[4]))
 return 1
 """
 
@@ -216,8 +219,10 @@ class JobStore:
 
     async def enqueue(self, conversation_id: str, turn_id: str, job: bytes,
                       *, deadline_in_ms: int = 0) -> int:
-        """Queue a turn: 1 queued, 0 already queued (idempotent), -1 the queue is full."""
-        keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id)]
+        """Queue a turn: 1 queued; 0 already queued or running, 2 already done (both
+        idempotent: nothing changes); -1 the queue is full."""
+        keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
+                self._keys.turns_done(conversation_id)]
         args = [turn_id, job, max(0, deadline_in_ms), self._queue_max, self._ttl_ms]
         result = await self._submit(keys=keys, args=args)
         return int(result[0])
@@ -244,8 +249,15 @@ class JobStore:
 
     async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> int:
         """Remove a turn that ended: 1, 0 if it was dropped meanwhile, -1 if taken over."""
-        keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id)]
-        return int(await self._finish(keys=keys, args=[turn.turn_id, epoch, turn.entry_id]))
+        keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
+                self._keys.turns_done(conversation_id)]
+        args = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
+        return int(await self._finish(keys=keys, args=args))
+
+    async def is_queued(self, conversation_id: str, turn_id: str) -> bool:
+        """The turn is still queued or running (it has not left the queue)."""
+        key = self._keys.queue_state(conversation_id)
+        return bool(await self._client.hexists(key, f"a:{turn_id}"))
 
     async def hand_back(self, conversation_id: str, turn_id: str, epoch: int) -> bool:
         """End this attempt unfinished without counting it (graceful stop): the next worker

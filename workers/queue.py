@@ -14,9 +14,11 @@ abandoned input does not pile up; it must outlive the turn's wait in the queue, 
 turn reads its input again from the start.
 
 Turn ids are fixed here, at submit: every attempt of the turn writes under the same id. A submit is
-idempotent per turn id while the turn is queued or running, so a caller that got an error may
-submit again with the same ``turn_id`` (that also rings the doorbell again, which repairs a submit
-whose doorbell write failed).
+idempotent per turn id: while the turn is queued or running, and after it left the queue (played,
+dead-lettered or dropped) for the conversation's last ``DONE_KEEP`` turns within ``queue_ttl_s``.
+So a caller that got an error may submit again with the same ``turn_id`` (that also rings the
+doorbell again, which repairs a submit whose doorbell write failed), and a job another queue
+system delivers twice plays once.
 
 Backpressure: ``QueueFull`` once ``max_jobs`` doorbells wait in ``Keys.jobs`` (conversations no
 worker took yet), or once the conversation itself holds ``queue_max`` queued turns.
@@ -179,6 +181,17 @@ class StreamedInput:
             await pipe.execute()
 
 
+SUBMIT_QUEUED = "queued"  # newly queued
+SUBMIT_ALREADY_QUEUED = "already_queued"  # the same turn id is queued or running: nothing changed
+SUBMIT_ALREADY_DONE = "already_done"  # the same turn id already left the queue: not played again
+
+
+@dataclass(frozen=True)
+class Submitted:
+    turn_id: str
+    state: str  # SUBMIT_QUEUED | SUBMIT_ALREADY_QUEUED | SUBMIT_ALREADY_DONE
+
+
 @dataclass(frozen=True)
 class InputBatch:
     last_id: str
@@ -254,6 +267,17 @@ class TurnQueue:
         :param deadline_s: the turn must start within this many seconds (Redis server clock),
             or it is not played and goes to the dead letters with reason "deadline".
         """
+        submitted = await self.offer_clip(conversation_id, pcm, sample_rate=sample_rate,
+                                          avatar_id=avatar_id, turn_id=turn_id,
+                                          deadline_s=deadline_s)
+        return submitted.turn_id
+
+    async def offer_clip(
+        self, conversation_id: str, pcm: bytes | bytearray | memoryview, *, sample_rate: int,
+        avatar_id: str | None = None, turn_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Submitted:
+        """``submit_clip`` that also tells whether the turn id was new (idempotent retries)."""
         clip = validate_pcm(pcm, allow_empty=False)
         if len(clip) > MAX_CLIP_BYTES:
             raise ValueError(f"clip of {len(clip)} bytes exceeds {MAX_CLIP_BYTES}; stream it")
@@ -262,8 +286,7 @@ class TurnQueue:
             turn_id=_new_turn_id(turn_id), sample_rate=validate_sample_rate(sample_rate),
             avatar_id=_check_avatar(avatar_id), submitted_ms=_now_ms(), pcm=clip,
         )
-        await self._submit(job, deadline_s)
-        return job.turn_id
+        return Submitted(job.turn_id, await self._submit(job, deadline_s))
 
     async def open_streamed(
         self, conversation_id: str, *, sample_rate: int, avatar_id: str | None = None,
@@ -306,7 +329,7 @@ class TurnQueue:
         return await self.submit_clip(job.conversation_id, job.pcm, sample_rate=job.sample_rate,
                                       avatar_id=job.avatar_id, turn_id=turn_id)
 
-    async def _submit(self, job: TurnJob, deadline_s: float | None) -> None:
+    async def _submit(self, job: TurnJob, deadline_s: float | None) -> str:
         if deadline_s is not None and deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
         if await self._client.xlen(self._keys.jobs()) >= self._max_jobs:
@@ -317,9 +340,12 @@ class TurnQueue:
         if queued < 0:
             raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
                             "turns queued")
+        if queued == 2:
+            return SUBMIT_ALREADY_DONE
         # Rung after the turn is queued, so whoever reads the doorbell finds the turn. Rung
         # again for a duplicate submit: it costs one entry and repairs a lost doorbell.
         await self._doorbells.ring(job.conversation_id, job.turn_id)
+        return SUBMIT_QUEUED if queued == 1 else SUBMIT_ALREADY_QUEUED
 
 
 def _check_avatar(avatar_id: str | None) -> str | None:
