@@ -229,3 +229,30 @@ async def test_turn_that_kills_its_producers_goes_to_dead_letters(stack, queue, 
     assert_played_once(turns[after], clip)  # the conversation went on
     [letter] = await DeadLetters(redis_client, keys, maxlen=10).list()
     assert (letter.turn_id, letter.reason, letter.attempts) == (poison, "max_attempts", 2)
+
+
+async def test_sigterm_hands_running_turns_to_another_producer(stack, queue, redis_client, keys):
+    producers = Producers(stack, RELAY_PRODUCER_STOP_S="0.5")
+    await producers.start()
+    _, url = await stack.start_edge("edge-1")
+    conv = "sigterm-conv"
+    listener = Listener(RelayClient(url, conv, mint_token(TEST_SECRET, conv)))
+    await listener.joined()
+    clip = speech_like_pcm(3.0, RATE, seed=3)
+    feed = await queue.open_streamed(conv, sample_rate=RATE)
+    feeding = asyncio.create_task(feed_streamed(feed, clip))
+    await listener.wait_for(lambda ms: sum(m.kind == wire.AUDIO for m in ms) >= 10)
+    await producers.start()  # a second producer, idle until the first hands its turn over
+    runner = await producers.runner_of(redis_client, keys, conv)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await runner.stop()  # SIGTERM, then wait for the exit
+    stopped_s = loop.time() - started
+    assert runner.proc.returncode == 0
+    await feeding
+    received = await listener.wait_for(lambda ms: any(
+        m.turn == feed.turn_id and m.kind == wire.TURN_END for m in ms), timeout=30)
+    await listener.close()
+    assert_played_once(split_turns(received)[feed.turn_id], clip)
+    print(f"sigterm_exit_s={stopped_s:.2f}")
+    assert stopped_s < 5.0
