@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as redis
 import structlog
@@ -22,6 +22,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import wire
+from relay.edge.framing import binary_frame
 from relay.edge.routing import Router, Shard, TopologyChanged
 from relay.keys import Keys
 from relay.streams import parse_id
@@ -35,7 +36,7 @@ _READ_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 class Subscriber(Protocol):
-    def offer(self, entry_id: str, frame: bytes) -> None: ...
+    def offer(self, entry_id: tuple[int, int], frame: bytes) -> None: ...
 
     def on_unavailable(self) -> None: ...
 
@@ -183,16 +184,21 @@ class Hub:
             down_since, backoff = None, _FIRST_BACKOFF_S
 
     async def _wake_tip(self, shard: Shard) -> str:
+        # The hub's clients only ever XREAD for the hub: keep replies as Redis sent them.
+        shard.client.set_response_callback("XREAD", _raw_reply)
         last = await shard.client.xrevrange(shard.wake_key, count=1)
         return last[0][0].decode() if last else "0-0"
 
     async def _read_once(self, shard: Shard, wake_position: str) -> str:
-        streams: dict[str | bytes, str] = {shard.wake_key: wake_position}
+        keys: list[str | bytes] = [shard.wake_key]
+        ids = [wake_position]
         for sub in self._subs.values():
             if shard.covers(sub.bucket):
-                streams[sub.stream_key] = sub.position
+                keys.append(sub.stream_key)
+                ids.append(sub.position)
         self._shard_ready[shard.name] = True
-        reply = await shard.client.xread(streams, count=self._count, block=self._block_ms)
+        reply = await shard.client.execute_command(
+            "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *keys, *ids)
         self.reads += 1
         for key, entries in reply or ():
             if key == shard.wake_key_bytes:
@@ -203,18 +209,20 @@ class Hub:
                 self._fan_out(sub, entries)
         return wake_position
 
-    def _fan_out(self, sub: _Subscription, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        # A subscription dropped and re-created while this read was in flight starts at a newer
-        # tip; entries it already covers are skipped so nobody gets one twice.
+    def _fan_out(self, sub: _Subscription, entries: list[list[Any]]) -> None:
+        # Entries arrive raw ([id, [field, value]]): the hub's clients skip redis-py's dict per
+        # entry (see _raw_reply). A subscription dropped and re-created while this read was in
+        # flight starts at a newer tip; entries it already covers are skipped so nobody gets one
+        # twice.
         current = parse_id(sub.position)
         for raw_id, fields in entries:
             entry_id = raw_id.decode()
             parsed = parse_id(entry_id)
-            if parsed <= current:
+            if parsed <= current or len(fields) < 2:
                 continue
-            frame = wire.delivery(entry_id, fields[b"d"])
+            frame = binary_frame(wire.delivery(entry_id, fields[1]))
             for subscriber in tuple(sub.subscribers):
-                subscriber.offer(entry_id, frame)
+                subscriber.offer(parsed, frame)
             self.delivered += len(sub.subscribers)
             current = parsed
             sub.position = entry_id
@@ -224,6 +232,10 @@ class Hub:
             if shard.covers(sub.bucket):
                 for subscriber in tuple(sub.subscribers):
                     subscriber.on_unavailable()
+
+
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
 
 
 def _is_redirect(exc: ResponseError) -> bool:

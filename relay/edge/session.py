@@ -10,6 +10,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from relay import streams, wire
+from relay.edge.framing import FrameWriter, binary_frame
 from relay.errors import WireError
 from relay.keys import Keys
 from relay.redis_conn import RedisClient
@@ -18,6 +19,9 @@ from relay.settings import Settings
 log = structlog.get_logger(__name__)
 
 _CATCH_UP_PAGE = 256
+# One write carries at most this much; the rest waits for the next turn of the loop.
+_BATCH_FRAMES = 512
+_BATCH_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,8 @@ class ClientSession:
         self.ws = ws
         self.conversation_id = conversation_id
         self._settings = settings
-        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queue: deque[tuple[tuple[int, int], bytes]] = deque()
+        self._writer: FrameWriter | None = None
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._close_code: int | None = None
@@ -67,7 +72,8 @@ class ClientSession:
 
     # --- called by the hub, never awaits -------------------------------------------------------
 
-    def offer(self, entry_id: str, frame: bytes) -> None:
+    def offer(self, entry_id: tuple[int, int], frame: bytes) -> None:
+        """Queue a complete WebSocket frame of the stream entry ``entry_id`` (parsed id)."""
         if self._close_code is not None:
             return
         limits = self._settings
@@ -92,13 +98,19 @@ class ClientSession:
 
     # --- delivery ----------------------------------------------------------------------------
 
-    async def send(self, entry_id: str, frame: bytes) -> None:
-        parsed = streams.parse_id(entry_id)
-        if parsed <= self._sent:
-            return  # already delivered by catch-up or by the live path
-        await asyncio.wait_for(self.ws.send_bytes(frame), self._settings.send_timeout_s)
-        self._sent = parsed
-        self.sent_count += 1
+    async def _write(self, frames: list[bytes]) -> None:
+        if self._writer is None:
+            self._writer = FrameWriter(self.ws, self._settings.send_timeout_s)
+        await self._writer.write(frames)
+        self.sent_count += len(frames)
+
+    def _fresh(self, entry_id: tuple[int, int]) -> bool:
+        """True once per id, in increasing order: the seam between history and live delivery
+        may offer an entry twice, and it must go out once."""
+        if entry_id <= self._sent:
+            return False
+        self._sent = entry_id
+        return True
 
     async def catch_up(
         self, client: RedisClient, keys: Keys, start: StartPoint, until: str,
@@ -118,26 +130,42 @@ class ClientSession:
             async with limiter:
                 rows = await reader(client, keys, self.conversation_id, position,
                                     count=_CATCH_UP_PAGE)
+            frames, done = [], len(rows) < _CATCH_UP_PAGE
             for entry_id, stored in rows:
-                if streams.parse_id(entry_id) > stop:
-                    return
-                await self.send(entry_id, wire.delivery(entry_id, stored))
-            if len(rows) < _CATCH_UP_PAGE:
+                parsed = streams.parse_id(entry_id)
+                if parsed > stop:
+                    done = True
+                    break
+                if self._fresh(parsed):
+                    frames.append(binary_frame(wire.delivery(entry_id, stored)))
+            if frames:
+                await self._write(frames)
+            if done:
                 return
             position, inclusive = rows[-1][0], False
 
     async def pump(self) -> None:
-        """Drain the live queue until the session is asked to close."""
+        """Drain the live queue, a batch per write, until the session is asked to close."""
         while True:
             while self._queue and self._close_code is None:
-                entry_id, frame = self._queue.popleft()
-                self._queued_bytes -= len(frame)
-                await self.send(entry_id, frame)
+                await self._write_batch()
             if self._close_code is not None:
                 await self.ws.close(code=self._close_code, message=self._close_reason.encode())
                 return
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def _write_batch(self) -> None:
+        frames: list[bytes] = []
+        size = 0
+        while self._queue and len(frames) < _BATCH_FRAMES and size < _BATCH_BYTES:
+            entry_id, frame = self._queue.popleft()
+            self._queued_bytes -= len(frame)
+            if self._fresh(entry_id):
+                frames.append(frame)
+                size += len(frame)
+        if frames:
+            await self._write(frames)
 
     async def read_client(self) -> None:
         """Answer pings; refuse anything else with an error message and a close."""
