@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := run
-.PHONY: run demo test install lint clean bench bench-quick
+.PHONY: run demo test install lint clean scale bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,7 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache
+
+# How one edge's Redis connections, Redis commands per message and memory grow with clients.
+scale: $(STAMP)
+	$(BIN)/python -m relay.bench.scale --clients 100,1000,5000
