@@ -147,5 +147,5 @@ class Keys:
         return self._conv(conversation_id, "runner")
 
     def dead_letters(self) -> str:
-        """Stream of turns that will not be played: attempts exhausted, deadline passed, malformed."""
+        """Stream of turns that will not be played: attempts used up, deadline passed, malformed."""
         return f"{self.prefix}:jobs:dead"

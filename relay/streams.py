@@ -34,16 +34,16 @@ RUN_SEPARATOR = "/"
 # queue system delivers again after its turn left the queue is ignored within these bounds.
 DONE_KEEP = 1000
 
-# Lua: remember_done(done key, turn, ttl_ms) records a turn that left the queue (``Keys.turns_done``)
-# and keeps the set bounded; the script must have ``now`` (server ms) defined before it.
+# Lua: remember_done(done key, turn, ttl_ms) records a turn that left the queue
+# (``Keys.turns_done``) and keeps the set bounded; the script must define ``now`` (server ms) first.
 REMEMBER_DONE = """
 local function remember_done(done, turn, ttl_ms)
   redis.call('ZADD', done, now, turn)
   redis.call('ZREMRANGEBYSCORE', done, '-inf', now - ttl_ms)
-  redis.call('ZREMRANGEBYRANK', done, 0, -1 - %d)
+  redis.call('ZREMRANGEBYRANK', done, 0, -1 - DONE_KEEP)
   redis.call('PEXPIRE', done, ttl_ms)
 end
-""" % DONE_KEEP
+""".replace("DONE_KEEP", str(DONE_KEEP))
 
 # KEYS: stream, turn, queue state. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
 # expected_previous, interrupt_entry_for_previous, epoch. Returns {0} when the active turn changed

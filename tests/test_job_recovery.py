@@ -60,7 +60,8 @@ async def crash_mid_turn(redis_client, keys, queue, conv, clip, *, audio_bytes, 
     chunks = [clip[i:i + 1280] for i in range(0, audio_bytes, 1280)]
     for seq, chunk in enumerate(chunks):
         last = audio_end and seq == len(chunks) - 1
-        await log.append(conv, turn_id, wire.audio(turn_id, seq, chunk, end=last), epoch=claim.epoch)
+        entry = wire.audio(turn_id, seq, chunk, end=last)
+        await log.append(conv, turn_id, entry, epoch=claim.epoch)
     keyframes = keyframes_for_audio(clip, RATE)
     for seq in range(frames):
         last = frames_last and seq == frames - 1

@@ -118,7 +118,8 @@ def _row(conversation: str, turn_id: str, raw_job: bytes, state: dict[str, str],
     try:
         job = decode_job({b"job": raw_job})
         kind = job.kind
-        audio_s = len(job.pcm) / (2 * job.sample_rate) if job.kind == KIND_CLIP and job.pcm else None
+        if job.kind == KIND_CLIP and job.pcm:
+            audio_s = len(job.pcm) / (2 * job.sample_rate)
         waited_s = round(time.time() - job.submitted_ms / 1000, 1) if job.submitted_ms else None
     except MalformedJob:
         pass

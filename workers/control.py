@@ -1,4 +1,4 @@
-"""The interrupt fast path: producers hear about interrupts on the conversations' control channels."""
+"""The interrupt fast path: producers hear about interrupts on conversations' control channels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import asyncio
 from contextlib import suppress
 from typing import Any
 
-import redis.asyncio as redis
 import structlog
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError

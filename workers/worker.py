@@ -201,8 +201,9 @@ class ProducerWorker:
 
     async def _bury_malformed(self, bell: Doorbell) -> None:
         log.warning("doorbell_malformed", doorbell=bell.entry_id)
-        await self._dead.bury(conversation_id=bell.conversation_id or "", turn_id=bell.turn_id or "",
-                              reason=REASON_MALFORMED, error="not a doorbell of this version",
+        await self._dead.bury(conversation_id=bell.conversation_id or "",
+                              turn_id=bell.turn_id or "", reason=REASON_MALFORMED,
+                              error="not a doorbell of this version",
                               job=bell.fields.get(b"job", b""))
         await self._doorbells.ack(bell.entry_id)
 

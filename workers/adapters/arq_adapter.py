@@ -42,7 +42,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def speak_turn(ctx: dict[str, Any], conversation_id: str, audio: bytes | str,
                      sample_rate: int, avatar_id: str | None = None,
                      deadline_s: float | None = None, wait_s: float = 0.0) -> dict[str, Any]:
-    """Submit the turn (and with ``wait_s``, wait for its end); the job's result says how it went."""
+    """Submit the turn (with ``wait_s``, also wait for its end); the result says how it went."""
     turns: RelayTurns | None = ctx.get(CTX_KEY)
     if turns is None:
         raise RuntimeError("add workers.adapters.arq_adapter.startup to the worker's on_startup")
