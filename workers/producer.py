@@ -326,13 +326,6 @@ class Producer:
             await self._log.interrupt_turn(turn.conversation_id, turn.turn_id,
                                            epoch=turn.epoch, reason=reason)
 
-    async def abandon_all(self) -> int:
-        """Stop every running turn without writing to the streams (queue workers hand them back
-        to other workers); returns how many were running."""
-        turns = list(self._active.values())
-        await asyncio.gather(*(turn.abandon() for turn in turns), return_exceptions=True)
-        return len(turns)
-
     async def session_room(self) -> int:
         """Motion Server session slots free across all producers (none is taken)."""
         return await self._session_leases.room()
