@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import statistics
 import time
 
@@ -256,3 +257,32 @@ async def test_sigterm_hands_running_turns_to_another_producer(stack, queue, red
     assert_played_once(split_turns(received)[feed.turn_id], clip)
     print(f"sigterm_exit_s={stopped_s:.2f}")
     assert stopped_s < 5.0
+
+
+async def test_paused_producer_is_fenced_out_after_takeover(stack, queue, redis_client, keys):
+    producers = Producers(stack)
+    await producers.start()
+    _, url = await stack.start_edge("edge-1")
+    conv = "zombie-conv"
+    listener = Listener(RelayClient(url, conv, mint_token(TEST_SECRET, conv)))
+    await listener.joined()
+    clip = speech_like_pcm(3.0, RATE, seed=4)
+    feed = await queue.open_streamed(conv, sample_rate=RATE)
+    feeding = asyncio.create_task(feed_streamed(feed, clip))
+    await listener.wait_for(lambda ms: sum(m.kind == wire.AUDIO for m in ms) >= 10)
+    zombie = await producers.runner_of(redis_client, keys, conv)
+    zombie.proc.send_signal(signal.SIGSTOP)  # paused, not dead: GC, a frozen VM, a partition
+    await producers.start()
+    async with asyncio.timeout(10):
+        while (await read_turn(redis_client, keys, conv)).owner.startswith(zombie.name + ":"):
+            await asyncio.sleep(0.05)  # until the second producer has taken the turn over
+    zombie.proc.send_signal(signal.SIGCONT)  # wakes up with writes in flight and stale state
+    await feeding
+    received = await listener.wait_for(lambda ms: any(
+        m.turn == feed.turn_id and m.kind == wire.TURN_END for m in ms), timeout=30)
+    await asyncio.sleep(1.0)  # room for any late write of the woken producer
+    await listener.close()
+    truth = await stream_truth(redis_client, keys, conv)
+    assert [m.id for m in received] == [i for i, _ in truth]
+    assert_played_once(split_turns(received)[feed.turn_id], clip)
+    assert zombie.alive  # it carried on, fenced out, without breaking anything

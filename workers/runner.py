@@ -173,10 +173,13 @@ class ConversationRunner:
             return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
         except (RelayError, RedisError, OSError, ConversationBusy) as exc:
             return await self._failed(head, claim, exc)
+        kept = await self._finish(head, claim)
         if result is not None:
-            log.info("job_done", status=result.status, error=result.error, epoch=claim.epoch,
-                     attempt=claim.attempts)
-        return await self._finish(head, claim)
+            # Not kept: another worker took the turn over while this attempt was paused; what
+            # looked like an interrupt here was its epoch fencing this attempt out.
+            log.info("job_done" if kept else "attempt_taken_over", status=result.status,
+                     error=result.error, epoch=claim.epoch, attempt=claim.attempts)
+        return kept
 
     async def _speak(self, job: TurnJob, claim: Claim, lease: str | None) -> TurnResult | None:
         attempt = await self._attempt_for(job, claim, lease)
