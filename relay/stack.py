@@ -21,17 +21,18 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from relay.demo import run_demo
+from relay.demo import SubmitClip, run_demo
 from relay.embedded import EmbeddedServer, free_port
 from relay.errors import ConfigError
 from relay.keys import Keys
-from relay.redis_conn import client_for, wait_until_ready
+from relay.redis_conn import RedisClient, client_for, wait_until_ready
 from relay.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 RUN_DIR = Path(".run")
-_STOP_GRACE_S = 10.0
+# Above a producer's own stop bound (RELAY_PRODUCER_STOP_S, 20 s), so SIGTERM hands turns back.
+_STOP_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ async def run_stack(settings: Settings, options: StackOptions) -> int:
         await wait_until_ready(client)
         _print_banner(redis_url, edges, secret, settings, options)
         report = await run_demo(
-            client, Keys(settings.key_prefix, settings.key_buckets), secret, edges, _submitter(client, settings),
+            client, Keys(settings.key_prefix, settings.key_buckets), secret, edges,
+            _submitter(client, settings),
             conversations=options.conversations, turns=options.turns,
             sample_rate=settings.sample_rate, simulated=not settings.uses_real_motion_server,
         )
@@ -191,10 +193,11 @@ async def wait_http(url: str, child: Child, timeout_s: float = 30.0) -> None:
     raise ConfigError(f"{child.name} not ready after {timeout_s}s; see {child.log_path}")
 
 
-def _submitter(client, settings: Settings):  # type: ignore[no-untyped-def]
+def _submitter(client: RedisClient, settings: Settings) -> SubmitClip:
+    # Imported here: the edge and simulator roles must not need the producer's dependencies.
     from workers.queue import TurnQueue
 
-    queue = TurnQueue(client, Keys(settings.key_prefix, settings.key_buckets), input_ttl_s=settings.stream_ttl_s)
+    queue = TurnQueue.from_settings(settings, client)
 
     async def submit(conversation_id: str, pcm: bytes, sample_rate: int) -> str:
         return await queue.submit_clip(conversation_id, pcm, sample_rate=sample_rate)

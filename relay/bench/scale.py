@@ -56,7 +56,8 @@ async def measure(redis_url: str, clients: int, active: int, seconds: float,
         rss_idle = rss_kb(pid)
         connections = await _edge_connections(client, pid)
         before = (await commands_by_process(client, {"edge": pid}))["edge"]
-        appended = await _speak(client, Keys(prefix), sorted(set(conversations))[:active], seconds)
+        speaking = sorted(set(conversations))[:active]
+        appended = await _speak(client, Keys(prefix, settings.key_buckets), speaking, seconds)
         await asyncio.sleep(2.0)  # let the last entries reach the clients
         after = (await commands_by_process(client, {"edge": pid}))["edge"]
         delivered = await _delivered(children)
