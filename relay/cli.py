@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    edge = sub.add_parser("edge", help="serve client WebSockets (needs REDIS_URL, RELAY_TOKEN_SECRET)")
+    edge = sub.add_parser("edge",
+                          help="serve client WebSockets (needs REDIS_URL, RELAY_TOKEN_SECRET)")
     edge.add_argument("--host", default=None)
     edge.add_argument("--port", type=int, default=None)
 

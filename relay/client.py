@@ -90,14 +90,14 @@ class RelayClient:
             self._ws._conn.transport.abort()  # type: ignore[union-attr]
 
     async def messages(self) -> AsyncIterator[wire.Message]:
-        """Stream messages and welcomes, in order, across reconnects, until close() or a fatal code."""
+        """Messages and welcomes, in order, across reconnects, until close() or a fatal code."""
         failures = 0
         while True:
             try:
                 async for message in self._one_connection():
                     failures = 0
                     yield message
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 log.debug("relay_client_connect_failed", error=str(exc))
             if not self._reconnect or self._closed:
                 return
@@ -146,7 +146,8 @@ class RelayClient:
             value = token()
             token = await value if isinstance(value, Awaitable) else value
         base = self._edges[self._edge_index].rstrip("/")
-        url = f"{base}/v1/conversations/{quote(self.conversation_id, safe='')}/ws?token={quote(token)}"
+        conversation = quote(self.conversation_id, safe="")
+        url = f"{base}/v1/conversations/{conversation}/ws?token={quote(token)}"
         if self.last_id:
             url += f"&last_id={quote(self.last_id)}"
         return url

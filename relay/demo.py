@@ -97,7 +97,8 @@ def check_turn(messages: list[wire.Message], clip: bytes, sample_rate: int,
         problems.append("frames before the turn's first audio")
     if sum(1 for m in frames if m.get("last")) != 1:
         problems.append("not exactly one last frames message")
-    if not messages or messages[-1].kind != wire.TURN_END or messages[-1].get("status") != "complete":
+    last = messages[-1] if messages else None
+    if last is None or last.kind != wire.TURN_END or last.get("status") != "complete":
         problems.append("turn did not end complete")
     keyframes = [kf for m in frames for kf in decode_animation(m.get("data")).keyframes]
     if simulated and keyframes != keyframes_for_audio(clip, sample_rate):
@@ -146,7 +147,8 @@ async def run_demo(
             conversation_id = f"demo-{index + 1}"
             token = mint_token(secret, conversation_id, ttl_s=3600)
             for offset in range(2 if len(edges) > 1 else 1):
-                order = edges[(index + offset) % len(edges):] + edges[:(index + offset) % len(edges)]
+                first = (index + offset) % len(edges)
+                order = edges[first:] + edges[:first]
                 watcher = _Watcher(RelayClient(order, conversation_id, token), order[0])
                 watcher.task = asyncio.create_task(watcher.run())
                 watchers.append(watcher)
@@ -171,7 +173,8 @@ async def _speak_turns(submit: SubmitClip, conversation_id: str, turns: int, sam
     mine = [w for w in watchers if w.client.conversation_id == conversation_id]
     clips[conversation_id] = []
     for turn in range(turns):
-        clip = speech_like_pcm(1.2 + 0.4 * turn, sample_rate, seed=hash((conversation_id, turn)) % 997)
+        seed = hash((conversation_id, turn)) % 997
+        clip = speech_like_pcm(1.2 + 0.4 * turn, sample_rate, seed=seed)
         clips[conversation_id].append(clip)
         for watcher in mine:
             watcher.turn_ended.clear()
@@ -213,7 +216,7 @@ def _grade_client(watcher: _Watcher, truth: list[str], clips: list[bytes], sampl
         by_turn.setdefault(str(message.turn), []).append(message)
     if len(by_turn) != len(clips):
         check.problems.append(f"saw {len(by_turn)} turns, spoke {len(clips)}")
-    for messages, clip in zip(by_turn.values(), clips):
+    for messages, clip in zip(by_turn.values(), clips, strict=False):  # mismatch reported above
         problems, frames, keyframes = check_turn(messages, clip, sample_rate, simulated)
         check.problems.extend(problems)
         if count:

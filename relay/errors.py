@@ -20,7 +20,8 @@ class InvalidConversationId(RelayError, ValueError):
 
 
 class TurnFenced(RelayError):
-    """A write for a turn that is no longer the conversation's active turn (interrupted or superseded)."""
+    """A write for a turn that is no longer the conversation's active turn (interrupted,
+    superseded or taken over)."""
 
 
 class TokenError(RelayError):

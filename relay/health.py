@@ -19,7 +19,7 @@ async def check(settings: Settings, *, role: str) -> int:
     client = client_for(settings)
     try:
         await asyncio.wait_for(client.ping(), 3.0)
-    except (OSError, asyncio.TimeoutError, redis.RedisError) as exc:
+    except (TimeoutError, OSError, redis.RedisError) as exc:
         failures.append(f"redis: {exc}")
     finally:
         await client.aclose()
@@ -40,7 +40,7 @@ async def _check_motion_server(settings: Settings) -> list[str]:
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(parsed.hostname, port), 3.0)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         return [f"motion server console {parsed.hostname}:{port}: {exc}"]
     writer.close()
     await writer.wait_closed()

@@ -75,11 +75,11 @@ class Keys:
         return self._conv(conversation_id, "turn")
 
     def conversation_lock(self, conversation_id: str) -> str:
-        """Lease held by the producer that runs this conversation's turns, so turns never interleave."""
+        """Lease of the producer running this conversation's turns, so turns never interleave."""
         return self._conv(conversation_id, "lock")
 
     def turn_input(self, conversation_id: str, turn_id: str) -> str:
-        """Stream of audio chunks a caller feeds into a streamed turn while TTS is still generating."""
+        """Audio chunks a caller feeds into a streamed turn while its TTS is still generating."""
         validate_turn_id(turn_id)
         return self._conv(conversation_id, f"input:{turn_id}")
 
@@ -117,7 +117,7 @@ class Keys:
     # The two session-cap keys share the ``{sdk}`` hash tag: one script updates both.
 
     def sdk_sessions(self) -> str:
-        """Sorted set of live Motion Server session leases (member -> expiry in ms) across producers."""
+        """Live Motion Server session leases of all producers (member -> expiry in ms)."""
         return f"{self.prefix}:{{sdk}}:sessions"
 
     def sdk_waiters(self) -> str:

@@ -1,4 +1,4 @@
-"""Logging set-up, called once by the CLI: JSON lines in production, readable lines on a terminal."""
+"""Logging set-up, called once by the CLI: JSON lines in production, readable on a terminal."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""All settings, read from the environment once at the edge of the program (see docs/operations.md)."""
+"""All settings, read from the environment once at the edge of the program (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ class Settings:
         _check_positive(self, ["stream_maxlen", "stream_ttl_s", "token_ttl_s", "read_count",
                                "client_queue_messages", "client_queue_bytes", "chunk_ms",
                                "producer_concurrency", "max_sdk_sessions", "read_block_ms",
-                               "client_message_max_bytes", "jobs_block_ms", "redis_pool_size", "key_buckets",
+                               "client_message_max_bytes", "jobs_block_ms", "redis_pool_size",
+                               "key_buckets",
                                "conversation_wait_s", "turn_input_timeout_s", "turn_input_ttl_s"])
         if self.sample_rate not in SAMPLE_RATES:
             raise ConfigError(f"RELAY_SAMPLE_RATE must be one of {sorted(SAMPLE_RATES)}")

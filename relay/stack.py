@@ -78,14 +78,14 @@ class Child:
         self.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(self.proc.wait(), _STOP_GRACE_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("child_killed", name=self.name)
             self.proc.kill()
             await self.proc.wait()
 
 
 class LocalStack:
-    """Role processes on this machine sharing one Redis; used by ``relay run``/``demo`` and tests."""
+    """Role processes on this machine sharing one Redis (``relay run``, ``relay demo``, tests)."""
 
     def __init__(self, env: dict[str, str], log_dir: Path = RUN_DIR / "logs") -> None:
         self.env = env
@@ -222,8 +222,8 @@ def _print_banner(redis_url: str, edges: list[str], secret: str, settings: Setti
     secret_file.write_text(secret)
     secret_file.chmod(0o600)
     lines += [
-        "  mint a token RELAY_TOKEN_SECRET=$(cat .run/token_secret) .venv/bin/relay token <conversation_id>",
-        "  speak a turn from Python: workers.queue.TurnQueue(...).submit_clip(conversation_id, pcm, sample_rate=16000)",
+        "  mint a token RELAY_TOKEN_SECRET=$(cat .run/token_secret) .venv/bin/relay token <conv>",
+        "  speak a turn  .venv/bin/relay enqueue <conv> speech.wav   (or TurnQueue.submit_clip)",
         "",
     ]
     print("\n".join(lines), flush=True)

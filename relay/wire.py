@@ -192,7 +192,8 @@ def decode_server(data: bytes) -> Message:
     if kind not in STREAM_KINDS and kind not in EDGE_KINDS:
         raise WireError(f"unknown message kind {kind!r}")
     body.pop("v")
-    return Message(kind=str(kind), id=body.pop("id", None), turn=body.pop("turn", None), fields=body)
+    entry_id, turn = body.pop("id", None), body.pop("turn", None)
+    return Message(kind=str(kind), id=entry_id, turn=turn, fields=body)
 
 
 def _unpack_map(data: bytes) -> dict[str, Any]:
@@ -223,4 +224,5 @@ class CloseCode:
 
     RESUMABLE = frozenset({GOING_AWAY, INTERNAL_ERROR, EDGE_RESTARTING, SLOW_CONSUMER, UNAVAILABLE})
     # A client should stop and surface these; reconnecting with the same token cannot succeed.
-    FATAL = frozenset({BAD_REQUEST, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_CONVERSATION, TOO_BIG})
+    FATAL = frozenset(
+        {BAD_REQUEST, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_CONVERSATION, TOO_BIG})

@@ -92,7 +92,7 @@ class RawWebSocket:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, url: str) -> "RawWebSocket":
+    async def connect(cls, url: str) -> RawWebSocket:
         import base64
         import os
         import socket

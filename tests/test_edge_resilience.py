@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 
 import aiohttp
-import pytest
 
 from relay import wire
 from relay.client import RelayClient
-from relay.edge.app import SESSIONS
 from relay.embedded import EmbeddedServer
 from relay.redis_conn import create_client
 from relay.stack import LocalStack, child_env

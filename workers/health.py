@@ -25,7 +25,7 @@ def create_health_app(client: RedisClient, accepting: Callable[[], bool]) -> web
             return web.json_response({"status": "stopping"}, status=503)
         try:
             await asyncio.wait_for(client.ping(), _PING_TIMEOUT_S)
-        except (OSError, asyncio.TimeoutError, redis.RedisError) as exc:
+        except (TimeoutError, OSError, redis.RedisError) as exc:
             return web.json_response({"status": "redis_unavailable", "error": str(exc)},
                                      status=503)
         return web.json_response({"status": "ready"})

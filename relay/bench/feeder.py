@@ -12,19 +12,24 @@ chunk from its scheduled send to its receipt.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import redis.asyncio as redis
 
 from relay.bench.child import ParentLink
 from relay.bench.resp import RespPipe, pack, value, xadd_prefix
-from relay.bench.schedule import CHUNK_BYTES, SAMPLE_RATE, ConversationShape, Slot, Timeline
+from relay.bench.schedule import (
+    CHUNK_BYTES,
+    SAMPLE_RATE,
+    ConversationShape,
+    Slot,
+    Timeline,
+    drive,
+)
 from relay.demo import speech_like_pcm
 from relay.keys import Keys
 from workers.queue import INPUT_AUDIO, INPUT_END, TurnQueue
 
-TICK_S = 0.005
 INPUT_TTL_S = 600
 
 
@@ -47,16 +52,7 @@ class Feeder:
 
     async def run(self, link: type[ParentLink]) -> None:
         await self._pipe.connect()
-        start = time.time() * 1000 + 200
-        end = start + self._cfg["duration_s"] * 1000
-        timeline = Timeline(self._shape, len(self._ids), start_ms=start, end_ms=end)
-        link.emit("started", t0=start / 1000)
-        while not timeline.finished:
-            due = timeline.next_due_ms() or 0.0
-            await asyncio.sleep(max((due - time.time() * 1000) / 1000, TICK_S))
-            now = time.time() * 1000
-            await self._feed(list(timeline.pop_due(now)), timeline, now)
-        t1 = time.time()
+        t1 = await drive(self._shape, len(self._ids), self._cfg["duration_s"], link, self._feed)
         await self._end_open_turns()
         # What this schedule asks the relay to deliver: per chunk one audio entry, per five one
         # frames entry, per turn its turn_start and turn_end.

@@ -9,9 +9,12 @@ over the first second, so load is smooth rather than a 25 Hz thundering herd.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 CHUNK_MS = 40
 CHUNK_BYTES = 1280
@@ -116,3 +119,24 @@ class Timeline:
 
     def is_last(self, slot: Slot) -> bool:
         return slot.index == self._shape.chunks - 1
+
+
+# Never sleep shorter than this between due slots: the loop must not spin.
+TICK_S = 0.005
+
+SlotHandler = Callable[[list[Slot], Timeline, float], Awaitable[None]]
+
+
+async def drive(shape: ConversationShape, conversations: int, duration_s: float,
+                link: Any, handle: SlotHandler) -> float:
+    """Run a paced schedule: announce its start to the parent, hand every due batch of slots to
+    ``handle`` (with the current time in ms), and return the wall time it ended."""
+    start = time.time() * 1000 + 200
+    timeline = Timeline(shape, conversations, start_ms=start, end_ms=start + duration_s * 1000)
+    link.emit("started", t0=start / 1000)
+    while not timeline.finished:
+        due = timeline.next_due_ms() or 0.0
+        await asyncio.sleep(max((due - time.time() * 1000) / 1000, TICK_S))
+        now = time.time() * 1000
+        await handle(list(timeline.pop_due(now)), timeline, now)
+    return time.time()

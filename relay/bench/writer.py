@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 from typing import Any
 
 import redis.asyncio as redis
@@ -34,13 +33,13 @@ from relay.bench.schedule import (
     ConversationShape,
     Slot,
     Timeline,
+    drive,
 )
 from relay.bench.tally import HASH_MOD, id_hash
 from relay.keys import Keys
 from relay.motion_sim import KeyframeGenerator, encode_animation
 from relay.streams import ConversationLog
 
-TICK_S = 0.005
 _OWNER = "bench-writer"
 
 
@@ -90,17 +89,7 @@ class Writer:
 
     async def run(self, link: type[ParentLink]) -> None:
         await self._pipe.connect()
-        start = time.time() * 1000 + 200
-        end = start + self._cfg["duration_s"] * 1000
-        timeline = Timeline(self._shape, len(self._ids), start_ms=start, end_ms=end)
-        link.emit("started", t0=start / 1000)
-        while not timeline.finished:
-            due = timeline.next_due_ms() or 0.0
-            wait = (due - time.time() * 1000) / 1000
-            await asyncio.sleep(max(wait, TICK_S))
-            now = time.time() * 1000
-            await self._write(list(timeline.pop_due(now)), timeline, now)
-        t1 = time.time()
+        t1 = await drive(self._shape, len(self._ids), self._cfg["duration_s"], link, self._write)
         link.emit("report", t1=t1, **self._report())
         await self._pipe.close()
         await self._client.aclose()

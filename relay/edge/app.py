@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
 import structlog
-from redis.asyncio.cluster import RedisCluster
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from relay import wire
 from relay.edge.hub import Hub
+from relay.edge.routing import ClusterRouter, Router, SingleRouter
 from relay.edge.session import ClientSession, choose_start
 from relay.errors import InvalidConversationId, TokenError
 from relay.keys import Keys, validate_conversation_id
-from relay.edge.routing import ClusterRouter, Router, SingleRouter
 from relay.redis_conn import RedisClient, client_for, create_client
 from relay.settings import Settings
 from relay.streams import valid_id
@@ -94,7 +94,7 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "draining"}, status=503)
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), 2.0)
-    except (OSError, asyncio.TimeoutError, redis.RedisError) as exc:
+    except (TimeoutError, OSError, redis.RedisError) as exc:
         return web.json_response({"status": "redis_unavailable", "error": str(exc)}, status=503)
     if not hub.ready:
         return web.json_response({"status": "reader_not_ready"}, status=503)
@@ -161,7 +161,7 @@ async def _serve(
         reader.add_done_callback(lambda _: session.request_close(wire.CloseCode.NORMAL, "bye"))
         await session.catch_up(app[REDIS], app[KEYS], start, position, app[JOINS])
         await session.pump()
-    except (ConnectionResetError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, ConnectionResetError) as exc:
         log.info("client_lost", error=type(exc).__name__)
     except redis.RedisError as exc:
         log.warning("client_redis_error", error=str(exc))

@@ -106,7 +106,7 @@ class Hub:
             del self._by_stream[sub.stream_key.encode()]
 
     async def wake(self, conversation_id: str) -> None:
-        """Make the blocking read on the conversation's node return, so it includes the stream now."""
+        """Make the blocking read of the conversation's shard return and include the stream now."""
         shard = self._router.shard_for(self._keys.bucket(conversation_id), self._shards)
         if shard is not None:
             await shard.client.xadd(shard.wake_key, {b"w": b"1"}, maxlen=_WAKE_MAXLEN,

@@ -1,4 +1,4 @@
-"""Run one edge process; on SIGTERM/SIGINT drain it: not ready, then clients told to move, then exit.
+"""Run one edge process; on SIGTERM/SIGINT drain it: not ready, clients told to move, exit.
 
 Drain order: /readyz answers 503 at once (load balancers stop sending new clients), after
 ``drain_delay_s`` the listening socket closes and every client gets close code 1012 (reconnect

@@ -1,4 +1,4 @@
-"""One connected client: where its delivery starts, its bounded send queue, its writer and reader."""
+"""One connected client: where delivery starts, its bounded send queue, its writer and reader."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ def sim_config(settings: Settings) -> SimConfig:
 
 
 async def run_sim(settings: Settings) -> int:
-    task = asyncio.create_task(run_forever(sim_config(settings), settings.sim_host, settings.sim_port))
+    serving = run_forever(sim_config(settings), settings.sim_host, settings.sim_port)
+    task = asyncio.create_task(serving)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
