@@ -221,6 +221,25 @@ async def test_streamed_turn(make_producer, redis_client, keys):
     assert_complete(messages, turn.turn_id, clip, rate=24000)
 
 
+async def test_streamed_turn_in_batches(make_producer, redis_client, keys, monkeypatch):
+    """send_many: one fenced append per batch (split at AUDIO_BATCH_MAX), frames waiting in the
+    pipe ride along ahead of the audio; the turn's seqs stay contiguous and audio leads frames."""
+    import workers.turn as turn_module
+
+    monkeypatch.setattr(turn_module, "AUDIO_BATCH_MAX", 3)
+    producer = await make_producer()
+    clip = tone(0.8, freq=300.0)
+    chunks = [clip[start : start + 1280] for start in range(0, len(clip), 1280)]
+    async with await producer.open_turn("conv-batches") as turn:
+        for start in range(0, len(chunks), 7):
+            assert await turn.send_many(chunks[start : start + 7])
+            await asyncio.sleep(0.05)  # let the server answer: frames wait in the pipe
+    result = await turn.end()
+    assert result.status == wire.STATUS_COMPLETE
+    messages = await stream_messages(redis_client, keys, "conv-batches")
+    assert_complete(messages, turn.turn_id, clip)
+
+
 async def test_tts_pause_is_not_a_stall(make_producer, redis_client, keys):
     producer = await make_producer(frames_timeout_s=0.4)
     clip = tone(0.6, freq=260.0)

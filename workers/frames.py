@@ -25,6 +25,9 @@ log = structlog.get_logger(__name__)
 # gives up on motion and finishes audio-only, because buffering without bound risks the process
 # and dropping envelopes from the middle would corrupt the animation.
 FRAMES_QUEUE_MAX = 256
+# The writer appends every envelope waiting (up to this many, in arrival order) in one fenced
+# script call; the rest wait for the next call. Bounds one call's size, buffers nothing more.
+FRAMES_BATCH_MAX = 32
 REASON_STALL = "stall"
 REASON_FRAMES_BACKLOG = "frames_backlog"
 
@@ -60,6 +63,9 @@ class FramesPipe:
         self._stall_s = stall_s
         self._capacity = capacity
         self._items: deque[tuple[bytes, bool]] = deque()
+        # Held for every append of this pipe's entries, by the writer task or by the turn's audio
+        # path (``append_with``), so envelopes taken by either reach the stream in arrival order.
+        self._write_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -163,24 +169,59 @@ class FramesPipe:
         finally:
             self._finish(PipeOutcome.ERROR)  # no-op unless the writer crashed; waiters go on
 
+    async def append_with(self, entries: list[bytes]) -> None:
+        """Append ``entries`` of the turn (its audio) in one fenced call, preceded by the frames
+        envelopes waiting now: they were made from audio already in the stream, so they may go
+        ahead of this audio. Raises TurnFenced (nothing of the call was appended)."""
+        async with self._write_lock:
+            frames, last = self._take_frames()
+            await self._log.append(self._conversation_id, self._turn_id, *frames, *entries,
+                                   epoch=self._epoch)
+            self._written(len(frames), last)
+
     async def _write_next(self) -> None:
-        envelope, last = self._items.popleft()
-        entry = wire.frames(self._turn_id, self.frames_written, envelope, last=last)
-        await self._log.append(self._conversation_id, self._turn_id, entry, epoch=self._epoch)
-        self.frames_written += 1
+        async with self._write_lock:
+            if self.done or self.failed:
+                return  # the loop writes the fallback, or ends
+            frames, last = self._take_frames()
+            if not frames:
+                return  # the turn's audio path took them
+            await self._log.append(self._conversation_id, self._turn_id, *frames,
+                                   epoch=self._epoch)
+            self._written(len(frames), last)
+
+    def _take_frames(self) -> tuple[list[bytes], bool]:
+        """The waiting envelopes as frames entries (up to ``FRAMES_BATCH_MAX``, never past the
+        one marked last), taken off the queue; none once the pipe failed or is done."""
+        entries: list[bytes] = []
+        last = False
+        if self.done or self.failed:
+            return entries, last
+        while self._items and not last and len(entries) < FRAMES_BATCH_MAX:
+            envelope, last = self._items.popleft()
+            seq = self.frames_written + len(entries)
+            entries.append(wire.frames(self._turn_id, seq, envelope, last=last))
+        return entries, last
+
+    def _written(self, count: int, last: bool) -> None:
+        self.frames_written += count
         if last:
             self._finish(PipeOutcome.COMPLETE)
 
     async def _write_fallback(self) -> None:
-        self._items.clear()
-        reason = self.reason or "motion_error"
-        log.warning("motion_failed", reason=reason, detail=self.detail,
-                    frames_messages=self.frames_written)
-        await self._log.append(
-            self._conversation_id, self._turn_id, wire.audio_only(self._turn_id, reason=reason),
-            epoch=self._epoch,
-        )
-        self._finish(PipeOutcome.AUDIO_ONLY)
+        # Under the lock: frames the audio path took before the failure go in ahead of the marker.
+        async with self._write_lock:
+            if self.done:
+                return
+            self._items.clear()
+            reason = self.reason or "motion_error"
+            log.warning("motion_failed", reason=reason, detail=self.detail,
+                        frames_messages=self.frames_written)
+            await self._log.append(
+                self._conversation_id, self._turn_id,
+                wire.audio_only(self._turn_id, reason=reason), epoch=self._epoch,
+            )
+            self._finish(PipeOutcome.AUDIO_ONLY)
 
     async def _idle(self) -> None:
         self._wake.clear()

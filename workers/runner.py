@@ -285,12 +285,17 @@ class ConversationRunner:
         timeout_s = self._s.settings.turn_input_timeout_s
         deadline = loop.time() + timeout_s
         while True:
+            # Everything that arrived is sent in one go: one fenced append per batch of chunks.
+            # Delivered audio is a prefix of the input, so every head comes before every tail.
+            tails: list[bytes] = []
             for chunk in batch.chunks:
                 head, tail = chunk[: max(0, skip - offset)], chunk[max(0, skip - offset) :]
                 offset += len(chunk)
                 await turn.prefeed(head)
-                if tail and not await turn.send(tail):
-                    return  # interrupted
+                if tail:
+                    tails.append(tail)
+            if tails and not await turn.send_many(tails):
+                return  # interrupted
             if batch.ended or turn.interrupted:
                 return
             if batch.chunks:

@@ -46,6 +46,13 @@ log = structlog.get_logger(__name__)
 STATUS_ABANDONED = "abandoned"
 REASON_FAILOVER = "producer_failover"
 
+# ``send_many`` appends the audio entries of up to this many chunks (and at most this many bytes
+# of audio, but always at least one chunk) in one fenced call, all before any of them goes to the
+# Motion Server; more chunks are split into further calls. Bounds one call's size; the chunks are
+# the caller's, nothing more is buffered.
+AUDIO_BATCH_MAX = 32
+AUDIO_BATCH_MAX_BYTES = 512 * 1024
+
 
 @dataclass(frozen=True)
 class TurnResult:
@@ -157,6 +164,25 @@ class Turn:
         with self._bound():
             result: bool = await self._guarded(self._push(pcm, end=False))
             return result
+
+    async def send_many(self, chunks: list[bytes]) -> bool:
+        """``send`` for several PCM16 chunks in order, with one fenced append per batch of
+        ``AUDIO_BATCH_MAX`` chunks; False when the turn no longer takes audio (interrupted)."""
+        pcms = [validate_pcm(chunk) for chunk in chunks]
+        if self._result is not None:
+            raise ProducerError("send() after the turn ended")
+        with self._bound():
+            start = 0
+            while start < len(pcms):
+                stop, size = start + 1, len(pcms[start])
+                while (stop < len(pcms) and stop - start < AUDIO_BATCH_MAX
+                       and size + len(pcms[stop]) <= AUDIO_BATCH_MAX_BYTES):
+                    size += len(pcms[stop])
+                    stop += 1
+                if not await self._guarded(self._push_many(pcms[start:stop], end=False)):
+                    return False
+                start = stop
+            return True
 
     async def speak_rest(self, pcm: bytes) -> TurnResult:
         """Send the rest of a clip in ``chunk_ms`` chunks (the last carries the end) and end."""
@@ -293,19 +319,30 @@ class Turn:
         return None if task.cancelled() else task.result()
 
     async def _push(self, chunk: bytes, *, end: bool) -> bool:
+        return await self._push_many([chunk], end=end)
+
+    async def _push_many(self, chunks: list[bytes], *, end: bool) -> bool:
+        """Append the chunks' audio entries (``end`` marks the last one) in one fenced call,
+        together with the frames waiting in the pipe, then send the chunks to the Motion Server:
+        every chunk's audio is in the stream before the chunk reaches the server."""
         if self.interrupted:
             return False
         self._may_prefeed = False
-        entry = wire.audio(self.turn_id, self._audio_seq, chunk, end=end)
+        last = len(chunks) - 1
+        entries = [wire.audio(self.turn_id, self._audio_seq + i, chunk, end=end and i == last)
+                   for i, chunk in enumerate(chunks)]
         try:
-            await self._log.append(self.conversation_id, self.turn_id, entry, epoch=self.epoch)
+            await self._pipe.append_with(entries)
         except TurnFenced:
             self.notify_interrupted()
             return False
-        self._audio_seq += 1
-        self._audio_bytes += len(chunk)
+        self._audio_seq += len(chunks)
+        self._audio_bytes += sum(len(chunk) for chunk in chunks)
         self._audio_end_sent = self._audio_end_sent or end
-        await self._feed_motion(chunk, end=end)
+        for i, chunk in enumerate(chunks):
+            await self._feed_motion(chunk, end=end and i == last)
+            if self.interrupted:
+                return False
         return not self.interrupted
 
     async def _feed_motion(self, chunk: bytes, *, end: bool) -> None:
