@@ -426,7 +426,8 @@ async def test_idle_sessions_yield_to_waiting_turns(make_producer, redis_client,
     clip = tone(0.4, freq=330.0)
     result = await waiter.speak("conv-needs-slot", clip)
     assert result.status == wire.STATUS_COMPLETE
-    assert_complete(await stream_messages(redis_client, keys, "conv-needs-slot"), result.turn_id, clip)
+    messages = await stream_messages(redis_client, keys, "conv-needs-slot")
+    assert_complete(messages, result.turn_id, clip)
     assert holder.motion_sessions == 0
     assert sim.sim.stats.sessions_peak == 1
 
