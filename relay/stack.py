@@ -91,6 +91,7 @@ class LocalStack:
         self.env = env
         self.log_dir = log_dir
         self.children: list[Child] = []
+        self.sim_url: str | None = None  # base URL of the simulator once started
 
     async def _spawn(self, name: str, args: list[str], **extra_env: str) -> Child:
         child = Child(name, args, {**self.env, "RELAY_NODE_ID": name, **extra_env}, self.log_dir)
@@ -106,6 +107,7 @@ class LocalStack:
         self.env["SPATIUS_CONSOLE_URL"] = f"{base}/v1/console"
         self.env["SPATIUS_INGRESS_URL"] = f"ws://127.0.0.1:{port}/v2/driveningress"
         await wait_http(f"{base}/_sim/stats", sim)
+        self.sim_url = base
         return base
 
     async def start_producer(self, name: str, **extra_env: str) -> Child:

@@ -44,8 +44,7 @@ async def redis_client(backend):
 @pytest.fixture
 async def stack(backend, tmp_path):
     local = LocalStack(child_env(backend, backend.redis_url, TEST_SECRET), tmp_path / "logs")
-    sim_url = await local.start_sim()
-    local.sim_url = sim_url  # type: ignore[attr-defined]
+    await local.start_sim()
     try:
         yield local
     finally:
