@@ -14,6 +14,7 @@ from relay.embedded import EmbeddedCluster, EmbeddedServer
 from relay.keys import Keys
 from relay.redis_conn import create_client
 from relay.settings import Settings
+from workers.queue import TurnQueue
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 
@@ -66,3 +67,9 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
     client = create_client(redis_url, block_ms=2000)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def queue(redis_client: redis.Redis, keys: Keys) -> TurnQueue:
+    """The built-in turn queue on the test's Redis (a module's own redis_client wins)."""
+    return TurnQueue(redis_client, keys, input_ttl_s=300)

@@ -20,7 +20,6 @@ from relay.streams import read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
 from tests.edge_helpers import Listener
-from workers.queue import TurnQueue
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +48,6 @@ async def stack(backend, tmp_path):
         yield local
     finally:
         await local.stop()
-
-
-@pytest.fixture
-def queue(redis_client, keys):
-    return TurnQueue(redis_client, keys, input_ttl_s=300)
 
 
 async def submit(queue):

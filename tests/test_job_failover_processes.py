@@ -23,7 +23,6 @@ from tests.conftest import TEST_SECRET
 from tests.edge_helpers import Listener
 from tests.job_helpers import assert_played_once, split_turns
 from workers.deadletters import DeadLetters
-from workers.queue import TurnQueue
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +75,6 @@ async def stack(settings, tmp_path):
         yield local
     finally:
         await local.stop()
-
-
-@pytest.fixture
-def queue(redis_client, keys):
-    return TurnQueue(redis_client, keys, input_ttl_s=300)
 
 
 async def feed_streamed(feed, clip: bytes) -> None:
