@@ -5,21 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := run
-.PHONY: run demo test install lint clean scale bench bench-quick
+.PHONY: run demo test test-fast install lint clean scale bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
-
-# py-spy (profiles of the edge and the producer under load) is only needed by `make bench`.
-BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $(BENCH_STAMP)
 
 run: $(STAMP)
 	$(BIN)/relay run
@@ -30,9 +24,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The gates CI enforces: ruff over everything, mypy --strict over the product and the dev tooling.
+lint: $(STAMP)
+	$(BIN)/ruff check relay workers tests
+	$(BIN)/mypy relay workers
+
+# While iterating: everything but the multi-process end-to-end tests (`make test` runs them all).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # Bounded load on this machine, loopback only (under 10 minutes): JSON in bench/results/,
 # a table on stdout, and the figures appended to docs/benchmarks.md.
-bench: $(BENCH_STAMP)
+bench: $(STAMP)
 	$(BIN)/relay bench --record docs/benchmarks.md
 
 bench-quick: $(STAMP)
@@ -43,4 +46,4 @@ clean:
 
 # How one edge's Redis connections, Redis commands per message and memory grow with clients.
 scale: $(STAMP)
-	$(BIN)/python -m relay.bench.scale --clients 100,1000,5000
+	$(BIN)/python -m relay.dev.bench.scale --clients 100,1000,5000

@@ -31,11 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--host", default=None)
     sim.add_argument("--port", type=int, default=None)
 
-    bench = sub.add_parser("bench", help="measure the relay against a bare Redis loop on this "
-                           "machine (loopback only); results in bench/results/latest.json")
-    from relay.bench.command import add_arguments as bench_arguments
-
-    bench_arguments(bench)
+    # The bench is dev tooling: its own parser (``relay bench --help``) is loaded only when asked
+    # for, so no role's process imports it.
+    bench = sub.add_parser("bench", add_help=False,
+                           help="measure the relay against a bare Redis loop on this machine "
+                           "(loopback only); results in bench/results/latest.json")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     enqueue = sub.add_parser("enqueue", help="queue one turn from a .wav (PCM16 mono) or a raw "
                              ".pcm file; prints its turn id")
@@ -104,7 +105,7 @@ async def _jobs_command(args: argparse.Namespace, settings: Settings) -> int:
 async def _jobs_action(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
-    from workers import admin
+    from workers.queue import admin
 
     if args.command == "enqueue":
         print(await admin.enqueue(settings, args.conversation_id, Path(args.audio),
@@ -131,7 +132,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
 
         return asyncio.run(run_producer(settings))
     if args.command == "motion-sim":
-        from relay.motion_sim.run import run_sim
+        from relay.dev.motion_sim.run import run_sim
 
         overrides = {k: v for k, v in (("sim_host", args.host), ("sim_port", args.port)) if v}
         return asyncio.run(run_sim(settings.with_overrides(**overrides)))
@@ -142,16 +143,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
                          ttl_s=args.ttl or settings.token_ttl_s))
         return 0
     if args.command == "bench":
-        from relay.bench.command import run as run_bench
+        from relay.dev.bench.command import main as bench_main
 
-        return run_bench(args)
+        return bench_main(args.bench_args)
     if args.command in ("enqueue", "jobs"):
         return asyncio.run(_jobs_command(args, settings))
     if args.command == "check":
         from relay.health import check
 
         return asyncio.run(check(settings, role=args.role))
-    from relay.stack import StackOptions, run_stack
+    from relay.dev.stack import StackOptions, run_stack
 
     options = StackOptions(conversations=args.conversations, turns=args.turns,
                            producers=args.producers, edges=args.edges,

@@ -7,7 +7,8 @@ or frames of the old turn can follow it, however late the old producer's writes 
 
 Queued turns are retried after a producer crash, and every attempt writes under the same turn id.
 The turn record therefore also holds the attempt's **epoch**: a takeover bumps it atomically
-(``workers.jobstore``), and every write here checks turn id *and* epoch, so a previous attempt that
+(``workers.queue.records``), and every write here checks turn id *and* epoch, so a previous attempt
+that
 is paused rather than dead can never write again. Turns spoken directly (no queue) use epoch 0.
 """
 
@@ -192,7 +193,7 @@ class ConversationLog:
     """Fenced writes to conversation streams, shared by producers and the interrupt API.
 
     :param queue_ttl_s: expiry of a conversation's queue state (only touched by interrupts that
-        drop queued turns); see ``workers.jobstore``.
+        drop queued turns); see ``workers.queue.records``.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int, ttl_s: int,

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as redis
 
-from relay.embedded import EmbeddedCluster, EmbeddedServer
+from relay.dev.embedded import EmbeddedCluster, EmbeddedServer
 from relay.keys import Keys
 from relay.redis_conn import create_client
 from relay.settings import Settings
-from workers.queue import TurnQueue
+from workers.queue.submit import TurnQueue
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 

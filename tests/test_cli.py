@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from relay.embedded import free_port
+from relay.dev.embedded import free_port
 from relay.tokens import verify_token
 from tests.conftest import TEST_SECRET
 

@@ -13,9 +13,9 @@ import pytest
 
 from relay import wire
 from relay.client import RelayClient
-from relay.demo import run_demo, speech_like_pcm
+from relay.dev.demo import run_demo, speech_like_pcm
+from relay.dev.stack import LocalStack, child_env
 from relay.redis_conn import client_for
-from relay.stack import LocalStack, child_env
 from relay.streams import read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET

@@ -9,9 +9,9 @@ import aiohttp
 
 from relay import wire
 from relay.client import RelayClient
-from relay.embedded import EmbeddedServer
+from relay.dev.embedded import EmbeddedServer
+from relay.dev.stack import LocalStack, child_env
 from relay.redis_conn import create_client
-from relay.stack import LocalStack, child_env
 from relay.streams import ConversationLog, read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET

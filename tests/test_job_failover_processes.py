@@ -15,14 +15,14 @@ import pytest
 
 from relay import wire
 from relay.client import RelayClient
-from relay.demo import speech_like_pcm
-from relay.stack import Child, LocalStack, child_env
+from relay.dev.demo import speech_like_pcm
+from relay.dev.stack import Child, LocalStack, child_env
 from relay.streams import ACTIVE, read_after, read_turn
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
 from tests.edge_helpers import Listener
 from tests.job_helpers import assert_played_once, split_turns
-from workers.deadletters import DeadLetters
+from workers.queue.deadletters import DeadLetters
 
 pytestmark = pytest.mark.slow
 

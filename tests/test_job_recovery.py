@@ -12,8 +12,8 @@ import asyncio
 import pytest
 
 from relay import wire
+from relay.dev.motion_sim import encode_animation, keyframes_for_audio
 from relay.errors import TurnFenced
-from relay.motion_sim import encode_animation, keyframes_for_audio
 from relay.streams import ConversationLog, read_turn
 from tests.job_helpers import assert_played_once, request_ids, split_turns
 from tests.test_producer import (  # noqa: F401 - fixtures are used by name
@@ -29,9 +29,9 @@ from tests.test_producer import (  # noqa: F401 - fixtures are used by name
     wait_turn_end,
 )
 from tests.test_queue_worker import pending_jobs, queue, run_worker  # noqa: F401
-from workers.deadletters import DeadLetters
-from workers.doorbells import Doorbells
-from workers.jobstore import JobStore
+from workers.queue.deadletters import DeadLetters
+from workers.queue.doorbells import Doorbells
+from workers.queue.records import JobStore
 
 FAST_CLAIM = {"job_claim_idle_s": 0.3}
 DEAD = "dead-producer:0"
@@ -219,7 +219,7 @@ async def test_interrupt_and_turns_queued_before_it(redis_client, keys, queue, r
 
 async def test_waits_for_a_session_slot_instead_of_going_audio_only(redis_client, keys, queue,
                                                                     run_worker, start_sim):
-    from relay.motion_sim import SimConfig
+    from relay.dev.motion_sim import SimConfig
 
     slow = await start_sim(SimConfig(max_concurrent_sessions=0, realtime=True))
     options = {"max_sdk_sessions": 1, "sdk_wait_s": 0.2, "per_turn_sessions": True}

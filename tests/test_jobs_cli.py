@@ -17,8 +17,8 @@ from tests.test_producer import (  # noqa: F401 - fixtures are used by name
     wait_turn_end,
 )
 from tests.test_queue_worker import run_worker  # noqa: F401
-from workers.deadletters import DeadLetters
-from workers.queue import decode_job
+from workers.queue.deadletters import DeadLetters
+from workers.queue.jobs import decode_job
 
 
 def write_wav(path, pcm: bytes, *, rate: int = RATE, channels: int = 1) -> None:

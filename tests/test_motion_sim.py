@@ -18,7 +18,7 @@ import websockets
 from spatius import AvatarSDKError, AvatarSDKErrorCode, SessionTokenError
 from spatius.proto.generated import message_pb2
 
-from relay.motion_sim import (
+from relay.dev.motion_sim import (
     KEYFRAME_SIZE,
     SIM_KEY,
     AnimationBatch,

@@ -14,8 +14,7 @@ from aiohttp import web
 from spatius.proto.generated import message_pb2
 
 from relay import wire
-from relay.keys import Keys
-from relay.motion_sim import (
+from relay.dev.motion_sim import (
     SIM_KEY,
     FaultKind,
     FaultRule,
@@ -27,11 +26,13 @@ from relay.motion_sim import (
     keyframes_for_audio,
     serve,
 )
+from relay.keys import Keys
 from relay.settings import Settings
 from relay.streams import ConversationLog, read_after
-from workers.leases import ConversationBusy, ConversationLeases, SessionLeases
-from workers.producer import FramesPipe, PipeOutcome, Producer, ProducerError
-from workers.sdk import MotionEndpoints, MotionSession
+from workers.speech.endpoints import MotionEndpoints
+from workers.speech.leases import ConversationBusy, ConversationLeases, SessionLeases
+from workers.speech.producer import FramesPipe, PipeOutcome, Producer, ProducerError
+from workers.speech.session import MotionSession
 
 RATE = 16000
 FAST = {"frames_timeout_s": 3.0, "sdk_wait_s": 2.0, "conversation_wait_s": 5.0}
@@ -224,7 +225,7 @@ async def test_streamed_turn(make_producer, redis_client, keys):
 async def test_streamed_turn_in_batches(make_producer, redis_client, keys, monkeypatch):
     """send_many: one fenced append per batch (split at AUDIO_BATCH_MAX), frames waiting in the
     pipe ride along ahead of the audio; the turn's seqs stay contiguous and audio leads frames."""
-    import workers.turn as turn_module
+    import workers.speech.turn as turn_module
 
     monkeypatch.setattr(turn_module, "AUDIO_BATCH_MAX", 3)
     producer = await make_producer()

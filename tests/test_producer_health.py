@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from relay.embedded import free_port
+from relay.dev.embedded import free_port
 from relay.redis_conn import create_client
 from workers.health import create_health_app
 

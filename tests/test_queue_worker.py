@@ -26,9 +26,11 @@ from tests.test_producer import (  # noqa: F401 - fixtures are used by name
     tone,
     wait_turn_end,
 )
-from workers.producer import Producer
-from workers.queue import JOB_FIELD, MalformedJob, QueueFull, TurnQueue, decode_job
-from workers.worker import ProducerWorker
+from workers.errors import MalformedJob, QueueFull
+from workers.queue.jobs import JOB_FIELD, decode_job
+from workers.queue.submit import TurnQueue
+from workers.queue.worker import ProducerWorker
+from workers.speech.producer import Producer
 
 
 @pytest.fixture

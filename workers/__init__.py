@@ -1,26 +1,39 @@
 """Producer side of the relay: turns spoken into conversation streams with Spatius motion.
 
-``Producer`` runs turns in-process for any asyncio backend; ``TurnQueue`` hands turns to
-``ProducerWorker`` processes (``relay producer``) through Redis from any backend process.
+``workers.speech`` speaks a turn through the SDK (``Producer`` runs turns in-process for any asyncio
+backend); ``workers.queue`` hands turns from any backend process to ``ProducerWorker`` processes
+(``relay producer``) through Redis; ``workers.adapters`` plug that queue into arq, Celery and RQ.
+
+Names are resolved lazily, so ``from workers.queue import TurnQueue`` loads neither the Spatius SDK
+nor the producer.
 """
 
-from workers.leases import ConversationBusy
-from workers.producer import Attempt, Producer, ProducerClosed, ProducerError, Turn, TurnResult
-from workers.queue import MalformedJob, QueueError, QueueFull, StreamedInput, TurnQueue
-from workers.worker import ProducerWorker
+from __future__ import annotations
 
-__all__ = [
-    "Attempt",
-    "ConversationBusy",
-    "MalformedJob",
-    "Producer",
-    "ProducerClosed",
-    "ProducerError",
-    "ProducerWorker",
-    "QueueError",
-    "QueueFull",
-    "StreamedInput",
-    "Turn",
-    "TurnQueue",
-    "TurnResult",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Attempt": "workers.speech.producer",
+    "ConversationBusy": "workers.speech.leases",
+    "MalformedJob": "workers.errors",
+    "Producer": "workers.speech.producer",
+    "ProducerClosed": "workers.errors",
+    "ProducerError": "workers.errors",
+    "ProducerWorker": "workers.queue.worker",
+    "QueueError": "workers.errors",
+    "QueueFull": "workers.errors",
+    "StreamedInput": "workers.queue.input",
+    "Turn": "workers.speech.turn",
+    "TurnQueue": "workers.queue.submit",
+    "TurnResult": "workers.speech.turn",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'workers' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

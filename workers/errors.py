@@ -15,3 +15,15 @@ class ProducerClosed(ProducerError):
 
 class AttemptFenced(ProducerError):
     """A queued turn's attempt may no longer run: it was dropped, or another attempt took over."""
+
+
+class QueueError(RelayError):
+    """A turn could not be queued."""
+
+
+class QueueFull(QueueError):
+    """``max_jobs`` turns are already waiting; try again later."""
+
+
+class MalformedJob(QueueError):
+    """A job entry that does not decode as a job of a known version."""

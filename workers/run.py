@@ -10,9 +10,9 @@ import structlog
 from relay.redis_conn import client_for, wait_until_ready
 from relay.settings import Settings
 from workers.health import start_health_server
-from workers.producer import Producer
-from workers.sdk import MotionEndpoints
-from workers.worker import ProducerWorker
+from workers.queue.worker import ProducerWorker
+from workers.speech.endpoints import MotionEndpoints
+from workers.speech.producer import Producer
 
 log = structlog.get_logger(__name__)
 

@@ -23,8 +23,8 @@ from relay.keys import Keys, validate_turn_id
 from relay.redis_conn import client_for
 from relay.settings import Settings
 from relay.streams import read_after, stream_info
-from workers.jobstore import JobStore
-from workers.queue import SUBMIT_ALREADY_DONE, TurnQueue
+from workers.queue.records import JobStore
+from workers.queue.submit import SUBMIT_ALREADY_DONE, TurnQueue
 
 T = TypeVar("T")
 
