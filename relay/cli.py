@@ -73,7 +73,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # REMAINDER does not take arguments that start with "-" (``relay bench --quick``): the bench
+    # gets whatever the main parser does not know, in order; any other command refuses it.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "bench":
+        args.bench_args = [*unknown, *args.bench_args]
     try:
         settings = Settings.from_env()
         if args.log_level:

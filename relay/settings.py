@@ -88,6 +88,9 @@ class Settings:
     sim_max_sessions: int = 40  # the largest Spatius plan's cap; 0 = unlimited
     sim_batch_keyframes: int = 5  # 200 ms of animation per message, as in streaming mode
     sim_realtime: bool = False
+    # Latency measurements (issue 12, `relay bench --latency`): a slower simulated Motion Server.
+    sim_first_batch_delay_ms: int = 0  # each request's first animation message waits this long
+    sim_handshake_delay_ms: int = 0  # the session handshake is answered after this long
 
     # Logs.
     log_json: bool = True
