@@ -32,11 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=int, default=None)
 
     # The bench is dev tooling: its own parser (``relay bench --help``) is loaded only when asked
-    # for, so no role's process imports it.
-    bench = sub.add_parser("bench", add_help=False,
+    # for, so no role's process imports it; every argument after ``bench`` is left to it.
+    sub.add_parser("bench", add_help=False,
                            help="measure the relay against a bare Redis loop on this machine "
                            "(loopback only); results in bench/results/latest.json")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     enqueue = sub.add_parser("enqueue", help="queue one turn from a .wav (PCM16 mono) or a raw "
                              ".pcm file; prints its turn id")
@@ -73,7 +72,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         settings = Settings.from_env()
         if args.log_level:

@@ -26,11 +26,11 @@ log = structlog.get_logger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", Keys)
-REDIS = web.AppKey("redis", object)  # RedisClient: redis.Redis or RedisCluster
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 JOINS = web.AppKey("joins", asyncio.Semaphore)
 DRAINING = web.AppKey("draining", asyncio.Event)
 HUB = web.AppKey("hub", Hub)
-SESSIONS = web.AppKey("sessions", set[ClientSession])
+SESSIONS: web.AppKey[set[ClientSession]] = web.AppKey("sessions")
 
 # Client messages are tiny; anything far above the documented limit is cut off by aiohttp itself.
 _TRANSPORT_MAX_MSG = 64 * 1024
@@ -80,7 +80,8 @@ async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sessions(app: web.Application) -> None:
-    for session in list(app[SESSIONS]):
+    sessions: set[ClientSession] = app[SESSIONS]
+    for session in list(sessions):
         session.request_close(wire.CloseCode.EDGE_RESTARTING, "edge_restarting")
 
 

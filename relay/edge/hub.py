@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
 import structlog
@@ -197,16 +197,17 @@ class Hub:
                 keys.append(sub.stream_key)
                 ids.append(sub.position)
         self._shard_ready[shard.name] = True
-        reply = await shard.client.execute_command(
+        # redis-py leaves execute_command unannotated; the raw reply is parsed below.
+        reply = await cast(Any, shard.client).execute_command(
             "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *keys, *ids)
         self.reads += 1
         for key, entries in reply or ():
             if key == shard.wake_key_bytes:
                 wake_position = entries[-1][0].decode()
                 continue
-            sub = self._by_stream.get(key)
-            if sub is not None and entries:
-                self._fan_out(sub, entries)
+            target = self._by_stream.get(key)
+            if target is not None and entries:
+                self._fan_out(target, entries)
         return wake_position
 
     def _fan_out(self, sub: _Subscription, entries: list[list[Any]]) -> None:
