@@ -77,15 +77,44 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1, id}
 """
 
-# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms, new_status ('' keeps it), entries...
-# Returns the last entry id, or false when the turn (at this epoch) is not the active one.
+# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms, new_status ('' keeps it), then
+# (mark, entry) pairs: ``wire.write_mark`` of each entry before it. Returns the id of the last
+# entry appended, or false when the turn (at this epoch) is not the active one.
+# Runs twice (a client retry after a timeout whose first attempt did reach Redis, or a caller
+# that retries after an error): an entry whose mark the turn record already holds is skipped, so
+# the second run appends nothing and returns the turn's last entry id, as the first run did; a
+# retried end or interrupt of the turn succeeds the same way although the turn is no longer
+# active. Marks are watermarks in the turn record: ``na``/``nf`` the next audio/frames seq,
+# ``m:<mark>`` for the entries a turn has once; ``last`` the last entry id. Seqs of a kind only
+# grow within a turn (a continued attempt goes on after the delivered ones), so a seq below its
+# watermark is always one already appended, even after the stream trimmed it.
 _APPEND = """
-local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
-if cur[1] ~= ARGV[1] or cur[2] ~= 'active' or (cur[3] or '0') ~= ARGV[2] then return false end
-local last
-for i = 6, #ARGV do
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[i])
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch', 'na', 'nf', 'last')
+if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return false end
+local next_seq = {a = tonumber(cur[4] or '0'), f = tonumber(cur[5] or '0')}
+local fresh, flags = {}, {}
+for i = 6, #ARGV, 2 do
+  local mark = ARGV[i]
+  local kind = string.sub(mark, 1, 1)
+  if next_seq[kind] then
+    local seq = tonumber(string.sub(mark, 2))
+    if seq >= next_seq[kind] then
+      next_seq[kind] = seq + 1
+      table.insert(fresh, ARGV[i + 1])
+    end
+  elseif redis.call('HEXISTS', KEYS[2], 'm:' .. mark) == 0 and not flags[mark] then
+    flags[mark] = true
+    table.insert(fresh, ARGV[i + 1])
+  end
 end
+if #fresh == 0 then return cur[6] or '0-0' end
+if cur[2] ~= 'active' then return false end
+local last
+for _, entry in ipairs(fresh) do
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', entry)
+end
+redis.call('HSET', KEYS[2], 'na', next_seq.a, 'nf', next_seq.f, 'last', last)
+for mark in pairs(flags) do redis.call('HSET', KEYS[2], 'm:' .. mark, '1') end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -293,7 +322,9 @@ class ConversationLog:
         entries: tuple[bytes, ...],
     ) -> str:
         keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
-        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms, status, *entries]
+        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms, status]
+        for entry in entries:
+            args += (wire.write_mark(entry), entry)
         result = await self._append(keys=keys, args=args)
         if result is None:
             raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")

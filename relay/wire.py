@@ -121,6 +121,23 @@ def delivery(entry_id: str | bytes, stored: bytes) -> bytes:
     return header + _V_PAIR + _ID_KEY + msgpack.packb(entry_id) + stored[1:]
 
 
+def write_mark(stored: bytes) -> str:
+    """What makes a stored entry unique within its turn, for the append script's duplicate check
+    (``relay.streams``): ``a<seq>`` for audio, ``f<seq>`` for frames, ``o`` for the one
+    ``audio_only``, ``e`` for ``turn_end``, ``i`` for ``interrupt``, ``s`` for ``turn_start``."""
+    body = _unpack_map(stored)
+    kind = body.get("kind")
+    if kind in (AUDIO, FRAMES):
+        seq = body.get("seq")
+        if not isinstance(seq, int) or seq < 0:
+            raise WireError(f"{kind} entry without a valid seq")
+        return f"{'a' if kind == AUDIO else 'f'}{seq}"
+    marks = {AUDIO_ONLY: "o", TURN_END: "e", INTERRUPT: "i", TURN_START: "s"}
+    if kind not in marks:
+        raise WireError(f"unknown stored kind {kind!r}")
+    return marks[str(kind)]
+
+
 def stored_kind(stored: bytes) -> tuple[str, str | None]:
     """Kind and turn of a stored entry (decodes the whole entry; used off the hot path)."""
     body = _unpack_map(stored)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+
 import pytest
+import redis.asyncio as redis_asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
 
 from relay import wire
+from relay.dev.embedded import EmbeddedServer
 from relay.errors import TurnFenced
 from relay.streams import ACTIVE, ConversationLog, read_after, read_turn, stream_info
 
@@ -78,3 +86,56 @@ async def test_retention_trims_and_expires(redis_client, keys):
 async def test_resume_check_for_missing_stream(redis_client, keys):
     info = await stream_info(redis_client, keys, "never-written")
     assert not info.exists and not info.can_resume_after("1-0")
+
+
+async def test_append_run_twice_appends_once(log, redis_client, keys):
+    """What a client retry does when the first attempt reached Redis: the script runs again."""
+    await log.open_turn("c6", "t1", sample_rate=16000, owner="p1")
+    batch = [wire.audio("t1", 0, b"a0", end=False), wire.frames("t1", 0, b"f0", last=False)]
+    first = await log.append("c6", "t1", *batch)
+    assert await log.append("c6", "t1", *batch) == first
+    # A batch overlapping the last one: only its new entries go in.
+    await log.append("c6", "t1", wire.frames("t1", 0, b"f0", last=False),
+                     wire.audio("t1", 1, b"a1", end=True), wire.frames("t1", 1, b"f1", last=True))
+    end = await log.end_turn("c6", "t1", status=wire.STATUS_COMPLETE)
+    assert await log.end_turn("c6", "t1", status=wire.STATUS_COMPLETE) == end  # retried end
+    with pytest.raises(TurnFenced):  # but nothing new goes into an ended turn
+        await log.append("c6", "t1", wire.audio("t1", 2, b"late", end=False))
+    rows = await read_after(redis_client, keys, "c6", "0-0", count=100)
+    seen = [(m.kind, m.get("seq")) for m in (wire.decode_server(wire.delivery(*r)) for r in rows)]
+    assert seen == [("turn_start", None), ("audio", 0), ("frames", 0), ("audio", 1),
+                    ("frames", 1), ("turn_end", None)]
+
+
+async def test_audio_only_marker_written_once(log, redis_client, keys):
+    await log.open_turn("c7", "t1", sample_rate=16000, owner="p1")
+    marker = wire.audio_only("t1", reason="stall")
+    assert await log.append("c7", "t1", marker) == await log.append("c7", "t1", marker)
+    assert await redis_client.xlen(keys.stream("c7")) == 2
+
+
+async def test_append_across_a_redis_stall_longer_than_the_socket_timeout(keys):
+    """The reported duplicate: Redis frozen past the client's socket timeout while an append is
+    in flight; redis-py times out, reconnects and sends the script again, and Redis runs both
+    once it resumes. The stream must still hold the entry once."""
+    with EmbeddedServer() as server:
+        client = redis_asyncio.Redis.from_url(
+            server.url, socket_timeout=0.4, retry=Retry(ConstantBackoff(0.05), retries=10),
+            retry_on_timeout=True)
+        log = ConversationLog(client, keys, maxlen=1000, ttl_s=60)
+        await log.open_turn("c8", "t1", sample_rate=16000, owner="p1")
+        await log.append("c8", "t1", wire.audio("t1", 0, b"warm", end=False))  # script loaded
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            pending = asyncio.ensure_future(
+                log.append("c8", "t1", wire.audio("t1", 1, b"once", end=False)))
+            await asyncio.sleep(1.5)  # several timed-out attempts queue up in Redis's buffers
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        await pending
+        rows = await read_after(client, keys, "c8", "0-0", count=100)
+        audio = [m.get("seq") for m in (wire.decode_server(wire.delivery(*r)) for r in rows)
+                 if m.kind == "audio"]
+        await client.aclose()
+    assert audio == [0, 1]
