@@ -2,11 +2,10 @@
 session is still being opened (simulator with a slow or failing handshake), and every protocol
 rule still holds (audio before frames, one request per turn, the audio-only rules)."""
 
-# ruff: noqa: F811 - the fixtures imported from test_producer are used by name as parameters
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -14,30 +13,24 @@ import redis.asyncio as redis
 from relay import wire
 from relay.dev.motion_sim import SimConfig
 from relay.keys import Keys
-from relay.settings import Settings
-from tests.test_producer import (  # noqa: F401 - fixtures
+from tests.helpers.producer import (
     RATE,
     SimHandle,
     assert_audio_only,
     assert_complete,
     assert_interrupted,
-    make_producer,
     of_turn,
-    sim,
-    start_sim,
     stream_messages,
     tone,
     wait_turn_end,
 )
-from workers.queue.submit import TurnQueue
-from workers.queue.worker import ProducerWorker
 from workers.speech import turn as turn_module
 
 CHUNK = 1280  # 40 ms at 16 kHz, the default chunk_ms
 
 
 @pytest.fixture
-async def slow_sim(start_sim: Callable[..., Awaitable[SimHandle]]) -> SimHandle:
+async def slow_sim(start_sim: Any) -> SimHandle:
     """A Motion Server whose handshake takes far longer than appending a turn's audio."""
     return await start_sim(SimConfig(max_concurrent_sessions=0, handshake_delay_ms=800))
 
@@ -134,22 +127,10 @@ async def test_interrupt_while_the_session_opens_frees_the_slot(
 # --- through the job queue -----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def slow_worker(
-    settings: Settings, redis_client: redis.Redis, make_producer, slow_sim
-) -> AsyncIterator[ProducerWorker]:
-    producer = await make_producer(at=slow_sim)
-    worker = ProducerWorker(settings, redis_client, producer)
-    task = asyncio.create_task(worker.run())
-    yield worker
-    await worker.stop(timeout_s=2)
-    await task
-
-
 async def test_queued_first_turn_audio_before_the_session(
-    settings, redis_client, keys, slow_worker, slow_sim
+    queue, run_worker, redis_client, keys, slow_sim
 ):
-    queue = TurnQueue.from_settings(settings, redis_client)
+    await run_worker(at=slow_sim)
     clip = tone(0.6, freq=260.0)
     turn_id = await queue.submit_clip("conv-queued-early", clip, sample_rate=RATE)
     async with asyncio.timeout(5):
