@@ -10,7 +10,8 @@ from typing import Any
 
 from relay.errors import ConfigError
 
-MIN_SECRET_LEN = 16
+# RFC 7518 section 3.2: an HS256 key is at least as long as the hash (32 bytes).
+MIN_SECRET_LEN = 32
 SAMPLE_RATES = frozenset({8000, 16000, 22050, 24000, 32000, 44100, 48000})
 
 
@@ -89,6 +90,21 @@ class Settings:
     sim_batch_keyframes: int = 5  # 200 ms of animation per message, as in streaming mode
     sim_realtime: bool = False
 
+    # Who may connect: token keys, Origin allow-list, request hygiene and connection caps
+    # (issue 13; docs/operations.md "Client tokens" and "Edge admission").
+    token_kid: str = "default"  # kid of RELAY_TOKEN_SECRET; tokens without a kid use this key
+    token_keys_file: str = ""  # JWK Set of further keys (rotation, public keys); re-read on change
+    token_accept_v1: bool = True  # transition: also accept pre-JWT v1 tokens (needs the secret)
+    token_audience: str = ""  # when set, tokens must carry this aud
+    token_issuer: str = ""  # when set, tokens must carry this iss
+    token_leeway_s: int = 30  # clock skew allowed on exp, iat and nbf
+    edge_allowed_origins: str = ""  # comma-separated; empty: the Origin header is not checked
+    edge_handshake_timeout_s: float = 10.0  # a request head must arrive this fast after connect
+    edge_max_request_line: int = 8190  # bytes of "GET /path?query HTTP/1.1"; longer: HTTP 400
+    edge_max_header_bytes: int = 8190  # bytes of any one header line; larger: HTTP 400
+    edge_max_per_address: int = 256  # open WebSockets per client address; 0 = no cap
+    edge_max_per_conversation: int = 64  # open WebSockets per conversation on one edge; 0 = no cap
+
     # Logs.
     log_json: bool = True
     log_level: str = "info"
@@ -102,6 +118,7 @@ class Settings:
                                "client_message_max_bytes", "jobs_block_ms", "redis_pool_size",
                                "key_buckets",
                                "conversation_wait_s", "turn_input_timeout_s", "turn_input_ttl_s"])
+        _check_admission(self)
         if self.sample_rate not in SAMPLE_RATES:
             raise ConfigError(f"RELAY_SAMPLE_RATE must be one of {sorted(SAMPLE_RATES)}")
         if self.token_secret and len(self.token_secret) < MIN_SECRET_LEN:
@@ -110,6 +127,12 @@ class Settings:
             raise ConfigError("RELAY_KEY_PREFIX must be non-empty and contain no braces")
         if not self.node_id or "{" in self.node_id or "}" in self.node_id:
             raise ConfigError("RELAY_NODE_ID must be non-empty and contain no braces")
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        """RELAY_EDGE_ALLOWED_ORIGINS as normalised origins (``scheme://host[:port]``)."""
+        return frozenset(normalise_origin(o) for o in self.edge_allowed_origins.split(",")
+                         if o.strip())
 
     @property
     def uses_real_motion_server(self) -> bool:
@@ -180,3 +203,27 @@ def _check_positive(settings: Settings, names: list[str]) -> None:
     for name in names:
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{env_name(name)} must be positive")
+
+
+def normalise_origin(origin: str) -> str:
+    """Origins compare case-insensitively and without a trailing slash (RFC 6454)."""
+    return origin.strip().rstrip("/").lower()
+
+
+def _check_admission(settings: Settings) -> None:
+    if not 0 <= settings.token_leeway_s <= 300:
+        raise ConfigError("RELAY_TOKEN_LEEWAY_S must be between 0 and 300")
+    if not settings.token_kid:
+        raise ConfigError("RELAY_TOKEN_KID must not be empty")
+    if not 0.1 <= settings.edge_handshake_timeout_s <= 300:
+        raise ConfigError("RELAY_EDGE_HANDSHAKE_TIMEOUT_S must be between 0.1 and 300")
+    for name in ("edge_max_request_line", "edge_max_header_bytes"):
+        if not 1024 <= getattr(settings, name) <= 65536:
+            raise ConfigError(f"{env_name(name)} must be between 1024 and 65536")
+    for name in ("edge_max_per_address", "edge_max_per_conversation"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{env_name(name)} must be 0 (no cap) or positive")
+    for origin in settings.allowed_origins:
+        if not origin.startswith(("http://", "https://")) or "/" in origin.split("://", 1)[1]:
+            raise ConfigError(f"RELAY_EDGE_ALLOWED_ORIGINS: {origin!r} is not an origin "
+                              "like https://app.example.com")

@@ -16,7 +16,7 @@ from relay.redis_conn import create_client
 from relay.settings import Settings
 from workers.queue.submit import TurnQueue
 
-TEST_SECRET = "test-secret-0123456789abcdef"
+TEST_SECRET = "test-secret-0123456789abcdef-0123456789"
 
 
 @pytest.fixture(scope="session")
