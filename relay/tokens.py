@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+import structlog
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 
@@ -44,6 +45,8 @@ from relay.errors import (
     TokenWrongConversation,
 )
 from relay.keys import validate_conversation_id
+
+log = structlog.get_logger(__name__)
 
 CONVERSATION_CLAIM = "conv"
 MAX_TTL_S = 7 * 24 * 3600
@@ -374,6 +377,7 @@ class KeyRing:
 
     def _reload(self, *, strict: bool) -> None:
         self._checked = time.monotonic()
+        stamp: tuple[int, int] | None = None
         try:
             stat = os.stat(self._path)
             stamp = (stat.st_mtime_ns, stat.st_size)
@@ -381,21 +385,21 @@ class KeyRing:
                 return
             with open(self._path, "rb") as source:
                 loaded = parse_key_set(source.read())
+            clash = set(loaded) & set(self._static)
+            if clash:
+                raise ConfigError(f"kid {sorted(clash)[0]!r} is also RELAY_TOKEN_KID")
         except (OSError, ConfigError) as exc:
             if strict:
                 raise ConfigError(f"RELAY_TOKEN_KEYS_FILE: {_describe(exc)}") from exc
-            # Keep the keys that work; the edge logs the problem (see relay.edge.app).
-            self.reload_error = _describe(exc)
-            return
-        clash = set(loaded) & set(self._static)
-        if clash:
-            message = f"kid {sorted(clash)[0]!r} is also RELAY_TOKEN_KID"
-            if strict:
-                raise ConfigError(f"RELAY_TOKEN_KEYS_FILE: {message}")
-            self.reload_error = message
+            # Keep the keys that work; report a broken edit once, not once a second.
+            self._stamp = stamp
+            if self.reload_error != _describe(exc):
+                self.reload_error = _describe(exc)
+                log.warning("token_keys_reload_failed", error=self.reload_error)
             return
         self._stamp, self.reload_error = stamp, None
         self._keys = {**self._static, **loaded}
+        log.info("edge_token_keys", kids=self.kids())
 
 
 def _describe(exc: Exception) -> str:
@@ -504,6 +508,8 @@ def verifier_from_settings(settings: Any) -> TokenVerifier:
     if secret:
         static[settings.token_kid] = VerificationKey(settings.token_kid, "HS256", secret.encode())
     ring = KeyRing(static, settings.token_keys_file)
+    if not settings.token_keys_file:
+        log.info("edge_token_keys", kids=ring.kids())
     if not ring.kids():
         raise ConfigError("no token keys: set RELAY_TOKEN_SECRET or RELAY_TOKEN_KEYS_FILE")
     return TokenVerifier(

@@ -216,6 +216,11 @@ def test_keys_file_is_reread_when_it_changes(tmp_path):
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
     ring._checked = 0.0
     assert ring.get("b") is not None and ring.reload_error == "not JSON"
+    path.write_text(json.dumps({"keys": [{"kid": "c", "alg": "HS256", "kty": "oct",
+                                          "k": b64(secret)}]}))  # fixed: taken up
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 3 * 10**9))
+    ring._checked = 0.0
+    assert ring.get("c") is not None and ring.reload_error is None
 
 
 @pytest.mark.parametrize("entry, message", [
