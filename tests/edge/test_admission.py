@@ -17,7 +17,7 @@ from relay.client import RelayClient
 from relay.streams import ConversationLog, read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import Listener, running_edge
+from tests.helpers.edge import Listener, running_edge
 
 
 def token(conv: str, ttl_s: int = 300) -> str:
