@@ -215,9 +215,10 @@ class ConversationRunner:
         log.info("turn_continued", audio_bytes=delivered.audio_bytes,
                  audio_ended=delivered.audio_ended, frames=delivered.frames,
                  audio_only=delivered.audio_only)
+        guard = self._s.store.run_guard(job.conversation_id, job.turn_id, claim.epoch)
         return Attempt(epoch=claim.epoch, delivered=delivered,
                        take_over_from=claim.previous_owner or self._take_over_from,
-                       session_lease=lease)
+                       session_lease=lease, guard=guard)
 
     async def _open(self, job: TurnJob, attempt: Attempt) -> Turn:
         if self._must_stop():
