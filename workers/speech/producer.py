@@ -39,7 +39,7 @@ from relay.settings import Settings
 from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.speech.control import ControlListener
-from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
+from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry, prewarm_sdk
 from workers.speech.frames import FramesPipe, PipeOutcome
 from workers.speech.leases import ConversationLeases, SessionLeases
 from workers.speech.pcm import validate_pcm, validate_sample_rate
@@ -123,6 +123,7 @@ class Producer:
         if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:
             raise ValueError("frames_timeout_s and session_idle_s must be positive")
         self._settings = settings
+        self._client = client
         self._keys = Keys(settings.key_prefix, settings.key_buckets)
         self._endpoints = MotionEndpoints.from_settings(
             settings, console_url=console_url, ingress_url=ingress_url
@@ -178,12 +179,20 @@ class Producer:
     async def start(self) -> None:
         if self._endpoints.simulated:
             disable_sdk_telemetry()
+        await prewarm_sdk(self._endpoints)  # never raises; best effort, bounded by the SDK
+        await self._open_connections()
         await self._control.start()
         self._session_leases.start()
         self._conversation_leases.start()
         self._pool.start()
         self._running = True
         log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated)
+
+    async def _open_connections(self) -> None:
+        """Open the Redis connections turns will use now, not when many turns start together:
+        each new connection costs a TCP connect and a handshake on the way to a first audio."""
+        count = min(self._settings.redis_pool_size, self._settings.producer_concurrency)
+        await asyncio.gather(*(self._client.ping() for _ in range(count)))
 
     async def close(self) -> None:
         """Take no new turns, give running ones CLOSE_WAIT_S, then close sessions and leases."""
