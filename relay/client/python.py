@@ -21,8 +21,8 @@ import aiohttp
 import structlog
 
 from relay import wire
+from relay.client.avatarkit import StreamPosition
 from relay.errors import RelayError
-from relay.streams import parse_id
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +57,7 @@ class RelayClient:
             raise ValueError("at least one edge URL is required")
         self.conversation_id = conversation_id
         self._token = token
-        self.last_id = last_id
+        self._position = StreamPosition(last_id)
         self._reconnect = reconnect
         self._max_backoff_s = max_backoff_s
         self._max_attempts = max_attempts
@@ -129,16 +129,19 @@ class RelayClient:
                     continue
                 if message.kind == wire.WELCOME:
                     self.welcomes.append(message)
-                elif message.id is not None:
-                    if self.last_id is not None and parse_id(message.id) <= parse_id(self.last_id):
-                        continue
-                    self.last_id = message.id
+                elif not self._position.accept(message):
+                    continue
                 yield message
             self._ws = None
             code = ws.close_code
             self.close_codes.append(code)
             if code in wire.CloseCode.FATAL:
                 raise RelayClientError(code, reason)
+
+    @property
+    def last_id(self) -> str | None:
+        """The id of the last stream message yielded: what a reconnect sends as ``last_id``."""
+        return self._position.last_id
 
     async def _url(self) -> str:
         token = self._token
