@@ -14,7 +14,7 @@ from redis.backoff import ConstantBackoff
 from relay import wire
 from relay.dev.embedded import EmbeddedServer
 from relay.errors import TurnFenced
-from relay.streams import ACTIVE, ConversationLog, read_after, read_turn, stream_info
+from relay.streams import ACTIVE, ConversationLog, Guard, read_after, read_turn, stream_info
 
 
 @pytest.fixture
@@ -23,17 +23,28 @@ def log(redis_client, keys):
 
 
 def kinds(rows):
-    return [(wire.decode_server(wire.delivery(i, d)).kind, wire.decode_server(wire.delivery(i, d)).turn) for i, d in rows]
+    return [
+        (wire.decode_server(wire.delivery(i, d)).kind, wire.decode_server(wire.delivery(i, d)).turn)
+        for i, d in rows
+    ]
 
 
 async def test_turn_lifecycle_writes_in_order(log, redis_client, keys):
     start = await log.open_turn("c1", "t1", sample_rate=16000, owner="p1")
     await log.append("c1", "t1", wire.audio("t1", 0, b"ab", end=False))
-    await log.append("c1", "t1", wire.audio("t1", 1, b"", end=True), wire.frames("t1", 0, b"env", last=True))
+    await log.append(
+        "c1", "t1", wire.audio("t1", 1, b"", end=True), wire.frames("t1", 0, b"env", last=True)
+    )
     await log.end_turn("c1", "t1", status=wire.STATUS_COMPLETE)
     rows = await read_after(redis_client, keys, "c1", "0-0", count=100)
     assert rows[0][0] == start
-    assert kinds(rows) == [("turn_start", "t1"), ("audio", "t1"), ("audio", "t1"), ("frames", "t1"), ("turn_end", "t1")]
+    assert kinds(rows) == [
+        ("turn_start", "t1"),
+        ("audio", "t1"),
+        ("audio", "t1"),
+        ("frames", "t1"),
+        ("turn_end", "t1"),
+    ]
     state = await read_turn(redis_client, keys, "c1")
     assert state is not None and state.status == "ended" and state.start_id == start
 
@@ -58,7 +69,12 @@ async def test_new_turn_supersedes_active_turn(log, redis_client, keys):
         await log.append("c3", "t1", wire.audio("t1", 0, b"x", end=False))
     await log.append("c3", "t2", wire.audio("t2", 0, b"y", end=False))
     rows = await read_after(redis_client, keys, "c3", "0-0", count=100)
-    assert kinds(rows) == [("turn_start", "t1"), ("interrupt", "t1"), ("turn_start", "t2"), ("audio", "t2")]
+    assert kinds(rows) == [
+        ("turn_start", "t1"),
+        ("interrupt", "t1"),
+        ("turn_start", "t2"),
+        ("audio", "t2"),
+    ]
     state = await read_turn(redis_client, keys, "c3")
     assert state.turn_id == "t2" and state.status == ACTIVE
 
@@ -139,3 +155,17 @@ async def test_append_across_a_redis_stall_longer_than_the_socket_timeout(keys):
                  if m.kind == "audio"]
         await client.aclose()
     assert audio == [0, 1]
+
+
+async def test_open_turn_checks_the_callers_guard(log, redis_client, keys):
+    """The fence is the caller's: a hash field that must hold a value when the turn opens."""
+    guard_key = keys.queue_state("c-guard")  # any hash of the conversation's bucket
+    guard = Guard(guard_key, "allowed", "t1/1")
+    with pytest.raises(TurnFenced):
+        await log.open_turn("c-guard", "t1", sample_rate=16000, owner="p1", epoch=1, guard=guard)
+    assert await read_turn(redis_client, keys, "c-guard") is None  # nothing was written
+    await redis_client.hset(guard_key, "allowed", "t1/1")
+    start = await log.open_turn("c-guard", "t1", sample_rate=16000, owner="p1", epoch=1,
+                                guard=guard)
+    state = await read_turn(redis_client, keys, "c-guard")
+    assert state is not None and state.start_id == start and state.epoch == 1
