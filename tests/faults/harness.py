@@ -25,7 +25,7 @@ from relay.settings import Settings
 from relay.streams import ACTIVE, read_after, read_turn
 from tests.faults.redis_proc import RedisProcess
 
-SECRET = "faults-secret-0123456789abcdef"
+SECRET = "faults-secret-0123456789abcdef-0123456789"
 
 # Short enough that a run takes seconds, not minutes; the product defaults are slower.
 PRODUCER_ENV = {

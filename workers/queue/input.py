@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from relay.keys import Keys
+from relay.lua import register
 from relay.redis_conn import RedisClient
 from workers.errors import QueueError
 from workers.queue.doorbells import stream_entries
@@ -52,7 +53,7 @@ class StreamedInput:
         self._ttl_ms = ttl_ms
         self.conversation_id = conversation_id
         self.turn_id = turn_id
-        self._put = client.register_script(_PUT)
+        self._put = register(client, _PUT)
         self._next_seq = 1
         self._pending: tuple[bytes, bytes] | None = None  # written or not: unknown after an error
         self._end_requested = False
