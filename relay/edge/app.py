@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> web.Application:
     settings.require_redis()
     app = web.Application()
     app[SETTINGS] = settings
-    app[KEYS] = Keys(settings.key_prefix, settings.key_buckets)
+    app[KEYS] = Keys.of(settings)
     app[SESSIONS] = set()
     app[DRAINING] = asyncio.Event()
     app[METRICS] = EdgeMetrics()
