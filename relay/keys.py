@@ -19,8 +19,9 @@ from typing import Protocol
 from relay.errors import InvalidConversationId
 
 # Braces are excluded because they would break the hash tag; the rest keeps ids safe in URLs,
-# logs and key names alike.
-_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# logs and key names alike. "." and ".." fit the alphabet but are path segments a browser (and
+# any URL library) rewrites before sending, so a client could never ask for them.
+_CONVERSATION_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._:-]{1,128}$")
 _TURN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -32,7 +33,7 @@ def _glob_escape(text: str) -> str:
 def validate_conversation_id(conversation_id: str) -> str:
     if not isinstance(conversation_id, str) or not _CONVERSATION_ID.match(conversation_id):
         raise InvalidConversationId(
-            "conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+            'conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -, not "." or ".."'
         )
     return conversation_id
 
