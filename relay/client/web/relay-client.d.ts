@@ -7,11 +7,12 @@ export declare const CloseAction: {
   readonly STOP: "stop";
   readonly FAIL: "fail";
   readonly REFRESH_TOKEN: "refresh_token";
+  readonly BACK_OFF: "back_off";
   readonly RECONNECT: "reconnect";
 };
 export type CloseActionName = (typeof CloseAction)[keyof typeof CloseAction];
 
-/** 1000 stop; 1009, 4400 fail; 4401-4403 refresh the token; anything else reconnect. */
+/** 1000 stop; 1002, 1009, 4400, 4403 fail; 4401, 4402 refresh the token; 4430 back off; else reconnect. */
 export declare function closeAction(code: number): CloseActionName;
 
 /** Compare stream ids as (milliseconds, sequence) integers: -1, 0 or 1. */
@@ -137,7 +138,7 @@ export declare class AvatarKitAdapter {
 }
 
 export interface TokenRefreshInfo {
-  /** 4401 (bad token), 4402 (expired) or 4403 (other conversation). */
+  /** 4401 (token refused) or 4402 (expired, at connect or mid-connection). */
   code: number;
   reason: string;
   conversationId: string;
@@ -160,7 +161,7 @@ export interface RelayClientOptions {
   conversationId: string;
   /** The token, or a function returning it (called for the first connection). */
   token: string | (() => string | Promise<string>);
-  /** Called on 4401/4402/4403 for a new token (default: `token` if it is a function). */
+  /** Called on 4401/4402 for a new token (default: `token` if it is a function). */
   refreshToken?: (info: TokenRefreshInfo) => string | Promise<string>;
   /** The AvatarKit controller; wrapped in an AvatarKitAdapter. */
   controller?: AvatarControllerLike;
@@ -203,6 +204,8 @@ export declare class RelayClient {
   readonly state: ClientState;
   /** The edge of the current or last connection. */
   readonly edge: string | null;
+  /** Tokens fetched through refreshToken so far. */
+  readonly tokenRefreshes: number;
   /** Welcomed connections so far. */
   readonly connections: number;
   /** Id of the last accepted stream message (sent as last_id on reconnect). */

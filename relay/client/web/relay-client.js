@@ -15,19 +15,25 @@ const EDGE_KINDS = new Set(["welcome", "error", "pong"]);
 /** What a client does after a close code (docs/protocol.md, "Close codes"). */
 export const CloseAction = Object.freeze({
   STOP: "stop", // 1000: the edge or the app ended the conversation normally
-  FAIL: "fail", // 1009, 4400: a client bug; retrying cannot help
-  REFRESH_TOKEN: "refresh_token", // 4401, 4402, 4403: get a new token, then reconnect
+  FAIL: "fail", // 1002, 1009, 4400, 4403: a client bug or the wrong token; retrying cannot help
+  REFRESH_TOKEN: "refresh_token", // 4401, 4402: get a new token, reconnect at once with last_id
+  BACK_OFF: "back_off", // 4430: too many connections; wait seconds, then another edge
   RECONNECT: "reconnect", // everything else: reconnect with last_id, to the next edge
 });
 
-const FAIL_CODES = new Set([1009, 4400]);
-const TOKEN_CODES = new Set([4401, 4402, 4403]);
+const FAIL_CODES = new Set([1002, 1009, 4400, 4403]);
+const TOKEN_CODES = new Set([4401, 4402]);
+const CROWDED = 4430;
+// "Back off a few seconds, growing" (4430): the edge is refusing connections, not failing.
+const CROWDED_FIRST_MS = 2000;
+const CROWDED_MAX_MS = 30000;
 
 /** The action for a WebSocket close code. Unknown codes and 1006 (no close frame) reconnect. */
 export function closeAction(code) {
   if (code === 1000) return CloseAction.STOP;
   if (FAIL_CODES.has(code)) return CloseAction.FAIL;
   if (TOKEN_CODES.has(code)) return CloseAction.REFRESH_TOKEN;
+  if (code === CROWDED) return CloseAction.BACK_OFF;
   return CloseAction.RECONNECT;
 }
 
@@ -246,7 +252,8 @@ export class RelayClient {
     this.connections = 0;
     this._edgeIndex = 0;
     this._failures = 0;
-    this._tokenRefusals = 0;
+    this._refreshedSinceWelcome = false;
+    this.tokenRefreshes = 0;
     this._ws = null;
     this._timers = new Set();
     this._lastHeard = 0;
@@ -352,7 +359,7 @@ export class RelayClient {
         clearTimeout(deadline);
         this._timers.delete(deadline);
         this._failures = 0;
-        this._tokenRefusals = 0;
+        this._refreshedSinceWelcome = false;
         this.connections += 1;
         this._setState("open");
         this._emit("welcome", message);
@@ -425,14 +432,17 @@ export class RelayClient {
     if (action === CloseAction.STOP) return this._finish("stopped", { code, reason });
     if (action === CloseAction.FAIL) return this._fail(code, reason);
     if (action === CloseAction.REFRESH_TOKEN) return this._refresh(code, reason, welcomed);
-    return this._retry({ code, reason, rotate: true });
+    return this._retry({ code, reason, rotate: true, crowded: action === CloseAction.BACK_OFF });
   }
 
   async _refresh(code, reason, welcomed) {
-    // A refused fresh token (closed again before any welcome) is not retried in a loop.
-    this._tokenRefusals = welcomed ? 1 : this._tokenRefusals + 1;
+    // One new token per welcomed connection: a fresh token refused again before any welcome
+    // is a configuration problem a second one will not cure (docs/protocol.md, token refresh).
+    if (welcomed) this._refreshedSinceWelcome = false;
     const source = this._refreshToken ?? (typeof this._tokenSource === "function" ? this._tokenSource : null);
-    if (!source || this._tokenRefusals > 2) return this._fail(code, reason);
+    if (!source || this._refreshedSinceWelcome) return this._fail(code, reason);
+    this._refreshedSinceWelcome = true;
+    this.tokenRefreshes += 1;
     this._setState("refreshing");
     try {
       this._token = await source({ code, reason, conversationId: this.conversationId });
@@ -441,10 +451,10 @@ export class RelayClient {
       return this._fail(code, reason);
     }
     if (typeof this._token !== "string" || !this._token) return this._fail(code, "refresh returned no token");
-    return this._retry({ code, reason, rotate: false, immediate: this._tokenRefusals === 1 });
+    return this._retry({ code, reason, rotate: false, immediate: true });
   }
 
-  _retry({ code, reason, error, rotate, immediate = false }) {
+  _retry({ code, reason, error, rotate, immediate = false, crowded = false }) {
     if (this._isFinished()) return;
     if (error) this._emit("error", error);
     this._failures += 1;
@@ -453,7 +463,8 @@ export class RelayClient {
     }
     if (rotate) this._edgeIndex = (this._edgeIndex + 1) % this.edges.length;
     const { initialMs, maxMs, factor, jitter } = this._backoff;
-    const base = Math.min(maxMs, initialMs * factor ** Math.min(this._failures - 1, 30));
+    let base = Math.min(maxMs, initialMs * factor ** Math.min(this._failures - 1, 30));
+    if (crowded) base = Math.min(CROWDED_MAX_MS, CROWDED_FIRST_MS * 2 ** Math.min(this._failures - 1, 8));
     const delay = immediate ? 0 : base * (1 - jitter + 2 * jitter * Math.random());
     this._setState("waiting");
     this._timer(() => this._connect(), delay);

@@ -68,12 +68,12 @@ test("ids compare as integer pairs and every close code maps to the documented a
   assert.equal(compareIds("5-10", "5-9"), 1);
   assert.equal(compareIds("10-0", "9-99"), 1);
   assert.equal(compareIds("7-3", "7-3"), 0);
-  const actions = Object.fromEntries([1000, 1001, 1006, 1009, 1011, 1012, 4400, 4401, 4402, 4403, 4429, 4503, 4999]
+  const actions = Object.fromEntries([1000, 1001, 1002, 1006, 1009, 1011, 1012, 4400, 4401, 4402, 4403, 4429, 4430, 4503, 4999]
     .map((code) => [code, closeAction(code)]));
   assert.deepEqual(actions, {
-    1000: "stop", 1001: "reconnect", 1006: "reconnect", 1009: "fail", 1011: "reconnect", 1012: "reconnect",
-    4400: "fail", 4401: "refresh_token", 4402: "refresh_token", 4403: "refresh_token",
-    4429: "reconnect", 4503: "reconnect", 4999: "reconnect",
+    1000: "stop", 1001: "reconnect", 1002: "fail", 1006: "reconnect", 1009: "fail", 1011: "reconnect",
+    1012: "reconnect", 4400: "fail", 4401: "refresh_token", 4402: "refresh_token", 4403: "fail",
+    4429: "reconnect", 4430: "back_off", 4503: "reconnect", 4999: "reconnect",
   });
 });
 
@@ -139,7 +139,7 @@ test("backoff doubles up to the cap while edges keep failing, and resets after a
   assert.deepEqual(FakeSocket.made.map((s) => s.url.host).slice(0, 3), ["edge-a:1", "edge-b:2", "edge-a:1"]);
 });
 
-test("4402 mid-connection asks the refresh callback, then resumes on the same edge with last_id", async () => {
+test("4402 mid-connection asks the refresh callback, then resumes at once on the same edge with last_id", async () => {
   const asked = [];
   const c = client({
     controller: recorder().controller,
@@ -163,12 +163,32 @@ test("a refreshed token that is refused again before any welcome stops the clien
   let asked = 0;
   const c = client({ controller: recorder().controller, refreshToken: () => `bad${++asked}` }).start();
   (await nextSocket(1)).drop(4401);
-  (await nextSocket(2)).drop(4401);
-  (await nextSocket(3)).drop(4401);
+  const second = await nextSocket(2);
+  assert.equal(second.url.searchParams.get("token"), "bad1");
+  second.drop(4402);
   const result = await c.closed;
   assert.equal(result.state, "failed");
-  assert.equal(result.code, 4401);
-  assert.equal(asked, 2);
+  assert.equal(result.code, 4402);
+  assert.equal(asked, 1);
+  assert.equal(FakeSocket.made.length, 2);
+});
+
+test("4430 backs off for seconds, growing, and moves to another edge", async () => {
+  const waits = [];
+  const c = client({ controller: recorder().controller });
+  const realTimeout = globalThis.setTimeout;
+  globalThis.setTimeout = (fn, ms) => { if (ms >= 2 && ms !== 10000) waits.push(ms); return realTimeout(fn, 0); };
+  try {
+    c.start();
+    (await nextSocket(1)).drop(4430);
+    (await nextSocket(2)).drop(4430);
+    await nextSocket(3);
+  } finally {
+    globalThis.setTimeout = realTimeout;
+  }
+  c.stop();
+  assert.deepEqual(waits, [2000, 4000]);
+  assert.deepEqual(FakeSocket.made.map((s) => s.url.host), ["edge-a:1", "edge-b:2", "edge-a:1"]);
 });
 
 test("without a refresh callback a string token cannot be renewed: 4402 fails", async () => {

@@ -1,6 +1,6 @@
 """The client test vectors (relay/client/vectors/): checked in, reproducible, and passed by the
 Python client's state machine (the web library runs the same files under node, see
-test_web_client.py)."""
+tests/client/test_web_library.py)."""
 
 from __future__ import annotations
 

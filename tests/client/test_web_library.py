@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-WEB = Path(__file__).resolve().parent.parent / "relay" / "client" / "web"
+WEB = Path(__file__).resolve().parents[2] / "relay" / "client" / "web"
 NODE = shutil.which("node")
 
 pytestmark = [
