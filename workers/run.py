@@ -9,6 +9,7 @@ from contextlib import suppress
 
 import structlog
 
+from relay.errors import ListenError
 from relay.redis_conn import RedisClient, client_for, wait_until_ready
 from relay.settings import Settings
 from workers.health import start_health_server
@@ -63,8 +64,13 @@ async def run_producer(settings: Settings) -> int:
 async def _serve(settings: Settings, client: RedisClient, stop: asyncio.Event) -> None:
     async with Producer(settings, client) as producer:
         worker = ProducerWorker(settings, client, producer)
-        health = await start_health_server(settings, client, lambda: not stop.is_set(),
-                                           worker.blocked)
+        try:
+            health = await start_health_server(settings, client, lambda: not stop.is_set(),
+                                               worker.blocked)
+        except OSError as exc:
+            raise ListenError("producer health server", settings.producer_health_host,
+                              settings.producer_health_port, "RELAY_PRODUCER_HEALTH_PORT",
+                              exc) from exc
         loop_task = asyncio.create_task(worker.run(), name="jobs-loop")
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({loop_task, stopper}, return_when=asyncio.FIRST_COMPLETED)

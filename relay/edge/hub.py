@@ -13,16 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import wire
 from relay.edge.framing import binary_frame
+from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.edge.routing import Router, Shard, TopologyChanged
 from relay.keys import Keys
 from relay.streams import parse_id
@@ -51,8 +52,9 @@ class _Subscription:
 
 class Hub:
     def __init__(self, router: Router, keys: Keys, *, block_ms: int, count: int,
-                 unavailable_after_s: float = 10.0) -> None:
+                 unavailable_after_s: float = 10.0, metrics: EdgeMetrics | None = None) -> None:
         self._router = router
+        self._metrics = metrics if metrics is not None else EdgeMetrics()
         self._keys = keys
         self._block_ms = block_ms
         self._count = count
@@ -61,6 +63,7 @@ class Hub:
         self._by_stream: dict[bytes, _Subscription] = {}
         self._shards: list[Shard] = []
         self._shard_ready: dict[str, bool] = {}
+        self._read_since: dict[str, float] = {}  # loop time each shard's current read began
         self._stopping = False
         self.reads = 0
         self.delivered = 0
@@ -72,6 +75,16 @@ class Hub:
     @property
     def ready(self) -> bool:
         return bool(self._shard_ready) and all(self._shard_ready.values())
+
+    @property
+    def ready_loops(self) -> int:
+        return sum(self._shard_ready.values())
+
+    def stalled(self, now: float) -> list[str]:
+        """Shards whose current read has run far past its block time: a hung connection, or a
+        loop that stopped without saying so (readiness fails on them)."""
+        bound = self._block_ms / 1000 * 2 + 5.0
+        return [name for name, since in self._read_since.items() if now - since > bound]
 
     @property
     def redis_connections(self) -> int:
@@ -132,12 +145,16 @@ class Hub:
         backoff = _FIRST_BACKOFF_S
         while not self._stopping:
             try:
+                self._metrics.topology_refreshes.inc()
                 self._shards = await self._router.refresh()
                 self._shard_ready = {s.name: False for s in self._shards}
                 await self._read_shards()
                 backoff = _FIRST_BACKOFF_S
-            except (TopologyChanged, *_READ_ERRORS) as exc:
-                self._shard_ready = {}
+            except (TopologyChanged, RedisClusterException, redis.RedisError, OSError) as exc:
+                # Any Redis failure here is an outage or a failover: discovery itself raises
+                # RedisClusterException (not a RedisError) while every cluster node is down.
+                self._shard_ready, self._read_since = {}, {}
+                self._metrics.read_failed(exc)
                 log.warning("hub_topology_refresh", reason=str(exc), retry_in_s=round(backoff, 2))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -168,6 +185,8 @@ class Hub:
                 raise
             except _READ_ERRORS as exc:
                 self._shard_ready[shard.name] = False
+                self._read_since.pop(shard.name, None)
+                self._metrics.read_failed(exc)
                 down_since = down_since or loop.time()
                 log.warning("hub_read_failed", node=shard.name, error=str(exc),
                             retry_in_s=round(backoff, 2))
@@ -197,19 +216,24 @@ class Hub:
                 keys.append(sub.stream_key)
                 ids.append(sub.position)
         self._shard_ready[shard.name] = True
-        reply = await shard.client.execute_command(
+        self._read_since[shard.name] = asyncio.get_running_loop().time()
+        # redis-py leaves execute_command unannotated; the raw reply is parsed below.
+        reply = await cast(Any, shard.client).execute_command(
             "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *keys, *ids)
         self.reads += 1
+        tally, read = DeliveryTally(), 0
         for key, entries in reply or ():
             if key == shard.wake_key_bytes:
                 wake_position = entries[-1][0].decode()
                 continue
-            sub = self._by_stream.get(key)
-            if sub is not None and entries:
-                self._fan_out(sub, entries)
+            target = self._by_stream.get(key)
+            if target is not None and entries:
+                read += len(entries)
+                self._fan_out(target, entries, tally)
+        self._metrics.delivered_live(tally, read)
         return wake_position
 
-    def _fan_out(self, sub: _Subscription, entries: list[list[Any]]) -> None:
+    def _fan_out(self, sub: _Subscription, entries: list[list[Any]], tally: DeliveryTally) -> None:
         # Entries arrive raw ([id, [field, value]]): the hub's clients skip redis-py's dict per
         # entry (see _raw_reply). A subscription dropped and re-created while this read was in
         # flight starts at a newer tip; entries it already covers are skipped so nobody gets one
@@ -224,6 +248,9 @@ class Hub:
             for subscriber in tuple(sub.subscribers):
                 subscriber.offer(parsed, frame)
             self.delivered += len(sub.subscribers)
+            tally.add(fields[1], len(sub.subscribers), len(frame))
+            if not tally.oldest_ms or parsed[0] < tally.oldest_ms:
+                tally.oldest_ms = parsed[0]
             current = parsed
             sub.position = entry_id
 

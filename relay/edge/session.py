@@ -10,7 +10,9 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from relay import streams, wire
+from relay.edge.admission import FRAME_ERRORS
 from relay.edge.framing import FrameWriter, binary_frame
+from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.errors import WireError
 from relay.keys import Keys
 from relay.redis_conn import RedisClient
@@ -56,8 +58,10 @@ async def choose_start(
 class ClientSession:
     """Delivers one conversation to one WebSocket, in stream order, exactly once."""
 
-    def __init__(self, ws: web.WebSocketResponse, conversation_id: str, settings: Settings) -> None:
+    def __init__(self, ws: web.WebSocketResponse, conversation_id: str, settings: Settings,
+                 metrics: EdgeMetrics | None = None) -> None:
         self.ws = ws
+        self._metrics = metrics
         self.conversation_id = conversation_id
         self._settings = settings
         self._queue: deque[tuple[tuple[int, int], bytes]] = deque()
@@ -66,6 +70,7 @@ class ClientSession:
         self._wakeup = asyncio.Event()
         self._close_code: int | None = None
         self._close_reason = ""
+        self._close_error: bytes | None = None
         self._sent = (0, -1)  # id of the last frame written to the socket
         self.sent_count = 0
         self.peak_queued_bytes = 0
@@ -88,12 +93,24 @@ class ClientSession:
         self.peak_queued_bytes = max(self.peak_queued_bytes, self._queued_bytes)
         self._wakeup.set()
 
+    @property
+    def close_code(self) -> int | None:
+        """The code this edge closed with, else the one the client sent (None: no close)."""
+        return self._close_code if self._close_code is not None else self.ws.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
     def on_unavailable(self) -> None:
         self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
 
-    def request_close(self, code: int, reason: str) -> None:
+    def request_close(self, code: int, reason: str, error_message: str | None = None) -> None:
+        """Close after the current write; with ``error_message``, send error{reason} first."""
         if self._close_code is None:
             self._close_code, self._close_reason = code, reason
+            if error_message is not None:
+                self._close_error = wire.error(reason, error_message)
             self._wakeup.set()
 
     # --- delivery ----------------------------------------------------------------------------
@@ -131,6 +148,7 @@ class ClientSession:
                 rows = await reader(client, keys, self.conversation_id, position,
                                     count=_CATCH_UP_PAGE)
             frames, done = [], len(rows) < _CATCH_UP_PAGE
+            tally = DeliveryTally()
             for entry_id, stored in rows:
                 parsed = streams.parse_id(entry_id)
                 if parsed > stop:
@@ -138,8 +156,11 @@ class ClientSession:
                     break
                 if self._fresh(parsed):
                     frames.append(binary_frame(wire.delivery(entry_id, stored)))
+                    tally.add(stored, 1, len(frames[-1]))
             if frames:
                 await self._write(frames)
+                if self._metrics is not None:
+                    self._metrics.delivered_history(tally)
             if done:
                 return
             position, inclusive = rows[-1][0], False
@@ -150,10 +171,19 @@ class ClientSession:
             while self._queue and self._close_code is None:
                 await self._write_batch()
             if self._close_code is not None:
-                await self.ws.close(code=self._close_code, message=self._close_reason.encode())
+                await self._close()
                 return
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def _close(self) -> None:
+        assert self._close_code is not None
+        try:
+            if self._close_error is not None:
+                await self.ws.send_bytes(self._close_error)
+            await self.ws.close(code=self._close_code, message=self._close_reason.encode())
+        except ConnectionError:
+            pass  # the client left first
 
     async def _write_batch(self) -> None:
         frames: list[bytes] = []
@@ -171,6 +201,15 @@ class ClientSession:
         """Answer pings; refuse anything else with an error message and a close."""
         limit = self._settings.client_message_max_bytes
         async for msg in self.ws:
+            if msg.type == WSMsgType.ERROR:
+                # aiohttp failed the connection itself: a frame error or the transport's size cap
+                # (error and close already sent, see EdgeWebSocket), or a lost connection.
+                frame_error = FRAME_ERRORS.get(self.ws.close_code or 0)
+                if frame_error is not None:
+                    log.info("client_message_refused", error_code=frame_error[0],
+                             close_code=self.ws.close_code)
+                    self.request_close(self.ws.close_code or 0, frame_error[0])
+                return
             if msg.type != WSMsgType.BINARY:
                 await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message",
                                    "only binary msgpack messages are accepted")
@@ -185,9 +224,12 @@ class ClientSession:
                 await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message", str(exc))
                 return
             if decoded.kind == wire.PING:
-                await self.ws.send_bytes(wire.pong(decoded.fields.get("nonce")))
+                try:
+                    await self.ws.send_bytes(wire.pong(decoded.fields.get("nonce")))
+                except ConnectionError:
+                    return
 
     async def _refuse(self, code: int, error_code: str, message: str) -> None:
         log.info("client_message_refused", error_code=error_code, detail=message)
-        await self.ws.send_bytes(wire.error(error_code, message))
-        self.request_close(code, error_code)
+        self.request_close(code, error_code, message)
+

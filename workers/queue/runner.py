@@ -25,13 +25,13 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
 from relay.errors import RelayError, TurnFenced
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
 from relay.streams import ConversationLog
 from workers.errors import AttemptFenced, MalformedJob
@@ -43,7 +43,7 @@ from workers.queue.deadletters import (
 )
 from workers.queue.input import InputBatch, read_input
 from workers.queue.jobs import KIND_CLIP, TurnJob, decode_job
-from workers.queue.records import Claim, ClaimKind, JobStore, QueuedTurn
+from workers.queue.records import Claim, ClaimKind, Finished, JobStore, QueuedTurn, Released
 from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
 from workers.speech.resume import read_delivered
@@ -65,7 +65,7 @@ class RunnerExit(StrEnum):
 @dataclass(frozen=True)
 class RunnerServices:
     settings: Settings
-    client: redis.Redis
+    client: RedisClient
     keys: Keys
     producer: Producer
     store: JobStore
@@ -128,8 +128,10 @@ class ConversationRunner:
                     self.releasing = True
                     released = await self._s.store.release_if_empty(
                         self.conversation_id, owner=self.owner, doorbell=self.doorbell)
-                    if released:
-                        return RunnerExit.DONE if released > 0 else RunnerExit.LOST
+                    if released is Released.RELEASED:
+                        return RunnerExit.DONE
+                    if released is Released.LOST:
+                        return RunnerExit.LOST
                     self.releasing = False
                     continue  # a turn was queued between the two reads
                 with bound_contextvars(turn_id=head.turn_id):
@@ -215,7 +217,7 @@ class ConversationRunner:
         if attempt is None:
             return None
         if job.kind == KIND_CLIP:
-            result = await self._speak_clip(job, attempt)
+            result: TurnResult | None = await self._speak_clip(job, attempt)
         else:
             result = await self._speak_streamed(job, attempt)
         if result is not None and result.status == STATUS_ABANDONED:
@@ -237,9 +239,10 @@ class ConversationRunner:
         log.info("turn_continued", audio_bytes=delivered.audio_bytes,
                  audio_ended=delivered.audio_ended, frames=delivered.frames,
                  audio_only=delivered.audio_only)
+        guard = self._s.store.run_guard(job.conversation_id, job.turn_id, claim.epoch)
         return Attempt(epoch=claim.epoch, delivered=delivered,
                        take_over_from=claim.previous_owner or self._take_over_from,
-                       session_lease=lease)
+                       session_lease=lease, guard=guard)
 
     async def _open(self, job: TurnJob, attempt: Attempt) -> Turn:
         if self._must_stop():
@@ -353,9 +356,9 @@ class ConversationRunner:
 
     async def _finish(self, head: QueuedTurn, claim: Claim) -> bool:
         finished = await self._s.store.finish(self.conversation_id, head, claim.epoch)
-        if finished >= 0:
+        if finished is not Finished.TAKEN_OVER:
             await self._drop_input(head)
-        return finished >= 0
+        return finished is not Finished.TAKEN_OVER
 
     async def _drop_input(self, head: QueuedTurn) -> None:
         await self._s.client.delete(self._s.keys.turn_input(self.conversation_id, head.turn_id))
