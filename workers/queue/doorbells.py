@@ -203,7 +203,7 @@ class Doorbells:
 
     async def hand_back(self, entry_id: str, idle_ms: int) -> bool:
         """Make a doorbell this worker holds claimable by any other worker right away."""
-        args = [self._group, self._consumer, entry_id, idle_ms]
+        args: ScriptArgs = [self._group, self._consumer, entry_id, idle_ms]
         try:
             return bool(int(await self._hand_back(keys=[self._key], args=args)))
         except ResponseError as exc:
