@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +21,10 @@ from structlog.testing import capture_logs
 
 from relay.dev.embedded import EmbeddedServer
 from relay.keys import Keys
-from relay.redis_conn import create_client
 from relay.streams import read_turn
-from tests import test_producer, test_queue_worker
-from tests.job_helpers import assert_played_once
-from tests.test_producer import RATE, of_turn, tone, wait_turn_end
+from tests.helpers.jobs import assert_played_once
+from tests.helpers.producer import RATE, of_turn, tone, wait_turn_end
 from workers.queue.submit import TurnQueue
-
-# Fixtures shared with the worker tests, used by name.
-sim, start_sim, make_producer = test_producer.sim, test_producer.start_sim, \
-    test_producer.make_producer
-queue, run_worker = test_queue_worker.queue, test_queue_worker.run_worker
 
 FAST_CLAIM = {"job_claim_idle_s": 1.0, "conversation_lease_s": 3.0, "jobs_block_ms": 200}
 
@@ -88,13 +81,6 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableValk
 @pytest.fixture(scope="module")
 def redis_url(valkey: RestartableValkey) -> str:  # the suite's fixtures use this server
     return valkey.url
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
-    client = create_client(redis_url, block_ms=2000)
-    yield client
-    await client.aclose()
 
 
 async def until(predicate, timeout_s: float = 10.0, every_s: float = 0.05) -> None:
