@@ -146,3 +146,23 @@ async def test_live_connection_ends_at_exp_and_the_client_resumes(settings, log,
         assert client.token_refreshes >= 2 and len(minted) == client.token_refreshes + 1
         assert all(w.get("start") == "resume" for w in client.welcomes[1:])
         await listener.close()
+
+
+async def test_refresh_is_tried_once_then_the_error_surfaces(settings):
+    from relay.client import RelayClientError
+
+    conv = "c-refresh"
+    fetched: list[str] = []
+
+    async def stale() -> str:  # a backend that keeps handing out expired tokens
+        fetched.append(mint_token(TEST_SECRET, conv, ttl_s=60, now=time.time() - 3600))
+        return fetched[-1]
+
+    async with running_edge(settings, "edge-refresh") as url:
+        client = RelayClient(url, conv, stale, max_backoff_s=0.05)
+        with pytest.raises(RelayClientError) as caught:
+            async for _ in client.messages():
+                pass
+        await client.close()
+    assert caught.value.close_code == wire.CloseCode.TOKEN_EXPIRED
+    assert len(fetched) == 2 and client.token_refreshes == 1
