@@ -305,6 +305,11 @@ class Settings:
     # 5 = 200 ms of animation per message, as in streaming mode.
     sim_batch_keyframes: int = setting(5, integer(1, 1000))
     sim_realtime: bool = setting(False, flag())
+    # Latency measurements (issue 12, `relay bench --latency`): a slower simulated Motion Server.
+    # Each request's first animation message waits this long after its first audio.
+    sim_first_batch_delay_ms: int = setting(0, integer(0, 60_000))
+    # The session handshake is answered after this long.
+    sim_handshake_delay_ms: int = setting(0, integer(0, 60_000))
 
     # Who may connect: token keys, Origin allow-list, request hygiene and connection caps
     # (issue 13; docs/operations.md "Client tokens" and "Edge admission").

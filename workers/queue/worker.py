@@ -56,7 +56,7 @@ class ProducerWorker:
         self._settings = settings
         self._client = client
         self._producer = producer
-        keys = Keys(settings.key_prefix, settings.key_buckets)
+        keys = Keys.of(settings)
         self._doorbells = Doorbells(client, keys, consumer=producer.owner)
         store = JobStore(client, keys, ttl_s=settings.job_ttl_s,
                          lease_s=settings.conversation_lease_s,

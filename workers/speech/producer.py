@@ -123,7 +123,7 @@ class Producer:
         if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:
             raise ValueError("frames_timeout_s and session_idle_s must be positive")
         self._settings = settings
-        self._keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._keys = Keys.of(settings)
         self._endpoints = MotionEndpoints.from_settings(
             settings, console_url=console_url, ingress_url=ingress_url
         )
