@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := run
-.PHONY: run demo test test-fast install lint clean scale bench bench-quick
+.PHONY: run demo test test-fast install lint clean scale bench bench-quick faults
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,8 @@ clean:
 # How one edge's Redis connections, Redis commands per message and memory grow with clients.
 scale: $(STAMP)
 	$(BIN)/python -m relay.dev.bench.scale --clients 100,1000,5000
+
+# Every fault of tests/faults (Redis frozen, restarted, killed; producers and edges SIGKILLed and
+# SIGSTOPped; client drops, a slow client) with 30 conversations, loopback only (~5 minutes).
+faults: $(STAMP)
+	$(BIN)/python -m tests.faults
