@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.errors import InvalidConversationId
 
@@ -46,6 +47,16 @@ def validate_turn_id(turn_id: str) -> str:
 DEFAULT_BUCKETS = 16
 
 
+class KeySettings(Protocol):
+    """What ``Keys.of`` reads (``relay.settings.Settings`` has both)."""
+
+    @property
+    def key_prefix(self) -> str: ...
+
+    @property
+    def key_buckets(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one prefix, so several deployments (or test runs) can share a server.
@@ -55,6 +66,11 @@ class Keys:
 
     prefix: str = "relay"
     buckets: int = DEFAULT_BUCKETS
+
+    @classmethod
+    def of(cls, settings: KeySettings) -> Keys:
+        """The keys of a deployment, from its settings (RELAY_KEY_PREFIX, RELAY_KEY_BUCKETS)."""
+        return cls(settings.key_prefix, settings.key_buckets)
 
     def __post_init__(self) -> None:
         if not 1 <= self.buckets <= 16384:

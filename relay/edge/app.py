@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[VERIFIER] = verifier_from_settings(settings)
     app[ADMISSION] = Admission(settings)
-    app[KEYS] = Keys(settings.key_prefix, settings.key_buckets)
+    app[KEYS] = Keys.of(settings)
     app[SESSIONS] = set()
     app[DRAINING] = asyncio.Event()
     app[METRICS] = EdgeMetrics()
