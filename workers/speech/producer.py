@@ -45,6 +45,8 @@ from workers.speech.leases import ConversationBusy, ConversationLeases, SessionL
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
+from workers.speech.session import SESSION_TOKEN_TTL
+from workers.speech.tokens import TokenStock
 from workers.speech.turn import Turn, TurnResult, TurnServices, TurnSpec
 
 __all__ = [  # FramesPipe, PipeOutcome moved to workers.speech.frames, Turn to workers.speech.turn
@@ -146,9 +148,12 @@ class Producer:
         self._conversation_leases = ConversationLeases(
             client, self._keys, owner=self._owner, lease_s=settings.conversation_lease_s
         )
+        self._tokens = TokenStock(self._endpoints, size=settings.sdk_token_stock,
+                                  ttl=SESSION_TOKEN_TTL)
         self._pool = SessionPool(
             self._endpoints, self._session_leases, idle_s=settings.session_idle_s,
             per_turn=settings.per_turn_sessions, open_timeout_s=settings.frames_timeout_s,
+            tokens=self._tokens,
         )
         self._services = TurnServices(
             log=self._log, pool=self._pool, frames_timeout_s=settings.frames_timeout_s,
@@ -188,6 +193,7 @@ class Producer:
             disable_sdk_telemetry()
         await prewarm_sdk(self._endpoints)  # never raises; best effort, bounded by the SDK
         await self._open_connections()
+        self._tokens.start()
         await self._control.start()
         self._session_leases.start()
         self._conversation_leases.start()
@@ -211,6 +217,7 @@ class Producer:
                 await turn.abort("shutdown")
         await self._control.close()
         await self._pool.close()
+        await self._tokens.close()
         await self._session_leases.close()
         await self._conversation_leases.close()
         if self._tasks:
