@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+
+import structlog
 
 from relay.errors import ConfigError, RelayError
 from relay.logs import configure_logging
@@ -72,24 +75,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands a person runs at a terminal: readable output. The roles log JSON (RELAY_LOG_JSON).
+_PLAIN = frozenset({"run", "demo", "token", "bench", "enqueue", "jobs", "watch"})
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    json_logs = args.command not in _PLAIN and _env_wants_json()
+    configure_logging(json=json_logs)  # until the settings are read: startup errors too
     try:
         settings = Settings.from_env()
         if args.log_level:
             settings = settings.with_overrides(log_level=args.log_level)
-        plain = {"run", "demo", "token", "bench", "enqueue", "jobs"}
-        configure_logging(json=settings.log_json and args.command not in plain,
-                          level=settings.log_level)
+        json_logs = settings.log_json and args.command not in _PLAIN
+        configure_logging(json=json_logs, level=settings.log_level)
         sys.exit(_dispatch(args, settings) or 0)
     except ConfigError as exc:
-        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        _fail(json_logs, "configuration_error", f"configuration error: {exc}")
         sys.exit(2)
     except RelayError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        _fail(json_logs, "relay_error", str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        # A role that dies must say why on the same channel as everything else.
+        if not json_logs:
+            raise
+        structlog.get_logger("relay").critical("fatal_error", error=repr(exc), exc_info=exc)
+        sys.exit(1)
+
+
+def _env_wants_json() -> bool:
+    return os.environ.get("RELAY_LOG_JSON", "true").strip().lower() not in {
+        "0", "false", "no", "off"}
+
+
+def _fail(json_logs: bool, event: str, message: str) -> None:
+    if json_logs:
+        structlog.get_logger("relay").error(event, error=message)
+    else:
+        print(f"relay: {message}", file=sys.stderr)
 
 
 async def _jobs_command(args: argparse.Namespace, settings: Settings) -> int:

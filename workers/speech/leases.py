@@ -81,6 +81,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
 
+# KEYS: lease set. Slots held now (unexpired members); read-only.
+_USED = _NOW_MS + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+
 # A waiter polls at least every _MAX_POLL_S; its mark outlives a few polls, no more.
 _WAITER_TTL_MS = int(_MAX_POLL_S * 3000)
 
@@ -184,6 +189,7 @@ class SessionLeases:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._demand = client.register_script(_DEMAND)
+        self._used = client.register_script(_USED)
         self._room = client.register_script(_ROOM)
         self._renewer = Periodic("sdk-lease-renewer", lease_s / 3, self.renew)
 
@@ -240,6 +246,10 @@ class SessionLeases:
     async def demand(self) -> int:
         """Turns on any producer waiting for a slot now; holders close idle sessions for them."""
         return int(await self._demand(keys=[self._waiters_key]))
+
+    async def used(self) -> int:
+        """Slots held across all producers now (for the metrics)."""
+        return int(await self._used(keys=[self._key]))
 
     async def release(self, lease_id: str) -> None:
         self._held.discard(lease_id)
