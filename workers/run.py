@@ -14,6 +14,7 @@ import signal
 import structlog
 from redis.exceptions import RedisError
 
+from relay.errors import ListenError
 from relay.redis_conn import RedisClient, client_for
 from relay.settings import Settings
 from workers.health import start_health_server
@@ -40,9 +41,15 @@ async def run_producer(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     jobs: list[asyncio.Task[None]] = []
-    health = await start_health_server(
-        settings, client, lambda: not stop.is_set(), metrics=metrics,
-        job_loop_alive=lambda: bool(jobs) and not jobs[0].done())
+    try:
+        health = await start_health_server(
+            settings, client, lambda: not stop.is_set(), metrics=metrics,
+            job_loop_alive=lambda: bool(jobs) and not jobs[0].done())
+    except OSError as exc:
+        await client.aclose()
+        raise ListenError("producer health server", settings.producer_health_host,
+                          settings.producer_health_port, "RELAY_PRODUCER_HEALTH_PORT",
+                          exc) from exc
     try:
         if not await _wait_for_redis(client, stop):
             return 0

@@ -31,11 +31,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis.asyncio as redis
-
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
-from relay.streams import ConversationLog, InterruptOutcome
+from relay.streams import ConversationLog
 from workers.errors import QueueError, QueueFull
 from workers.queue.doorbells import Doorbells
 from workers.queue.input import StreamedInput
@@ -65,6 +64,12 @@ class Submitted:
 
 
 
+@dataclass(frozen=True)
+class InterruptDetail:
+    turn_id: str | None  # the turn that was interrupted, None when none was playing
+    dropped: int  # queued turns removed with it
+
+
 class TurnQueue:
     """Submit turns for producer workers; needs only a Redis client.
 
@@ -76,7 +81,7 @@ class TurnQueue:
     """
 
     def __init__(
-        self, client: redis.Redis, keys: Keys, *, input_ttl_s: int,
+        self, client: RedisClient, keys: Keys, *, input_ttl_s: int,
         max_jobs: int = DEFAULT_MAX_JOBS, stream_maxlen: int = 10_000, stream_ttl_s: int = 3600,
         queue_max: int = 64, queue_ttl_s: int = 86_400, drop_queued_on_interrupt: bool = True,
     ) -> None:
@@ -87,14 +92,13 @@ class TurnQueue:
         self._input_ttl_ms = input_ttl_s * 1000
         self._max_jobs = max_jobs
         self._drop_queued = drop_queued_on_interrupt
-        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s,
-                                    queue_ttl_s=queue_ttl_s)
+        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s)
         # Submitting never leases anything: the lease time only matters to workers.
         self._store = JobStore(client, keys, ttl_s=queue_ttl_s, lease_s=1.0, queue_max=queue_max)
         self._doorbells = Doorbells(client, keys, consumer="submitter")
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis) -> TurnQueue:
+    def from_settings(cls, settings: Settings, client: RedisClient) -> TurnQueue:
         return cls(
             client, Keys(settings.key_prefix, settings.key_buckets),
             input_ttl_s=settings.turn_input_ttl_s,
@@ -162,11 +166,14 @@ class TurnQueue:
         return outcome.turn_id
 
     async def interrupt_detail(self, conversation_id: str, *, reason: str = "interrupted",
-                               drop_queued: bool | None = None) -> InterruptOutcome:
+                               drop_queued: bool | None = None) -> InterruptDetail:
         """``interrupt``, also telling how many queued turns were dropped."""
         drop = self._drop_queued if drop_queued is None else drop_queued
-        return await self._log.interrupt_and_drop(conversation_id, reason=reason,
-                                                  drop_queued=drop)
+        extension = self._store.drop_queued(conversation_id) if drop else None
+        outcome = await self._log.interrupt_with(conversation_id, reason=reason,
+                                                 extension=extension)
+        dropped = int(outcome.extra[0]) if outcome.extra else 0
+        return InterruptDetail(turn_id=outcome.turn_id, dropped=dropped)
 
     async def resubmit(self, job: TurnJob, *, turn_id: str | None = None) -> str:
         """Queue a copy of ``job`` as a new turn (operators requeueing a dead letter)."""

@@ -26,11 +26,11 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
 from relay.streams import ConversationLog, stream_info
 from workers.queue.deadletters import REASON_MALFORMED, DeadLetters
@@ -52,7 +52,7 @@ class ProducerWorker:
     """Consumes ``Keys.jobs`` in group ``Keys.jobs_group`` under a consumer name unique to the
     process (the producer's owner id)."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, producer: Producer) -> None:
+    def __init__(self, settings: Settings, client: RedisClient, producer: Producer) -> None:
         self._settings = settings
         self._client = client
         self._producer = producer
@@ -69,7 +69,7 @@ class ProducerWorker:
             settings=settings, client=client, keys=keys, producer=producer, store=store,
             dead=self._dead, stopping=self._stopping,
             log=ConversationLog(client, keys, maxlen=settings.stream_maxlen,
-                                ttl_s=settings.stream_ttl_s, queue_ttl_s=settings.job_ttl_s),
+                                ttl_s=settings.stream_ttl_s),
         )
         self._claim_idle_ms = int(settings.job_claim_idle_s * 1000)
         self._runners: dict[str, ConversationRunner] = {}  # by doorbell id

@@ -28,15 +28,15 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
 from relay.errors import RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
-from relay.streams import ConversationLog
+from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.metrics import ProducerMetrics
 from workers.speech.control import ControlListener
@@ -70,12 +70,15 @@ class Attempt:
         was fenced by the claim).
     :param session_lease: a Motion Server session slot reserved before the claim
         (``reserve_session``); the turn's new session uses it.
+    :param guard: checked atomically when the attempt opens its turn (``ConversationLog``): the
+        job queue's "this attempt is the one allowed to run".
     """
 
     epoch: int
     delivered: Delivered | None = None
     take_over_from: str = ""
     session_lease: str | None = None
+    guard: Guard | None = None  # the caller's condition for opening the turn (the queue's fence)
 
 
 class _KeyedLocks:
@@ -116,7 +119,7 @@ class Producer:
     """
 
     def __init__(
-        self, settings: Settings, client: redis.Redis, *,
+        self, settings: Settings, client: RedisClient, *,
         console_url: str | None = None, ingress_url: str | None = None,
         metrics: ProducerMetrics | None = None,
     ) -> None:
@@ -288,6 +291,7 @@ class Producer:
             return await self._log.open_turn(
                 spec.conversation_id, spec.turn_id, sample_rate=spec.sample_rate,
                 owner=self._owner, epoch=spec.epoch,
+                guard=attempt.guard if attempt is not None else None,
             )
         except TurnFenced as exc:
             if attempt is not None:

@@ -21,11 +21,11 @@ from relay.dev.stack import LocalStack, child_env
 from relay.streams import ConversationLog
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import Listener, RawWebSocket
+from tests.helpers.edge import Listener, RawWebSocket
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _METRIC_NAME = re.compile(r"\brelay_[a-z_]+\b")
 
 

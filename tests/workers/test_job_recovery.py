@@ -15,20 +15,16 @@ from relay import wire
 from relay.dev.motion_sim import encode_animation, keyframes_for_audio
 from relay.errors import TurnFenced
 from relay.streams import ConversationLog, read_turn
-from tests.job_helpers import assert_played_once, request_ids, split_turns
-from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+from tests.helpers.jobs import assert_played_once, request_ids, split_turns
+from tests.helpers.producer import (
     RATE,
     assert_audio_only,
     assert_complete,
-    make_producer,
     of_turn,
-    sim,
-    start_sim,
     stream_messages,
     tone,
     wait_turn_end,
 )
-from tests.test_queue_worker import pending_jobs, queue, run_worker  # noqa: F401
 from workers.queue.deadletters import DeadLetters
 from workers.queue.doorbells import Doorbells
 from workers.queue.records import JobStore
@@ -56,7 +52,8 @@ async def crash_mid_turn(redis_client, keys, queue, conv, clip, *, audio_bytes, 
     claim = await store.claim(conv, await store.head(conv), owner=DEAD)
     await redis_client.set(keys.conversation_lock(conv), DEAD, px=60_000)
     log = ConversationLog(redis_client, keys, maxlen=10_000, ttl_s=60)
-    await log.open_turn(conv, turn_id, sample_rate=RATE, owner=DEAD, epoch=claim.epoch)
+    await log.open_turn(conv, turn_id, sample_rate=RATE, owner=DEAD, epoch=claim.epoch,
+                        guard=store.run_guard(conv, turn_id, claim.epoch))
     chunks = [clip[i:i + 1280] for i in range(0, audio_bytes, 1280)]
     for seq, chunk in enumerate(chunks):
         last = audio_end and seq == len(chunks) - 1
@@ -86,7 +83,8 @@ async def test_claim_fences_the_previous_attempt(redis_client, keys, queue):
         await log.append("conv-fence", turn_id, wire.audio(turn_id, 2, b"zz", end=False),
                          epoch=epoch)
     with pytest.raises(TurnFenced):
-        await log.open_turn("conv-fence", turn_id, sample_rate=RATE, owner=DEAD, epoch=epoch)
+        await log.open_turn("conv-fence", turn_id, sample_rate=RATE, owner=DEAD, epoch=epoch,
+                            guard=store.run_guard("conv-fence", turn_id, epoch))
     await log.append("conv-fence", turn_id, wire.audio(turn_id, 2, b"ok", end=False),
                      epoch=claim.epoch)
 
