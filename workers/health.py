@@ -23,11 +23,14 @@ _PING_TIMEOUT_S = 2.0
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def create_health_app(client: RedisClient, accepting: Callable[[], bool], *,
+def create_health_app(client: RedisClient, accepting: Callable[[], bool],
+                      blocked: Callable[[], str | None] | None = None, *,
                       job_loop_alive: Callable[[], bool] | None = None,
                       metrics: ProducerMetrics | None = None) -> web.Application:
-    """``accepting`` says whether the worker is taking jobs (false while stopping);
-    ``job_loop_alive`` whether its job loop runs (false before it starts and once it ended)."""
+    """``accepting`` says whether the worker is taking jobs (false while stopping); ``blocked``
+    says why the worker cannot take work right now (its job loop fails, e.g. the jobs group is
+    being recreated after Redis came back empty), or None; ``job_loop_alive`` whether its job
+    loop runs (false before it starts and once it ended)."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -37,6 +40,9 @@ def create_health_app(client: RedisClient, accepting: Callable[[], bool], *,
             return web.json_response({"status": "stopping"}, status=503)
         if job_loop_alive is not None and not job_loop_alive():
             return web.json_response({"status": "job_loop_not_running"}, status=503)
+        reason = blocked() if blocked is not None else None
+        if reason is not None:
+            return web.json_response({"status": "jobs_unavailable", "error": reason}, status=503)
         try:
             await asyncio.wait_for(client.ping(), _PING_TIMEOUT_S)
         except (TimeoutError, OSError, redis.RedisError) as exc:
@@ -59,12 +65,14 @@ def create_health_app(client: RedisClient, accepting: Callable[[], bool], *,
 
 
 async def start_health_server(settings: Settings, client: RedisClient,
-                              accepting: Callable[[], bool], *,
+                              accepting: Callable[[], bool],
+                              blocked: Callable[[], str | None] | None = None, *,
                               job_loop_alive: Callable[[], bool] | None = None,
                               metrics: ProducerMetrics | None = None) -> web.AppRunner | None:
     if not settings.producer_health_port:
         return None
-    app = create_health_app(client, accepting, job_loop_alive=job_loop_alive, metrics=metrics)
+    app = create_health_app(client, accepting, blocked, job_loop_alive=job_loop_alive,
+                            metrics=metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.producer_health_host, settings.producer_health_port).start()

@@ -9,9 +9,12 @@ so the orchestrator replaces it.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from contextlib import suppress
 
 import structlog
+from aiohttp import web
 from redis.exceptions import RedisError
 
 from relay.errors import ListenError
@@ -19,13 +22,32 @@ from relay.redis_conn import RedisClient, client_for
 from relay.settings import Settings
 from workers.health import start_health_server
 from workers.metrics import ProducerMetrics
-from workers.queue.worker import ProducerWorker
+from workers.queue.worker import HAND_BACK_S, ProducerWorker
 from workers.speech.endpoints import MotionEndpoints
 from workers.speech.producer import Producer
 
 log = structlog.get_logger(__name__)
 
+# A producer exits within RELAY_PRODUCER_STOP_S + STOP_MARGIN_S of SIGTERM whatever its turns
+# are doing and whether Redis answers or not (docs/operations.md "Graceful stop"): the margin
+# covers the hand-back (HAND_BACK_S) and closing sessions and leases.
+STOP_MARGIN_S = HAND_BACK_S + 5.0
+_CANCEL_GRACE_S = 2.0
 _REDIS_RETRY_MAX_S = 2.0
+
+
+class _Liveness:
+    """What the health server reports before and after the worker exists."""
+
+    def __init__(self) -> None:
+        self.worker: ProducerWorker | None = None
+        self.loop_task: asyncio.Task[None] | None = None
+
+    def job_loop_alive(self) -> bool:
+        return self.loop_task is not None and not self.loop_task.done()
+
+    def blocked(self) -> str | None:
+        return self.worker.blocked() if self.worker is not None else None
 
 
 async def run_producer(settings: Settings) -> int:
@@ -40,28 +62,48 @@ async def run_producer(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    jobs: list[asyncio.Task[None]] = []
+    state = _Liveness()
+    health: web.AppRunner | None = None
     try:
-        health = await start_health_server(
-            settings, client, lambda: not stop.is_set(), metrics=metrics,
-            job_loop_alive=lambda: bool(jobs) and not jobs[0].done())
+        health = await _start_health(settings, client, stop, state, metrics)
+        if not await _wait_for_redis(client, stop):
+            return 0
+        main = asyncio.create_task(_serve(settings, client, stop, state, metrics),
+                                   name="producer-main")
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({main, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        stop.set()
+        bound = settings.producer_stop_s + STOP_MARGIN_S
+        done, _ = await asyncio.wait({main}, timeout=bound)
+        if not done:
+            log.error("producer_stop_bound_exceeded", bound_s=bound)
+            main.cancel()
+            done, _ = await asyncio.wait({main}, timeout=_CANCEL_GRACE_S)
+            if not done:
+                os._exit(1)  # something swallows cancellation: the bound is a promise
+            return 1
+        main.result()  # surface why it ended, if it failed
+    finally:
+        if health is not None:
+            with suppress(Exception):
+                await asyncio.wait_for(health.cleanup(), _CANCEL_GRACE_S)
+        with suppress(Exception):
+            await asyncio.wait_for(client.aclose(), _CANCEL_GRACE_S)
+    log.info("producer_stopped")
+    return 0
+
+
+async def _start_health(settings: Settings, client: RedisClient, stop: asyncio.Event,
+                        state: _Liveness, metrics: ProducerMetrics) -> web.AppRunner | None:
+    try:
+        return await start_health_server(settings, client, lambda: not stop.is_set(),
+                                         state.blocked, job_loop_alive=state.job_loop_alive,
+                                         metrics=metrics)
     except OSError as exc:
-        await client.aclose()
         raise ListenError("producer health server", settings.producer_health_host,
                           settings.producer_health_port, "RELAY_PRODUCER_HEALTH_PORT",
                           exc) from exc
-    try:
-        if not await _wait_for_redis(client, stop):
-            return 0
-        async with Producer(settings, client, metrics=metrics) as producer:
-            worker = ProducerWorker(settings, client, producer)
-            jobs.append(asyncio.create_task(worker.run(), name="jobs-loop"))
-            return await _serve(worker, jobs[0], stop)
-    finally:
-        if health is not None:
-            await health.cleanup()
-        await client.aclose()
-        log.info("producer_stopped")
 
 
 async def _wait_for_redis(client: RedisClient, stop: asyncio.Event) -> bool:
@@ -80,17 +122,23 @@ async def _wait_for_redis(client: RedisClient, stop: asyncio.Event) -> bool:
     return False
 
 
-async def _serve(worker: ProducerWorker, loop_task: asyncio.Task[None],
-                 stop: asyncio.Event) -> int:
-    stopper = asyncio.create_task(stop.wait(), name="stop-signal")
-    await asyncio.wait({loop_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    log.info("producer_stopping", running_turns=worker.running_turns)
-    await worker.stop()
-    stopper.cancel()
-    if loop_task.done() and not stop.is_set():
-        # The loop ended on its own: a half-dead producer must not linger.
-        error = None if loop_task.cancelled() else loop_task.exception()
-        log.error("jobs_loop_ended_unexpectedly", error=repr(error), exc_info=error)
-        return 1
-    await loop_task
-    return 0
+async def _serve(settings: Settings, client: RedisClient, stop: asyncio.Event,
+                 state: _Liveness, metrics: ProducerMetrics) -> None:
+    async with Producer(settings, client, metrics=metrics) as producer:
+        worker = ProducerWorker(settings, client, producer)
+        state.worker = worker
+        loop_task = asyncio.create_task(worker.run(), name="jobs-loop")
+        state.loop_task = loop_task
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({loop_task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        log.info("producer_stopping", running_turns=worker.running_turns)
+        await worker.stop()
+        if loop_task.done() and not stop.is_set():
+            # The loop ended on its own: a half-dead producer must not linger (exit 1).
+            error = None if loop_task.cancelled() else loop_task.exception()
+            log.error("jobs_loop_ended_unexpectedly", error=repr(error))
+            raise RuntimeError("the job loop ended on its own") from error
+        loop_task.cancel()  # stop() waited for it within its bound; it writes nothing more
+        with suppress(asyncio.CancelledError):
+            await loop_task

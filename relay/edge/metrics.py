@@ -28,7 +28,7 @@ _KIND_BY_BYTES = {kind.encode(): kind for kind in wire.STREAM_KINDS}
 
 # Close codes as labels: the documented ones, the usual client-side ones, everything else "other".
 _CLOSE_CODES = frozenset({
-    1000, 1001, 1005, 1006, 1009, 1011, 1012, 4400, 4401, 4402, 4403, 4429, 4503,
+    1000, 1001, 1002, 1005, 1006, 1009, 1011, 1012, 4400, 4401, 4402, 4403, 4429, 4430, 4503,
 })
 
 # Label values created at start, so every series exists (at 0) before its first event: a query

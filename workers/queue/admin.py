@@ -148,7 +148,7 @@ def _row(conversation: str, turn_id: str, raw_job: bytes, attempts: dict[str, in
 async def list_jobs(settings: Settings, *, as_json: bool, out: Callable[[str], None]) -> int:
     client = client_for(settings)
     try:
-        keys = Keys(settings.key_prefix, settings.key_buckets)
+        keys = Keys.of(settings)
         queued = await queued_turns(client, keys, settings)
         dead = await DeadLetters(client, keys, maxlen=settings.dead_letter_maxlen).list()
     finally:
@@ -185,7 +185,7 @@ async def fix_dead_letter(settings: Settings, action: str, entry_id: str) -> str
     queue (a new turn id: the old one may have been partly played and interrupted)."""
     client = client_for(settings)
     try:
-        keys = Keys(settings.key_prefix, settings.key_buckets)
+        keys = Keys.of(settings)
         dead = DeadLetters(client, keys, maxlen=settings.dead_letter_maxlen)
         letter = await dead.get(entry_id)
         if letter is None:

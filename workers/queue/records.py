@@ -21,7 +21,7 @@ reads what was already delivered.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 from relay.keys import Keys
 from relay.lua import NOW_MS, ScriptArgs, register, text
@@ -235,6 +235,31 @@ class RunnerTake(StrEnum):
 
 
 
+class Enqueued(IntEnum):
+    """What ``_SUBMIT`` answered."""
+
+    ALREADY_QUEUED = 0  # queued or running under that turn id: nothing changed
+    QUEUED = 1
+    ALREADY_DONE = 2  # the turn id already left the queue: not played again
+    FULL = -1  # the conversation holds queue_max turns
+
+
+class Finished(IntEnum):
+    """What ``_FINISH`` answered."""
+
+    DROPPED = 0  # the turn was dropped (interrupt) while it ran
+    DONE = 1
+    TAKEN_OVER = -1  # another attempt runs the turn now
+
+
+class Released(IntEnum):
+    """What ``_RELEASE_IF_EMPTY`` answered."""
+
+    WAITING = 0  # turns are waiting: keep running
+    RELEASED = 1  # the queue is empty and the runner lease is gone
+    LOST = -1  # the lease was someone else's
+
+
 class JobStore:
     """The per-conversation side of the job queue; see the module docstring for the layout.
 
@@ -267,14 +292,13 @@ class JobStore:
     # Submitting.
 
     async def enqueue(self, conversation_id: str, turn_id: str, job: bytes,
-                      *, deadline_in_ms: int = 0) -> int:
-        """Queue a turn: 1 queued; 0 already queued or running, 2 already done (both
-        idempotent: nothing changes); -1 the queue is full."""
+                      *, deadline_in_ms: int = 0) -> Enqueued:
+        """Queue a turn (a second submit of the same turn id changes nothing)."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
         args: ScriptArgs = [turn_id, job, max(0, deadline_in_ms), self._queue_max, self._ttl_ms]
         result = await self._submit(keys=keys, args=args)
-        return int(result[0])
+        return Enqueued(int(result[0]))
 
     # Running a conversation's queue.
 
@@ -297,12 +321,12 @@ class JobStore:
                      start_id=text(start), previous_owner=text(previous),
                      opened=text(status) == "active")
 
-    async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> int:
-        """Remove a turn that ended: 1, 0 if it was dropped meanwhile, -1 if taken over."""
+    async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> Finished:
+        """Remove a turn that ended."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
         args: ScriptArgs = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
-        return int(await self._finish(keys=keys, args=args))
+        return Finished(int(await self._finish(keys=keys, args=args)))
 
     async def is_queued(self, conversation_id: str, turn_id: str) -> bool:
         """The turn is still queued or running (it has not left the queue)."""
@@ -376,10 +400,11 @@ class JobStore:
         return bool(int(await self._renew(keys=keys,
                                           args=[f"{owner}|{doorbell}", self._lease_ms])))
 
-    async def release_if_empty(self, conversation_id: str, *, owner: str, doorbell: str) -> int:
-        """1: released, the queue is empty; 0: turns are waiting, keep running; -1: lost."""
+    async def release_if_empty(self, conversation_id: str, *, owner: str,
+                               doorbell: str) -> Released:
+        """Give up the runner lease if the queue is empty."""
         keys = [self._keys.queue_runner(conversation_id), self._keys.queue(conversation_id)]
-        return int(await self._release(keys=keys, args=[f"{owner}|{doorbell}"]))
+        return Released(int(await self._release(keys=keys, args=[f"{owner}|{doorbell}"])))
 
     async def give_up(self, conversation_id: str, *, owner: str, doorbell: str) -> None:
         keys = [self._keys.queue_runner(conversation_id)]

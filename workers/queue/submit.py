@@ -39,7 +39,7 @@ from workers.errors import QueueError, QueueFull
 from workers.queue.doorbells import Doorbells
 from workers.queue.input import StreamedInput
 from workers.queue.jobs import DEFAULT_MAX_JOBS, KIND_CLIP, KIND_STREAM, MAX_CLIP_BYTES, TurnJob
-from workers.queue.records import JobStore
+from workers.queue.records import Enqueued, JobStore
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 
 
@@ -100,7 +100,7 @@ class TurnQueue:
     @classmethod
     def from_settings(cls, settings: Settings, client: RedisClient) -> TurnQueue:
         return cls(
-            client, Keys(settings.key_prefix, settings.key_buckets),
+            client, Keys.of(settings),
             input_ttl_s=settings.turn_input_ttl_s,
             stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
             queue_max=settings.conversation_queue_max, queue_ttl_s=settings.job_ttl_s,
@@ -190,15 +190,15 @@ class TurnQueue:
         deadline_ms = int(deadline_s * 1000) if deadline_s else 0
         queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
                                            deadline_in_ms=deadline_ms)
-        if queued < 0:
+        if queued is Enqueued.FULL:
             raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
                             "turns queued")
-        if queued == 2:
+        if queued is Enqueued.ALREADY_DONE:
             return SUBMIT_ALREADY_DONE
         # Rung after the turn is queued, so whoever reads the doorbell finds the turn. Rung
         # again for a duplicate submit: it costs one entry and repairs a lost doorbell.
         await self._doorbells.ring(job.conversation_id, job.turn_id)
-        return SUBMIT_QUEUED if queued == 1 else SUBMIT_ALREADY_QUEUED
+        return SUBMIT_QUEUED if queued is Enqueued.QUEUED else SUBMIT_ALREADY_QUEUED
 
 
 def _check_avatar(avatar_id: str | None) -> str | None:

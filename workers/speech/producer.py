@@ -42,7 +42,7 @@ from workers.metrics import ProducerMetrics
 from workers.speech.control import ControlListener
 from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
 from workers.speech.frames import FramesPipe, PipeOutcome
-from workers.speech.leases import ConversationLeases, SessionLeases
+from workers.speech.leases import ConversationBusy, ConversationLeases, SessionLeases
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
@@ -87,11 +87,18 @@ class _KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def acquire(self, key: str) -> None:
+    async def acquire(self, key: str, timeout_s: float) -> None:
+        """Take the key's lock, waiting at most ``timeout_s`` (then ConversationBusy): a turn
+        that never lets go must not hold up the conversation's later turns for ever."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            await lock.acquire()
+            async with asyncio.timeout(timeout_s):
+                await lock.acquire()
+        except TimeoutError:
+            self._forget(key)
+            raise ConversationBusy(f"conversation {key} is busy with a turn of this producer") \
+                from None
         except BaseException:
             self._forget(key)
             raise
@@ -127,7 +134,7 @@ class Producer:
             raise ValueError("frames_timeout_s and session_idle_s must be positive")
         self._settings = settings
         self.metrics = metrics if metrics is not None else ProducerMetrics()
-        self._keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._keys = Keys.of(settings)
         self._endpoints = MotionEndpoints.from_settings(
             settings, console_url=console_url, ingress_url=ingress_url
         )
@@ -267,10 +274,13 @@ class Producer:
         if not self._running:
             raise ProducerClosed("producer is not running")
         conversation_id = spec.conversation_id
-        await self._locks.acquire(conversation_id)
+        wait_s = self._settings.conversation_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        await self._locks.acquire(conversation_id, wait_s)
         try:
             await self._conversation_leases.acquire(
-                conversation_id, wait_s=self._settings.conversation_wait_s,
+                conversation_id, wait_s=max(0.0, deadline - loop.time()),
                 take_from=attempt.take_over_from if attempt else "",
             )
         except BaseException:
