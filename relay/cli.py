@@ -73,11 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--port", type=_port, default=None, help="0 = a free port")
 
     # The bench is dev tooling: its own parser (``relay bench --help``) is loaded only when asked
-    # for, so no role's process imports it.
-    bench = sub.add_parser("bench", add_help=False,
+    # for, so no role's process imports it; every argument after ``bench`` is left to it.
+    sub.add_parser("bench", add_help=False,
                            help="measure the relay against a bare Redis loop on this machine "
                            "(loopback only); results in bench/results/latest.json")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     enqueue = sub.add_parser("enqueue", help="queue one turn from a .wav (PCM16 mono) or a raw "
                              ".pcm file; prints its turn id")
@@ -118,7 +117,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "jobs" and args.action != "list" and not args.dead_id:
         args.usage_error(f"{args.action} needs a dead letter id (`relay jobs` lists them)")
     try:

@@ -22,6 +22,8 @@ import redis.asyncio as redis
 from relay import wire
 from relay.errors import TurnFenced
 from relay.keys import Keys
+from relay.lua import NOW_MS, ScriptArgs, register, text
+from relay.redis_conn import RedisClient, answer
 
 ACTIVE = "active"
 ENDED = "ended"
@@ -125,10 +127,7 @@ return last
 # ttl_ms, drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry. Returns {-1} when the
 # active turn changed since the caller read it (retry), else {interrupted (0|1), dropped turns}.
 # Dropped turns count as done; the queue state keeps its epoch counter: epochs never repeat.
-_INTERRUPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-""" + REMEMBER_DONE + """
+_INTERRUPT = NOW_MS + REMEMBER_DONE + """
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
 local hit = 0
 if cur[2] == 'active' then
@@ -214,9 +213,6 @@ def valid_id(entry_id: str) -> bool:
     return ms >= 0 and seq >= 0 and entry_id.count("-") == 1
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class ConversationLog:
     """Fenced writes to conversation streams, shared by producers and the interrupt API.
@@ -225,16 +221,16 @@ class ConversationLog:
         drop queued turns); see ``workers.queue.records``.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int, ttl_s: int,
+    def __init__(self, client: RedisClient, keys: Keys, *, maxlen: int, ttl_s: int,
                  queue_ttl_s: int = 86_400) -> None:
         self._client = client
         self._keys = keys
         self._maxlen = maxlen
         self._ttl_ms = ttl_s * 1000
         self._queue_ttl_ms = queue_ttl_s * 1000
-        self._open = client.register_script(_OPEN)
-        self._append = client.register_script(_APPEND)
-        self._interrupt = client.register_script(_INTERRUPT)
+        self._open = register(client, _OPEN)
+        self._append = register(client, _APPEND)
+        self._interrupt = register(client, _INTERRUPT)
 
     async def open_turn(
         self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0
@@ -251,13 +247,14 @@ class ConversationLog:
             current = await self.current_turn(conversation_id)
             previous = current.turn_id if current and current.status == ACTIVE else ""
             superseded = wire.interrupt(previous or "-", reason="superseded")
-            args = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous, superseded, epoch]
+            args: ScriptArgs = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous,
+                                superseded, epoch]
             result = await self._open(keys=keys, args=args)
             code = int(result[0])
             if code == 3:
                 raise TurnFenced(f"attempt {epoch} of turn {turn_id} may not open it")
             if code != 0:
-                return _text(result[1])
+                return text(result[1])
         raise TurnFenced(f"turn record of {conversation_id} kept changing; could not open turn")
 
     async def append(
@@ -328,17 +325,17 @@ class ConversationLog:
         result = await self._append(keys=keys, args=args)
         if result is None:
             raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")
-        return _text(result)
+        return text(result)
 
     async def current_turn(self, conversation_id: str) -> TurnState | None:
         return await read_turn(self._client, self._keys, conversation_id)
 
 
-async def read_turn(client: redis.Redis, keys: Keys, conversation_id: str) -> TurnState | None:
-    raw = await client.hgetall(keys.turn(conversation_id))
+async def read_turn(client: RedisClient, keys: Keys, conversation_id: str) -> TurnState | None:
+    raw = await answer(client.hgetall(keys.turn(conversation_id)))
     if not raw:
         return None
-    record = {_text(k): _text(v) for k, v in raw.items()}
+    record = {text(k): text(v) for k, v in raw.items()}
     return TurnState(
         turn_id=record.get("id", ""),
         start_id=record.get("start", "0-0"),
@@ -348,7 +345,7 @@ async def read_turn(client: redis.Redis, keys: Keys, conversation_id: str) -> Tu
     )
 
 
-async def stream_info(client: redis.Redis, keys: Keys, conversation_id: str) -> StreamInfo:
+async def stream_info(client: RedisClient, keys: Keys, conversation_id: str) -> StreamInfo:
     try:
         info = await client.xinfo_stream(keys.stream(conversation_id))
     except redis.ResponseError as exc:
@@ -358,24 +355,24 @@ async def stream_info(client: redis.Redis, keys: Keys, conversation_id: str) -> 
     first = info.get("first-entry")
     return StreamInfo(
         exists=True,
-        last_id=_text(info["last-generated-id"]),
-        first_id=_text(first[0]) if first else None,
+        last_id=text(info["last-generated-id"]),
+        first_id=text(first[0]) if first else None,
     )
 
 
 async def read_after(
-    client: redis.Redis, keys: Keys, conversation_id: str, after_id: str, *, count: int
+    client: RedisClient, keys: Keys, conversation_id: str, after_id: str, *, count: int
 ) -> list[tuple[str, bytes]]:
     """Entries strictly after ``after_id`` (oldest first), at most ``count``."""
     rows = await client.xrange(
         keys.stream(conversation_id), min=f"({after_id}", max="+", count=count
     )
-    return [(_text(entry_id), fields[b"d"]) for entry_id, fields in rows]
+    return [(text(entry_id), fields[b"d"]) for entry_id, fields in rows]
 
 
 async def read_from(
-    client: redis.Redis, keys: Keys, conversation_id: str, start_id: str, *, count: int
+    client: RedisClient, keys: Keys, conversation_id: str, start_id: str, *, count: int
 ) -> list[tuple[str, bytes]]:
     """Entries from ``start_id`` inclusive (oldest first), at most ``count``."""
     rows = await client.xrange(keys.stream(conversation_id), min=start_id, max="+", count=count)
-    return [(_text(entry_id), fields[b"d"]) for entry_id, fields in rows]
+    return [(text(entry_id), fields[b"d"]) for entry_id, fields in rows]

@@ -28,11 +28,11 @@ log = structlog.get_logger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 KEYS = web.AppKey("keys", Keys)
-REDIS = web.AppKey("redis", object)  # RedisClient: redis.Redis or RedisCluster
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
 JOINS = web.AppKey("joins", asyncio.Semaphore)
 DRAINING = web.AppKey("draining", asyncio.Event)
 HUB = web.AppKey("hub", Hub)
-SESSIONS = web.AppKey("sessions", set[ClientSession])
+SESSIONS: web.AppKey[set[ClientSession]] = web.AppKey("sessions")
 METRICS = web.AppKey("metrics", EdgeMetrics)
 HUB_TASK = web.AppKey("hub_task", object)  # _Supervised: the hub's task, restarted if it ends
 
@@ -133,7 +133,8 @@ class _Supervised:
 
 
 async def _close_sessions(app: web.Application) -> None:
-    for session in list(app[SESSIONS]):
+    sessions: set[ClientSession] = app[SESSIONS]
+    for session in list(sessions):
         session.request_close(wire.CloseCode.EDGE_RESTARTING, "edge_restarting")
 
 

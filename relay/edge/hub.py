@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as redis
 import structlog
@@ -217,7 +217,8 @@ class Hub:
                 ids.append(sub.position)
         self._shard_ready[shard.name] = True
         self._read_since[shard.name] = asyncio.get_running_loop().time()
-        reply = await shard.client.execute_command(
+        # redis-py leaves execute_command unannotated; the raw reply is parsed below.
+        reply = await cast(Any, shard.client).execute_command(
             "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *keys, *ids)
         self.reads += 1
         tally, read = DeliveryTally(), 0
@@ -225,10 +226,10 @@ class Hub:
             if key == shard.wake_key_bytes:
                 wake_position = entries[-1][0].decode()
                 continue
-            sub = self._by_stream.get(key)
-            if sub is not None and entries:
+            target = self._by_stream.get(key)
+            if target is not None and entries:
                 read += len(entries)
-                self._fan_out(sub, entries, tally)
+                self._fan_out(target, entries, tally)
         self._metrics.delivered_live(tally, read)
         return wake_position
 

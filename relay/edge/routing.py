@@ -16,7 +16,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 
 from relay.keys import Keys
-from relay.redis_conn import node_client
+from relay.redis_conn import RedisClient, node_client
 
 
 class TopologyChanged(Exception):
@@ -26,7 +26,7 @@ class TopologyChanged(Exception):
 @dataclass(eq=False)
 class Shard:
     name: str
-    client: redis.Redis
+    client: RedisClient  # a plain client of one server or one cluster node
     wake_key: str
     bucket: int | None  # None: every bucket
 
@@ -49,7 +49,7 @@ class Router(Protocol):
 class SingleRouter:
     """One server: every stream on the one shard, read through the given client."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, node_id: str) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, node_id: str) -> None:
         self._shard = Shard("redis", client, keys.edge_wake(node_id), bucket=None)
 
     async def refresh(self) -> list[Shard]:
@@ -79,7 +79,10 @@ class ClusterRouter:
         for bucket in range(self._keys.buckets):
             wake_key = self._keys.edge_wake(self._node_id, bucket)
             node = self._cluster.get_node_from_key(wake_key)
-            client = node_client(node.host, node.port, block_ms=self._block_ms, like=self._cluster)
+            if node is None:
+                raise TopologyChanged(f"no node serves {wake_key}")
+            client = node_client(node.host, int(node.port), block_ms=self._block_ms,
+                                 like=self._cluster)
             self._clients.append(client)
             shards.append(Shard(f"{node.name}/b{bucket}", client, wake_key, bucket))
         return shards

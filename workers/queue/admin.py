@@ -15,11 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as redis
-
 from relay.errors import RelayError
 from relay.keys import Keys
-from relay.redis_conn import client_for
+from relay.redis_conn import RedisClient, client_for
 from relay.settings import SAMPLE_RATES, Settings
 from relay.streams import RUN_SEPARATOR
 from workers.errors import MalformedJob, QueueError
@@ -115,7 +113,7 @@ class QueuedRow:
     runner: str | None
 
 
-async def queued_turns(client: redis.Redis, keys: Keys, settings: Settings) -> list[QueuedRow]:
+async def queued_turns(client: RedisClient, keys: Keys, settings: Settings) -> list[QueuedRow]:
     store = JobStore(client, keys, ttl_s=settings.job_ttl_s, lease_s=1.0)
     rows = await client.xrange(keys.jobs(), count=_LIST_LIMIT)
     conversations = sorted({f[b"conv"].decode() for _, f in rows if f.get(b"conv")})

@@ -23,17 +23,28 @@ def log(redis_client, keys):
 
 
 def kinds(rows):
-    return [(wire.decode_server(wire.delivery(i, d)).kind, wire.decode_server(wire.delivery(i, d)).turn) for i, d in rows]
+    return [
+        (wire.decode_server(wire.delivery(i, d)).kind, wire.decode_server(wire.delivery(i, d)).turn)
+        for i, d in rows
+    ]
 
 
 async def test_turn_lifecycle_writes_in_order(log, redis_client, keys):
     start = await log.open_turn("c1", "t1", sample_rate=16000, owner="p1")
     await log.append("c1", "t1", wire.audio("t1", 0, b"ab", end=False))
-    await log.append("c1", "t1", wire.audio("t1", 1, b"", end=True), wire.frames("t1", 0, b"env", last=True))
+    await log.append(
+        "c1", "t1", wire.audio("t1", 1, b"", end=True), wire.frames("t1", 0, b"env", last=True)
+    )
     await log.end_turn("c1", "t1", status=wire.STATUS_COMPLETE)
     rows = await read_after(redis_client, keys, "c1", "0-0", count=100)
     assert rows[0][0] == start
-    assert kinds(rows) == [("turn_start", "t1"), ("audio", "t1"), ("audio", "t1"), ("frames", "t1"), ("turn_end", "t1")]
+    assert kinds(rows) == [
+        ("turn_start", "t1"),
+        ("audio", "t1"),
+        ("audio", "t1"),
+        ("frames", "t1"),
+        ("turn_end", "t1"),
+    ]
     state = await read_turn(redis_client, keys, "c1")
     assert state is not None and state.status == "ended" and state.start_id == start
 
@@ -58,7 +69,12 @@ async def test_new_turn_supersedes_active_turn(log, redis_client, keys):
         await log.append("c3", "t1", wire.audio("t1", 0, b"x", end=False))
     await log.append("c3", "t2", wire.audio("t2", 0, b"y", end=False))
     rows = await read_after(redis_client, keys, "c3", "0-0", count=100)
-    assert kinds(rows) == [("turn_start", "t1"), ("interrupt", "t1"), ("turn_start", "t2"), ("audio", "t2")]
+    assert kinds(rows) == [
+        ("turn_start", "t1"),
+        ("interrupt", "t1"),
+        ("turn_start", "t2"),
+        ("audio", "t2"),
+    ]
     state = await read_turn(redis_client, keys, "c3")
     assert state.turn_id == "t2" and state.status == ACTIVE
 

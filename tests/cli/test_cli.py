@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from relay.dev.embedded import free_port
 from relay.tokens import verify_token
 from tests.conftest import TEST_SECRET
-
-
-def relay(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("RELAY_", "SPATIUS_")) and k != "REDIS_URL"}
-    full_env.update(env)
-    return subprocess.run([sys.executable, "-m", "relay", *args], env=full_env,
-                          capture_output=True, text=True, timeout=60)
+from tests.helpers.cli import relay
 
 
 def test_token_mints_a_verifiable_token():

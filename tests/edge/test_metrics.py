@@ -14,7 +14,7 @@ from relay.edge.metrics import entry_kind
 from relay.streams import ConversationLog
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import collect, running_edge
+from tests.helpers.edge import collect, running_edge
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -20,7 +20,7 @@ from relay.errors import ConfigError
 from relay.settings import SettingError, Settings, env_name, rule_of
 from tests.conftest import TEST_SECRET
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIELDS = list(fields(Settings))
 NUMERIC = [f for f in FIELDS if str(f.type) in ("int", "float")]
 FUZZ = ["-1", "0", "nan", "inf", "-inf", "ten", "1e999", "99999999999999999999"]

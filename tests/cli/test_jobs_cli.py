@@ -6,17 +6,13 @@ import asyncio
 import json
 import wave
 
-from tests.test_cli import relay
-from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+from tests.helpers.cli import relay
+from tests.helpers.producer import (
     RATE,
     assert_complete,
-    make_producer,
-    sim,
-    start_sim,
     tone,
     wait_turn_end,
 )
-from tests.test_queue_worker import run_worker  # noqa: F401
 from workers.queue.deadletters import DeadLetters
 from workers.queue.jobs import decode_job
 
