@@ -1,0 +1,95 @@
+"""``relay bench`` arguments and the entry point the CLI dispatches to."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from relay.dev.bench.options import BenchOptions
+from relay.dev.bench.schedule import ConversationShape
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="small counts, under a minute: a correctness smoke run")
+    parser.add_argument("--paths", default=None, help="edge,full (default both)")
+    parser.add_argument("--edge-steps", default=None, help="conversation counts, e.g. 500,1000")
+    parser.add_argument("--edge-target", type=int, default=None)
+    parser.add_argument("--full-steps", default=None)
+    parser.add_argument("--full-target", type=int, default=None)
+    parser.add_argument("--duration", type=float, default=None, help="seconds of load per step")
+    parser.add_argument("--turn-seconds", type=float, default=None)
+    parser.add_argument("--client-processes", type=int, default=None)
+    parser.add_argument("--bisect", type=int, default=None)
+    parser.add_argument("--profile-seconds", type=float, default=None,
+                        help="py-spy the edge and the producer this long (0 = off)")
+    parser.add_argument("--out", type=Path, default=None, help="bench/results/latest.json")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="append this run's figures to a markdown file (docs/benchmarks.md)")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def options_from(args: argparse.Namespace) -> BenchOptions:
+    options = BenchOptions.quick_mode() if args.quick else BenchOptions()
+    changes: dict[str, Any] = {}
+    if args.paths:
+        changes["paths"] = tuple(p.strip() for p in args.paths.split(","))
+    if args.edge_steps:
+        changes["edge_steps"] = _ints(args.edge_steps)
+    if args.full_steps:
+        changes["full_steps"] = _ints(args.full_steps)
+    for name in ("edge_target", "full_target", "client_processes", "bisect"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.duration is not None:
+        changes["duration_s"] = args.duration
+    if args.profile_seconds is not None:
+        changes["profile_s"] = args.profile_seconds
+    if args.turn_seconds is not None:
+        changes["shape"] = ConversationShape(turn_s=args.turn_seconds,
+                                             gap_s=options.shape.gap_s)
+    if args.out is not None:
+        changes["out"] = args.out
+    if args.record is not None:
+        changes["markdown"] = args.record
+    return replace(options, **changes)
+
+
+def main(argv: list[str]) -> int:
+    """``relay bench ARGS``: the bench's own parser, loaded only by this command."""
+    parser = argparse.ArgumentParser(prog="relay bench", description="measure the relay against "
+                                     "a bare Redis loop on this machine (loopback only)")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run, write the JSON (latest and a per-run copy), print the table; 0 when delivery was
+    correct everywhere (timing targets never decide the exit code)."""
+    from relay.dev.bench.measure import correct
+    from relay.dev.bench.report import markdown_section, render_table
+    from relay.dev.bench.runner import run as run_bench
+
+    options = options_from(args)
+    command = "relay " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = run_bench(options, command)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, default=str)
+    options.out.write_text(text)
+    (options.out.parent / f"{result['run_id']}.json").write_text(text)
+    print(render_table(result), flush=True)
+    print(f"\nresults: {options.out} (copy: {options.out.parent / (result['run_id'] + '.json')})")
+    if options.markdown is not None:
+        with options.markdown.open("a") as doc:
+            doc.write("\n" + markdown_section(result))
+        print(f"figures appended to {options.markdown}")
+    paths = [result[k] for k in ("edge_path", "full_path") if k in result]
+    return 0 if all(correct(p) for p in paths) else 1

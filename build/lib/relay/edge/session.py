@@ -1,0 +1,209 @@
+"""One connected client: where delivery starts, its bounded send queue, its writer and reader."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from relay import streams, wire
+from relay.edge.framing import FrameWriter, binary_frame
+from relay.edge.metrics import DeliveryTally, EdgeMetrics
+from relay.errors import WireError
+from relay.keys import Keys
+from relay.redis_conn import RedisClient
+from relay.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_CATCH_UP_PAGE = 256
+# One write carries at most this much; the rest waits for the next turn of the loop.
+_BATCH_FRAMES = 512
+_BATCH_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a client's delivery begins. ``position`` is exclusive unless ``inclusive``."""
+
+    position: str
+    inclusive: bool
+    mode: str  # "resume" | "turn" | "live"
+    recovered: bool | None
+
+
+async def choose_start(
+    client: RedisClient, keys: Keys, conversation_id: str, last_id: str | None
+) -> tuple[StartPoint, str]:
+    """Return the start point and the stream's current tip.
+
+    A resume position still inside retention continues right after it. Without one (or when it
+    cannot be honoured) a client joins at the first entry of the active turn, because the client
+    SDK needs a turn's first audio before its frames; with no active turn it starts live.
+    """
+    info = await streams.stream_info(client, keys, conversation_id)
+    if last_id is not None and info.can_resume_after(last_id):
+        return StartPoint(last_id, False, "resume", True), info.last_id
+    recovered = None if last_id is None else False
+    turn = await streams.read_turn(client, keys, conversation_id)
+    if turn is not None and turn.status == streams.ACTIVE and info.exists:
+        return StartPoint(turn.start_id, True, "turn", recovered), info.last_id
+    return StartPoint(info.last_id, False, "live", recovered), info.last_id
+
+
+class ClientSession:
+    """Delivers one conversation to one WebSocket, in stream order, exactly once."""
+
+    def __init__(self, ws: web.WebSocketResponse, conversation_id: str, settings: Settings,
+                 metrics: EdgeMetrics | None = None) -> None:
+        self.ws = ws
+        self._metrics = metrics
+        self.conversation_id = conversation_id
+        self._settings = settings
+        self._queue: deque[tuple[tuple[int, int], bytes]] = deque()
+        self._writer: FrameWriter | None = None
+        self._queued_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._sent = (0, -1)  # id of the last frame written to the socket
+        self.sent_count = 0
+        self.peak_queued_bytes = 0
+
+    # --- called by the hub, never awaits -------------------------------------------------------
+
+    def offer(self, entry_id: tuple[int, int], frame: bytes) -> None:
+        """Queue a complete WebSocket frame of the stream entry ``entry_id`` (parsed id)."""
+        if self._close_code is not None:
+            return
+        limits = self._settings
+        if (len(self._queue) >= limits.client_queue_messages
+                or self._queued_bytes + len(frame) > limits.client_queue_bytes):
+            # Overflow policy: disconnect, never drop. The client resumes from its last position
+            # and gets everything still retained, so a slow client costs itself, not the edge.
+            self.request_close(wire.CloseCode.SLOW_CONSUMER, "slow_consumer")
+            return
+        self._queue.append((entry_id, frame))
+        self._queued_bytes += len(frame)
+        self.peak_queued_bytes = max(self.peak_queued_bytes, self._queued_bytes)
+        self._wakeup.set()
+
+    @property
+    def close_code(self) -> int | None:
+        """The code this edge closed with, else the one the client sent (None: no close)."""
+        return self._close_code if self._close_code is not None else self.ws.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
+
+    def on_unavailable(self) -> None:
+        self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
+
+    def request_close(self, code: int, reason: str) -> None:
+        if self._close_code is None:
+            self._close_code, self._close_reason = code, reason
+            self._wakeup.set()
+
+    # --- delivery ----------------------------------------------------------------------------
+
+    async def _write(self, frames: list[bytes]) -> None:
+        if self._writer is None:
+            self._writer = FrameWriter(self.ws, self._settings.send_timeout_s)
+        await self._writer.write(frames)
+        self.sent_count += len(frames)
+
+    def _fresh(self, entry_id: tuple[int, int]) -> bool:
+        """True once per id, in increasing order: the seam between history and live delivery
+        may offer an entry twice, and it must go out once."""
+        if entry_id <= self._sent:
+            return False
+        self._sent = entry_id
+        return True
+
+    async def catch_up(
+        self, client: RedisClient, keys: Keys, start: StartPoint, until: str,
+        limiter: asyncio.Semaphore,
+    ) -> None:
+        """Send stored entries from the start point up to ``until`` (inclusive), page by page.
+
+        ``limiter`` bounds concurrent history reads across the edge; it is held for each read,
+        never while sending, so a slow client cannot starve the others' joins.
+        """
+        if start.mode == "live":
+            return
+        stop = streams.parse_id(until)
+        position, inclusive = start.position, start.inclusive
+        while True:
+            reader = streams.read_from if inclusive else streams.read_after
+            async with limiter:
+                rows = await reader(client, keys, self.conversation_id, position,
+                                    count=_CATCH_UP_PAGE)
+            frames, done = [], len(rows) < _CATCH_UP_PAGE
+            tally = DeliveryTally()
+            for entry_id, stored in rows:
+                parsed = streams.parse_id(entry_id)
+                if parsed > stop:
+                    done = True
+                    break
+                if self._fresh(parsed):
+                    frames.append(binary_frame(wire.delivery(entry_id, stored)))
+                    tally.add(stored, 1, len(frames[-1]))
+            if frames:
+                await self._write(frames)
+                if self._metrics is not None:
+                    self._metrics.delivered_history(tally)
+            if done:
+                return
+            position, inclusive = rows[-1][0], False
+
+    async def pump(self) -> None:
+        """Drain the live queue, a batch per write, until the session is asked to close."""
+        while True:
+            while self._queue and self._close_code is None:
+                await self._write_batch()
+            if self._close_code is not None:
+                await self.ws.close(code=self._close_code, message=self._close_reason.encode())
+                return
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _write_batch(self) -> None:
+        frames: list[bytes] = []
+        size = 0
+        while self._queue and len(frames) < _BATCH_FRAMES and size < _BATCH_BYTES:
+            entry_id, frame = self._queue.popleft()
+            self._queued_bytes -= len(frame)
+            if self._fresh(entry_id):
+                frames.append(frame)
+                size += len(frame)
+        if frames:
+            await self._write(frames)
+
+    async def read_client(self) -> None:
+        """Answer pings; refuse anything else with an error message and a close."""
+        limit = self._settings.client_message_max_bytes
+        async for msg in self.ws:
+            if msg.type != WSMsgType.BINARY:
+                await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message",
+                                   "only binary msgpack messages are accepted")
+                return
+            if len(msg.data) > limit:
+                await self._refuse(wire.CloseCode.TOO_BIG, "message_too_big",
+                                   f"client messages are limited to {limit} bytes")
+                return
+            try:
+                decoded = wire.decode_client(msg.data, max_bytes=limit)
+            except WireError as exc:
+                await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message", str(exc))
+                return
+            if decoded.kind == wire.PING:
+                await self.ws.send_bytes(wire.pong(decoded.fields.get("nonce")))
+
+    async def _refuse(self, code: int, error_code: str, message: str) -> None:
+        log.info("client_message_refused", error_code=error_code, detail=message)
+        await self.ws.send_bytes(wire.error(error_code, message))
+        self.request_close(code, error_code)

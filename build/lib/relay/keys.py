@@ -1,0 +1,151 @@
+"""The only module that names Redis keys.
+
+Every per-conversation key carries the conversation's *bucket* as its hash tag
+(``relay:{b7}:<conversation>:stream``): a conversation's stream, turn record and locks live in
+one Redis Cluster slot and can be touched by one script. Conversations share a bucket by hash
+(``crc32(id) % buckets``), so on a cluster an edge can read all streams of a bucket with one
+blocking multi-stream XREAD (multi-key commands must stay within one slot): the number of
+blocking reads an edge needs is the bucket count, never the number of conversations. Keys shared
+by the whole deployment (the job queue, the session cap) have tags of their own.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+from relay.errors import InvalidConversationId
+
+# Braces are excluded because they would break the hash tag; the rest keeps ids safe in URLs,
+# logs and key names alike.
+_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TURN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters Redis glob patterns treat specially (braces are literal there)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def validate_conversation_id(conversation_id: str) -> str:
+    if not isinstance(conversation_id, str) or not _CONVERSATION_ID.match(conversation_id):
+        raise InvalidConversationId(
+            "conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+        )
+    return conversation_id
+
+
+def validate_turn_id(turn_id: str) -> str:
+    if not isinstance(turn_id, str) or not _TURN_ID.match(turn_id):
+        raise ValueError("turn id must be 1-64 characters of A-Z a-z 0-9 . _ : -")
+    return turn_id
+
+
+DEFAULT_BUCKETS = 16
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix, so several deployments (or test runs) can share a server.
+
+    Every process of a deployment must use the same ``prefix`` and ``buckets``.
+    """
+
+    prefix: str = "relay"
+    buckets: int = DEFAULT_BUCKETS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.buckets <= 16384:
+            raise ValueError("buckets must be between 1 and 16384")
+
+    def bucket(self, conversation_id: str) -> int:
+        validate_conversation_id(conversation_id)
+        return zlib.crc32(conversation_id.encode()) % self.buckets
+
+    def _conv(self, conversation_id: str, suffix: str) -> str:
+        return f"{self.prefix}:{{b{self.bucket(conversation_id)}}}:{conversation_id}:{suffix}"
+
+    def stream(self, conversation_id: str) -> str:
+        """The conversation's delivery stream: every message clients receive, in order."""
+        return self._conv(conversation_id, "stream")
+
+    def turn(self, conversation_id: str) -> str:
+        """Hash describing the current turn: id, start entry, status, owner."""
+        return self._conv(conversation_id, "turn")
+
+    def conversation_lock(self, conversation_id: str) -> str:
+        """Lease of the producer running this conversation's turns, so turns never interleave."""
+        return self._conv(conversation_id, "lock")
+
+    def turn_input(self, conversation_id: str, turn_id: str) -> str:
+        """Audio chunks a caller feeds into a streamed turn while its TTS is still generating."""
+        validate_turn_id(turn_id)
+        return self._conv(conversation_id, f"input:{turn_id}")
+
+    def control_channel(self, conversation_id: str) -> str:
+        """Pub/sub channel that tells the producer running a turn to stop it at once."""
+        return self._conv(conversation_id, "control")
+
+    def control_pattern(self) -> str:
+        """PSUBSCRIBE pattern matching every conversation's control channel under this prefix."""
+        return f"{_glob_escape(self.prefix)}:{{b*}}:*:control"
+
+    def conversation_of_control(self, channel: str) -> str | None:
+        """The conversation id inside a control channel name, or None for any other name."""
+        head, tail = f"{self.prefix}:{{b", ":control"
+        if not (channel.startswith(head) and channel.endswith(tail)):
+            return None
+        _, sep, conversation_id = channel[len(head) : -len(tail)].partition("}:")
+        if not sep or not _CONVERSATION_ID.match(conversation_id):
+            return None
+        return conversation_id if self.control_channel(conversation_id) == channel else None
+
+    def edge_wake(self, node_id: str, bucket: int = 0) -> str:
+        """Tiny stream an edge includes in its blocking read of a bucket so that a new
+        subscription can wake that read; it shares the bucket's slot."""
+        return f"{self.prefix}:{{b{bucket}}}:edge:{node_id}:wake"
+
+    def jobs(self) -> str:
+        """Stream of doorbells ("conversation X has queued turns") consumed by producer workers
+        through a consumer group; the turns themselves wait in ``queue``."""
+        return f"{self.prefix}:jobs"
+
+    def jobs_group(self) -> str:
+        return "producers"
+
+    # The two session-cap keys share the ``{sdk}`` hash tag: one script updates both.
+
+    def sdk_sessions(self) -> str:
+        """Live Motion Server session leases of all producers (member -> expiry in ms)."""
+        return f"{self.prefix}:{{sdk}}:sessions"
+
+    def sdk_waiters(self) -> str:
+        """Sorted set of turns waiting for a session slot (member -> expiry in ms): the demand
+        that makes producers close their idle sessions early."""
+        return f"{self.prefix}:{{sdk}}:waiters"
+
+    # The job queue (workers/jobstore.py). A conversation's queued turns live in its own slot, so
+    # one script can claim, fence and finish a turn together with the turn record.
+
+    def queue(self, conversation_id: str) -> str:
+        """Stream of this conversation's queued turn jobs, oldest first: its FIFO."""
+        return self._conv(conversation_id, "queue")
+
+    def queue_state(self, conversation_id: str) -> str:
+        """Hash of the queue's bookkeeping: attempts per queued turn, the epoch counter, and the
+        attempt allowed to run now."""
+        return self._conv(conversation_id, "qstate")
+
+    def turns_done(self, conversation_id: str) -> str:
+        """Sorted set of turn ids that left the queue (played, dead, dropped) -> when: a job
+        delivered again by another queue system must not play its turn twice."""
+        return self._conv(conversation_id, "done")
+
+    def queue_runner(self, conversation_id: str) -> str:
+        """Lease of the worker running this conversation's queue, with the doorbell backing it."""
+        return self._conv(conversation_id, "runner")
+
+    def dead_letters(self) -> str:
+        """Stream of turns that will not be played: attempts used up, deadline passed, malformed."""
+        return f"{self.prefix}:jobs:dead"

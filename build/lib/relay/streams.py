@@ -1,0 +1,378 @@
+"""Conversation streams: the fenced writes producers make and the reads edges make.
+
+Every write for a turn goes through a Lua script that first checks the conversation's turn record
+(``Keys.turn``): only the active turn may append. An interrupt or a newer turn flips that record in
+the same atomic step that appends its own marker, so once a client has seen ``interrupt`` no audio
+or frames of the old turn can follow it, however late the old producer's writes arrive.
+
+Queued turns are retried after a producer crash, and every attempt writes under the same turn id.
+The turn record therefore also holds the attempt's **epoch**: a takeover bumps it atomically
+(``workers.queue.records``), and every write here checks turn id *and* epoch, so a previous attempt
+that
+is paused rather than dead can never write again. Turns spoken directly (no queue) use epoch 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+
+from relay import wire
+from relay.errors import TurnFenced
+from relay.keys import Keys
+from relay.lua import NOW_MS, ScriptArgs, register, text
+from relay.redis_conn import RedisClient, answer
+
+ACTIVE = "active"
+ENDED = "ended"
+INTERRUPTED = "interrupted"
+
+# "<turn>/<epoch>": the attempt of a queued turn allowed to run now (``run`` in the queue state).
+# Turn ids cannot contain "/", so the pair is unambiguous.
+RUN_SEPARATOR = "/"
+
+# Turns remembered as done per conversation (and for at most the queue's ttl): a job that another
+# queue system delivers again after its turn left the queue is ignored within these bounds.
+DONE_KEEP = 1000
+
+# Lua: remember_done(done key, turn, ttl_ms) records a turn that left the queue
+# (``Keys.turns_done``) and keeps the set bounded; the script must define ``now`` (server ms) first.
+REMEMBER_DONE = """
+local function remember_done(done, turn, ttl_ms)
+  redis.call('ZADD', done, now, turn)
+  redis.call('ZREMRANGEBYSCORE', done, '-inf', now - ttl_ms)
+  redis.call('ZREMRANGEBYRANK', done, 0, -1 - DONE_KEEP)
+  redis.call('PEXPIRE', done, ttl_ms)
+end
+""".replace("DONE_KEEP", str(DONE_KEEP))
+
+# KEYS: stream, turn, queue state. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
+# expected_previous, interrupt_entry_for_previous, epoch. Returns {0} when the active turn changed
+# under the caller (retry), {1, id} on success, {2, start_id} when this attempt already opened the
+# turn (idempotent re-open), {3} when the caller is fenced: its queued attempt is no longer the
+# one allowed to run, or the turn already ended (a queued turn never opens twice).
+_OPEN = """
+local epoch = ARGV[8]
+if epoch ~= '0' and redis.call('HGET', KEYS[3], 'run') ~= ARGV[1] .. '/' .. epoch then
+  return {3}
+end
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start', 'epoch')
+if cur[1] == ARGV[1] then
+  if cur[2] == 'active' then
+    if (cur[4] or '0') == epoch then return {2, cur[3]} end
+    return {3}
+  end
+  if epoch ~= '0' then return {3} end
+end
+if cur[2] == 'active' then
+  if cur[1] ~= ARGV[6] then return {0} end
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[5])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2],
+           'epoch', epoch)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return {1, id}
+"""
+
+# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms, new_status ('' keeps it), then
+# (mark, entry) pairs: ``wire.write_mark`` of each entry before it. Returns the id of the last
+# entry appended, or false when the turn (at this epoch) is not the active one.
+# Runs twice (a client retry after a timeout whose first attempt did reach Redis, or a caller
+# that retries after an error): an entry whose mark the turn record already holds is skipped, so
+# the second run appends nothing and returns the turn's last entry id, as the first run did; a
+# retried end or interrupt of the turn succeeds the same way although the turn is no longer
+# active. Marks are watermarks in the turn record: ``na``/``nf`` the next audio/frames seq,
+# ``m:<mark>`` for the entries a turn has once; ``last`` the last entry id. Seqs of a kind only
+# grow within a turn (a continued attempt goes on after the delivered ones), so a seq below its
+# watermark is always one already appended, even after the stream trimmed it.
+_APPEND = """
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch', 'na', 'nf', 'last')
+if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return false end
+local next_seq = {a = tonumber(cur[4] or '0'), f = tonumber(cur[5] or '0')}
+local fresh, flags = {}, {}
+for i = 6, #ARGV, 2 do
+  local mark = ARGV[i]
+  local kind = string.sub(mark, 1, 1)
+  if next_seq[kind] then
+    local seq = tonumber(string.sub(mark, 2))
+    if seq >= next_seq[kind] then
+      next_seq[kind] = seq + 1
+      table.insert(fresh, ARGV[i + 1])
+    end
+  elseif redis.call('HEXISTS', KEYS[2], 'm:' .. mark) == 0 and not flags[mark] then
+    flags[mark] = true
+    table.insert(fresh, ARGV[i + 1])
+  end
+end
+if #fresh == 0 then return cur[6] or '0-0' end
+if cur[2] ~= 'active' then return false end
+local last
+for _, entry in ipairs(fresh) do
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', entry)
+end
+redis.call('HSET', KEYS[2], 'na', next_seq.a, 'nf', next_seq.f, 'last', last)
+for mark in pairs(flags) do redis.call('HSET', KEYS[2], 'm:' .. mark, '1') end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return last
+"""
+
+# KEYS: stream, turn, queue, queue state, done. ARGV: expected turn id, expected epoch, maxlen,
+# ttl_ms, drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry. Returns {-1} when the
+# active turn changed since the caller read it (retry), else {interrupted (0|1), dropped turns}.
+# Dropped turns count as done; the queue state keeps its epoch counter: epochs never repeat.
+_INTERRUPT = NOW_MS + REMEMBER_DONE + """
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
+local hit = 0
+if cur[2] == 'active' then
+  if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return {-1} end
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
+  redis.call('HSET', KEYS[2], 'status', 'interrupted', 'end', id)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  hit = 1
+end
+local dropped = 0
+if ARGV[5] == '1' then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
+    local fields = entry[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'turn' then remember_done(KEYS[5], fields[i + 1], tonumber(ARGV[6])) end
+    end
+    dropped = dropped + 1
+  end
+  redis.call('DEL', KEYS[3])
+  local epoch = redis.call('HGET', KEYS[4], 'epoch')
+  redis.call('DEL', KEYS[4])
+  if epoch then
+    redis.call('HSET', KEYS[4], 'epoch', epoch)
+    redis.call('PEXPIRE', KEYS[4], ARGV[6])
+  end
+end
+return {hit, dropped}
+"""
+
+
+@dataclass(frozen=True)
+class TurnState:
+    turn_id: str
+    start_id: str
+    status: str
+    owner: str
+    epoch: int = 0
+
+
+@dataclass(frozen=True)
+class InterruptOutcome:
+    turn_id: str | None  # the turn that was interrupted, None when none was playing
+    dropped: int  # queued turns removed with it
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What an edge needs to place a new client: the stream's tip and its trimmed history."""
+
+    exists: bool
+    last_id: str  # "0-0" when the stream does not exist
+    first_id: str | None
+
+    def can_resume_after(self, position: str) -> bool:
+        """True when every entry after ``position`` is still in the stream.
+
+        Trimming only removes the oldest entries, so nothing after ``position`` is missing while
+        ``position`` is at or past the first retained entry. A position older than that, a stream
+        that is gone, or a position the stream never reached (a stream recreated after loss) means
+        entries may be missing, and the client must be told.
+        """
+        if not self.exists:
+            return False
+        wanted = parse_id(position)
+        if wanted > parse_id(self.last_id):
+            return False
+        return self.first_id is None or wanted >= parse_id(self.first_id)
+
+
+def parse_id(entry_id: str | bytes) -> tuple[int, int]:
+    """Stream ids compare as (milliseconds, sequence) pairs, not as strings."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def valid_id(entry_id: str) -> bool:
+    try:
+        ms, seq = parse_id(entry_id)
+    except ValueError:
+        return False
+    return ms >= 0 and seq >= 0 and entry_id.count("-") == 1
+
+
+
+class ConversationLog:
+    """Fenced writes to conversation streams, shared by producers and the interrupt API.
+
+    :param queue_ttl_s: expiry of a conversation's queue state (only touched by interrupts that
+        drop queued turns); see ``workers.queue.records``.
+    """
+
+    def __init__(self, client: RedisClient, keys: Keys, *, maxlen: int, ttl_s: int,
+                 queue_ttl_s: int = 86_400) -> None:
+        self._client = client
+        self._keys = keys
+        self._maxlen = maxlen
+        self._ttl_ms = ttl_s * 1000
+        self._queue_ttl_ms = queue_ttl_s * 1000
+        self._open = register(client, _OPEN)
+        self._append = register(client, _APPEND)
+        self._interrupt = register(client, _INTERRUPT)
+
+    async def open_turn(
+        self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0
+    ) -> str:
+        """Start a turn; an active turn of the conversation is ended with ``interrupt`` first.
+
+        ``epoch`` > 0 opens a queued turn's attempt: it is refused (TurnFenced) unless that
+        attempt is still the one the queue lets run.
+        """
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
+                self._keys.queue_state(conversation_id)]
+        start = wire.turn_start(turn_id, sample_rate=sample_rate)
+        for _ in range(16):
+            current = await self.current_turn(conversation_id)
+            previous = current.turn_id if current and current.status == ACTIVE else ""
+            superseded = wire.interrupt(previous or "-", reason="superseded")
+            args: ScriptArgs = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous,
+                                superseded, epoch]
+            result = await self._open(keys=keys, args=args)
+            code = int(result[0])
+            if code == 3:
+                raise TurnFenced(f"attempt {epoch} of turn {turn_id} may not open it")
+            if code != 0:
+                return text(result[1])
+        raise TurnFenced(f"turn record of {conversation_id} kept changing; could not open turn")
+
+    async def append(
+        self, conversation_id: str, turn_id: str, *entries: bytes, epoch: int = 0
+    ) -> str:
+        """Append entries of ``turn_id``; raise TurnFenced if that turn (at ``epoch``) is no
+        longer active."""
+        return await self._write(conversation_id, turn_id, epoch, "", entries)
+
+    async def end_turn(
+        self, conversation_id: str, turn_id: str, *, status: str, epoch: int = 0
+    ) -> str:
+        entry = wire.turn_end(turn_id, status=status)
+        return await self._write(conversation_id, turn_id, epoch, ENDED, (entry,))
+
+    async def interrupt_turn(
+        self, conversation_id: str, turn_id: str, *, epoch: int = 0, reason: str
+    ) -> str:
+        """Interrupt exactly this attempt of a turn (TurnFenced when it is not the active one)."""
+        entry = wire.interrupt(turn_id, reason=reason)
+        last = await self._write(conversation_id, turn_id, epoch, INTERRUPTED, (entry,))
+        await self._publish_stop(conversation_id, turn_id)
+        return last
+
+    async def interrupt(self, conversation_id: str, *, reason: str = "interrupted") -> str | None:
+        """Interrupt the active turn; return its id, or None when no turn was active."""
+        outcome = await self.interrupt_and_drop(conversation_id, reason=reason, drop_queued=False)
+        return outcome.turn_id
+
+    async def interrupt_and_drop(
+        self, conversation_id: str, *, reason: str = "interrupted", drop_queued: bool
+    ) -> InterruptOutcome:
+        """Interrupt the active turn and, with ``drop_queued``, drop every turn still queued for
+        the conversation, in one atomic step (turns queued after it are kept)."""
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
+                self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
+                self._keys.turns_done(conversation_id)]
+        for _ in range(16):
+            current = await self.current_turn(conversation_id)
+            active = current if current is not None and current.status == ACTIVE else None
+            turn_id, epoch = (active.turn_id, active.epoch) if active else ("", 0)
+            entry = wire.interrupt(turn_id or "-", reason=reason)
+            args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms,
+                               "1" if drop_queued else "0", self._queue_ttl_ms, entry]
+            result = await self._interrupt(keys=keys, args=args)
+            if int(result[0]) < 0:
+                continue  # the turn or its attempt changed between the read and the script
+            if int(result[0]) == 1:
+                await self._publish_stop(conversation_id, turn_id)
+            return InterruptOutcome(turn_id=turn_id if int(result[0]) else None,
+                                    dropped=int(result[1]))
+        return InterruptOutcome(turn_id=None, dropped=0)
+
+    async def _publish_stop(self, conversation_id: str, turn_id: str) -> None:
+        """Tell the producer running the turn to stop now (it would stop at its next fenced write
+        anyway). A plain PUBLISH command: the async cluster client has no publish() method."""
+        channel = self._keys.control_channel(conversation_id)
+        await self._client.execute_command("PUBLISH", channel, turn_id.encode())
+
+    async def _write(
+        self, conversation_id: str, turn_id: str, epoch: int, status: str,
+        entries: tuple[bytes, ...],
+    ) -> str:
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
+        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms, status]
+        for entry in entries:
+            args += (wire.write_mark(entry), entry)
+        result = await self._append(keys=keys, args=args)
+        if result is None:
+            raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")
+        return text(result)
+
+    async def current_turn(self, conversation_id: str) -> TurnState | None:
+        return await read_turn(self._client, self._keys, conversation_id)
+
+
+async def read_turn(client: RedisClient, keys: Keys, conversation_id: str) -> TurnState | None:
+    raw = await answer(client.hgetall(keys.turn(conversation_id)))
+    if not raw:
+        return None
+    record = {text(k): text(v) for k, v in raw.items()}
+    return TurnState(
+        turn_id=record.get("id", ""),
+        start_id=record.get("start", "0-0"),
+        status=record.get("status", ""),
+        owner=record.get("owner", ""),
+        epoch=int(record.get("epoch") or 0),
+    )
+
+
+async def stream_info(client: RedisClient, keys: Keys, conversation_id: str) -> StreamInfo:
+    try:
+        info = await client.xinfo_stream(keys.stream(conversation_id))
+    except redis.ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return StreamInfo(exists=False, last_id="0-0", first_id=None)
+        raise
+    first = info.get("first-entry")
+    return StreamInfo(
+        exists=True,
+        last_id=text(info["last-generated-id"]),
+        first_id=text(first[0]) if first else None,
+    )
+
+
+async def read_after(
+    client: RedisClient, keys: Keys, conversation_id: str, after_id: str, *, count: int
+) -> list[tuple[str, bytes]]:
+    """Entries strictly after ``after_id`` (oldest first), at most ``count``."""
+    rows = await client.xrange(
+        keys.stream(conversation_id), min=f"({after_id}", max="+", count=count
+    )
+    return [(text(entry_id), fields[b"d"]) for entry_id, fields in rows]
+
+
+async def read_from(
+    client: RedisClient, keys: Keys, conversation_id: str, start_id: str, *, count: int
+) -> list[tuple[str, bytes]]:
+    """Entries from ``start_id`` inclusive (oldest first), at most ``count``."""
+    rows = await client.xrange(keys.stream(conversation_id), min=start_id, max="+", count=count)
+    return [(text(entry_id), fields[b"d"]) for entry_id, fields in rows]

@@ -1,0 +1,250 @@
+"""The only module that encodes and decodes the client wire format (see docs/protocol.md).
+
+Messages are msgpack maps with string keys. Every message carries ``v`` (protocol version) and
+``kind``. Messages that come from a conversation stream also carry ``id``, the stream position a
+client sends back to resume, and ``turn``.
+
+A stream entry stores the message body without ``v`` and ``id`` (the id is the entry's own id,
+known only after the append). The edge turns an entry into a client frame by splicing those two
+pairs in front of the stored pairs, so the hot path never decodes or re-encodes audio or frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from relay.errors import WireError
+
+# msgpack ships no annotations; this alias gives packb its real return type at no call cost.
+_packb: Callable[..., bytes] = msgpack.packb
+
+PROTOCOL_VERSION = 1
+
+# Kinds stored in conversation streams, in the order a turn produces them.
+TURN_START = "turn_start"
+AUDIO = "audio"
+FRAMES = "frames"
+AUDIO_ONLY = "audio_only"
+INTERRUPT = "interrupt"
+TURN_END = "turn_end"
+STREAM_KINDS = frozenset({TURN_START, AUDIO, FRAMES, AUDIO_ONLY, INTERRUPT, TURN_END})
+
+# Kinds the edge itself sends; they have no stream position.
+WELCOME = "welcome"
+ERROR = "error"
+PONG = "pong"
+EDGE_KINDS = frozenset({WELCOME, ERROR, PONG})
+
+# Kinds a client may send to the edge.
+PING = "ping"
+CLIENT_KINDS = frozenset({PING})
+
+# Turn end statuses.
+STATUS_COMPLETE = "complete"
+STATUS_AUDIO_ONLY = "audio_only"
+STATUS_INTERRUPTED = "interrupted"
+
+# A fixmap header holds up to 15 pairs; stored bodies keep two free for ``v`` and ``id``.
+_MAX_STORED_PAIRS = 13
+_FIXMAP = 0x80
+
+_V_PAIR = msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION)
+_ID_KEY = msgpack.packb("id")
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded server-to-client message."""
+
+    kind: str
+    id: str | None = None
+    turn: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.fields.get(name, default)
+
+
+def _pack(body: dict[str, Any]) -> bytes:
+    try:
+        return _packb(body, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"cannot encode {body.get('kind')!r} message") from exc
+
+
+def _entry(kind: str, turn: str, **fields: Any) -> bytes:
+    body = {"kind": kind, "turn": turn, **fields}
+    if len(body) > _MAX_STORED_PAIRS:
+        raise WireError("stored message has too many fields")
+    return _pack(body)
+
+
+# --- stream entries (written by producers) -------------------------------------------------------
+
+
+def turn_start(turn: str, *, sample_rate: int, audio_format: str = "pcm_s16le") -> bytes:
+    return _entry(TURN_START, turn, sample_rate=sample_rate, format=audio_format, channels=1)
+
+
+def audio(turn: str, seq: int, data: bytes, *, end: bool) -> bytes:
+    return _entry(AUDIO, turn, seq=seq, data=bytes(data), end=end)
+
+
+def frames(turn: str, seq: int, envelope: bytes, *, last: bool) -> bytes:
+    if not envelope:
+        # An empty frames message would switch the client SDK to audio-only mode; that is what
+        # audio_only() is for, so refuse it here rather than by accident.
+        raise WireError("frames message needs a non-empty envelope")
+    return _entry(FRAMES, turn, seq=seq, data=bytes(envelope), last=last)
+
+
+def audio_only(turn: str, *, reason: str) -> bytes:
+    return _entry(AUDIO_ONLY, turn, reason=reason)
+
+
+def interrupt(turn: str, *, reason: str) -> bytes:
+    return _entry(INTERRUPT, turn, reason=reason)
+
+
+def turn_end(turn: str, *, status: str) -> bytes:
+    return _entry(TURN_END, turn, status=status)
+
+
+def delivery(entry_id: str | bytes, stored: bytes) -> bytes:
+    """Client frame for a stream entry: ``v`` and ``id`` spliced in front of the stored pairs."""
+    if not stored or stored[0] & 0xF0 != _FIXMAP:
+        raise WireError("stored entry is not a msgpack fixmap")
+    pairs = stored[0] & 0x0F
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode("ascii")
+    header = bytes((_FIXMAP | (pairs + 2),))
+    frame: bytes = header + _V_PAIR + _ID_KEY + _packb(entry_id) + stored[1:]
+    return frame
+
+
+def write_mark(stored: bytes) -> str:
+    """What makes a stored entry unique within its turn, for the append script's duplicate check
+    (``relay.streams``): ``a<seq>`` for audio, ``f<seq>`` for frames, ``o`` for the one
+    ``audio_only``, ``e`` for ``turn_end``, ``i`` for ``interrupt``, ``s`` for ``turn_start``."""
+    body = _unpack_map(stored)
+    kind = body.get("kind")
+    if kind in (AUDIO, FRAMES):
+        seq = body.get("seq")
+        if not isinstance(seq, int) or seq < 0:
+            raise WireError(f"{kind} entry without a valid seq")
+        return f"{'a' if kind == AUDIO else 'f'}{seq}"
+    marks = {AUDIO_ONLY: "o", TURN_END: "e", INTERRUPT: "i", TURN_START: "s"}
+    if kind not in marks:
+        raise WireError(f"unknown stored kind {kind!r}")
+    return marks[str(kind)]
+
+
+def stored_kind(stored: bytes) -> tuple[str, str | None]:
+    """Kind and turn of a stored entry (decodes the whole entry; used off the hot path)."""
+    body = _unpack_map(stored)
+    return str(body.get("kind")), body.get("turn")
+
+
+# --- edge messages --------------------------------------------------------------------------------
+
+
+def edge_message(kind: str, **fields: Any) -> bytes:
+    if kind not in EDGE_KINDS:
+        raise WireError(f"unknown edge message kind {kind!r}")
+    return _pack({"v": PROTOCOL_VERSION, "kind": kind, **fields})
+
+
+def welcome(
+    *, conversation: str, edge: str, start: str, recovered: bool | None, position: str | None
+) -> bytes:
+    return edge_message(
+        WELCOME,
+        conversation=conversation,
+        edge=edge,
+        start=start,
+        recovered=recovered,
+        position=position,
+    )
+
+
+def error(code: str, message: str) -> bytes:
+    return edge_message(ERROR, code=code, message=message)
+
+
+# --- client messages ------------------------------------------------------------------------------
+
+
+def ping(nonce: int | None = None) -> bytes:
+    return _pack({"v": PROTOCOL_VERSION, "kind": PING, "nonce": nonce})
+
+
+def pong(nonce: Any) -> bytes:
+    return edge_message(PONG, nonce=nonce)
+
+
+@dataclass(frozen=True)
+class ClientMessage:
+    kind: str
+    fields: dict[str, Any]
+
+
+def decode_client(data: bytes, *, max_bytes: int) -> ClientMessage:
+    """Decode and validate a client-to-edge message; every failure is a WireError with a reason."""
+    if len(data) > max_bytes:
+        raise WireError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    body = _unpack_map(data)
+    if body.get("v") != PROTOCOL_VERSION:
+        raise WireError(f"unsupported protocol version {body.get('v')!r}")
+    kind = body.get("kind")
+    if kind not in CLIENT_KINDS:
+        raise WireError(f"unknown message kind {kind!r}")
+    return ClientMessage(kind=str(kind), fields=body)
+
+
+def decode_server(data: bytes) -> Message:
+    """Decode a server-to-client message (used by the Python client and tests)."""
+    body = _unpack_map(data)
+    if body.get("v") != PROTOCOL_VERSION:
+        raise WireError(f"unsupported protocol version {body.get('v')!r}")
+    kind = body.pop("kind", None)
+    if kind not in STREAM_KINDS and kind not in EDGE_KINDS:
+        raise WireError(f"unknown message kind {kind!r}")
+    body.pop("v")
+    entry_id, turn = body.pop("id", None), body.pop("turn", None)
+    return Message(kind=str(kind), id=entry_id, turn=turn, fields=body)
+
+
+def _unpack_map(data: bytes) -> dict[str, Any]:
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError) as exc:  # msgpack raises ValueError subclasses
+        raise WireError("message is not valid msgpack") from exc
+    if not isinstance(body, dict):
+        raise WireError("message is not a msgpack map")
+    return body
+
+
+class CloseCode:
+    """WebSocket close codes the edge uses (docs/protocol.md). ``RESUMABLE`` ones mean: reconnect,
+    to this or any edge, with your last position."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    EDGE_RESTARTING = 1012
+    BAD_REQUEST = 4400
+    TOKEN_INVALID = 4401
+    TOKEN_EXPIRED = 4402
+    TOKEN_WRONG_CONVERSATION = 4403
+    SLOW_CONSUMER = 4429
+    UNAVAILABLE = 4503
+
+    RESUMABLE = frozenset({GOING_AWAY, INTERNAL_ERROR, EDGE_RESTARTING, SLOW_CONSUMER, UNAVAILABLE})
+    # A client should stop and surface these; reconnecting with the same token cannot succeed.
+    FATAL = frozenset(
+        {BAD_REQUEST, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_CONVERSATION, TOO_BIG})

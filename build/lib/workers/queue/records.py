@@ -1,0 +1,314 @@
+"""A conversation's queued turns in Redis: FIFO, attempt claims, and the lease of its runner.
+
+Every key here carries the conversation's hash tag, so each step below is one Lua script on one
+slot, atomic together with the turn record the fenced stream writes check (``relay.streams``):
+
+* ``Keys.queue(c)``: stream of queued turn jobs, oldest first (fields ``turn``, ``job``: the job
+  of ``workers.queue``, and ``deadline``: unix ms, from the server clock at submit).
+* ``Keys.queue_state(c)``: hash. ``a:<turn>`` attempts started (present while the turn is queued:
+  submits are idempotent per turn id), ``err:<turn>`` the last attempt's error, ``epoch`` a counter
+  that never repeats, and ``run`` = ``<turn>/<epoch>``: the one attempt allowed to run now.
+* ``Keys.queue_runner(c)``: ``<owner>|<doorbell id>`` with an expiry: the worker running the
+  queue, and the doorbell in the jobs group that backs it (``workers.queue.doorbells``). Whoever
+  ends up
+  owning that doorbell after a crash may take the runner lease over.
+
+A claim bumps the epoch and writes it into the active turn record in the same step, so the
+previous attempt of a turn that is paused rather than dead is fenced out before the new one
+reads what was already delivered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from relay.keys import Keys
+from relay.lua import NOW_MS, ScriptArgs, register, text
+from relay.redis_conn import RedisClient, answer
+from relay.streams import REMEMBER_DONE, RUN_SEPARATOR
+
+# KEYS: queue, state, done. ARGV: turn, job, deadline_in_ms (0: none), max_queued, ttl_ms.
+# Returns {1, entry id}, {0} when the turn is already queued, {2} when it already left the queue
+# (played, dead or dropped), {-1} when the queue is full.
+_SUBMIT = NOW_MS + """
+if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return {0} end
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {2} end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1} end
+local fields = {'turn', ARGV[1], 'job', ARGV[2]}
+if tonumber(ARGV[3]) > 0 then
+  table.insert(fields, 'deadline')
+  table.insert(fields, tostring(now + tonumber(ARGV[3])))
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+redis.call('HSET', KEYS[2], 'a:' .. ARGV[1], 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return {1, id}
+"""
+
+# KEYS: state, turn record, queue. ARGV: turn, owner, max_attempts, ttl_ms, deadline_ms (0: none).
+# Counts the attempt, makes it the one allowed to run, and fences any earlier attempt of an
+# active turn. Returns {kind, epoch, attempts, start id, previous owner, status}.
+_CLAIM = NOW_MS + """
+local a_key = 'a:' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[1], a_key) == 0 then return {'gone', 0, 0, '', '', ''} end
+local attempts = redis.call('HINCRBY', KEYS[1], a_key, 1)
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'run', ARGV[1] .. '/' .. epoch)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start', 'owner')
+local over = attempts > tonumber(ARGV[3])
+if cur[1] == ARGV[1] then
+  if cur[2] ~= 'active' then return {'finished', epoch, attempts, cur[3], '', cur[2]} end
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'owner', ARGV[2])
+  return {over and 'dead' or 'resume', epoch, attempts, cur[3], cur[4] or '', 'active'}
+end
+if over then return {'dead', epoch, attempts, '', '', ''} end
+local deadline = tonumber(ARGV[5])
+if deadline > 0 and now > deadline then return {'expired', epoch, attempts, '', '', ''} end
+return {'fresh', epoch, attempts, '', '', ''}
+"""
+
+# KEYS: queue, state, done. ARGV: turn, epoch, queue entry id, ttl_ms. Removes a finished turn.
+# Returns 1, or 0 when it was dropped meanwhile (interrupt), or -1 when another attempt runs it.
+_FINISH = NOW_MS + REMEMBER_DONE + """
+local a_key = 'a:' .. ARGV[1]
+if redis.call('HEXISTS', KEYS[2], a_key) == 0 then return 0 end
+if redis.call('HGET', KEYS[2], 'run') ~= ARGV[1] .. '/' .. ARGV[2] then return -1 end
+redis.call('XDEL', KEYS[1], ARGV[3])
+redis.call('HDEL', KEYS[2], a_key, 'run', 'err:' .. ARGV[1])
+remember_done(KEYS[3], ARGV[1], tonumber(ARGV[4]))
+return 1
+"""
+
+# KEYS: state. ARGV: turn, epoch, error ('' for a hand-back: the attempt is not counted).
+# Ends this attempt without finishing the turn. Returns 1, or 0 when it was no longer running.
+_STEP_BACK = """
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] .. '/' .. ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], 'run')
+if ARGV[3] == '' then
+  redis.call('HINCRBY', KEYS[1], 'a:' .. ARGV[1], -1)
+else
+  redis.call('HSET', KEYS[1], 'err:' .. ARGV[1], ARGV[3])
+end
+return 1
+"""
+
+# Runner lease: value "<owner>|<doorbell>"; doorbell ids never contain "|".
+_SPLIT = """
+local function split(v)
+  local at = string.find(v, '|[^|]*$')
+  return string.sub(v, 1, at - 1), string.sub(v, at + 1)
+end
+"""
+
+# KEYS: runner. ARGV: owner, doorbell, lease_ms. Returns {1, ''} taken, {2, previous owner} taken
+# over (the caller now owns the doorbell that backed it), {3, owner} held by the caller under
+# another doorbell, {0, holder} held by another worker.
+_TAKE = _SPLIT + """
+local v = redis.call('GET', KEYS[1])
+local value = ARGV[1] .. '|' .. ARGV[2]
+if not v then
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+  return {1, ''}
+end
+local holder, backing = split(v)
+if backing == ARGV[2] then
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+  return {2, holder}
+end
+if holder == ARGV[1] then return {3, holder} end
+return {0, holder}
+"""
+
+# KEYS: runner. ARGV: value, lease_ms. 1 when extended, 0 when the lease is someone else's now.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: runner, queue. ARGV: value. 1 released (queue empty), 0 kept (turns wait), -1 lost.
+_RELEASE_IF_EMPTY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('XLEN', KEYS[2]) > 0 then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: runner. ARGV: value. Drops the lease if the caller still holds it.
+_GIVE_UP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ClaimKind(StrEnum):
+    GONE = "gone"  # dropped (interrupt) between reading the head and claiming it
+    FINISHED = "finished"  # an earlier attempt ended the turn; only the queue entry is left
+    DEAD = "dead"  # attempts exhausted: dead-letter it
+    EXPIRED = "expired"  # its deadline passed before it started: dead-letter it
+    FRESH = "fresh"  # nothing of it was delivered yet: open it
+    RESUME = "resume"  # an earlier attempt opened it: continue after what was delivered
+
+
+@dataclass(frozen=True)
+class Claim:
+    kind: ClaimKind
+    epoch: int
+    attempts: int
+    start_id: str  # the turn_start entry of an opened turn, else ""
+    previous_owner: str  # the producer that last ran an opened turn, else ""
+    opened: bool  # the turn is active in the conversation stream
+
+
+@dataclass(frozen=True)
+class QueuedTurn:
+    entry_id: str
+    turn_id: str
+    job: bytes  # decode with workers.queue.decode_job
+    deadline_ms: int  # 0: none
+
+
+class RunnerTake(StrEnum):
+    TAKEN = "taken"
+    TAKEN_OVER = "taken_over"
+    MINE = "mine"  # this worker already runs the conversation (under another doorbell)
+    BUSY = "busy"  # another worker runs it and will see every turn queued before now
+
+
+
+class JobStore:
+    """The per-conversation side of the job queue; see the module docstring for the layout.
+
+    :param ttl_s: a conversation's queue keys expire this long after their last change.
+    :param lease_s: how long a runner lease outlives its holder's last renewal.
+    """
+
+    def __init__(self, client: RedisClient, keys: Keys, *, ttl_s: int, lease_s: float,
+                 max_attempts: int = 3, queue_max: int = 64) -> None:
+        if ttl_s <= 0 or lease_s <= 0 or max_attempts <= 0 or queue_max <= 0:
+            raise ValueError("ttl_s, lease_s, max_attempts and queue_max must be positive")
+        self._client = client
+        self._keys = keys
+        self._ttl_ms = ttl_s * 1000
+        self._lease_ms = int(lease_s * 1000)
+        self._max_attempts = max_attempts
+        self._queue_max = queue_max
+        self._submit, self._claim, self._finish = (
+            register(client, _SUBMIT), register(client, _CLAIM), register(client, _FINISH))
+        self._step_back, self._take, self._renew = (
+            register(client, _STEP_BACK), register(client, _TAKE), register(client, _RENEW))
+        self._release = register(client, _RELEASE_IF_EMPTY)
+        self._give_up = register(client, _GIVE_UP)
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
+    # Submitting.
+
+    async def enqueue(self, conversation_id: str, turn_id: str, job: bytes,
+                      *, deadline_in_ms: int = 0) -> int:
+        """Queue a turn: 1 queued; 0 already queued or running, 2 already done (both
+        idempotent: nothing changes); -1 the queue is full."""
+        keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
+                self._keys.turns_done(conversation_id)]
+        args: ScriptArgs = [turn_id, job, max(0, deadline_in_ms), self._queue_max, self._ttl_ms]
+        result = await self._submit(keys=keys, args=args)
+        return int(result[0])
+
+    # Running a conversation's queue.
+
+    async def head(self, conversation_id: str) -> QueuedTurn | None:
+        rows = await self._client.xrange(self._keys.queue(conversation_id), count=1)
+        if not rows:
+            return None
+        entry_id, fields = rows[0]
+        return QueuedTurn(entry_id=text(entry_id), turn_id=text(fields.get(b"turn", b"")),
+                          job=fields.get(b"job", b""),
+                          deadline_ms=int(fields.get(b"deadline", b"0") or 0))
+
+    async def claim(self, conversation_id: str, turn: QueuedTurn, *, owner: str) -> Claim:
+        keys = [self._keys.queue_state(conversation_id), self._keys.turn(conversation_id),
+                self._keys.queue(conversation_id)]
+        args: ScriptArgs = [turn.turn_id, owner, self._max_attempts, self._ttl_ms,
+                            turn.deadline_ms]
+        kind, epoch, attempts, start, previous, status = await self._claim(keys=keys, args=args)
+        return Claim(kind=ClaimKind(text(kind)), epoch=int(epoch), attempts=int(attempts),
+                     start_id=text(start), previous_owner=text(previous),
+                     opened=text(status) == "active")
+
+    async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> int:
+        """Remove a turn that ended: 1, 0 if it was dropped meanwhile, -1 if taken over."""
+        keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
+                self._keys.turns_done(conversation_id)]
+        args: ScriptArgs = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
+        return int(await self._finish(keys=keys, args=args))
+
+    async def is_queued(self, conversation_id: str, turn_id: str) -> bool:
+        """The turn is still queued or running (it has not left the queue)."""
+        key = self._keys.queue_state(conversation_id)
+        return bool(await answer(self._client.hexists(key, f"a:{turn_id}")))
+
+    async def hand_back(self, conversation_id: str, turn_id: str, epoch: int) -> bool:
+        """End this attempt unfinished without counting it (graceful stop): the next worker
+        continues the turn."""
+        keys = [self._keys.queue_state(conversation_id)]
+        return bool(int(await self._step_back(keys=keys, args=[turn_id, epoch, ""])))
+
+    async def record_failure(self, conversation_id: str, turn_id: str, epoch: int,
+                             error: str) -> bool:
+        """End this attempt as failed (it stays counted); the error goes to its dead letter."""
+        keys = [self._keys.queue_state(conversation_id)]
+        return bool(int(await self._step_back(keys=keys, args=[turn_id, epoch, error or "-"])))
+
+    async def last_error(self, conversation_id: str, turn_id: str) -> str | None:
+        key = self._keys.queue_state(conversation_id)
+        raw = await answer(self._client.hget(key, f"err:{turn_id}"))
+        return text(raw) if raw is not None else None
+
+    async def still_running(self, conversation_id: str, turn_id: str, epoch: int) -> bool:
+        """True while this attempt is the one allowed to run (not dropped, not taken over)."""
+        raw = await answer(self._client.hget(self._keys.queue_state(conversation_id), "run"))
+        return raw is not None and text(raw) == f"{turn_id}{RUN_SEPARATOR}{epoch}"
+
+    async def queued(self, conversation_id: str) -> list[QueuedTurn]:
+        """Every queued turn of the conversation, oldest first (for operators)."""
+        rows = await self._client.xrange(self._keys.queue(conversation_id))
+        return [QueuedTurn(entry_id=text(i), turn_id=text(f.get(b"turn", b"")),
+                           job=f.get(b"job", b""), deadline_ms=int(f.get(b"deadline", b"0") or 0))
+                for i, f in rows]
+
+    async def attempts(self, conversation_id: str) -> dict[str, str]:
+        raw = await answer(self._client.hgetall(self._keys.queue_state(conversation_id)))
+        return {text(k): text(v) for k, v in raw.items()}
+
+    # The runner lease.
+
+    async def take(self, conversation_id: str, *, owner: str,
+                   doorbell: str) -> tuple[RunnerTake, str]:
+        """Try to become the conversation's runner, backed by ``doorbell``."""
+        keys = [self._keys.queue_runner(conversation_id)]
+        code, holder = await self._take(keys=keys, args=[owner, doorbell, self._lease_ms])
+        kinds = {1: RunnerTake.TAKEN, 2: RunnerTake.TAKEN_OVER, 3: RunnerTake.MINE}
+        return kinds.get(int(code), RunnerTake.BUSY), text(holder)
+
+    async def renew(self, conversation_id: str, *, owner: str, doorbell: str) -> bool:
+        keys = [self._keys.queue_runner(conversation_id)]
+        return bool(int(await self._renew(keys=keys,
+                                          args=[f"{owner}|{doorbell}", self._lease_ms])))
+
+    async def release_if_empty(self, conversation_id: str, *, owner: str, doorbell: str) -> int:
+        """1: released, the queue is empty; 0: turns are waiting, keep running; -1: lost."""
+        keys = [self._keys.queue_runner(conversation_id), self._keys.queue(conversation_id)]
+        return int(await self._release(keys=keys, args=[f"{owner}|{doorbell}"]))
+
+    async def give_up(self, conversation_id: str, *, owner: str, doorbell: str) -> None:
+        keys = [self._keys.queue_runner(conversation_id)]
+        await self._give_up(keys=keys, args=[f"{owner}|{doorbell}"])
+
+    async def runner(self, conversation_id: str) -> str | None:
+        raw = await self._client.get(self._keys.queue_runner(conversation_id))
+        return text(raw).rpartition("|")[0] if raw is not None else None

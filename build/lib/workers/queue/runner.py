@@ -1,0 +1,363 @@
+"""Running one conversation's queue: its turns one after another, each exactly once for clients.
+
+A worker that holds a conversation's runner lease (``workers.queue.records``) takes the queue's head
+turn, claims an attempt of it (the claim bumps the epoch, fencing any earlier attempt), and then:
+
+* the turn already ended (an earlier attempt finished it just before it died): drop it from the
+  queue;
+* its deadline passed before it started, or its attempts are exhausted: dead-letter it; clients
+  that saw part of it get ``interrupt{reason: "failed"}``;
+* nothing of it was delivered: open and speak it;
+* an earlier attempt opened it: read what clients have (``workers.speech.resume``) and continue
+after it.
+
+Only after the turn is over does the next one start, so a conversation's turns never interleave,
+whichever worker runs them and however often one is retried. A failed attempt leaves the turn as
+it is and is retried after a short pause; every attempt is counted, so a poison turn reaches the
+dead letters after ``job_max_attempts`` and the conversation goes on with its next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from enum import StrEnum
+
+import structlog
+from redis.exceptions import RedisError
+from structlog.contextvars import bound_contextvars
+
+from relay.errors import RelayError, TurnFenced
+from relay.keys import Keys
+from relay.redis_conn import RedisClient
+from relay.settings import Settings
+from relay.streams import ConversationLog
+from workers.errors import AttemptFenced, MalformedJob
+from workers.queue.deadletters import (
+    REASON_ATTEMPTS,
+    REASON_DEADLINE,
+    REASON_MALFORMED,
+    DeadLetters,
+)
+from workers.queue.input import InputBatch, read_input
+from workers.queue.jobs import KIND_CLIP, TurnJob, decode_job
+from workers.queue.records import Claim, ClaimKind, JobStore, QueuedTurn
+from workers.speech.leases import ConversationBusy
+from workers.speech.producer import Attempt, Producer
+from workers.speech.resume import read_delivered
+from workers.speech.turn import STATUS_ABANDONED, Turn, TurnResult
+
+log = structlog.get_logger(__name__)
+
+REASON_FAILED = "failed"  # interrupt reason clients see for a turn that went to the dead letters
+REASON_HISTORY_LOST = "failover_history_lost"  # a retried turn's start was trimmed away
+_RETRY_PAUSE_S = 0.5  # after a failed attempt, before the next one (bounded by max attempts)
+
+
+class RunnerExit(StrEnum):
+    DONE = "done"  # the queue is empty and the lease released: acknowledge the doorbell
+    HANDED_BACK = "handed_back"  # the worker is stopping: hand the doorbell back
+    LOST = "lost"  # another worker runs the conversation now: leave the doorbell alone
+
+
+@dataclass(frozen=True)
+class RunnerServices:
+    settings: Settings
+    client: RedisClient
+    keys: Keys
+    producer: Producer
+    store: JobStore
+    dead: DeadLetters
+    log: ConversationLog
+    stopping: asyncio.Event
+
+
+class _Stop(Exception):
+    """The attempt ended without finishing its turn (worker stopping, or lease lost)."""
+
+
+class ConversationRunner:
+    """Runs one conversation's queue for as long as this worker holds its runner lease."""
+
+    def __init__(self, services: RunnerServices, conversation_id: str, doorbell: str,
+                 take_over_from: str = "") -> None:
+        self._s = services
+        self.conversation_id = conversation_id
+        self.doorbell = doorbell
+        self._take_over_from = take_over_from
+        self._lost = asyncio.Event()
+        self._stop_now = False  # running turns must be handed back now, not finished
+        self._turn: Turn | None = None
+
+    @property
+    def owner(self) -> str:
+        return self._s.producer.owner
+
+    async def lose(self) -> None:
+        """Another worker took the conversation over: stop at once, writing nothing more."""
+        self._lost.set()
+        await self.abandon_turn()
+
+    async def stop_now(self) -> None:
+        """The worker's stop grace ran out: hand the running turn back unfinished."""
+        self._stop_now = True
+        await self.abandon_turn()
+
+    async def abandon_turn(self) -> None:
+        turn = self._turn
+        if turn is not None:
+            await turn.abandon()
+
+    def _must_stop(self) -> bool:
+        return self._lost.is_set() or self._stop_now
+
+    async def run(self) -> RunnerExit:
+        with bound_contextvars(conversation_id=self.conversation_id):
+            while True:
+                if self._lost.is_set():
+                    return RunnerExit.LOST
+                if self._s.stopping.is_set():
+                    return RunnerExit.HANDED_BACK
+                head = await self._s.store.head(self.conversation_id)
+                if head is None:
+                    released = await self._s.store.release_if_empty(
+                        self.conversation_id, owner=self.owner, doorbell=self.doorbell)
+                    if released:
+                        return RunnerExit.DONE if released > 0 else RunnerExit.LOST
+                    continue  # a turn was queued between the two reads
+                with bound_contextvars(turn_id=head.turn_id):
+                    if not await self._run_head(head):
+                        return RunnerExit.LOST if self._lost.is_set() else RunnerExit.HANDED_BACK
+
+    async def _run_head(self, head: QueuedTurn) -> bool:
+        """Deal with the head turn; False when this runner must stop."""
+        lease = await self._reserve_session(head)
+        if self._s.stopping.is_set() or self._lost.is_set():
+            await self._s.producer.release_reservation(lease)
+            return False  # nothing claimed yet: the turn waits for the next runner untouched
+        try:
+            return await self._claimed(head, lease)
+        finally:
+            await self._s.producer.release_reservation(lease)
+
+    async def _reserve_session(self, head: QueuedTurn) -> str | None:
+        """A Motion Server session slot for the turn, taken before the turn is claimed: at the
+        session cap a turn waits here, queued and not counted as an attempt, instead of starting
+        and falling back to audio-only."""
+        try:
+            job = decode_job({b"job": head.job})
+        except MalformedJob:
+            return None  # dead-lettered right after the claim; needs no session
+        return await self._s.producer.reserve_session(
+            self.conversation_id, avatar_id=job.avatar_id, sample_rate=job.sample_rate,
+            keep_waiting=lambda: not (self._s.stopping.is_set() or self._lost.is_set()))
+
+    async def _claimed(self, head: QueuedTurn, lease: str | None) -> bool:
+        claim = await self._s.store.claim(self.conversation_id, head, owner=self.owner)
+        log.info("turn_claimed", kind=claim.kind, epoch=claim.epoch, attempt=claim.attempts)
+        if claim.kind is ClaimKind.GONE:
+            return True
+        if claim.kind is ClaimKind.FINISHED:
+            return await self._finish(head, claim)
+        if claim.kind in (ClaimKind.DEAD, ClaimKind.EXPIRED):
+            return await self._bury(head, claim)
+        return await self._attempt(head, claim, lease)
+
+    async def _attempt(self, head: QueuedTurn, claim: Claim, lease: str | None) -> bool:
+        try:
+            job = decode_job({b"job": head.job})
+        except MalformedJob as exc:
+            return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
+        try:
+            result = await self._speak(job, claim, lease)
+        except _Stop:
+            if not self._lost.is_set():
+                await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
+            return False
+        except AttemptFenced:
+            return not self._lost.is_set()  # dropped by an interrupt, or taken over
+        except (ValueError, TypeError) as exc:  # the producer refuses the job's arguments
+            return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
+        except (RelayError, RedisError, OSError, ConversationBusy) as exc:
+            return await self._failed(head, claim, exc)
+        kept = await self._finish(head, claim)
+        if result is not None:
+            # Not kept: another worker took the turn over while this attempt was paused; what
+            # looked like an interrupt here was its epoch fencing this attempt out.
+            log.info("job_done" if kept else "attempt_taken_over", status=result.status,
+                     error=result.error, epoch=claim.epoch, attempt=claim.attempts)
+        return kept
+
+    async def _speak(self, job: TurnJob, claim: Claim, lease: str | None) -> TurnResult | None:
+        attempt = await self._attempt_for(job, claim, lease)
+        if attempt is None:
+            return None
+        if job.kind == KIND_CLIP:
+            result: TurnResult | None = await self._speak_clip(job, attempt)
+        else:
+            result = await self._speak_streamed(job, attempt)
+        if result is not None and result.status == STATUS_ABANDONED:
+            raise _Stop()
+        return result
+
+    async def _attempt_for(self, job: TurnJob, claim: Claim,
+                           lease: str | None) -> Attempt | None:
+        """The attempt to run; None when the turn cannot be continued (ended for clients)."""
+        if claim.kind is not ClaimKind.RESUME:
+            return Attempt(epoch=claim.epoch, take_over_from=self._take_over_from,
+                           session_lease=lease)
+        delivered = await read_delivered(self._s.client, self._s.keys, job.conversation_id,
+                                         job.turn_id, claim.start_id)
+        if delivered is None:
+            log.warning("turn_history_lost")
+            await self._end_for_clients(job.turn_id, claim.epoch, REASON_HISTORY_LOST)
+            return None
+        log.info("turn_continued", audio_bytes=delivered.audio_bytes,
+                 audio_ended=delivered.audio_ended, frames=delivered.frames,
+                 audio_only=delivered.audio_only)
+        return Attempt(epoch=claim.epoch, delivered=delivered,
+                       take_over_from=claim.previous_owner or self._take_over_from,
+                       session_lease=lease)
+
+    async def _open(self, job: TurnJob, attempt: Attempt) -> Turn:
+        if self._must_stop():
+            raise _Stop()
+        turn = await self._s.producer.open_turn(
+            job.conversation_id, sample_rate=job.sample_rate, avatar_id=job.avatar_id,
+            turn_id=job.turn_id, attempt=attempt)
+        self._turn = turn
+        if self._must_stop():  # told to stop while the turn was opening
+            await turn.abandon()
+        return turn
+
+    async def _speak_clip(self, job: TurnJob, attempt: Attempt) -> TurnResult:
+        clip = job.pcm or b""
+        skip = attempt.delivered.audio_bytes if attempt.delivered else 0
+        turn = await self._open(job, attempt)
+        try:
+            await turn.prefeed(clip[:skip])
+            return await turn.speak_rest(clip[skip:])
+        finally:
+            self._turn = None
+
+    async def _speak_streamed(self, job: TurnJob, attempt: Attempt) -> TurnResult | None:
+        await self._keep_input(job)
+        first = await self._first_input(job, attempt)
+        if first is None:
+            return None
+        turn = await self._open(job, attempt)
+        try:
+            await self._pump(job, turn, first, attempt)
+            return await turn.end()
+        finally:
+            self._turn = None
+
+    async def _keep_input(self, job: TurnJob) -> None:
+        # A retry reads the input from its start: it must outlive the turn, not just the writes.
+        key = self._s.keys.turn_input(job.conversation_id, job.turn_id)
+        await self._s.client.pexpire(key, self._s.settings.turn_input_ttl_s * 1000)
+
+    async def _first_input(self, job: TurnJob, attempt: Attempt) -> InputBatch | None:
+        """The first input holding audio or the end; None when none came within
+        ``turn_input_timeout_s`` (nothing to play). Raises _Stop when the worker stops or the
+        attempt was dropped meanwhile."""
+        if attempt.delivered is not None:
+            return await self._read_input(job, "0-0")  # the turn is open: no waiting for it
+        batch = InputBatch(last_id="0-0", chunks=[], ended=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._s.settings.turn_input_timeout_s
+        while not batch.chunks and not batch.ended:
+            await self._check_running(job, attempt)
+            if loop.time() >= deadline:
+                log.info("turn_input_empty")
+                return None
+            batch = await self._read_input(job, batch.last_id)
+        if not batch.chunks:
+            log.info("turn_input_empty", ended=True)
+            return None
+        return batch
+
+    async def _check_running(self, job: TurnJob, attempt: Attempt) -> None:
+        if self._s.stopping.is_set() or self._lost.is_set():
+            raise _Stop()  # nothing was spoken yet: the next worker starts it
+        if not await self._s.store.still_running(job.conversation_id, job.turn_id, attempt.epoch):
+            raise AttemptFenced("dropped while waiting for its input")
+
+    async def _pump(self, job: TurnJob, turn: Turn, batch: InputBatch, attempt: Attempt) -> None:
+        """Feed input to the turn until its end marker, an interrupt or the input timeout; audio
+        clients already have (a continued turn) only goes to the new Motion Server request."""
+        skip = attempt.delivered.audio_bytes if attempt.delivered else 0
+        offset = 0
+        loop = asyncio.get_running_loop()
+        timeout_s = self._s.settings.turn_input_timeout_s
+        deadline = loop.time() + timeout_s
+        while True:
+            # Everything that arrived is sent in one go: one fenced append per batch of chunks.
+            # Delivered audio is a prefix of the input, so every head comes before every tail.
+            tails: list[bytes] = []
+            for chunk in batch.chunks:
+                head, tail = chunk[: max(0, skip - offset)], chunk[max(0, skip - offset) :]
+                offset += len(chunk)
+                await turn.prefeed(head)
+                if tail:
+                    tails.append(tail)
+            if tails and not await turn.send_many(tails):
+                return  # interrupted
+            if batch.ended or turn.interrupted:
+                return
+            if batch.chunks:
+                deadline = loop.time() + timeout_s
+            elif loop.time() >= deadline:
+                log.warning("turn_input_timeout", timeout_s=timeout_s)
+                return  # end the turn with what arrived
+            batch = await self._read_input(job, batch.last_id)
+
+    async def _read_input(self, job: TurnJob, after: str) -> InputBatch:
+        return await read_input(self._s.client, self._s.keys, job.conversation_id, job.turn_id,
+                                after=after, block_ms=self._s.settings.jobs_block_ms)
+
+    # Ends of a turn's stay in the queue.
+
+    async def _finish(self, head: QueuedTurn, claim: Claim) -> bool:
+        finished = await self._s.store.finish(self.conversation_id, head, claim.epoch)
+        if finished >= 0:
+            await self._drop_input(head)
+        return finished >= 0
+
+    async def _drop_input(self, head: QueuedTurn) -> None:
+        await self._s.client.delete(self._s.keys.turn_input(self.conversation_id, head.turn_id))
+
+    async def _bury(self, head: QueuedTurn, claim: Claim, *, reason: str = "",
+                    error: str = "") -> bool:
+        reason = reason or (REASON_DEADLINE if claim.kind is ClaimKind.EXPIRED else REASON_ATTEMPTS)
+        if not error and reason == REASON_ATTEMPTS:
+            last = await self._s.store.last_error(self.conversation_id, head.turn_id)
+            error = last or "its workers stopped or crashed during every attempt"
+        await self._s.dead.bury(conversation_id=self.conversation_id, turn_id=head.turn_id,
+                                reason=reason, error=error, attempts=claim.attempts - 1,
+                                job=head.job)
+        log.warning("turn_dead_lettered", reason=reason, error=error,
+                    attempts=claim.attempts - 1, opened=claim.opened)
+        if claim.opened:
+            await self._end_for_clients(head.turn_id, claim.epoch, REASON_FAILED)
+        return await self._finish(head, claim)
+
+    async def _end_for_clients(self, turn_id: str, epoch: int, reason: str) -> None:
+        """Clients that saw part of a turn that will not go on get ``interrupt``: their player
+        resets, and nothing more of the turn follows."""
+        try:
+            await self._s.log.interrupt_turn(self.conversation_id, turn_id, epoch=epoch,
+                                             reason=reason)
+        except TurnFenced:
+            pass  # interrupted meanwhile, or another attempt runs it
+
+    async def _failed(self, head: QueuedTurn, claim: Claim, exc: BaseException) -> bool:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("job_attempt_failed", error=error, attempt=claim.attempts)
+        recorded = await self._s.store.record_failure(self.conversation_id, head.turn_id,
+                                                      claim.epoch, error)
+        try:
+            await asyncio.wait_for(self._s.stopping.wait(), _RETRY_PAUSE_S * claim.attempts)
+        except TimeoutError:
+            pass
+        return recorded or not self._lost.is_set()

@@ -1,0 +1,199 @@
+"""The built-in turn queue: any backend process with a Redis client hands turns to producer workers.
+
+A submitted turn goes into its conversation's own FIFO (``Keys.queue``, see
+``workers.queue.records``),
+then a doorbell for the conversation goes into ``Keys.jobs``, read by the ``producers`` consumer
+group (``workers.queue.doorbells``). A job is a small versioned msgpack map::
+
+    {"v": 1, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
+     "avatar": str | None, "pcm": bytes (clip only), "at": submit time in unix ms}
+
+A clip job carries its audio. A streamed job is submitted when the turn is opened, and its audio
+follows through the turn's input stream (``Keys.turn_input``): one entry ``{"a": pcm}`` per chunk
+and a final ``{"end": "1"}``. The input stream expires ``input_ttl_s`` after its last write, so
+abandoned input does not pile up; it must outlive the turn's wait in the queue, because a retried
+turn reads its input again from the start.
+
+Turn ids are fixed here, at submit: every attempt of the turn writes under the same id. A submit is
+idempotent per turn id: while the turn is queued or running, and after it left the queue (played,
+dead-lettered or dropped) for the conversation's last ``DONE_KEEP`` turns within ``queue_ttl_s``.
+So a caller that got an error may submit again with the same ``turn_id`` (that also rings the
+doorbell again, which repairs a submit whose doorbell write failed), and a job another queue
+system delivers twice plays once.
+
+Backpressure: ``QueueFull`` once ``max_jobs`` doorbells wait in ``Keys.jobs`` (conversations no
+worker took yet), or once the conversation itself holds ``queue_max`` queued turns.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from relay.keys import Keys, validate_conversation_id, validate_turn_id
+from relay.redis_conn import RedisClient
+from relay.settings import Settings
+from relay.streams import ConversationLog, InterruptOutcome
+from workers.errors import QueueError, QueueFull
+from workers.queue.doorbells import Doorbells
+from workers.queue.input import StreamedInput
+from workers.queue.jobs import DEFAULT_MAX_JOBS, KIND_CLIP, KIND_STREAM, MAX_CLIP_BYTES, TurnJob
+from workers.queue.records import JobStore
+from workers.speech.pcm import validate_pcm, validate_sample_rate
+
+
+def _new_turn_id(turn_id: str | None) -> str:
+    return validate_turn_id(turn_id) if turn_id else uuid.uuid4().hex
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+
+SUBMIT_QUEUED = "queued"  # newly queued
+SUBMIT_ALREADY_QUEUED = "already_queued"  # the same turn id is queued or running: nothing changed
+SUBMIT_ALREADY_DONE = "already_done"  # the same turn id already left the queue: not played again
+
+
+@dataclass(frozen=True)
+class Submitted:
+    turn_id: str
+    state: str  # SUBMIT_QUEUED | SUBMIT_ALREADY_QUEUED | SUBMIT_ALREADY_DONE
+
+
+
+class TurnQueue:
+    """Submit turns for producer workers; needs only a Redis client.
+
+    :param input_ttl_s: expiry of a streamed turn's input stream after its last write.
+    :param max_jobs: submissions are refused (QueueFull) while this many doorbells wait.
+    :param queue_max: submissions are refused while the conversation has this many turns queued.
+    :param queue_ttl_s: a conversation's queue expires this long after its last change.
+    :param drop_queued_on_interrupt: default of ``interrupt(drop_queued=...)``.
+    """
+
+    def __init__(
+        self, client: RedisClient, keys: Keys, *, input_ttl_s: int,
+        max_jobs: int = DEFAULT_MAX_JOBS, stream_maxlen: int = 10_000, stream_ttl_s: int = 3600,
+        queue_max: int = 64, queue_ttl_s: int = 86_400, drop_queued_on_interrupt: bool = True,
+    ) -> None:
+        if input_ttl_s <= 0 or max_jobs <= 0:
+            raise ValueError("input_ttl_s and max_jobs must be positive")
+        self._client = client
+        self._keys = keys
+        self._input_ttl_ms = input_ttl_s * 1000
+        self._max_jobs = max_jobs
+        self._drop_queued = drop_queued_on_interrupt
+        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s,
+                                    queue_ttl_s=queue_ttl_s)
+        # Submitting never leases anything: the lease time only matters to workers.
+        self._store = JobStore(client, keys, ttl_s=queue_ttl_s, lease_s=1.0, queue_max=queue_max)
+        self._doorbells = Doorbells(client, keys, consumer="submitter")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: RedisClient) -> TurnQueue:
+        return cls(
+            client, Keys(settings.key_prefix, settings.key_buckets),
+            input_ttl_s=settings.turn_input_ttl_s,
+            stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
+            queue_max=settings.conversation_queue_max, queue_ttl_s=settings.job_ttl_s,
+            drop_queued_on_interrupt=settings.interrupt_drops_queued,
+        )
+
+    async def submit_clip(
+        self, conversation_id: str, pcm: bytes | bytearray | memoryview, *, sample_rate: int,
+        avatar_id: str | None = None, turn_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> str:
+        """Queue a whole clip as one turn; returns its turn id.
+
+        :param deadline_s: the turn must start within this many seconds (Redis server clock),
+            or it is not played and goes to the dead letters with reason "deadline".
+        """
+        submitted = await self.offer_clip(conversation_id, pcm, sample_rate=sample_rate,
+                                          avatar_id=avatar_id, turn_id=turn_id,
+                                          deadline_s=deadline_s)
+        return submitted.turn_id
+
+    async def offer_clip(
+        self, conversation_id: str, pcm: bytes | bytearray | memoryview, *, sample_rate: int,
+        avatar_id: str | None = None, turn_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> Submitted:
+        """``submit_clip`` that also tells whether the turn id was new (idempotent retries)."""
+        clip = validate_pcm(pcm, allow_empty=False)
+        if len(clip) > MAX_CLIP_BYTES:
+            raise ValueError(f"clip of {len(clip)} bytes exceeds {MAX_CLIP_BYTES}; stream it")
+        job = TurnJob(
+            kind=KIND_CLIP, conversation_id=validate_conversation_id(conversation_id),
+            turn_id=_new_turn_id(turn_id), sample_rate=validate_sample_rate(sample_rate),
+            avatar_id=_check_avatar(avatar_id), submitted_ms=_now_ms(), pcm=clip,
+        )
+        return Submitted(job.turn_id, await self._submit(job, deadline_s))
+
+    async def open_streamed(
+        self, conversation_id: str, *, sample_rate: int, avatar_id: str | None = None,
+        turn_id: str | None = None, deadline_s: float | None = None,
+    ) -> StreamedInput:
+        """Queue a turn whose audio is still being generated; feed it through the result."""
+        job = TurnJob(
+            kind=KIND_STREAM, conversation_id=validate_conversation_id(conversation_id),
+            turn_id=_new_turn_id(turn_id), sample_rate=validate_sample_rate(sample_rate),
+            avatar_id=_check_avatar(avatar_id), submitted_ms=_now_ms(),
+        )
+        await self._submit(job, deadline_s)
+        key = self._keys.turn_input(job.conversation_id, job.turn_id)
+        return StreamedInput(self._client, key, conversation_id=job.conversation_id,
+                             turn_id=job.turn_id, ttl_ms=self._input_ttl_ms)
+
+    async def interrupt(self, conversation_id: str, *, reason: str = "interrupted",
+                        drop_queued: bool | None = None) -> str | None:
+        """Interrupt the conversation's active turn (wherever it runs); its id, or None.
+
+        With ``drop_queued`` (default: ``drop_queued_on_interrupt``) every turn queued for the
+        conversation before this call is dropped too, so the next turn submitted after it starts
+        clean; without it, queued turns play after the interrupt.
+        """
+        outcome = await self.interrupt_detail(conversation_id, reason=reason,
+                                              drop_queued=drop_queued)
+        return outcome.turn_id
+
+    async def interrupt_detail(self, conversation_id: str, *, reason: str = "interrupted",
+                               drop_queued: bool | None = None) -> InterruptOutcome:
+        """``interrupt``, also telling how many queued turns were dropped."""
+        drop = self._drop_queued if drop_queued is None else drop_queued
+        return await self._log.interrupt_and_drop(conversation_id, reason=reason,
+                                                  drop_queued=drop)
+
+    async def resubmit(self, job: TurnJob, *, turn_id: str | None = None) -> str:
+        """Queue a copy of ``job`` as a new turn (operators requeueing a dead letter)."""
+        if job.kind != KIND_CLIP or job.pcm is None:
+            raise QueueError("only clip turns can be requeued: a streamed turn's input is gone")
+        return await self.submit_clip(job.conversation_id, job.pcm, sample_rate=job.sample_rate,
+                                      avatar_id=job.avatar_id, turn_id=turn_id)
+
+    async def _submit(self, job: TurnJob, deadline_s: float | None) -> str:
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError("deadline_s must be positive")
+        if await self._client.xlen(self._keys.jobs()) >= self._max_jobs:
+            raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
+        deadline_ms = int(deadline_s * 1000) if deadline_s else 0
+        queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
+                                           deadline_in_ms=deadline_ms)
+        if queued < 0:
+            raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
+                            "turns queued")
+        if queued == 2:
+            return SUBMIT_ALREADY_DONE
+        # Rung after the turn is queued, so whoever reads the doorbell finds the turn. Rung
+        # again for a duplicate submit: it costs one entry and repairs a lost doorbell.
+        await self._doorbells.ring(job.conversation_id, job.turn_id)
+        return SUBMIT_QUEUED if queued == 1 else SUBMIT_ALREADY_QUEUED
+
+
+def _check_avatar(avatar_id: str | None) -> str | None:
+    if avatar_id is not None and (not isinstance(avatar_id, str) or not avatar_id):
+        raise ValueError("avatar_id must be a non-empty string")
+    return avatar_id

@@ -1,0 +1,265 @@
+"""``relay producer``: take conversations from the job queue and run their turns through a Producer.
+
+The loop, while not stopping:
+
+1. wait for a free slot (``producer_concurrency`` conversations at once);
+2. wait until the Motion Server session cap has room (``SessionLeases.room``): a worker does not
+   take work it cannot give a session to, so at the cap turns wait in Redis, and idle sessions
+   anywhere are closed for them; audio-only for capacity stays a last resort, for the rare turn
+   that still finds no slot within ``sdk_wait_s``;
+3. take doorbells: first those idle for ``job_claim_idle_s`` (their worker crashed or handed them
+   back; XAUTOCLAIM), else new ones (XREADGROUP);
+4. for each, try to become the conversation's runner (``workers.queue.records``); a conversation
+that
+   another worker runs is left to it and the doorbell acknowledged; otherwise a
+   ``ConversationRunner`` runs its queue until it is empty.
+
+One heartbeat task renews, for every conversation this worker runs, the runner lease and the
+doorbell's idle time; what it lost, it stops at once (a paused worker that lost its conversations
+is fenced by the epoch anyway). ``stop`` stops taking work, lets running turns finish for up to
+``producer_stop_s``, then hands the rest back: nothing is written for them, their attempt is not
+counted, and their doorbells become claimable by any other worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+import structlog
+from redis.exceptions import RedisError
+
+from relay.keys import Keys
+from relay.redis_conn import RedisClient
+from relay.settings import Settings
+from relay.streams import ConversationLog
+from workers.queue.deadletters import REASON_MALFORMED, DeadLetters
+from workers.queue.doorbells import Doorbell, Doorbells
+from workers.queue.records import JobStore, RunnerTake
+from workers.queue.runner import ConversationRunner, RunnerExit, RunnerServices
+from workers.speech.periodic import Periodic
+from workers.speech.producer import Producer
+
+log = structlog.get_logger(__name__)
+
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 2.0
+# A handed-back doorbell looks this idle, so any worker's next XAUTOCLAIM takes it.
+_HANDED_BACK_IDLE_MS = 10 * 365 * 86_400_000
+
+
+class ProducerWorker:
+    """Consumes ``Keys.jobs`` in group ``Keys.jobs_group`` under a consumer name unique to the
+    process (the producer's owner id)."""
+
+    def __init__(self, settings: Settings, client: RedisClient, producer: Producer) -> None:
+        self._settings = settings
+        self._client = client
+        self._producer = producer
+        keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._doorbells = Doorbells(client, keys, consumer=producer.owner)
+        store = JobStore(client, keys, ttl_s=settings.job_ttl_s,
+                         lease_s=settings.conversation_lease_s,
+                         max_attempts=settings.job_max_attempts,
+                         queue_max=settings.conversation_queue_max)
+        self._store = store
+        self._dead = DeadLetters(client, keys, maxlen=settings.dead_letter_maxlen)
+        self._stopping = asyncio.Event()
+        self._services = RunnerServices(
+            settings=settings, client=client, keys=keys, producer=producer, store=store,
+            dead=self._dead, stopping=self._stopping,
+            log=ConversationLog(client, keys, maxlen=settings.stream_maxlen,
+                                ttl_s=settings.stream_ttl_s, queue_ttl_s=settings.job_ttl_s),
+        )
+        self._claim_idle_ms = int(settings.job_claim_idle_s * 1000)
+        self._runners: dict[str, ConversationRunner] = {}  # by doorbell id
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._loop_done = asyncio.Event()
+        self._next_reclaim = 0.0
+        beat = min(settings.job_claim_idle_s, settings.conversation_lease_s) / 3
+        self._heartbeat = Periodic("jobs-heartbeat", beat, self.heartbeat)
+
+    @property
+    def running_turns(self) -> int:
+        """Conversations this worker is running now (each runs one turn at a time)."""
+        return len(self._runners)
+
+    async def run(self) -> None:
+        """Take work until ``stop``; returns once no more work will be started."""
+        self._loop_done.clear()
+        try:
+            await self._doorbells.ensure_group()
+            self._heartbeat.start()
+            log.info("worker_started", consumer=self._doorbells.consumer,
+                     concurrency=self._settings.producer_concurrency)
+            delay = _BACKOFF_FIRST_S
+            while not self._stopping.is_set():
+                try:
+                    await self._take_work()
+                    delay = _BACKOFF_FIRST_S
+                except (RedisError, OSError) as exc:
+                    log.warning("jobs_read_failed", error=str(exc), retry_in_s=delay)
+                    await self._sleep_unless_stopping(delay)
+                    delay = min(delay * 2, _BACKOFF_MAX_S)
+        finally:
+            self._loop_done.set()
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop taking work; let running turns finish for ``timeout_s`` (``producer_stop_s``),
+        then hand every conversation still held back to the other workers."""
+        grace = self._settings.producer_stop_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self._stopping.set()
+        self._slot_freed.set()
+        with suppress(TimeoutError):
+            # The read loop notices within one jobs_block_ms; bounded in case it never ran.
+            await asyncio.wait_for(self._loop_done.wait(), self._settings.jobs_block_ms / 1000 + 1)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
+        for runner in list(self._runners.values()):
+            with suppress(RedisError, OSError):
+                await runner.stop_now()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        await self._heartbeat.close()
+        with suppress(RedisError, OSError):
+            await self._doorbells.forget_consumer()
+        log.info("worker_stopped", consumer=self._doorbells.consumer)
+
+    # Taking work.
+
+    async def _take_work(self) -> None:
+        free = await self._free_slots()
+        room = await self._session_room() if free else 0
+        if not free or not room:
+            return
+        bells = await self._reclaim(min(free, room))
+        if not bells:
+            bells = await self._doorbells.read(min(free, room), self._settings.jobs_block_ms)
+        for bell in bells:
+            await self._dispatch(bell)
+
+    async def _free_slots(self) -> int:
+        """Wait for at least one free slot; 0 once stopping."""
+        while not self._stopping.is_set():
+            free = self._settings.producer_concurrency - len(self._runners)
+            if free > 0:
+                return free
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        return 0
+
+    async def _session_room(self) -> int:
+        """Wait until the session cap has room (polling: slots free up on other processes too);
+        0 once stopping."""
+        delay = _BACKOFF_FIRST_S
+        while not self._stopping.is_set():
+            room = await self._producer.session_room()
+            if room > 0:
+                return room
+            await self._sleep_unless_stopping(delay)
+            delay = min(delay * 2, 1.0)
+        return 0
+
+    async def _reclaim(self, count: int) -> list[Doorbell]:
+        """Doorbells of crashed or stopping workers, looked for every half claim-idle time."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_reclaim:
+            return []
+        self._next_reclaim = loop.time() + min(self._settings.job_claim_idle_s / 2, 5.0)
+        bells = await self._doorbells.reclaim(count, self._claim_idle_ms)
+        for bell in bells:
+            log.info("doorbell_reclaimed", doorbell=bell.entry_id,
+                     conversation_id=bell.conversation_id)
+        return bells
+
+    async def _dispatch(self, bell: Doorbell) -> None:
+        if bell.entry_id in self._runners:
+            return  # our own doorbell came back through XAUTOCLAIM: it is running here
+        conversation_id = bell.conversation_id
+        if conversation_id is None:
+            await self._bury_malformed(bell)
+            return
+        try:
+            take, holder = await self._store.take(
+                conversation_id, owner=self._producer.owner, doorbell=bell.entry_id)
+        except ValueError:  # an invalid conversation id: no key can be named for it
+            await self._bury_malformed(bell)
+            return
+        if take in (RunnerTake.BUSY, RunnerTake.MINE):
+            # The runner (here or elsewhere) holds a doorbell of its own and checks the queue
+            # atomically before it lets go, so it will run every turn queued before now.
+            await self._doorbells.ack(bell.entry_id)
+            return
+        if take is RunnerTake.TAKEN_OVER:
+            log.info("conversation_taken_over", conversation_id=conversation_id,
+                     previous_owner=holder)
+        runner = ConversationRunner(self._services, conversation_id, bell.entry_id,
+                                    take_over_from=holder if take is RunnerTake.TAKEN_OVER else "")
+        self._start(runner)
+
+    async def _bury_malformed(self, bell: Doorbell) -> None:
+        log.warning("doorbell_malformed", doorbell=bell.entry_id)
+        await self._dead.bury(conversation_id=bell.conversation_id or "",
+                              turn_id=bell.turn_id or "", reason=REASON_MALFORMED,
+                              error="not a doorbell of this version",
+                              job=bell.fields.get(b"job", b""))
+        await self._doorbells.ack(bell.entry_id)
+
+    # Running conversations.
+
+    def _start(self, runner: ConversationRunner) -> None:
+        self._runners[runner.doorbell] = runner
+        task = asyncio.create_task(self._run(runner), name=f"runner-{runner.conversation_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, runner: ConversationRunner) -> None:
+        exit_ = RunnerExit.HANDED_BACK
+        try:
+            exit_ = await runner.run()
+        except (RedisError, OSError) as exc:
+            log.error("runner_redis_failed", conversation_id=runner.conversation_id,
+                      error=str(exc))
+        except Exception:
+            log.exception("runner_failed", conversation_id=runner.conversation_id)
+        finally:
+            await asyncio.shield(self._settle(runner, exit_))
+
+    async def _settle(self, runner: ConversationRunner, exit_: RunnerExit) -> None:
+        """Acknowledge or hand back the runner's doorbell: never leave it pending and renewed
+        with nobody running the conversation."""
+        try:
+            if exit_ is RunnerExit.DONE:
+                await self._doorbells.ack(runner.doorbell)
+            elif exit_ is RunnerExit.HANDED_BACK:
+                await self._store.give_up(runner.conversation_id, owner=self._producer.owner,
+                                          doorbell=runner.doorbell)
+                await self._doorbells.hand_back(runner.doorbell, _HANDED_BACK_IDLE_MS)
+                log.info("conversation_handed_back", conversation_id=runner.conversation_id)
+        except (RedisError, OSError) as exc:
+            # Not renewed any more, the doorbell goes idle and is reclaimed after claim-idle.
+            log.warning("doorbell_settle_failed", error=str(exc), exit=exit_)
+        finally:
+            self._runners.pop(runner.doorbell, None)
+            self._slot_freed.set()
+
+    async def heartbeat(self) -> None:
+        """Renew every runner lease and doorbell held here; stop the conversations lost."""
+        runners = list(self._runners.values())
+        if not runners:
+            return
+        lost = await self._doorbells.touch([r.doorbell for r in runners])
+        renewed = await asyncio.gather(*(
+            self._store.renew(r.conversation_id, owner=self._producer.owner, doorbell=r.doorbell)
+            for r in runners))
+        for runner, kept in zip(runners, renewed, strict=True):
+            if (runner.doorbell in lost or not kept) and runner.doorbell in self._runners:
+                log.warning("conversation_lost", conversation_id=runner.conversation_id)
+                await runner.lose()
+
+    async def _sleep_unless_stopping(self, delay_s: float) -> None:
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay_s)

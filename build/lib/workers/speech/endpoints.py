@@ -1,0 +1,75 @@
+"""Where and as whom SDK sessions connect: the real Motion Server or the simulator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import spatius
+import structlog
+
+from relay.errors import ConfigError
+from relay.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# Credentials the simulator accepts (it takes any non-empty app id, key and avatar id).
+SIM_API_KEY = "relay-sim"
+SIM_APP_ID = "relay-sim"
+SIM_AVATAR_ID = "relay-sim-avatar"
+
+
+@dataclass(frozen=True)
+class MotionEndpoints:
+    """Where and as whom SDK sessions connect: the real Motion Server or the simulator."""
+
+    app_id: str
+    region: str
+    console_url: str
+    ingress_url: str
+    default_avatar_id: str
+    simulated: bool
+    api_key: str = field(default="", repr=False)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, console_url: str | None = None, ingress_url: str | None = None
+    ) -> MotionEndpoints:
+        """Real server when Spatius credentials are set, else the simulator at the given URLs."""
+        console = console_url or settings.spatius_console_url
+        ingress = ingress_url or settings.spatius_ingress_url
+        if settings.uses_real_motion_server:
+            return cls(
+                app_id=settings.spatius_app_id,
+                region=settings.spatius_region,
+                console_url=console,
+                ingress_url=ingress,
+                default_avatar_id=settings.spatius_avatar_id,
+                simulated=False,
+                api_key=settings.spatius_api_key,
+            )
+        if not (console and ingress):
+            raise ConfigError(
+                "no Spatius credentials (SPATIUS_API_KEY, SPATIUS_APP_ID) and no simulator "
+                "endpoints (SPATIUS_CONSOLE_URL, SPATIUS_INGRESS_URL)"
+            )
+        return cls(
+            app_id=settings.spatius_app_id or SIM_APP_ID,
+            region=settings.spatius_region,
+            console_url=console,
+            ingress_url=ingress,
+            default_avatar_id=settings.spatius_avatar_id or SIM_AVATAR_ID,
+            simulated=True,
+            api_key=settings.spatius_api_key or SIM_API_KEY,
+        )
+
+
+def disable_sdk_telemetry() -> None:
+    """Keep the SDK from exporting metrics and traces to Spatius about simulator sessions."""
+    try:
+        spatius.configure_telemetry("")
+    except RuntimeError:
+        # Another component configured telemetry first; that choice stands.
+        log.warning("sdk_telemetry_already_configured")
+
+
+# --- one session ---------------------------------------------------------------------------------

@@ -1,0 +1,353 @@
+"""Leases in Redis that bound what producers do at once, across every producer process.
+
+* ``SessionLeases`` caps the Motion Server sessions open at once (the Spatius plan's concurrency
+  limit). One sorted set holds a member per open session with its expiry time as the score; a
+  crashed producer stops renewing, so its slots come back after ``lease_s``.
+* ``ConversationLeases`` lets one producer at a time run a conversation's turns, so the turns of a
+  conversation never interleave. The stream itself is protected by the fenced writes of
+  ``relay.streams``; this lease only keeps honest producers from superseding each other's turns.
+
+Each class renews what it holds from one owned background task (``Periodic``). All times that
+decide expiry come from the Redis server clock (``TIME`` inside the scripts), so producers with
+skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+
+import structlog
+from redis.exceptions import RedisError
+
+from relay.errors import RelayError
+from relay.keys import Keys
+from relay.lua import NOW_MS, register
+from relay.redis_conn import RedisClient
+from workers.speech.periodic import Periodic
+
+log = structlog.get_logger(__name__)
+
+# Polling for a slot backs off from the first to the last delay; a local release wakes waiters
+# at once, so the cap only delays waiters on other processes.
+_FIRST_POLL_S = 0.05
+_MAX_POLL_S = 1.0
+
+
+# Keep the sorted set alive while any lease in it could still be valid, never shorten it.
+_KEEP_KEY = """
+local keep = tonumber(ARGV[2]) * 2
+if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
+"""
+
+# KEYS: lease set, waiter set. ARGV: cap, lease_ms, member, waiter_ttl_ms. Returns 1 when
+# admitted, 0 when full; a refused caller is recorded as a waiter until waiter_ttl_ms passes.
+_ACQUIRE = NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZSCORE', KEYS[1], ARGV[3]) == false
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]) * 2)
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+""" + _KEEP_KEY + """
+return 1
+"""
+
+# KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms. Free slots now, taking none; when
+# there are none the caller is recorded as a waiter, so idle sessions anywhere yield to it.
+_ROOM = NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+if free > 0 then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return free
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 2)
+return 0
+"""
+
+# KEYS: waiter set. Returns how many turns are waiting for a slot right now.
+_DEMAND = NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# A waiter polls at least every _MAX_POLL_S; its mark outlives a few polls, no more.
+_WAITER_TTL_MS = int(_MAX_POLL_S * 3000)
+
+# KEYS: lease set. ARGV: cap, lease_ms, members... Extends live members; re-admits members that
+# expired while there is room. Returns the members that are lost.
+_RENEW = NOW_MS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local lost = {}
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) ~= false
+     or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+""" + _KEEP_KEY + """
+return lost
+"""
+
+# KEYS: lock. ARGV: owner token, lease_ms. 1 when the caller still owns it and it was extended.
+_RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lock. ARGV: owner token, lease_ms, previous owner. Takes the lock when it is free or held
+# by the previous owner (a producer whose turn attempt was fenced by a takeover). 1 when taken.
+_TAKE_LOCK = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[3] and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: lock. ARGV: owner token. Deletes the lock only when the caller owns it.
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class ConversationBusy(RelayError):
+    """Another producer kept the conversation for longer than the caller was willing to wait."""
+
+
+class _Wakeup:
+    """Lets local waiters retry at once when this process frees something."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def current(self) -> asyncio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+
+async def _wait_a_little(event: asyncio.Event, delay_s: float) -> None:
+    with suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), delay_s)
+
+
+class SessionLeases:
+    """Global cap on concurrent Motion Server sessions: acquire, renew and release slots.
+
+    :param cap: most sessions open at once across all producers sharing ``keys``.
+    :param lease_s: how long a slot outlives its holder's last renewal.
+    :param wait_s: longest ``acquire`` waits for a free slot before giving up.
+    :param on_lost: called with a lease id that expired and could not be re-admitted (the cap is
+        full again), so its holder can close the session as soon as it is idle.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        keys: Keys,
+        *,
+        cap: int,
+        lease_s: float,
+        wait_s: float,
+        owner: str,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        if cap <= 0 or lease_s <= 0 or wait_s < 0:
+            raise ValueError("cap and lease_s must be positive and wait_s not negative")
+        self._client = client
+        self._key = keys.sdk_sessions()
+        self._waiters_key = keys.sdk_waiters()
+        self._cap = cap
+        self._lease_ms = int(lease_s * 1000)
+        self._wait_s = wait_s
+        self._owner = owner
+        self._on_lost = on_lost
+        self._held: set[str] = set()
+        self._wakeup = _Wakeup()
+        self._acquire = register(client, _ACQUIRE)
+        self._renew = register(client, _RENEW)
+        self._demand = register(client, _DEMAND)
+        self._room = register(client, _ROOM)
+        self._renewer = Periodic("sdk-lease-renewer", lease_s / 3, self.renew)
+
+    @property
+    def held(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+    def start(self) -> None:
+        self._renewer.start()
+
+    async def close(self) -> None:
+        """Stop renewing and release every slot this process still holds."""
+        await self._renewer.close()
+        for lease_id in list(self._held):
+            with suppress(RedisError, OSError):
+                await self.release(lease_id)
+
+    async def acquire(self, wait_s: float | None = None) -> str | None:
+        """A new lease id, or None when no slot freed up within ``wait_s`` (default: the
+        configured wait)."""
+        lease_id = f"{self._owner}:{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._wait_s if wait_s is None else wait_s)
+        delay = _FIRST_POLL_S
+        while True:
+            woken = self._wakeup.current()
+            if await self._try(lease_id):
+                return lease_id
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                if wait_s is None:
+                    log.info("sdk_capacity_exhausted", cap=self._cap, waited_s=self._wait_s)
+                return None
+            await _wait_a_little(woken, min(delay, remaining))
+            delay = min(delay * 2, _MAX_POLL_S)
+
+    async def _try(self, lease_id: str) -> bool:
+        admitted = await self._acquire(keys=[self._key, self._waiters_key],
+                                       args=[self._cap, self._lease_ms, lease_id, _WAITER_TTL_MS])
+        if int(admitted) == 1:
+            # A cancellation between the script and this line leaks the slot only until it
+            # expires after lease_s, since nobody renews it.
+            self._held.add(lease_id)
+            return True
+        return False
+
+    async def room(self) -> int:
+        """Slots free right now across all producers (none is taken). At 0 this producer counts
+        as waiting, so idle kept sessions close for it: a worker asks before it takes new work."""
+        free = await self._room(keys=[self._key, self._waiters_key],
+                                args=[self._cap, f"{self._owner}:gate", _WAITER_TTL_MS])
+        return max(0, int(free))
+
+    async def demand(self) -> int:
+        """Turns on any producer waiting for a slot now; holders close idle sessions for them."""
+        return int(await self._demand(keys=[self._waiters_key]))
+
+    async def release(self, lease_id: str) -> None:
+        self._held.discard(lease_id)
+        await self._client.zrem(self._key, lease_id)
+        self._wakeup.fire()
+
+    async def renew(self) -> None:
+        """Extend every held slot; report slots lost while this process could not renew them."""
+        if not self._held:
+            return
+        held = sorted(self._held)
+        lost = await self._renew(keys=[self._key], args=[self._cap, self._lease_ms, *held])
+        for raw in lost or []:
+            lease_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if lease_id in self._held:
+                self._held.discard(lease_id)
+                log.warning("sdk_lease_lost", lease_id=lease_id)
+                if self._on_lost is not None:
+                    self._on_lost(lease_id)
+
+
+class ConversationLeases:
+    """Per-conversation mutual exclusion between producers: SET NX PX with an owner token.
+
+    :param owner: unique per ``ConversationLeases`` instance; it is the lock's value, so only the
+        holder can extend or delete it.
+    :param lease_s: how long the lock outlives its holder's last renewal.
+    """
+
+    def __init__(self, client: RedisClient, keys: Keys, *, owner: str, lease_s: float) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        self._client = client
+        self._keys = keys
+        self._owner = owner
+        self._lease_ms = int(lease_s * 1000)
+        self._held: set[str] = set()
+        self._wakeup = _Wakeup()
+        self._renew_script = register(client, _RENEW_LOCK)
+        self._release_script = register(client, _RELEASE_LOCK)
+        self._take_script = register(client, _TAKE_LOCK)
+        self._renewer = Periodic("conversation-lease-renewer", lease_s / 3, self.renew)
+
+    @property
+    def owner(self) -> str:
+        return self._owner
+
+    def start(self) -> None:
+        self._renewer.start()
+
+    async def close(self) -> None:
+        await self._renewer.close()
+        for conversation_id in list(self._held):
+            with suppress(RedisError, OSError):
+                await self.release(conversation_id)
+
+    async def acquire(self, conversation_id: str, *, wait_s: float, take_from: str = "") -> None:
+        """Take the conversation, waiting up to ``wait_s``; raise ConversationBusy after that.
+
+        ``take_from`` names a producer whose lock may be taken at once: the previous owner of a
+        turn whose attempt a takeover already fenced (it can write nothing more).
+        """
+        key = self._keys.conversation_lock(conversation_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        delay = _FIRST_POLL_S
+        while True:
+            woken = self._wakeup.current()
+            if await self._take(key, take_from):
+                self._held.add(conversation_id)
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ConversationBusy(
+                    f"conversation {conversation_id} is busy with another producer's turn"
+                )
+            await _wait_a_little(woken, min(delay, remaining))
+            delay = min(delay * 2, _MAX_POLL_S)
+
+    async def _take(self, key: str, take_from: str) -> bool:
+        if not take_from:
+            return bool(await self._client.set(key, self._owner, nx=True, px=self._lease_ms))
+        args: list[str | int] = [self._owner, self._lease_ms, take_from]
+        return bool(int(await self._take_script(keys=[key], args=args)))
+
+    async def release(self, conversation_id: str) -> None:
+        self._held.discard(conversation_id)
+        key = self._keys.conversation_lock(conversation_id)
+        await self._release_script(keys=[key], args=[self._owner])
+        self._wakeup.fire()
+
+    async def renew(self) -> None:
+        """Extend every held lock; one that expired is taken back when nobody else took it."""
+        held = sorted(self._held)
+        if not held:
+            return
+        # Per-conversation keys live in different cluster slots, and cluster pipelines refuse
+        # scripts: one script call per key, all in flight at once.
+        args: list[str | int] = [self._owner, self._lease_ms]
+        results = await asyncio.gather(*(
+            self._renew_script(keys=[self._keys.conversation_lock(c)], args=args) for c in held
+        ))
+        for conversation_id, extended in zip(held, results, strict=True):
+            if not int(extended) and conversation_id in self._held:
+                await self._take_back(conversation_id)
+
+    async def _take_back(self, conversation_id: str) -> None:
+        key = self._keys.conversation_lock(conversation_id)
+        if await self._client.set(key, self._owner, nx=True, px=self._lease_ms):
+            log.warning("conversation_lease_expired_and_retaken", conversation_id=conversation_id)
+            return
+        # Another producer runs this conversation now; the fenced stream writes stop our turn.
+        self._held.discard(conversation_id)
+        log.warning("conversation_lease_lost", conversation_id=conversation_id)

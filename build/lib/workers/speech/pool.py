@@ -1,0 +1,153 @@
+"""``SessionPool``: Motion sessions by conversation, capped through ``SessionLeases``, closed when
+idle."""
+
+from __future__ import annotations
+
+import asyncio
+
+import spatius
+import structlog
+from redis.exceptions import RedisError
+
+from workers.speech.endpoints import MotionEndpoints
+from workers.speech.leases import SessionLeases
+from workers.speech.periodic import Periodic
+from workers.speech.session import (
+    REASON_CAPACITY,
+    REASON_MOTION_ERROR,
+    MotionSession,
+    MotionUnavailable,
+    describe_error,
+)
+
+log = structlog.get_logger(__name__)
+
+_MIN_SPARE_IDLE_S = 1.0
+
+
+class SessionPool:
+    """Motion sessions by conversation, capped by ``SessionLeases`` and closed when idle.
+
+    :param idle_s: an unused session is closed after this long (the server bills open time).
+    :param per_turn: close every session right after its turn instead of keeping it.
+    :param open_timeout_s: longest a session may take to fetch its token and shake hands.
+    """
+
+    def __init__(
+        self,
+        endpoints: MotionEndpoints,
+        leases: SessionLeases,
+        *,
+        idle_s: float,
+        per_turn: bool,
+        open_timeout_s: float,
+    ) -> None:
+        self._endpoints = endpoints
+        self._leases = leases
+        self._idle_s = idle_s
+        self._per_turn = per_turn
+        self._open_timeout_s = open_timeout_s
+        self._sessions: dict[str, MotionSession] = {}
+        # Also the cadence at which waiting turns elsewhere get idle sessions closed for them.
+        self._reaper = Periodic("motion-session-reaper", max(0.05, min(idle_s / 4, 1.0)), self.reap)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def start(self) -> None:
+        self._reaper.start()
+
+    async def close(self) -> None:
+        await self._reaper.close()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(self._dispose(s) for s in sessions))
+
+    def has_session(self, conversation_id: str, avatar_id: str, sample_rate: int) -> bool:
+        """The conversation keeps a session its next turn can reuse (no new slot needed)."""
+        existing = self._sessions.get(conversation_id)
+        return existing is not None and existing.reusable_for(avatar_id, sample_rate)
+
+    def uses_lease(self, lease_id: str) -> bool:
+        return any(session.lease_id == lease_id for session in self._sessions.values())
+
+    async def checkout(
+        self, conversation_id: str, avatar_id: str, sample_rate: int, *,
+        lease_id: str | None = None,
+    ) -> MotionSession:
+        """The conversation's session, opened if needed; MotionUnavailable when none can be had.
+
+        ``lease_id`` is a slot the caller reserved beforehand (``SessionLeases.acquire``); it is
+        used for a new session, or released when the kept one is reused. Callers serialize turns
+        per conversation, so one conversation never checks out twice.
+        """
+        existing = self._sessions.pop(conversation_id, None)
+        if existing is not None:
+            if existing.reusable_for(avatar_id, sample_rate):
+                existing.touch()  # not idle any more: the reaper must leave it to this turn
+                self._sessions[conversation_id] = existing
+                if lease_id is not None:
+                    await self._leases.release(lease_id)
+                return existing
+            await self._dispose(existing)
+        if lease_id is None:
+            lease_id = await self._leases.acquire()
+        if lease_id is None:
+            raise MotionUnavailable(REASON_CAPACITY, "no Motion Server session slot free")
+        session = MotionSession(self._endpoints, conversation_id=conversation_id,
+                                avatar_id=avatar_id, sample_rate=sample_rate, lease_id=lease_id)
+        await self._open(session)
+        self._sessions[conversation_id] = session
+        log.info("motion_session_opened", conversation_id=conversation_id, open=len(self))
+        return session
+
+    async def _open(self, session: MotionSession) -> None:
+        try:
+            await asyncio.wait_for(session.start(), self._open_timeout_s)
+        except (spatius.AvatarSDKError, ValueError, OSError, TimeoutError) as exc:
+            await self._dispose(session)
+            log.warning("motion_session_open_failed", error=describe_error(exc))
+            raise MotionUnavailable(REASON_MOTION_ERROR, describe_error(exc)) from exc
+        except BaseException:
+            await self._dispose(session)  # cancelled while opening: free the slot at once
+            raise
+
+    async def checkin(self, session: MotionSession) -> None:
+        """After a turn: keep the session for the next one unless it must go."""
+        if self._per_turn or session.broken is not None or session.retire:
+            if self._sessions.get(session.conversation_id) is session:
+                del self._sessions[session.conversation_id]
+            await self._dispose(session)
+
+    async def reap(self) -> None:
+        """Close sessions idle for ``idle_s``, idle ones that broke or lost their lease, and, while
+        turns anywhere wait for a slot, as many idle sessions as they need (longest idle first):
+        a kept session only saves a handshake, a waiting turn would otherwise go audio-only."""
+        wanted = await self._leases.demand() if self._sessions else 0
+        # From here to the deletions nothing awaits, so no turn can check a doomed session out.
+        idle = sorted((s for s in self._sessions.values() if not s.in_use),
+                      key=lambda s: s.idle_for(), reverse=True)
+        doomed = [s for s in idle if s.idle_for() >= self._idle_s or s.broken or s.retire]
+        # A session checked out moments ago is idle until its turn attaches; spare it.
+        spare = [s for s in idle if s not in doomed and s.idle_for() >= _MIN_SPARE_IDLE_S]
+        doomed += spare[:wanted]
+        for session in doomed:
+            del self._sessions[session.conversation_id]
+        if doomed:
+            log.info("motion_sessions_reaped", closed=len(doomed), open=len(self))
+            await asyncio.gather(*(self._dispose(s) for s in doomed))
+
+    def lease_lost(self, lease_id: str) -> None:
+        """The cap may be exceeded: close that session as soon as its turn is over."""
+        for session in self._sessions.values():
+            if session.lease_id == lease_id:
+                session.retire = True
+
+    async def _dispose(self, session: MotionSession) -> None:
+        try:
+            await session.close()
+        finally:
+            try:
+                await self._leases.release(session.lease_id)
+            except (RedisError, OSError) as exc:
+                # Harmless beyond a delay: the slot expires after lease_s without renewals.
+                log.warning("sdk_lease_release_failed", error=str(exc))

@@ -1,0 +1,370 @@
+"""The producer: speaks turns into conversation streams, with motion from the Spatius SDK.
+
+A turn (``workers.speech.turn``), in stream order: ``turn_start``; ``audio`` entries, each appended
+before
+its chunk goes to the Motion Server; ``frames`` entries byte-for-byte as the SDK handed them over;
+the audio end marker; ``turn_end``. If the Motion Server fails the turn, one ``audio_only`` entry
+says so, the audio still flows, and the turn ends ``audio_only``. Every write is fenced
+(``relay.streams``): once a turn is interrupted or superseded it writes nothing more.
+
+Embed it in any asyncio backend::
+
+    async with Producer(settings, client) as producer:
+        result = await producer.speak("conv-1", pcm)
+        async with await producer.open_turn("conv-1") as turn:
+            await turn.send(chunk)
+        await producer.interrupt("conv-1")
+
+Queue workers pass an ``Attempt``: the turn id is fixed at submit, and the attempt's epoch fences
+every earlier attempt of the same turn (``workers.queue.runner``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Coroutine
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+from structlog.contextvars import bound_contextvars
+
+from relay.errors import RelayError, TurnFenced
+from relay.keys import Keys, validate_conversation_id, validate_turn_id
+from relay.redis_conn import RedisClient
+from relay.settings import Settings
+from relay.streams import ConversationLog
+from workers.errors import AttemptFenced, ProducerClosed, ProducerError
+from workers.speech.control import ControlListener
+from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
+from workers.speech.frames import FramesPipe, PipeOutcome
+from workers.speech.leases import ConversationLeases, SessionLeases
+from workers.speech.pcm import validate_pcm, validate_sample_rate
+from workers.speech.pool import SessionPool
+from workers.speech.resume import Delivered
+from workers.speech.turn import Turn, TurnResult, TurnServices, TurnSpec
+
+__all__ = [  # FramesPipe, PipeOutcome moved to workers.speech.frames, Turn to workers.speech.turn
+    "Attempt", "FramesPipe", "PipeOutcome", "Producer", "ProducerClosed", "ProducerError",
+    "Turn", "TurnResult",
+]
+
+log = structlog.get_logger(__name__)
+
+CLOSE_WAIT_S = 10.0  # Producer.close waits this long for running turns before closing sessions
+_RESERVE_POLL_S = 1.0  # a waiting reservation re-checks whether it should still wait this often
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a queued turn (see ``workers.queue.runner``).
+
+    :param epoch: the attempt's epoch from its claim; every write checks it.
+    :param delivered: what earlier attempts delivered, when the turn is already open: the
+        attempt continues it instead of opening it.
+    :param take_over_from: a producer whose conversation lock may be taken at once (its attempt
+        was fenced by the claim).
+    :param session_lease: a Motion Server session slot reserved before the claim
+        (``reserve_session``); the turn's new session uses it.
+    """
+
+    epoch: int
+    delivered: Delivered | None = None
+    take_over_from: str = ""
+    session_lease: str | None = None
+
+
+class _KeyedLocks:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it (bounded by use)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    async def acquire(self, key: str) -> None:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            await lock.acquire()
+        except BaseException:
+            self._forget(key)
+            raise
+
+    def release(self, key: str) -> None:
+        self._locks[key][0].release()
+        self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users <= 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+
+
+
+class Producer:
+    """Produces turns for any number of conversations; an async context manager owning its tasks.
+
+    :param console_url: simulator (or explicit Spatius) console endpoint; overrides the settings.
+    :param ingress_url: simulator (or explicit Spatius) ingress endpoint; overrides the settings.
+    """
+
+    def __init__(
+        self, settings: Settings, client: RedisClient, *,
+        console_url: str | None = None, ingress_url: str | None = None,
+    ) -> None:
+        if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:
+            raise ValueError("frames_timeout_s and session_idle_s must be positive")
+        self._settings = settings
+        self._keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._endpoints = MotionEndpoints.from_settings(
+            settings, console_url=console_url, ingress_url=ingress_url
+        )
+        # Unique per instance: two producers in one process must not share leases.
+        self._owner = f"{settings.node_id}:{uuid.uuid4().hex[:12]}"
+        self._log = ConversationLog(client, self._keys, maxlen=settings.stream_maxlen,
+                                    ttl_s=settings.stream_ttl_s)
+        self._session_leases = SessionLeases(
+            client, self._keys, cap=settings.max_sdk_sessions, lease_s=settings.sdk_lease_s,
+            wait_s=settings.sdk_wait_s, owner=self._owner, on_lost=self._on_lease_lost,
+        )
+        self._conversation_leases = ConversationLeases(
+            client, self._keys, owner=self._owner, lease_s=settings.conversation_lease_s
+        )
+        self._pool = SessionPool(
+            self._endpoints, self._session_leases, idle_s=settings.session_idle_s,
+            per_turn=settings.per_turn_sessions, open_timeout_s=settings.frames_timeout_s,
+        )
+        self._services = TurnServices(
+            log=self._log, pool=self._pool, frames_timeout_s=settings.frames_timeout_s,
+            chunk_ms=settings.chunk_ms,
+            spawn=self._spawn, closed=self._turn_closed, interrupt=self._interrupt_own_turn,
+        )
+        self._control = ControlListener(client, self._keys, self._on_interrupt_message)
+        self._locks = _KeyedLocks()
+        self._active: dict[str, Turn] = {}
+        self._no_turns = asyncio.Event()
+        self._no_turns.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+
+    @property
+    def owner(self) -> str:
+        """This producer's identity in leases and turn records."""
+        return self._owner
+
+    @property
+    def active_turns(self) -> int:
+        return len(self._active)
+
+    @property
+    def motion_sessions(self) -> int:
+        return len(self._pool)
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._endpoints.simulated:
+            disable_sdk_telemetry()
+        await self._control.start()
+        self._session_leases.start()
+        self._conversation_leases.start()
+        self._pool.start()
+        self._running = True
+        log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated)
+
+    async def close(self) -> None:
+        """Take no new turns, give running ones CLOSE_WAIT_S, then close sessions and leases."""
+        self._running = False
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._no_turns.wait(), CLOSE_WAIT_S)
+        for turn in list(self._active.values()):
+            with suppress(RedisError, OSError, RelayError):
+                await turn.abort("shutdown")
+        await self._control.close()
+        await self._pool.close()
+        await self._session_leases.close()
+        await self._conversation_leases.close()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        log.info("producer_closed", owner=self._owner)
+
+    # Public API.
+
+    async def speak(
+        self, conversation_id: str, pcm: bytes | bytearray | memoryview, *,
+        sample_rate: int | None = None, avatar_id: str | None = None, turn_id: str | None = None,
+    ) -> TurnResult:
+        """Speak a whole clip as one turn (split into ``chunk_ms`` chunks); wait for its end."""
+        clip = validate_pcm(pcm, allow_empty=False)
+        spec = self._spec(conversation_id, sample_rate, avatar_id, turn_id)
+        with bound_contextvars(conversation_id=spec.conversation_id, turn_id=spec.turn_id):
+            turn = await self._open(spec, None)
+            return await turn.speak_rest(clip)
+
+    async def open_turn(
+        self, conversation_id: str, *, sample_rate: int | None = None,
+        avatar_id: str | None = None, turn_id: str | None = None, attempt: Attempt | None = None,
+    ) -> Turn:
+        """Start a streamed turn (TTS still generating); returns once audio can be sent.
+
+        Waits for the conversation's previous turn to end (up to ``conversation_wait_s``, then
+        ConversationBusy) and for a Motion Server session (up to ``sdk_wait_s`` when the session
+        cap is reached; after that the turn runs audio-only). With an ``attempt`` (queued turns)
+        it raises AttemptFenced when that attempt may no longer run.
+        """
+        spec = self._spec(conversation_id, sample_rate, avatar_id, turn_id,
+                          attempt.epoch if attempt else 0)
+        with bound_contextvars(conversation_id=spec.conversation_id, turn_id=spec.turn_id):
+            return await self._open(spec, attempt)
+
+    async def interrupt(self, conversation_id: str, reason: str = "interrupted") -> str | None:
+        """Interrupt the conversation's active turn, wherever it runs; its id, or None."""
+        turn_id = await self._log.interrupt(conversation_id, reason=reason)
+        if turn_id is not None:
+            self._on_interrupt_message(conversation_id, turn_id)  # local fast path
+        return turn_id
+
+    # Turn plumbing.
+
+    def _spec(
+        self, conversation_id: str, sample_rate: int | None, avatar_id: str | None,
+        turn_id: str | None, epoch: int = 0,
+    ) -> TurnSpec:
+        avatar = avatar_id or self._endpoints.default_avatar_id
+        if not avatar:
+            raise ValueError("no avatar id: pass avatar_id or set SPATIUS_AVATAR_ID")
+        return TurnSpec(
+            conversation_id=validate_conversation_id(conversation_id),
+            turn_id=validate_turn_id(turn_id) if turn_id else uuid.uuid4().hex,
+            sample_rate=validate_sample_rate(sample_rate or self._settings.sample_rate),
+            avatar_id=avatar, epoch=epoch,
+        )
+
+    async def _open(self, spec: TurnSpec, attempt: Attempt | None) -> Turn:
+        """Lock the conversation (in this process, then across producers) and start the turn."""
+        if not self._running:
+            raise ProducerClosed("producer is not running")
+        conversation_id = spec.conversation_id
+        await self._locks.acquire(conversation_id)
+        try:
+            await self._conversation_leases.acquire(
+                conversation_id, wait_s=self._settings.conversation_wait_s,
+                take_from=attempt.take_over_from if attempt else "",
+            )
+        except BaseException:
+            self._locks.release(conversation_id)
+            raise
+        try:
+            start_id = await self._start_id(spec, attempt)
+        except BaseException:
+            await self._release_conversation(conversation_id)
+            raise
+        return await self._begin(spec, start_id, attempt)
+
+    async def _start_id(self, spec: TurnSpec, attempt: Attempt | None) -> str:
+        """The turn_start entry: the one an earlier attempt wrote, or a new one."""
+        if attempt is not None and attempt.delivered is not None:
+            return attempt.delivered.start_id
+        try:
+            return await self._log.open_turn(
+                spec.conversation_id, spec.turn_id, sample_rate=spec.sample_rate,
+                owner=self._owner, epoch=spec.epoch,
+            )
+        except TurnFenced as exc:
+            if attempt is not None:
+                raise AttemptFenced(f"attempt {spec.epoch} of turn {spec.turn_id}") from exc
+            raise ProducerError(f"could not open turn {spec.turn_id}") from exc
+
+    async def _begin(self, spec: TurnSpec, start_id: str, attempt: Attempt | None) -> Turn:
+        delivered = attempt.delivered if attempt else None
+        turn = Turn(self._services, spec, start_id, delivered,
+                    session_lease=attempt.session_lease if attempt else None)
+        self._active[spec.conversation_id] = turn
+        self._no_turns.clear()
+        log.info("turn_started", sample_rate=spec.sample_rate, avatar_id=spec.avatar_id,
+                 epoch=spec.epoch, continued=delivered is not None)
+        try:
+            await turn.begin()
+        except BaseException:
+            with suppress(RedisError, OSError, RelayError):
+                await turn.stop_after_failure()
+            raise
+        return turn
+
+    async def _turn_closed(self, turn: Turn) -> None:
+        if self._active.get(turn.conversation_id) is turn:
+            del self._active[turn.conversation_id]
+        if not self._active:
+            self._no_turns.set()
+        await self._release_conversation(turn.conversation_id)
+
+    async def _release_conversation(self, conversation_id: str) -> None:
+        try:
+            await self._conversation_leases.release(conversation_id)
+        except (RedisError, OSError) as exc:
+            # The lease expires after conversation_lease_s; until then other producers wait.
+            log.warning("conversation_lease_release_failed", error=str(exc))
+        finally:
+            self._locks.release(conversation_id)
+
+    async def _interrupt_own_turn(self, turn: Turn, reason: str) -> None:
+        """Interrupt this attempt of ``turn`` in the stream, unless it is no longer active."""
+        with suppress(TurnFenced):
+            await self._log.interrupt_turn(turn.conversation_id, turn.turn_id,
+                                           epoch=turn.epoch, reason=reason)
+
+    async def session_room(self) -> int:
+        """Motion Server session slots free across all producers (none is taken)."""
+        return await self._session_leases.room()
+
+    async def reserve_session(
+        self, conversation_id: str, *, avatar_id: str | None, sample_rate: int,
+        keep_waiting: Callable[[], bool],
+    ) -> str | None:
+        """Reserve a Motion Server session slot for the conversation's next turn before it
+        starts, waiting for as long as ``keep_waiting()`` holds (meanwhile idle sessions
+        anywhere close for it). None when the conversation's kept session will do, or when the
+        wait was given up. Give it back with ``release_reservation`` once the turn is over."""
+        avatar = avatar_id or self._endpoints.default_avatar_id
+        if self._pool.has_session(conversation_id, avatar, sample_rate):
+            return None
+        while keep_waiting():
+            lease_id = await self._session_leases.acquire(wait_s=_RESERVE_POLL_S)
+            if lease_id is not None:
+                return lease_id
+        return None
+
+    async def release_reservation(self, lease_id: str | None) -> None:
+        """Free a reserved slot unless a session (running or kept) now holds it."""
+        if lease_id is not None and not self._pool.uses_lease(lease_id):
+            await self._session_leases.release(lease_id)
+
+    def _on_interrupt_message(self, conversation_id: str, turn_id: str) -> None:
+        turn = self._active.get(conversation_id)
+        if turn is not None and turn.turn_id == turn_id:
+            turn.notify_interrupted()
+
+    def _on_lease_lost(self, lease_id: str) -> None:
+        self._pool.lease_lost(lease_id)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task the producer owns: kept until done, awaited on close, failures logged."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("producer_task_failed", task=task.get_name(), exc_info=task.exception())

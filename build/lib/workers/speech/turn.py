@@ -1,0 +1,429 @@
+"""One turn being spoken: audio appended before it goes to the Motion Server, frames after it.
+
+A turn, in stream order: ``turn_start``; for each chunk an ``audio`` entry, appended before the
+chunk goes to the Motion Server so a client always holds the audio before the frames made from
+it; ``frames`` entries written by the turn's ``FramesPipe``; the audio end marker; ``turn_end``.
+
+A queued turn may be an attempt that continues a turn an earlier attempt started (``Delivered``):
+it goes on with the next audio seq and never rewrites delivered audio. If no frames went out yet
+it runs a fresh Motion Server request fed with the whole turn's audio (``prefeed`` the delivered
+part), so the animation is whole and comes from one request. If frames already went out, the rest
+is audio-only (``audio_only{producer_failover}``): frames of two requests are never mixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import suppress
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
+from structlog.contextvars import bound_contextvars
+
+from relay import wire
+from relay.errors import RelayError, TurnFenced
+from relay.streams import ConversationLog
+from workers.errors import ProducerError
+from workers.speech.frames import REASON_STALL, FramesPipe, PipeOutcome
+from workers.speech.pcm import chunk_size, pcm_seconds, validate_pcm
+from workers.speech.pool import SessionPool
+from workers.speech.resume import Delivered
+from workers.speech.session import MotionSession, MotionUnavailable
+
+log = structlog.get_logger(__name__)
+
+# A turn stopped by its own worker without a word to the stream (graceful stop, lost lease): it
+# stays active there and the next attempt continues it. Never written to the stream.
+STATUS_ABANDONED = "abandoned"
+REASON_FAILOVER = "producer_failover"
+
+# ``send_many`` appends the audio entries of up to this many chunks (and at most this many bytes
+# of audio, but always at least one chunk) in one fenced call, all before any of them goes to the
+# Motion Server; more chunks are split into further calls. Bounds one call's size; the chunks are
+# the caller's, nothing more is buffered.
+AUDIO_BATCH_MAX = 32
+AUDIO_BATCH_MAX_BYTES = 512 * 1024
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    turn_id: str
+    status: str  # wire.STATUS_COMPLETE | STATUS_AUDIO_ONLY | STATUS_INTERRUPTED | abandoned
+    audio_bytes: int
+    frames_messages: int
+    start_id: str
+    error: str | None = None  # the audio-only reason (and detail) when motion failed
+
+
+@dataclass(frozen=True)
+class TurnSpec:
+    conversation_id: str
+    turn_id: str
+    sample_rate: int
+    avatar_id: str
+    epoch: int = 0  # the queued attempt's epoch; 0 for turns spoken directly
+
+
+@dataclass(frozen=True)
+class TurnServices:
+    """What a turn needs from its producer."""
+
+    log: ConversationLog
+    pool: SessionPool
+    frames_timeout_s: float
+    chunk_ms: int
+    spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+    closed: Callable[[Turn], Awaitable[None]]  # releases the conversation; called exactly once
+    interrupt: Callable[[Turn, str], Awaitable[None]]  # interrupts this turn in the stream
+
+
+class Turn:
+    """One turn being spoken; returned by ``Producer.open_turn`` for audio still being generated.
+
+    ``send`` chunks as they come, then ``end``. ``send`` returns False once the turn was
+    interrupted (stop generating; ``end`` then returns the interrupted result). Used as an async
+    context manager, the turn ends on a normal exit and is aborted (interrupted, reason
+    "aborted") when the block raises. Until ``end`` or ``abort`` the conversation stays locked.
+    """
+
+    def __init__(self, services: TurnServices, spec: TurnSpec, start_id: str,
+                 delivered: Delivered | None = None, *, session_lease: str | None = None) -> None:
+        self._services = services
+        self._session_lease = session_lease  # reserved before the claim (queued turns)
+        self._spec = spec
+        self.start_id = start_id
+        self._log = services.log
+        self._delivered = delivered
+        self._stopped = asyncio.Event()
+        self._pipe = FramesPipe(services.log, spec.conversation_id, spec.turn_id,
+                                stall_s=services.frames_timeout_s, epoch=spec.epoch)
+        self._session: MotionSession | None = None
+        self._audio_seq = delivered.next_seq if delivered else 0
+        self._audio_bytes = delivered.audio_bytes if delivered else 0
+        self._audio_end_sent = delivered.audio_ended if delivered else False
+        self._motion_bytes = 0
+        self._motion_end_sent = False
+        # Audio clients already have goes to a fresh request first; the first new audio ends that.
+        self._may_prefeed = delivered is not None and delivered.audio_bytes > 0
+        self._abandoned = False
+        self._result: TurnResult | None = None
+        self._cleanup: asyncio.Task[None] | None = None
+        self._started_at = asyncio.get_running_loop().time()
+
+    @property
+    def turn_id(self) -> str:
+        return self._spec.turn_id
+
+    @property
+    def conversation_id(self) -> str:
+        return self._spec.conversation_id
+
+    @property
+    def epoch(self) -> int:
+        return self._spec.epoch
+
+    @property
+    def interrupted(self) -> bool:
+        return self._stopped.is_set()
+
+    @property
+    def needs_prefeed(self) -> bool:
+        """A continued turn whose new Motion Server request must first hear the audio clients
+        already have (``prefeed``) before any new audio is sent."""
+        return self._may_prefeed and self._session is not None
+
+    async def __aenter__(self) -> Turn:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.end()
+        else:
+            await self.abort()
+
+    def _bound(self) -> Any:
+        return bound_contextvars(conversation_id=self.conversation_id, turn_id=self.turn_id)
+
+    async def send(self, chunk: bytes | bytearray | memoryview) -> bool:
+        """Append one PCM16 chunk; False when the turn no longer takes audio (interrupted)."""
+        pcm = validate_pcm(chunk)
+        if self._result is not None:
+            raise ProducerError("send() after the turn ended")
+        with self._bound():
+            result: bool = await self._guarded(self._push(pcm, end=False))
+            return result
+
+    async def send_many(self, chunks: list[bytes]) -> bool:
+        """``send`` for several PCM16 chunks in order, with one fenced append per batch of
+        ``AUDIO_BATCH_MAX`` chunks; False when the turn no longer takes audio (interrupted)."""
+        pcms = [validate_pcm(chunk) for chunk in chunks]
+        if self._result is not None:
+            raise ProducerError("send() after the turn ended")
+        with self._bound():
+            start = 0
+            while start < len(pcms):
+                stop, size = start + 1, len(pcms[start])
+                while (stop < len(pcms) and stop - start < AUDIO_BATCH_MAX
+                       and size + len(pcms[stop]) <= AUDIO_BATCH_MAX_BYTES):
+                    size += len(pcms[stop])
+                    stop += 1
+                if not await self._guarded(self._push_many(pcms[start:stop], end=False)):
+                    return False
+                start = stop
+            return True
+
+    async def speak_rest(self, pcm: bytes) -> TurnResult:
+        """Send the rest of a clip in ``chunk_ms`` chunks (the last carries the end) and end."""
+        with self._bound():
+            result: TurnResult = await self._guarded(self._speak(validate_pcm(pcm)))
+            return result
+
+    async def prefeed(self, pcm: bytes) -> None:
+        """Feed audio clients already have to the new Motion Server request, writing nothing;
+        a no-op unless ``needs_prefeed``."""
+        if not self.needs_prefeed:
+            return
+        size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
+        with self._bound():
+            for start in range(0, len(pcm), size):
+                if self.interrupted:
+                    return
+                await self._guarded(self._feed_motion(pcm[start : start + size], end=False))
+
+    async def end(self) -> TurnResult:
+        """Mark the end of the audio, wait for the last frames, and end the turn."""
+        if self._result is not None:
+            return self._result
+        with self._bound():
+            result: TurnResult = await self._guarded(self._end())
+            return result
+
+    async def abort(self, reason: str = "aborted") -> TurnResult:
+        """Stop now: the turn ends with an ``interrupt`` entry and no more audio."""
+        if self._result is not None:
+            return self._result
+        with self._bound():
+            try:
+                if not self.interrupted:
+                    await self._services.interrupt(self, reason)
+            finally:
+                self.notify_interrupted()
+                result = await self._close(wire.STATUS_INTERRUPTED)
+        return result
+
+    async def abandon(self) -> TurnResult:
+        """Stop now and write nothing: the turn stays active in the stream, for the next attempt
+        of its queued job to continue (graceful stop, lost runner lease)."""
+        if self._result is not None:
+            return self._result
+        self._abandoned = True
+        with self._bound():
+            self.notify_interrupted()
+            return await self._close(STATUS_ABANDONED)
+
+    async def _guarded(self, step: Coroutine[Any, Any, Any]) -> Any:
+        """Run a step of the turn; on any failure the turn is stopped before the error goes on."""
+        try:
+            return await step
+        except BaseException:
+            with suppress(RedisError, OSError, RelayError):
+                await self.stop_after_failure()
+            raise
+
+    async def stop_after_failure(self) -> TurnResult:
+        """A turn spoken directly is aborted (clients get ``interrupt``). A queued attempt is
+        abandoned instead: its next attempt continues the turn, or ends it for clients once the
+        attempts run out."""
+        return await (self.abandon() if self.epoch else self.abort())
+
+    async def _speak(self, pcm: bytes) -> TurnResult:
+        size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
+        for start in range(0, len(pcm), size):
+            if not await self._push(pcm[start : start + size], end=start + size >= len(pcm)):
+                break  # interrupted
+        return await self._end()
+
+    async def _end(self) -> TurnResult:
+        if not self._audio_end_sent:
+            await self._push(b"", end=True)
+        elif not self._motion_end_sent:
+            # A continued turn whose audio end went out earlier: only its new request must end.
+            await self._feed_motion(b"", end=True)
+        return await self._finish()
+
+    # Internals shared with Producer.
+
+    def notify_interrupted(self) -> None:
+        """Stop the turn at once: no more writes; called on TurnFenced and interrupt messages."""
+        if not self.interrupted:
+            log.info("turn_abandoned" if self._abandoned else "turn_interrupted",
+                     conversation_id=self.conversation_id, turn_id=self.turn_id,
+                     audio_entries=self._audio_seq, frames_messages=self._pipe.frames_written)
+        self._stopped.set()
+        self._pipe.stop()
+
+    async def begin(self) -> None:
+        """Start the frames writer and get a motion session; a failure makes the turn audio-only."""
+        self._pipe.start()
+        delivered = self._delivered
+        if delivered is not None and (delivered.motion_started or delivered.frames_last):
+            await self._continue_without_motion(delivered)
+            return
+        pool, spec = self._services.pool, self._spec
+        try:
+            session = await self._until_stopped(pool.checkout(
+                spec.conversation_id, spec.avatar_id, spec.sample_rate,
+                lease_id=self._session_lease))
+        except MotionUnavailable as exc:
+            self._pipe.fail(exc.reason, exc.detail)
+            await self._pipe.wait()  # the audio_only entry goes in before any audio
+            return
+        if session is not None:
+            self._session = session  # first, so that the release path always checks it back in
+            session.attach(self._pipe)
+
+    async def _continue_without_motion(self, delivered: Delivered) -> None:
+        """Clients hold frames of an earlier attempt's request: no new request for this turn."""
+        if delivered.frames_last:
+            self._pipe.no_motion_needed()  # the animation is already whole
+        elif delivered.audio_only:
+            self._pipe.assume_audio_only(REASON_FAILOVER)
+        else:
+            self._pipe.fail(REASON_FAILOVER, "frames of an earlier attempt were delivered")
+            await self._pipe.wait()  # the audio_only entry goes in before the rest of the audio
+
+    async def _until_stopped(
+        self, work: Coroutine[Any, Any, MotionSession]
+    ) -> MotionSession | None:
+        """Await ``work`` unless the turn is interrupted first (then cancel it and return None)."""
+        task = asyncio.create_task(work)
+        stop = asyncio.create_task(self._stopped.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (task, stop):
+                pending.cancel()
+            await asyncio.wait({task, stop})
+        return None if task.cancelled() else task.result()
+
+    async def _push(self, chunk: bytes, *, end: bool) -> bool:
+        return await self._push_many([chunk], end=end)
+
+    async def _push_many(self, chunks: list[bytes], *, end: bool) -> bool:
+        """Append the chunks' audio entries (``end`` marks the last one) in one fenced call,
+        together with the frames waiting in the pipe, then send the chunks to the Motion Server:
+        every chunk's audio is in the stream before the chunk reaches the server."""
+        if self.interrupted:
+            return False
+        self._may_prefeed = False
+        last = len(chunks) - 1
+        entries = [wire.audio(self.turn_id, self._audio_seq + i, chunk, end=end and i == last)
+                   for i, chunk in enumerate(chunks)]
+        try:
+            await self._pipe.append_with(entries)
+        except TurnFenced:
+            self.notify_interrupted()
+            return False
+        self._audio_seq += len(chunks)
+        self._audio_bytes += sum(len(chunk) for chunk in chunks)
+        self._audio_end_sent = self._audio_end_sent or end
+        for i, chunk in enumerate(chunks):
+            await self._feed_motion(chunk, end=end and i == last)
+            if self.interrupted:
+                return False
+        return not self.interrupted
+
+    async def _feed_motion(self, chunk: bytes, *, end: bool) -> None:
+        session = self._session
+        if session is None or self._pipe.done or self._pipe.failed:
+            return
+        if end and self._motion_bytes == 0 and not chunk:
+            self._pipe.no_motion_needed()  # nothing was animated; no request to finish
+            return
+        timeout = self._services.frames_timeout_s
+        try:
+            await asyncio.wait_for(session.send(chunk, end=end), timeout)
+        except MotionUnavailable as exc:
+            self._pipe.fail(exc.reason, exc.detail)
+            return
+        except TimeoutError:
+            session.broken = session.broken or REASON_STALL
+            self._pipe.fail(REASON_STALL, f"audio send blocked for {timeout:g}s")
+            return
+        self._motion_bytes += len(chunk)
+        self._motion_end_sent = self._motion_end_sent or end
+        self._pipe.audio_sent(pcm_seconds(len(chunk), self._spec.sample_rate), end=end)
+
+    async def _finish(self) -> TurnResult:
+        outcome = await self._pipe.wait()
+        if outcome is PipeOutcome.ERROR:
+            self.notify_interrupted()
+            await self._close(wire.STATUS_INTERRUPTED)
+            raise ProducerError("Redis failed while writing frames") from self._pipe.error
+        if outcome in (PipeOutcome.STOPPED, PipeOutcome.FENCED) or self.interrupted:
+            self.notify_interrupted()
+            return await self._close(wire.STATUS_INTERRUPTED)
+        status = wire.STATUS_COMPLETE if outcome is PipeOutcome.COMPLETE else wire.STATUS_AUDIO_ONLY
+        try:
+            await self._log.end_turn(self.conversation_id, self.turn_id, status=status,
+                                     epoch=self.epoch)
+        except TurnFenced:
+            self.notify_interrupted()
+            status = wire.STATUS_INTERRUPTED
+        return await self._close(status)
+
+    async def _close(self, status: str) -> TurnResult:
+        """Release everything. The release runs as a producer-owned task, so cancelling the
+        caller cannot leave the conversation locked or the session attached."""
+        if self._cleanup is None:
+            self._cleanup = self._services.spawn(self._release(), f"turn-release-{self.turn_id}")
+        await asyncio.shield(self._cleanup)
+        if self._result is None:
+            self._result = self._make_result(STATUS_ABANDONED if self._abandoned else status)
+            self._log_finished(self._result)
+        return self._result
+
+    async def _release(self) -> None:
+        session, self._session = self._session, None
+        try:
+            if session is not None:
+                await self._release_session(session)
+            await self._pipe.close()
+        finally:
+            await self._services.closed(self)
+
+    async def _release_session(self, session: MotionSession) -> None:
+        if self.interrupted and session.broken is None:
+            await session.interrupt()  # best effort: stop the server animating this request
+        if self._pipe.failed:
+            # The session failed this turn (or fell behind): the next turn gets a fresh one.
+            session.broken = session.broken or self._pipe.reason
+        session.detach()
+        await self._services.pool.checkin(session)
+
+    def _make_result(self, status: str) -> TurnResult:
+        error = None
+        if status == wire.STATUS_AUDIO_ONLY and self._pipe.reason:
+            detail = self._pipe.detail
+            error = f"{self._pipe.reason}: {detail}" if detail else self._pipe.reason
+        earlier_frames = self._delivered.frames if self._delivered else 0
+        return TurnResult(
+            turn_id=self.turn_id, status=status, audio_bytes=self._audio_bytes,
+            frames_messages=earlier_frames + self._pipe.frames_written, start_id=self.start_id,
+            error=error,
+        )
+
+    def _log_finished(self, result: TurnResult) -> None:
+        elapsed = asyncio.get_running_loop().time() - self._started_at
+        log.info("turn_finished", status=result.status, audio_entries=self._audio_seq,
+                 audio_bytes=result.audio_bytes, frames_messages=result.frames_messages,
+                 frames_dropped=self._pipe.dropped, reason=self._pipe.reason,
+                 epoch=self.epoch, continued=self._delivered is not None,
+                 duration_ms=round(elapsed * 1000))
