@@ -30,10 +30,10 @@ lock:
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/relay run
+	$(BIN)/relay run $(ARGS)
 
 demo: $(STAMP)
-	$(BIN)/relay demo
+	$(BIN)/relay demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
