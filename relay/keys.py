@@ -14,12 +14,14 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.errors import InvalidConversationId
 
 # Braces are excluded because they would break the hash tag; the rest keeps ids safe in URLs,
-# logs and key names alike.
-_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# logs and key names alike. "." and ".." fit the alphabet but are path segments a browser (and
+# any URL library) rewrites before sending, so a client could never ask for them.
+_CONVERSATION_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._:-]{1,128}$")
 _TURN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -31,7 +33,7 @@ def _glob_escape(text: str) -> str:
 def validate_conversation_id(conversation_id: str) -> str:
     if not isinstance(conversation_id, str) or not _CONVERSATION_ID.match(conversation_id):
         raise InvalidConversationId(
-            "conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+            'conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -, not "." or ".."'
         )
     return conversation_id
 
@@ -45,6 +47,16 @@ def validate_turn_id(turn_id: str) -> str:
 DEFAULT_BUCKETS = 16
 
 
+class KeySettings(Protocol):
+    """What ``Keys.of`` reads (``relay.settings.Settings`` has both)."""
+
+    @property
+    def key_prefix(self) -> str: ...
+
+    @property
+    def key_buckets(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key names under one prefix, so several deployments (or test runs) can share a server.
@@ -54,6 +66,11 @@ class Keys:
 
     prefix: str = "relay"
     buckets: int = DEFAULT_BUCKETS
+
+    @classmethod
+    def of(cls, settings: KeySettings) -> Keys:
+        """The keys of a deployment, from its settings (RELAY_KEY_PREFIX, RELAY_KEY_BUCKETS)."""
+        return cls(settings.key_prefix, settings.key_buckets)
 
     def __post_init__(self) -> None:
         if not 1 <= self.buckets <= 16384:

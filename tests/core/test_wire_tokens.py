@@ -20,7 +20,7 @@ from relay.settings import Settings
 from relay.streams import StreamInfo, parse_id, valid_id
 from relay.tokens import mint_token, verify_token
 
-SECRET = "unit-secret-0123456789"
+SECRET = "unit-secret-0123456789-0123456789"
 
 
 def test_delivery_splice_equals_a_full_encode():
@@ -66,7 +66,7 @@ def test_token_round_trip_and_failures():
         with pytest.raises(TokenError):
             verify_token(SECRET, bad, "c-1", now=1_010)
     with pytest.raises(TokenError):
-        verify_token("another-secret-0123456", token, "c-1", now=1_010)
+        verify_token("another-secret-0123456-0123456789", token, "c-1", now=1_010)
 
 
 def test_stream_ids():

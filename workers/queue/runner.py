@@ -20,6 +20,8 @@ dead letters after ``job_max_attempts`` and the conversation goes on with its ne
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -41,7 +43,7 @@ from workers.queue.deadletters import (
 )
 from workers.queue.input import InputBatch, read_input
 from workers.queue.jobs import KIND_CLIP, TurnJob, decode_job
-from workers.queue.records import Claim, ClaimKind, JobStore, QueuedTurn
+from workers.queue.records import Claim, ClaimKind, Finished, JobStore, QueuedTurn, Released
 from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
 from workers.speech.resume import read_delivered
@@ -88,6 +90,7 @@ class ConversationRunner:
         self._lost = asyncio.Event()
         self._stop_now = False  # running turns must be handed back now, not finished
         self._turn: Turn | None = None
+        self.releasing = False  # letting go of the runner lease: the queue looked empty
 
     @property
     def owner(self) -> str:
@@ -120,10 +123,16 @@ class ConversationRunner:
                     return RunnerExit.HANDED_BACK
                 head = await self._s.store.head(self.conversation_id)
                 if head is None:
+                    # From here the lease may be gone at any moment by this runner's own doing:
+                    # the heartbeat must not mistake that for the conversation being lost.
+                    self.releasing = True
                     released = await self._s.store.release_if_empty(
                         self.conversation_id, owner=self.owner, doorbell=self.doorbell)
-                    if released:
-                        return RunnerExit.DONE if released > 0 else RunnerExit.LOST
+                    if released is Released.RELEASED:
+                        return RunnerExit.DONE
+                    if released is Released.LOST:
+                        return RunnerExit.LOST
+                    self.releasing = False
                     continue  # a turn was queued between the two reads
                 with bound_contextvars(turn_id=head.turn_id):
                     if not await self._run_head(head):
@@ -171,15 +180,24 @@ class ConversationRunner:
         try:
             result = await self._speak(job, claim, lease)
         except _Stop:
-            if not self._lost.is_set():
-                await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
-            return False
+            return await self._hand_back(head, claim)
         except AttemptFenced:
             return not self._lost.is_set()  # dropped by an interrupt, or taken over
         except (ValueError, TypeError) as exc:  # the producer refuses the job's arguments
             return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
         except (RelayError, RedisError, OSError, ConversationBusy) as exc:
+            if self._must_stop() or self._s.stopping.is_set():
+                # The turn was abandoned under a step in flight (graceful stop, lost lease):
+                # that step's error is the hand-back's doing, not a failure of the turn.
+                return await self._hand_back(head, claim)
             return await self._failed(head, claim, exc)
+        except asyncio.CancelledError:
+            # The worker's stop bound ran out with this attempt still busy: a hand-back too.
+            if not self._lost.is_set():
+                with suppress(RedisError, OSError):
+                    await asyncio.shield(self._s.store.hand_back(
+                        self.conversation_id, head.turn_id, claim.epoch))
+            raise
         kept = await self._finish(head, claim)
         if result is not None:
             # Not kept: another worker took the turn over while this attempt was paused; what
@@ -187,6 +205,12 @@ class ConversationRunner:
             log.info("job_done" if kept else "attempt_taken_over", status=result.status,
                      error=result.error, epoch=claim.epoch, attempt=claim.attempts)
         return kept
+
+    async def _hand_back(self, head: QueuedTurn, claim: Claim) -> bool:
+        """The attempt ends unfinished and uncounted; the next worker continues the turn."""
+        if not self._lost.is_set():
+            await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
+        return False
 
     async def _speak(self, job: TurnJob, claim: Claim, lease: str | None) -> TurnResult | None:
         attempt = await self._attempt_for(job, claim, lease)
@@ -215,9 +239,10 @@ class ConversationRunner:
         log.info("turn_continued", audio_bytes=delivered.audio_bytes,
                  audio_ended=delivered.audio_ended, frames=delivered.frames,
                  audio_only=delivered.audio_only)
+        guard = self._s.store.run_guard(job.conversation_id, job.turn_id, claim.epoch)
         return Attempt(epoch=claim.epoch, delivered=delivered,
                        take_over_from=claim.previous_owner or self._take_over_from,
-                       session_lease=lease)
+                       session_lease=lease, guard=guard)
 
     async def _open(self, job: TurnJob, attempt: Attempt) -> Turn:
         if self._must_stop():
@@ -234,11 +259,9 @@ class ConversationRunner:
         clip = job.pcm or b""
         skip = attempt.delivered.audio_bytes if attempt.delivered else 0
         turn = await self._open(job, attempt)
-        try:
+        async with self._holding(turn):
             await turn.prefeed(clip[:skip])
             return await turn.speak_rest(clip[skip:])
-        finally:
-            self._turn = None
 
     async def _speak_streamed(self, job: TurnJob, attempt: Attempt) -> TurnResult | None:
         await self._keep_input(job)
@@ -246,9 +269,22 @@ class ConversationRunner:
         if first is None:
             return None
         turn = await self._open(job, attempt)
-        try:
+        async with self._holding(turn):
             await self._pump(job, turn, first, attempt)
             return await turn.end()
+
+    @asynccontextmanager
+    async def _holding(self, turn: Turn) -> AsyncIterator[None]:
+        """Whatever ends the attempt, the turn lets go of everything it holds (the producer's
+        conversation lock and lease, its Motion Server session, its frames writer). The turn's
+        own steps do that on their failures; the input reads of a streamed turn run between
+        them, so a Redis error or a cancellation while blocked on input must do it here."""
+        try:
+            yield
+        except BaseException:
+            with suppress(RedisError, OSError, RelayError):
+                await asyncio.shield(turn.stop_after_failure())
+            raise
         finally:
             self._turn = None
 
@@ -320,9 +356,9 @@ class ConversationRunner:
 
     async def _finish(self, head: QueuedTurn, claim: Claim) -> bool:
         finished = await self._s.store.finish(self.conversation_id, head, claim.epoch)
-        if finished >= 0:
+        if finished is not Finished.TAKEN_OVER:
             await self._drop_input(head)
-        return finished >= 0
+        return finished is not Finished.TAKEN_OVER
 
     async def _drop_input(self, head: QueuedTurn) -> None:
         await self._s.client.delete(self._s.keys.turn_input(self.conversation_id, head.turn_id))

@@ -36,12 +36,12 @@ from relay.errors import RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient
 from relay.settings import Settings
-from relay.streams import ConversationLog
+from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.speech.control import ControlListener
 from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
 from workers.speech.frames import FramesPipe, PipeOutcome
-from workers.speech.leases import ConversationLeases, SessionLeases
+from workers.speech.leases import ConversationBusy, ConversationLeases, SessionLeases
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
@@ -69,12 +69,15 @@ class Attempt:
         was fenced by the claim).
     :param session_lease: a Motion Server session slot reserved before the claim
         (``reserve_session``); the turn's new session uses it.
+    :param guard: checked atomically when the attempt opens its turn (``ConversationLog``): the
+        job queue's "this attempt is the one allowed to run".
     """
 
     epoch: int
     delivered: Delivered | None = None
     take_over_from: str = ""
     session_lease: str | None = None
+    guard: Guard | None = None  # the caller's condition for opening the turn (the queue's fence)
 
 
 class _KeyedLocks:
@@ -83,11 +86,18 @@ class _KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def acquire(self, key: str) -> None:
+    async def acquire(self, key: str, timeout_s: float) -> None:
+        """Take the key's lock, waiting at most ``timeout_s`` (then ConversationBusy): a turn
+        that never lets go must not hold up the conversation's later turns for ever."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            await lock.acquire()
+            async with asyncio.timeout(timeout_s):
+                await lock.acquire()
+        except TimeoutError:
+            self._forget(key)
+            raise ConversationBusy(f"conversation {key} is busy with a turn of this producer") \
+                from None
         except BaseException:
             self._forget(key)
             raise
@@ -120,7 +130,7 @@ class Producer:
         if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:
             raise ValueError("frames_timeout_s and session_idle_s must be positive")
         self._settings = settings
-        self._keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._keys = Keys.of(settings)
         self._endpoints = MotionEndpoints.from_settings(
             settings, console_url=console_url, ingress_url=ingress_url
         )
@@ -255,10 +265,13 @@ class Producer:
         if not self._running:
             raise ProducerClosed("producer is not running")
         conversation_id = spec.conversation_id
-        await self._locks.acquire(conversation_id)
+        wait_s = self._settings.conversation_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        await self._locks.acquire(conversation_id, wait_s)
         try:
             await self._conversation_leases.acquire(
-                conversation_id, wait_s=self._settings.conversation_wait_s,
+                conversation_id, wait_s=max(0.0, deadline - loop.time()),
                 take_from=attempt.take_over_from if attempt else "",
             )
         except BaseException:
@@ -279,6 +292,7 @@ class Producer:
             return await self._log.open_turn(
                 spec.conversation_id, spec.turn_id, sample_rate=spec.sample_rate,
                 owner=self._owner, epoch=spec.epoch,
+                guard=attempt.guard if attempt is not None else None,
             )
         except TurnFenced as exc:
             if attempt is not None:
