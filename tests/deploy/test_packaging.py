@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -56,7 +57,10 @@ def test_requirement_files_are_the_lock_exported(path):
 def clean_venv(tmp_path_factory) -> Path:
     """The wheel of this tree in a fresh venv with requirements/service.txt and nothing else."""
     work = tmp_path_factory.mktemp("wheel")
+    had_build_dir = (ROOT / "build").exists()
     uv("build", "--wheel", "--out-dir", str(work / "dist"), "--quiet")
+    if not had_build_dir:  # setuptools' scratch directory in the tree
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     (wheel,) = (work / "dist").glob("avatar_relay-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "relay/py.typed" in names and "workers/py.typed" in names
