@@ -49,6 +49,10 @@ class Settings:
     redis_unavailable_s: float = 10.0  # Redis gone this long: clients get 4503 and move on
     drain_delay_s: float = 0.0  # after SIGTERM: /readyz says 503 this long before clients go
     drain_timeout_s: float = 10.0  # then clients get 1012 and have this long to leave
+    # Live path by push (issue 11): read_block_ms is the subscriber connection's keepalive, and
+    # read_count the page of a history read. A gap longer than this is not filled by the edge:
+    # its clients get 4429 edge_behind and resume through history.
+    live_fill_max_entries: int = 16_384
 
     # Producer and the Spatius Server SDK.
     spatius_api_key: str = field(default="", repr=False)
@@ -100,7 +104,7 @@ class Settings:
                                "client_queue_messages", "client_queue_bytes", "chunk_ms",
                                "producer_concurrency", "max_sdk_sessions", "read_block_ms",
                                "client_message_max_bytes", "jobs_block_ms", "redis_pool_size",
-                               "key_buckets",
+                               "key_buckets", "live_fill_max_entries",
                                "conversation_wait_s", "turn_input_timeout_s", "turn_input_ttl_s"])
         if self.sample_rate not in SAMPLE_RATES:
             raise ConfigError(f"RELAY_SAMPLE_RATE must be one of {sorted(SAMPLE_RATES)}")

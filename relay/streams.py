@@ -10,10 +10,17 @@ The turn record therefore also holds the attempt's **epoch**: a takeover bumps i
 (``workers.queue.records``), and every write here checks turn id *and* epoch, so a previous attempt
 that
 is paused rather than dead can never write again. Turns spoken directly (no queue) use epoch 0.
+
+Every script that appends also pushes what it appended, in the same atomic step, to the
+conversation's live channel (``Keys.live_channel``, sharded pub/sub): the edges deliver live
+entries from that push and read the stream only to join, resume or fill a gap (docs/architecture.md
+"Live delivery"). The push names the id of the entry before the first one it carries, so an edge
+can tell that it missed something.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +33,9 @@ from relay.keys import Keys
 ACTIVE = "active"
 ENDED = "ended"
 INTERRUPTED = "interrupted"
+
+# Conversations whose last expiry refresh a ConversationLog remembers (bounded; see _ttl_for).
+_REFRESH_MEMORY = 4096
 
 # "<turn>/<epoch>": the attempt of a queued turn allowed to run now (``run`` in the queue state).
 # Turn ids cannot contain "/", so the pair is unambiguous.
@@ -46,12 +56,40 @@ local function remember_done(done, turn, ttl_ms)
 end
 """.replace("DONE_KEEP", str(DONE_KEEP))
 
-# KEYS: stream, turn, queue state. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
+# Lua: the live push (see the module doc). ``live_begin(stream)`` before the first XADD records the
+# stream's current last id; ``live_add(id, entry)`` after each XADD; ``live_publish(channel)`` sends
+# "<prev> <id1> <len1> <id2> <len2> ...\n<entry1><entry2>..." when anything was appended. The
+# previous id is read from the stream itself (not from a record a write path might forget to
+# update), so a push's predecessor is always the true one. A script that runs twice and appends
+# twice pushes twice, each push naming its own entries: edges deliver by position, so a push
+# whose entries they already have is ignored (docs/architecture.md "Live delivery").
+LIVE_PUSH = """
+local live_head, live_body = {}, {}
+local function live_begin(stream)
+  local tip = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  live_head[1] = tip[1] and tip[1][1] or '0-0'
+end
+local function live_add(id, entry)
+  live_head[#live_head + 1] = id
+  live_head[#live_head + 1] = tostring(#entry)
+  live_body[#live_body + 1] = entry
+end
+local function live_publish(channel)
+  if #live_body > 0 then
+    redis.call('SPUBLISH', channel, table.concat(live_head, ' ') .. '\\n' ..
+               table.concat(live_body))
+  end
+end
+"""
+
+# KEYS: stream, turn, queue state, live channel. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
 # expected_previous, interrupt_entry_for_previous, epoch. Returns {0} when the active turn changed
 # under the caller (retry), {1, id} on success, {2, start_id} when this attempt already opened the
 # turn (idempotent re-open), {3} when the caller is fenced: its queued attempt is no longer the
 # one allowed to run, or the turn already ended (a queued turn never opens twice).
-_OPEN = """
+# Runs twice: the second run finds its own turn active at its epoch and returns {2, start_id}
+# without appending or pushing anything.
+_OPEN = LIVE_PUSH + """
 local epoch = ARGV[8]
 if epoch ~= '0' and redis.call('HGET', KEYS[3], 'run') ~= ARGV[1] .. '/' .. epoch then
   return {3}
@@ -64,11 +102,14 @@ if cur[1] == ARGV[1] then
   end
   if epoch ~= '0' then return {3} end
 end
+if cur[2] == 'active' and cur[1] ~= ARGV[6] then return {0} end
+live_begin(KEYS[1])
 if cur[2] == 'active' then
-  if cur[1] ~= ARGV[6] then return {0} end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
+  live_add(redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7]), ARGV[7])
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[5])
+live_add(id, ARGV[5])
+live_publish(KEYS[4])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2],
            'epoch', epoch)
@@ -77,26 +118,34 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1, id}
 """
 
-# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms, new_status ('' keeps it), entries...
-# Returns the last entry id, or false when the turn (at this epoch) is not the active one.
-_APPEND = """
+# KEYS: stream, turn, live channel. ARGV: turn_id, epoch, maxlen, ttl_ms ('0': leave the expiry
+# alone, see ``ConversationLog._ttl_for``), new_status ('' keeps it), entries... Returns the last
+# entry id, or false when the turn (at this epoch) is not the active one.
+_APPEND = LIVE_PUSH + """
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
 if cur[1] ~= ARGV[1] or cur[2] ~= 'active' or (cur[3] or '0') ~= ARGV[2] then return false end
+live_begin(KEYS[1])
 local last
 for i = 6, #ARGV do
   last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[i])
+  live_add(last, ARGV[i])
 end
+live_publish(KEYS[3])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if ARGV[4] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 return last
 """
 
-# KEYS: stream, turn, queue, queue state, done. ARGV: expected turn id, expected epoch, maxlen,
-# ttl_ms, drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry. Returns {-1} when the
-# active turn changed since the caller read it (retry), else {interrupted (0|1), dropped turns}.
-# Dropped turns count as done; the queue state keeps its epoch counter: epochs never repeat.
-_INTERRUPT = """
+# KEYS: stream, turn, queue, queue state, done, live channel. ARGV: expected turn id, expected
+# epoch, maxlen, ttl_ms, drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry.
+# Returns {-1} when the active turn changed since the caller read it (retry), else
+# {interrupted (0|1), dropped turns}. Dropped turns count as done; the queue state keeps its epoch
+# counter: epochs never repeat. Runs twice: the second run finds no active turn, appends and
+# pushes nothing.
+_INTERRUPT = LIVE_PUSH + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """ + REMEMBER_DONE + """
@@ -104,7 +153,10 @@ local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
 local hit = 0
 if cur[2] == 'active' then
   if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return {-1} end
+  live_begin(KEYS[1])
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
+  live_add(id, ARGV[7])
+  live_publish(KEYS[6])
   redis.call('HSET', KEYS[2], 'status', 'interrupted', 'end', id)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -203,6 +255,7 @@ class ConversationLog:
         self._maxlen = maxlen
         self._ttl_ms = ttl_s * 1000
         self._queue_ttl_ms = queue_ttl_s * 1000
+        self._refreshed: dict[str, float] = {}  # conversation -> when its expiry is due again
         self._open = client.register_script(_OPEN)
         self._append = client.register_script(_APPEND)
         self._interrupt = client.register_script(_INTERRUPT)
@@ -216,7 +269,7 @@ class ConversationLog:
         attempt is still the one the queue lets run.
         """
         keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
-                self._keys.queue_state(conversation_id)]
+                self._keys.queue_state(conversation_id), self._keys.live_channel(conversation_id)]
         start = wire.turn_start(turn_id, sample_rate=sample_rate)
         for _ in range(16):
             current = await self.current_turn(conversation_id)
@@ -265,7 +318,7 @@ class ConversationLog:
         the conversation, in one atomic step (turns queued after it are kept)."""
         keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
                 self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
-                self._keys.turns_done(conversation_id)]
+                self._keys.turns_done(conversation_id), self._keys.live_channel(conversation_id)]
         for _ in range(16):
             current = await self.current_turn(conversation_id)
             active = current if current is not None and current.status == ACTIVE else None
@@ -292,12 +345,31 @@ class ConversationLog:
         self, conversation_id: str, turn_id: str, epoch: int, status: str,
         entries: tuple[bytes, ...],
     ) -> str:
-        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
-        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms, status, *entries]
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
+                self._keys.live_channel(conversation_id)]
+        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_for(conversation_id, status),
+                           status, *entries]
         result = await self._append(keys=keys, args=args)
         if result is None:
             raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")
         return _text(result)
+
+    def _ttl_for(self, conversation_id: str, status: str) -> int:
+        """The expiry an append sets, or 0 to leave it: refreshing it on every append cost Redis
+        two commands per call for nothing. Opening, ending and interrupting a turn always
+        refresh; an append refreshes when this process last did so for the conversation more than
+        a quarter of the ttl ago. So a stream being written never expires (its expiry stays at
+        least 3/4 of the ttl ahead of every write) and an idle one expires between 3/4 and 1 ttl
+        after its last write, as docs/operations.md says."""
+        now = time.monotonic()
+        if status == "":
+            due = self._refreshed.get(conversation_id)
+            if due is not None and now < due:
+                return 0
+        if len(self._refreshed) >= _REFRESH_MEMORY:
+            self._refreshed.clear()  # forgetting only costs an early refresh
+        self._refreshed[conversation_id] = now + self._ttl_ms / 4000
+        return self._ttl_ms
 
     async def current_turn(self, conversation_id: str) -> TurnState | None:
         return await read_turn(self._client, self._keys, conversation_id)

@@ -86,9 +86,10 @@ def test_keys_share_a_slot_per_conversation():
     keys = Keys("p", buckets=16)
     tag = f"{{b{keys.bucket('c-1')}}}"
     tagged = {keys.stream("c-1"), keys.turn("c-1"), keys.conversation_lock("c-1"),
-              keys.turn_input("c-1", "t-1"), keys.control_channel("c-1")}
+              keys.turn_input("c-1", "t-1"), keys.control_channel("c-1"),
+              keys.live_channel("c-1")}
     assert all(key.startswith(f"p:{tag}:c-1:") for key in tagged)
-    assert keys.edge_wake("edge-1", keys.bucket("c-1")).startswith(f"p:{tag}:")
+    assert keys.bucket_tag_key(keys.bucket("c-1")).startswith(f"p:{tag}:")
     assert {keys.bucket(f"c-{n}") for n in range(200)} == set(range(16))
     with pytest.raises(InvalidConversationId):
         keys.stream("bad{id}")
