@@ -8,7 +8,47 @@ import sys
 
 from relay.errors import ConfigError, RelayError
 from relay.logs import configure_logging
-from relay.settings import Settings
+from relay.settings import LOG_LEVELS, Settings
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("avatar-relay")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _port(text: str) -> int:
+    """A TCP port for --port options; 0 asks the system for a free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535; 0 = a free one)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive, finite number")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,34 +57,35 @@ def _parser() -> argparse.ArgumentParser:
         description="Redis Streams relay for Spatius AvatarKit backend mode. Settings come from "
         "the environment (see docs/operations.md).",
     )
-    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     edge = sub.add_parser("edge",
                           help="serve client WebSockets (needs REDIS_URL, RELAY_TOKEN_SECRET)")
     edge.add_argument("--host", default=None)
-    edge.add_argument("--port", type=int, default=None)
+    edge.add_argument("--port", type=_port, default=None, help="0 = a free port")
 
     sub.add_parser("producer", help="run turns from the job queue through the Spatius SDK")
 
     sim = sub.add_parser("motion-sim", help="serve the local Motion Server simulator")
     sim.add_argument("--host", default=None)
-    sim.add_argument("--port", type=int, default=None)
+    sim.add_argument("--port", type=_port, default=None, help="0 = a free port")
 
     # The bench is dev tooling: its own parser (``relay bench --help``) is loaded only when asked
-    # for, so no role's process imports it.
-    bench = sub.add_parser("bench", add_help=False,
+    # for, so no role's process imports it; every argument after ``bench`` is left to it.
+    sub.add_parser("bench", add_help=False,
                            help="measure the relay against a bare Redis loop on this machine "
                            "(loopback only); results in bench/results/latest.json")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     enqueue = sub.add_parser("enqueue", help="queue one turn from a .wav (PCM16 mono) or a raw "
                              ".pcm file; prints its turn id")
     enqueue.add_argument("conversation_id")
     enqueue.add_argument("audio", help=".wav (rate from its header) or .pcm (needs --rate)")
-    enqueue.add_argument("--rate", type=int, default=None, help="sample rate of a .pcm file")
+    enqueue.add_argument("--rate", type=_positive_int, default=None,
+                         help="sample rate of a .pcm file")
     enqueue.add_argument("--avatar", default=None, help="avatar id (default SPATIUS_AVATAR_ID)")
-    enqueue.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+    enqueue.add_argument("--deadline", type=_positive_float, default=None, metavar="SECONDS",
                          help="not played, and dead-lettered, unless a worker starts it in time")
     enqueue.add_argument("--turn-id", default=None, help="fixed turn id (retries are idempotent)")
 
@@ -53,10 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     jobs.add_argument("action", nargs="?", choices=["list", "drop", "requeue"], default="list")
     jobs.add_argument("dead_id", nargs="?", help="dead letter id (for drop and requeue)")
     jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(usage_error=jobs.error)
 
     token = sub.add_parser("token", help="mint a client token for one conversation")
     token.add_argument("conversation_id")
-    token.add_argument("--ttl", type=int, default=None, help="lifetime in seconds")
+    token.add_argument("--ttl", type=_positive_int, default=None, help="lifetime in seconds")
 
     check = sub.add_parser("check", help="exit 0 when this role's dependencies are reachable")
     check.add_argument("--role", choices=["edge", "producer"], default="edge")
@@ -64,16 +106,24 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("run", "start the whole stack locally and serve until Ctrl-C"),
                        ("demo", "start the whole stack, deliver demo conversations, verify, exit")):
         stack = sub.add_parser(name, help=text)
-        stack.add_argument("--conversations", type=int, default=4)
-        stack.add_argument("--turns", type=int, default=2)
-        stack.add_argument("--producers", type=int, default=1)
-        stack.add_argument("--edges", type=int, default=2)
-        stack.add_argument("--edge-port", type=int, default=None)
+        stack.add_argument("--conversations", type=_positive_int, default=4)
+        stack.add_argument("--turns", type=_positive_int, default=2)
+        stack.add_argument("--producers", type=_positive_int, default=1)
+        stack.add_argument("--edges", type=_positive_int, default=2)
+        stack.add_argument("--edge-port", type=_port, default=None,
+                           help="first edge's port (the others follow); 0 = free ports")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "jobs" and args.action != "list" and not args.dead_id:
+        args.usage_error(f"{args.action} needs a dead letter id (`relay jobs` lists them)")
     try:
         settings = Settings.from_env()
         if args.log_level:
@@ -102,6 +152,10 @@ async def _jobs_command(args: argparse.Namespace, settings: Settings) -> int:
         return 1
 
 
+def _warn(text: str) -> None:
+    print(f"relay: warning: {text}", file=sys.stderr)
+
+
 async def _jobs_action(args: argparse.Namespace, settings: Settings) -> int:
     from pathlib import Path
 
@@ -110,12 +164,11 @@ async def _jobs_action(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "enqueue":
         print(await admin.enqueue(settings, args.conversation_id, Path(args.audio),
                                   rate=args.rate, avatar_id=args.avatar,
-                                  deadline_s=args.deadline, turn_id=args.turn_id))
+                                  deadline_s=args.deadline, turn_id=args.turn_id,
+                                  warn=_warn))
         return 0
     if args.action == "list":
         return await admin.list_jobs(settings, as_json=args.json, out=print)
-    if not args.dead_id:
-        raise ConfigError(f"relay jobs {args.action} needs a dead letter id")
     print(await admin.fix_dead_letter(settings, args.action, args.dead_id))
     return 0
 
@@ -124,7 +177,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
     if args.command == "edge":
         from relay.edge.run import run_edge
 
-        overrides = {k: v for k, v in (("edge_host", args.host), ("edge_port", args.port)) if v}
+        overrides = {k: v for k, v in (("edge_host", args.host), ("edge_port", args.port))
+                     if v is not None}
         run_edge(settings.with_overrides(**overrides))
         return 0
     if args.command == "producer":
@@ -134,13 +188,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
     if args.command == "motion-sim":
         from relay.dev.motion_sim.run import run_sim
 
-        overrides = {k: v for k, v in (("sim_host", args.host), ("sim_port", args.port)) if v}
+        overrides = {k: v for k, v in (("sim_host", args.host), ("sim_port", args.port))
+                     if v is not None}
         return asyncio.run(run_sim(settings.with_overrides(**overrides)))
     if args.command == "token":
         from relay.tokens import mint_token
 
         print(mint_token(settings.require_secret(), args.conversation_id,
-                         ttl_s=args.ttl or settings.token_ttl_s))
+                         ttl_s=args.ttl if args.ttl is not None else settings.token_ttl_s))
         return 0
     if args.command == "bench":
         from relay.dev.bench.command import main as bench_main
@@ -156,6 +211,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
 
     options = StackOptions(conversations=args.conversations, turns=args.turns,
                            producers=args.producers, edges=args.edges,
-                           edge_port=args.edge_port or settings.edge_port,
+                           edge_port=settings.edge_port if args.edge_port is None
+                           else args.edge_port,
                            serve_forever=args.command == "run")
     return asyncio.run(run_stack(settings, options))

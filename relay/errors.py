@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class RelayError(Exception):
     """Base class of every error the relay raises on purpose."""
@@ -9,6 +11,15 @@ class RelayError(Exception):
 
 class ConfigError(RelayError):
     """A setting is missing or invalid; raised once, at start-up."""
+
+
+class ListenError(RelayError):
+    """A server socket could not be opened: the port is taken, or the address is not this host's.
+    Names the setting to change, since the usual cause is a second copy of the same role."""
+
+    def __init__(self, what: str, host: str, port: int, setting: str, cause: OSError) -> None:
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        super().__init__(f"{what} cannot listen on {host}:{port}: {reason} (change {setting})")
 
 
 class WireError(RelayError):

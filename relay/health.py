@@ -15,14 +15,7 @@ log = structlog.get_logger(__name__)
 
 
 async def check(settings: Settings, *, role: str) -> int:
-    failures = []
-    client = client_for(settings)
-    try:
-        await asyncio.wait_for(client.ping(), 3.0)
-    except (TimeoutError, OSError, redis.RedisError) as exc:
-        failures.append(f"redis: {exc}")
-    finally:
-        await client.aclose()
+    failures = await _check_redis(settings)
     if role == "producer":
         failures.extend(await _check_motion_server(settings))
     for failure in failures:
@@ -30,6 +23,20 @@ async def check(settings: Settings, *, role: str) -> int:
     if not failures:
         log.info("dependencies_ok", role=role)
     return 1 if failures else 0
+
+
+async def _check_redis(settings: Settings) -> list[str]:
+    # No REDIS_URL is a dependency this role cannot reach: exit 1 like any other, as documented.
+    if not settings.redis_url:
+        return ["redis: REDIS_URL is not set"]
+    client = client_for(settings)
+    try:
+        await asyncio.wait_for(client.ping(), 3.0)
+    except (TimeoutError, OSError, redis.RedisError) as exc:
+        return [f"redis: {exc}"]
+    finally:
+        await client.aclose()
+    return []
 
 
 async def _check_motion_server(settings: Settings) -> list[str]:

@@ -7,7 +7,9 @@ and pool bounds are the same everywhere.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, TypeAlias
+import inspect
+from collections.abc import Awaitable
+from typing import Any, TypeAlias, TypeVar, cast
 
 import redis.asyncio as redis
 import structlog
@@ -23,6 +25,15 @@ from relay.settings import Settings
 log = structlog.get_logger(__name__)
 
 RedisClient: TypeAlias = "redis.Redis | RedisCluster"
+_T = TypeVar("_T")
+
+
+async def answer(reply: Awaitable[_T] | _T) -> _T:
+    """The reply of an async command that redis-py annotates with the sync client's union
+    (``Awaitable[T] | T``, e.g. HGET, HGETALL): awaited, with its type kept for mypy."""
+    if inspect.isawaitable(reply):
+        return await cast(Awaitable[_T], reply)
+    return reply
 
 # Blocking reads (XREAD BLOCK) must finish well inside the socket timeout, or redis-py reports a
 # timeout for a read that is merely waiting; the margin covers a busy event loop.
@@ -96,7 +107,7 @@ def pubsub_client(client: RedisClient) -> redis.Redis:
     if not isinstance(client, RedisCluster):
         return client
     node = client.get_default_node()
-    return node_client(node.host, node.port, block_ms=0, like=client)
+    return node_client(node.host, int(node.port), block_ms=0, like=client)
 
 
 async def wait_until_ready(client: RedisClient, *, timeout_s: float = 30.0) -> None:

@@ -1,119 +1,319 @@
-"""All settings, read from the environment once at the edge of the program (docs/operations.md)."""
+"""All settings, read from the environment once at the edge of the program (docs/operations.md).
+
+Each setting is declared with the values it accepts, next to its default::
+
+    heartbeat_s: float = setting(20.0, number(gt=0, le=HOUR))
+
+``Settings`` checks every field against its rule when it is built (from the environment or in
+code), so a bad value stops the process at start-up with ``NAME=value: why`` instead of failing
+later. The rule's ``doc`` is the range that docs/operations.md shows for the variable, and the
+test suite checks that every field has a rule and that the docs show it.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.errors import ConfigError
 
 MIN_SECRET_LEN = 16
 SAMPLE_RATES = frozenset({8000, 16000, 22050, 24000, 32000, 44100, 48000})
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MINUTE = 60
+HOUR = 3600
+DAY = 86_400
+WEEK = 7 * DAY
+
+_T = TypeVar("_T")
+
+
+class SettingError(ConfigError):
+    """One setting refused: ``str()`` is ``NAME=value: why``, the value hidden for secrets."""
+
+    def __init__(self, name: str, shown: str, why: str) -> None:
+        super().__init__(f"{name}={shown}: {why}")
+        self.name, self.shown, self.why = name, shown, why
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The values one setting accepts. ``refuse`` returns why a value is wrong, or None."""
+
+    doc: str  # the range as docs/operations.md shows it
+    refuse: Callable[[Any], str | None]
+    secret: bool = False  # never echo the value in an error
+
+
+def setting(default: _T, rule: Rule, *, repr: bool = True) -> _T:
+    """A settings field: its default and the rule every value must pass. ``repr=False`` keeps a
+    value that may hold a password (a URL) out of ``repr(settings)``; secrets never show."""
+    return field(default=default, repr=repr and not rule.secret, metadata={"rule": rule})
+
+
+def setting_factory(factory: Callable[[], _T], rule: Rule) -> _T:
+    return field(default_factory=factory, repr=not rule.secret, metadata={"rule": rule})
+
+
+# --- rules ---------------------------------------------------------------------------------------
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _span(low: float, high: float | None, *, open_low: bool = False) -> str:
+    if high is None:
+        return f"{'>' if open_low else '>='} {_num(low)}"
+    if open_low:
+        return f"> {_num(low)} and <= {_num(high)}"
+    return f"{_num(low)} to {_num(high)}"
+
+
+def integer(low: int, high: int | None = None, *, zero: str = "") -> Rule:
+    """A whole number in [low, high]; ``zero`` documents a special meaning of 0 below low."""
+    doc = _span(low, high) + (f", or 0 ({zero})" if zero else "")
+
+    def refuse(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "not an integer"
+        if value == 0 and zero:
+            return None
+        if value < low or (high is not None and value > high):
+            return f"must be {doc}"
+        return None
+
+    return Rule(doc, refuse)
+
+
+def number(*, gt: float | None = None, ge: float | None = None, le: float | None = None) -> Rule:
+    """A finite number (seconds, usually) above gt or from ge, up to le."""
+    low = gt if gt is not None else ge
+    doc = _span(low if low is not None else -math.inf, le, open_low=gt is not None)
+
+    def refuse(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "not a number"
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if (gt is not None and value <= gt) or (ge is not None and value < ge) or (
+                le is not None and value > le):
+            return f"must be {doc}"
+        return None
+
+    return Rule(doc, refuse)
+
+
+def port(zero: str = "") -> Rule:
+    return integer(1, 65535, zero=zero)
+
+
+def one_of(*choices: object) -> Rule:
+    doc = ", ".join(str(c) for c in choices)
+    allowed = set(choices)
+
+    def refuse(value: Any) -> str | None:
+        same_type = type(value) is type(choices[0])
+        return None if same_type and value in allowed else f"must be one of {doc}"
+
+    return Rule(f"one of {doc}", refuse)
+
+
+def flag() -> Rule:
+    def refuse(value: Any) -> str | None:
+        return None if isinstance(value, bool) else "must be true or false"
+
+    return Rule("true or false", refuse)
+
+
+def text(doc: str, check: Callable[[str], str | None] | None = None, *,
+         secret: bool = False) -> Rule:
+    def refuse(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return "not text"
+        return check(value) if check else None
+
+    return Rule(doc, refuse, secret=secret)
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _no_braces(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    return "must not contain braces (they would break the hash tags)" if re.search(
+        r"[{}]", value) else None
+
+
+def _secret(value: str) -> str | None:
+    if value and len(value) < MIN_SECRET_LEN:
+        return f"must be at least {MIN_SECRET_LEN} characters"
+    return None
+
+
+def _redis_url(value: str) -> str | None:
+    if not value:
+        return None
+    # redis-py's own parser, so what passes here is exactly what the client will accept; it also
+    # reads the port, which refuses anything above 65535.
+    from redis.connection import parse_url
+
+    try:
+        parse_url(value)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _http_or_ws_url(value: str) -> str | None:
+    if not value:
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - reading it checks the port's range
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.hostname:
+        return "must be an http(s):// or ws(s):// URL with a host"
+    return None
+
+
+def _shown(name: str, value: object, rule: Rule) -> str:
+    """The value as an error message may print it: secrets hidden, a URL without its password."""
+    if rule.secret:
+        return f"<hidden, {len(str(value))} characters>"
+    shown = str(value)
+    if name == "REDIS_URL":
+        shown = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", shown)
+    return shown
 
 
 def _default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+MONTH = 30 * DAY
+ANY = text("any text")
+HOST = text("a host name or address", _non_empty)
+SECONDS = number(gt=0, le=HOUR)  # a timeout or interval: positive, finite, at most an hour
+BLOCK_MS = integer(1, MINUTE * 1000)  # a blocking read's wait: at most a minute (socket timeouts)
+
+
 @dataclass(frozen=True)
 class Settings:
     # Redis. Empty means "start an embedded server" where the command allows it.
-    redis_url: str = field(default="", repr=False)
-    redis_cluster: bool = False  # REDIS_URL names one node of a Redis Cluster
-    redis_pool_size: int = 32  # connections per process (per node on a cluster) for commands
-    key_prefix: str = "relay"
-    key_buckets: int = 16  # conversations per hash-tag bucket; the same on every process
+    redis_url: str = setting("", text("a redis://, rediss:// or unix:// URL", _redis_url),
+                             repr=False)
+    redis_cluster: bool = setting(False, flag())  # REDIS_URL names one node of a Redis Cluster
+    # Connections per process (per node on a cluster) for commands.
+    redis_pool_size: int = setting(32, integer(1, 10_000))
+    key_prefix: str = setting("relay", text("non-empty, no braces", _no_braces))
+    # Conversations per hash-tag bucket; the same on every process. At most one per cluster slot.
+    key_buckets: int = setting(16, integer(1, 16_384))
 
     # Retention of conversation streams: length cap (approximate trim) and idle expiry.
-    stream_maxlen: int = 10_000
-    stream_ttl_s: int = 3600
+    stream_maxlen: int = setting(10_000, integer(1, 100_000_000))
+    stream_ttl_s: int = setting(3600, integer(1, MONTH))
 
     # Client tokens.
-    token_secret: str = field(default="", repr=False)
-    token_ttl_s: int = 3600
+    token_secret: str = setting("", text(f"at least {MIN_SECRET_LEN} characters", _secret,
+                                         secret=True))
+    token_ttl_s: int = setting(3600, integer(1, MONTH))
 
     # Edge.
-    edge_host: str = "127.0.0.1"
-    edge_port: int = 8080
-    node_id: str = field(default_factory=_default_node_id)
-    read_block_ms: int = 1000
-    read_count: int = 512
-    client_queue_messages: int = 4096
-    client_queue_bytes: int = 16 * 1024 * 1024
-    client_message_max_bytes: int = 4096
-    send_timeout_s: float = 10.0
-    heartbeat_s: float = 20.0
-    redis_unavailable_s: float = 10.0  # Redis gone this long: clients get 4503 and move on
-    drain_delay_s: float = 0.0  # after SIGTERM: /readyz says 503 this long before clients go
-    drain_timeout_s: float = 10.0  # then clients get 1012 and have this long to leave
+    edge_host: str = setting("127.0.0.1", HOST)
+    edge_port: int = setting(8080, port(zero="any free port"))
+    node_id: str = setting_factory(_default_node_id, text("non-empty, no braces", _no_braces))
+    read_block_ms: int = setting(1000, BLOCK_MS)
+    read_count: int = setting(512, integer(1, 100_000))
+    client_queue_messages: int = setting(4096, integer(1, 1_000_000))
+    client_queue_bytes: int = setting(16 * 1024 * 1024, integer(1, 1 << 30))
+    client_message_max_bytes: int = setting(4096, integer(1, 1 << 20))
+    send_timeout_s: float = setting(10.0, SECONDS)
+    heartbeat_s: float = setting(20.0, SECONDS)
+    # Redis gone this long: clients get 4503 and move on.
+    redis_unavailable_s: float = setting(10.0, SECONDS)
+    # After SIGTERM: /readyz says 503 this long before clients go...
+    drain_delay_s: float = setting(0.0, number(ge=0, le=HOUR))
+    # ...then clients get 1012 and have this long to leave.
+    drain_timeout_s: float = setting(10.0, number(ge=0, le=HOUR))
     # Live path by push (issue 11): read_block_ms is the subscriber connection's keepalive, and
     # read_count the page of a history read. A gap longer than this is not filled by the edge:
     # its clients get 4429 edge_behind and resume through history.
-    live_fill_max_entries: int = 16_384
+    live_fill_max_entries: int = setting(16_384, integer(256, 10_000_000))
 
     # Producer and the Spatius Server SDK.
-    spatius_api_key: str = field(default="", repr=False)
-    spatius_app_id: str = ""
-    spatius_avatar_id: str = ""
-    spatius_region: str = "auto"
-    spatius_console_url: str = ""
-    spatius_ingress_url: str = ""
-    sample_rate: int = 16000
-    chunk_ms: int = 40
-    producer_concurrency: int = 32
-    session_idle_s: float = 20.0
-    per_turn_sessions: bool = False
-    max_sdk_sessions: int = 8
-    sdk_lease_s: float = 15.0
-    sdk_wait_s: float = 30.0
-    frames_timeout_s: float = 10.0
-    conversation_lease_s: float = 15.0
-    conversation_wait_s: float = 60.0  # longest a turn waits for another producer's turn to end
-    jobs_block_ms: int = 1000
-    producer_health_host: str = "127.0.0.1"
-    producer_health_port: int = 8090  # /healthz and /readyz of `relay producer`; 0 = off
-    turn_input_timeout_s: float = 30.0  # a queued streamed turn ends after this long without input
-    turn_input_ttl_s: int = 600  # expiry of a queued streamed turn's input stream
+    spatius_api_key: str = setting("", text("any text", secret=True))
+    spatius_app_id: str = setting("", ANY)
+    spatius_avatar_id: str = setting("", ANY)
+    spatius_region: str = setting("auto", text("a region name", _non_empty))
+    spatius_console_url: str = setting("", text("an http(s):// or ws(s):// URL", _http_or_ws_url))
+    spatius_ingress_url: str = setting("", text("an http(s):// or ws(s):// URL", _http_or_ws_url))
+    sample_rate: int = setting(16000, one_of(*sorted(SAMPLE_RATES)))
+    chunk_ms: int = setting(40, integer(1, 1000))
+    producer_concurrency: int = setting(32, integer(1, 10_000))
+    session_idle_s: float = setting(20.0, number(gt=0, le=DAY))
+    per_turn_sessions: bool = setting(False, flag())
+    max_sdk_sessions: int = setting(8, integer(1, 10_000))
+    sdk_lease_s: float = setting(15.0, SECONDS)
+    sdk_wait_s: float = setting(30.0, number(ge=0, le=HOUR))
+    frames_timeout_s: float = setting(10.0, SECONDS)
+    conversation_lease_s: float = setting(15.0, SECONDS)
+    # Longest a turn waits for another producer's turn to end.
+    conversation_wait_s: float = setting(60.0, number(gt=0, le=DAY))
+    jobs_block_ms: int = setting(1000, BLOCK_MS)
+    producer_health_host: str = setting("127.0.0.1", HOST)
+    # /healthz and /readyz of `relay producer`; 0 = off.
+    producer_health_port: int = setting(8090, port(zero="off"))
+    # A queued streamed turn ends after this long without input.
+    turn_input_timeout_s: float = setting(30.0, number(gt=0, le=DAY))
+    # Expiry of a queued streamed turn's input stream.
+    turn_input_ttl_s: int = setting(600, integer(1, MONTH))
     # Job queue: crash recovery, poison turns, graceful stop (docs/operations.md "Job queue").
-    job_claim_idle_s: float = 10.0  # a turn job unrenewed this long is taken over by another worker
-    job_max_attempts: int = 3  # attempts of a turn before it goes to the dead letters
-    job_ttl_s: int = 86_400  # a conversation's queue expires this long after its last change
-    conversation_queue_max: int = 64  # queued turns one conversation may hold (QueueFull beyond)
-    dead_letter_maxlen: int = 1000  # dead letters kept (approximate trim); each holds its audio
-    interrupt_drops_queued: bool = True  # TurnQueue.interrupt also drops turns queued before it
-    producer_stop_s: float = 20.0  # on SIGTERM, running turns get this long before hand-back
+    # A turn job unrenewed this long is taken over by another worker.
+    job_claim_idle_s: float = setting(10.0, SECONDS)
+    # Attempts of a turn before it goes to the dead letters.
+    job_max_attempts: int = setting(3, integer(1, 100))
+    # A conversation's queue expires this long after its last change.
+    job_ttl_s: int = setting(86_400, integer(1, MONTH))
+    # Queued turns one conversation may hold (QueueFull beyond).
+    conversation_queue_max: int = setting(64, integer(1, 100_000))
+    # Dead letters kept (approximate trim); each holds its audio.
+    dead_letter_maxlen: int = setting(1000, integer(1, 10_000_000))
+    # TurnQueue.interrupt also drops turns queued before it.
+    interrupt_drops_queued: bool = setting(True, flag())
+    # On SIGTERM, running turns get this long before hand-back.
+    producer_stop_s: float = setting(20.0, SECONDS)
 
     # Motion Server simulator (`relay motion-sim`).
-    sim_host: str = "127.0.0.1"
-    sim_port: int = 8300
-    sim_max_sessions: int = 40  # the largest Spatius plan's cap; 0 = unlimited
-    sim_batch_keyframes: int = 5  # 200 ms of animation per message, as in streaming mode
-    sim_realtime: bool = False
+    sim_host: str = setting("127.0.0.1", HOST)
+    sim_port: int = setting(8300, port(zero="any free port"))
+    # The largest Spatius plan's cap; 0 = unlimited.
+    sim_max_sessions: int = setting(40, integer(1, 100_000, zero="unlimited"))
+    # 5 = 200 ms of animation per message, as in streaming mode.
+    sim_batch_keyframes: int = setting(5, integer(1, 1000))
+    sim_realtime: bool = setting(False, flag())
 
     # Logs.
-    log_json: bool = True
-    log_level: str = "info"
+    log_json: bool = setting(True, flag())
+    log_level: str = setting("info", one_of(*LOG_LEVELS))
 
     def __post_init__(self) -> None:
-        _check_positive(self, ["job_claim_idle_s", "job_max_attempts", "job_ttl_s",
-                               "conversation_queue_max", "dead_letter_maxlen", "producer_stop_s"])
-        _check_positive(self, ["stream_maxlen", "stream_ttl_s", "token_ttl_s", "read_count",
-                               "client_queue_messages", "client_queue_bytes", "chunk_ms",
-                               "producer_concurrency", "max_sdk_sessions", "read_block_ms",
-                               "client_message_max_bytes", "jobs_block_ms", "redis_pool_size",
-                               "key_buckets", "live_fill_max_entries",
-                               "conversation_wait_s", "turn_input_timeout_s", "turn_input_ttl_s"])
-        if self.sample_rate not in SAMPLE_RATES:
-            raise ConfigError(f"RELAY_SAMPLE_RATE must be one of {sorted(SAMPLE_RATES)}")
-        if self.token_secret and len(self.token_secret) < MIN_SECRET_LEN:
-            raise ConfigError(f"RELAY_TOKEN_SECRET must be at least {MIN_SECRET_LEN} characters")
-        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
-            raise ConfigError("RELAY_KEY_PREFIX must be non-empty and contain no braces")
-        if not self.node_id or "{" in self.node_id or "}" in self.node_id:
-            raise ConfigError("RELAY_NODE_ID must be non-empty and contain no braces")
+        for f in fields(self):
+            rule = rule_of(f.name)
+            value = getattr(self, f.name)
+            why = rule.refuse(value)
+            if why:
+                name = env_name(f.name)
+                raise SettingError(name, _shown(name, value, rule), why)
 
     @property
     def uses_real_motion_server(self) -> bool:
@@ -135,15 +335,23 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from the environment; a refused value is reported as it was written."""
         source = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
-            name = _ENV_NAMES.get(f.name, f"RELAY_{f.name.upper()}")
+            name = env_name(f.name)
             raw = source.get(name)
             if raw is None or raw == "":
                 continue
-            values[f.name] = _coerce(name, raw, f.type)
-        return cls(**values)
+            values[f.name] = _coerce(name, raw, f.type, rule_of(f.name))
+        try:
+            return cls(**values)
+        except SettingError as exc:
+            raw = source.get(exc.name)
+            if raw is None:
+                raise
+            rule = rule_of(next(f.name for f in fields(cls) if env_name(f.name) == exc.name))
+            raise SettingError(exc.name, _shown(exc.name, raw, rule), exc.why) from None
 
 
 # Settings whose variable is not simply RELAY_<FIELD>.
@@ -162,25 +370,32 @@ def env_name(field_name: str) -> str:
     return _ENV_NAMES.get(field_name, f"RELAY_{field_name.upper()}")
 
 
-def _coerce(name: str, raw: str, kind: Any) -> Any:
+def rule_of(field_name: str) -> Rule:
+    """The rule a field was declared with; a field declared without one is a bug, caught here."""
+    rule = _FIELDS[field_name].metadata.get("rule")
+    if not isinstance(rule, Rule):
+        raise TypeError(f"setting {field_name} has no range: declare it with setting(...)")
+    return rule
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(name: str, raw: str, kind: Any, rule: Rule) -> Any:
+    """The text of an environment variable as the field's type; SettingError if it is not one."""
     kind = str(kind)
+    if kind == "bool":
+        if raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise SettingError(name, _shown(name, raw, rule), "must be true or false")
     try:
-        if kind == "bool":
-            if raw.lower() in {"1", "true", "yes", "on"}:
-                return True
-            if raw.lower() in {"0", "false", "no", "off"}:
-                return False
-            raise ValueError(raw)
         if kind == "int":
             return int(raw)
         if kind == "float":
             return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}={raw!r} is not a valid {kind}") from exc
+    except ValueError:
+        what = "an integer" if kind == "int" else "a number"
+        raise SettingError(name, _shown(name, raw, rule), f"not {what}") from None
     return raw
-
-
-def _check_positive(settings: Settings, names: list[str]) -> None:
-    for name in names:
-        if getattr(settings, name) <= 0:
-            raise ConfigError(f"{env_name(name)} must be positive")

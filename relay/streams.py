@@ -29,6 +29,8 @@ import redis.asyncio as redis
 from relay import wire
 from relay.errors import TurnFenced
 from relay.keys import Keys
+from relay.lua import NOW_MS, ScriptArgs, register, text
+from relay.redis_conn import RedisClient, answer
 
 ACTIVE = "active"
 ENDED = "ended"
@@ -60,9 +62,10 @@ end
 # stream's current last id; ``live_add(id, entry)`` after each XADD; ``live_publish(channel)`` sends
 # "<prev> <id1> <len1> <id2> <len2> ...\n<entry1><entry2>..." when anything was appended. The
 # previous id is read from the stream itself (not from a record a write path might forget to
-# update), so a push's predecessor is always the true one. A script that runs twice and appends
-# twice pushes twice, each push naming its own entries: edges deliver by position, so a push
-# whose entries they already have is ignored (docs/architecture.md "Live delivery").
+# update), so a push's predecessor is always the true one. A script run again (a retry) appends
+# nothing and so pushes nothing (each script's header says why); and were the same push ever to
+# arrive twice, it would be harmless: edges deliver by position, so entries they already have are
+# skipped (docs/architecture.md "Live delivery").
 LIVE_PUSH = """
 local live_head, live_body = {}, {}
 local function live_begin(stream)
@@ -119,18 +122,48 @@ return {1, id}
 """
 
 # KEYS: stream, turn, live channel. ARGV: turn_id, epoch, maxlen, ttl_ms ('0': leave the expiry
-# alone, see ``ConversationLog._ttl_for``), new_status ('' keeps it), entries... Returns the last
-# entry id, or false when the turn (at this epoch) is not the active one.
+# alone, see ``ConversationLog._ttl_for``), new_status ('' keeps it), then
+# (mark, entry) pairs: ``wire.write_mark`` of each entry before it. Returns the id of the last
+# entry appended, or false when the turn (at this epoch) is not the active one.
+# Runs twice (a client retry after a timeout whose first attempt did reach Redis, or a caller
+# that retries after an error): an entry whose mark the turn record already holds is skipped, so
+# the second run appends nothing and returns the turn's last entry id, as the first run did; a
+# retried end or interrupt of the turn succeeds the same way although the turn is no longer
+# active. Marks are watermarks in the turn record: ``na``/``nf`` the next audio/frames seq,
+# ``m:<mark>`` for the entries a turn has once; ``last`` the last entry id. Seqs of a kind only
+# grow within a turn (a continued attempt goes on after the delivered ones), so a seq below its
+# watermark is always one already appended, even after the stream trimmed it. A run that appends
+# nothing pushes nothing, so a retried append never reaches the edges twice.
 _APPEND = LIVE_PUSH + """
-local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
-if cur[1] ~= ARGV[1] or cur[2] ~= 'active' or (cur[3] or '0') ~= ARGV[2] then return false end
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch', 'na', 'nf', 'last')
+if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return false end
+local next_seq = {a = tonumber(cur[4] or '0'), f = tonumber(cur[5] or '0')}
+local fresh, flags = {}, {}
+for i = 6, #ARGV, 2 do
+  local mark = ARGV[i]
+  local kind = string.sub(mark, 1, 1)
+  if next_seq[kind] then
+    local seq = tonumber(string.sub(mark, 2))
+    if seq >= next_seq[kind] then
+      next_seq[kind] = seq + 1
+      table.insert(fresh, ARGV[i + 1])
+    end
+  elseif redis.call('HEXISTS', KEYS[2], 'm:' .. mark) == 0 and not flags[mark] then
+    flags[mark] = true
+    table.insert(fresh, ARGV[i + 1])
+  end
+end
+if #fresh == 0 then return cur[6] or '0-0' end
+if cur[2] ~= 'active' then return false end
 live_begin(KEYS[1])
 local last
-for i = 6, #ARGV do
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[i])
-  live_add(last, ARGV[i])
+for _, entry in ipairs(fresh) do
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', entry)
+  live_add(last, entry)
 end
 live_publish(KEYS[3])
+redis.call('HSET', KEYS[2], 'na', next_seq.a, 'nf', next_seq.f, 'last', last)
+for mark in pairs(flags) do redis.call('HSET', KEYS[2], 'm:' .. mark, '1') end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
 if ARGV[4] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -145,10 +178,7 @@ return last
 # {interrupted (0|1), dropped turns}. Dropped turns count as done; the queue state keeps its epoch
 # counter: epochs never repeat. Runs twice: the second run finds no active turn, appends and
 # pushes nothing.
-_INTERRUPT = LIVE_PUSH + """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-""" + REMEMBER_DONE + """
+_INTERRUPT = LIVE_PUSH + NOW_MS + REMEMBER_DONE + """
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
 local hit = 0
 if cur[2] == 'active' then
@@ -237,9 +267,6 @@ def valid_id(entry_id: str) -> bool:
     return ms >= 0 and seq >= 0 and entry_id.count("-") == 1
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class ConversationLog:
     """Fenced writes to conversation streams, shared by producers and the interrupt API.
@@ -248,7 +275,7 @@ class ConversationLog:
         drop queued turns); see ``workers.queue.records``.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int, ttl_s: int,
+    def __init__(self, client: RedisClient, keys: Keys, *, maxlen: int, ttl_s: int,
                  queue_ttl_s: int = 86_400) -> None:
         self._client = client
         self._keys = keys
@@ -256,9 +283,9 @@ class ConversationLog:
         self._ttl_ms = ttl_s * 1000
         self._queue_ttl_ms = queue_ttl_s * 1000
         self._refreshed: dict[str, float] = {}  # conversation -> when its expiry is due again
-        self._open = client.register_script(_OPEN)
-        self._append = client.register_script(_APPEND)
-        self._interrupt = client.register_script(_INTERRUPT)
+        self._open = register(client, _OPEN)
+        self._append = register(client, _APPEND)
+        self._interrupt = register(client, _INTERRUPT)
 
     async def open_turn(
         self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0
@@ -275,13 +302,14 @@ class ConversationLog:
             current = await self.current_turn(conversation_id)
             previous = current.turn_id if current and current.status == ACTIVE else ""
             superseded = wire.interrupt(previous or "-", reason="superseded")
-            args = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous, superseded, epoch]
+            args: ScriptArgs = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous,
+                                superseded, epoch]
             result = await self._open(keys=keys, args=args)
             code = int(result[0])
             if code == 3:
                 raise TurnFenced(f"attempt {epoch} of turn {turn_id} may not open it")
             if code != 0:
-                return _text(result[1])
+                return text(result[1])
         raise TurnFenced(f"turn record of {conversation_id} kept changing; could not open turn")
 
     async def append(
@@ -348,11 +376,13 @@ class ConversationLog:
         keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
                 self._keys.live_channel(conversation_id)]
         args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_for(conversation_id, status),
-                           status, *entries]
+                           status]
+        for entry in entries:
+            args += (wire.write_mark(entry), entry)
         result = await self._append(keys=keys, args=args)
         if result is None:
             raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")
-        return _text(result)
+        return text(result)
 
     def _ttl_for(self, conversation_id: str, status: str) -> int:
         """The expiry an append sets, or 0 to leave it: refreshing it on every append cost Redis
@@ -375,11 +405,11 @@ class ConversationLog:
         return await read_turn(self._client, self._keys, conversation_id)
 
 
-async def read_turn(client: redis.Redis, keys: Keys, conversation_id: str) -> TurnState | None:
-    raw = await client.hgetall(keys.turn(conversation_id))
+async def read_turn(client: RedisClient, keys: Keys, conversation_id: str) -> TurnState | None:
+    raw = await answer(client.hgetall(keys.turn(conversation_id)))
     if not raw:
         return None
-    record = {_text(k): _text(v) for k, v in raw.items()}
+    record = {text(k): text(v) for k, v in raw.items()}
     return TurnState(
         turn_id=record.get("id", ""),
         start_id=record.get("start", "0-0"),
@@ -389,7 +419,7 @@ async def read_turn(client: redis.Redis, keys: Keys, conversation_id: str) -> Tu
     )
 
 
-async def stream_info(client: redis.Redis, keys: Keys, conversation_id: str) -> StreamInfo:
+async def stream_info(client: RedisClient, keys: Keys, conversation_id: str) -> StreamInfo:
     try:
         info = await client.xinfo_stream(keys.stream(conversation_id))
     except redis.ResponseError as exc:
@@ -399,24 +429,24 @@ async def stream_info(client: redis.Redis, keys: Keys, conversation_id: str) -> 
     first = info.get("first-entry")
     return StreamInfo(
         exists=True,
-        last_id=_text(info["last-generated-id"]),
-        first_id=_text(first[0]) if first else None,
+        last_id=text(info["last-generated-id"]),
+        first_id=text(first[0]) if first else None,
     )
 
 
 async def read_after(
-    client: redis.Redis, keys: Keys, conversation_id: str, after_id: str, *, count: int
+    client: RedisClient, keys: Keys, conversation_id: str, after_id: str, *, count: int
 ) -> list[tuple[str, bytes]]:
     """Entries strictly after ``after_id`` (oldest first), at most ``count``."""
     rows = await client.xrange(
         keys.stream(conversation_id), min=f"({after_id}", max="+", count=count
     )
-    return [(_text(entry_id), fields[b"d"]) for entry_id, fields in rows]
+    return [(text(entry_id), fields[b"d"]) for entry_id, fields in rows]
 
 
 async def read_from(
-    client: redis.Redis, keys: Keys, conversation_id: str, start_id: str, *, count: int
+    client: RedisClient, keys: Keys, conversation_id: str, start_id: str, *, count: int
 ) -> list[tuple[str, bytes]]:
     """Entries from ``start_id`` inclusive (oldest first), at most ``count``."""
     rows = await client.xrange(keys.stream(conversation_id), min=start_id, max="+", count=count)
-    return [(_text(entry_id), fields[b"d"]) for entry_id, fields in rows]
+    return [(text(entry_id), fields[b"d"]) for entry_id, fields in rows]

@@ -3,18 +3,24 @@ per-test key prefixes so tests never see each other's keys."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import redis.asyncio as redis
+from aiohttp import web
 
 from relay.dev.embedded import EmbeddedCluster, EmbeddedServer
+from relay.dev.motion_sim import SimConfig, bound_port, serve
 from relay.keys import Keys
 from relay.redis_conn import create_client
 from relay.settings import Settings
+from tests.helpers.producer import FAST, SimHandle
 from workers.queue.submit import TurnQueue
+from workers.queue.worker import ProducerWorker
+from workers.speech.producer import Producer
 
 TEST_SECRET = "test-secret-0123456789abcdef"
 
@@ -70,6 +76,68 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.Redis]:
 
 
 @pytest.fixture
-def queue(redis_client: redis.Redis, keys: Keys) -> TurnQueue:
-    """The built-in turn queue on the test's Redis (a module's own redis_client wins)."""
-    return TurnQueue(redis_client, keys, input_ttl_s=300)
+def queue(settings: Settings, redis_client: redis.Redis) -> TurnQueue:
+    """The built-in turn queue on the test's Redis, configured like the producers."""
+    return TurnQueue.from_settings(settings, redis_client)
+
+
+# --- the Motion Server simulator, producers and workers ------------------------------------------
+
+
+@pytest.fixture
+async def start_sim() -> AsyncIterator[Callable[..., Awaitable[SimHandle]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(config: SimConfig | None = None) -> SimHandle:
+        runner = await serve(config or SimConfig(max_concurrent_sessions=0))
+        runners.append(runner)
+        return SimHandle(runner, bound_port(runner))
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def sim(start_sim: Callable[..., Awaitable[SimHandle]]) -> SimHandle:
+    return await start_sim()
+
+
+@pytest.fixture
+async def make_producer(
+    settings: Settings, redis_client: redis.Redis, sim: SimHandle
+) -> AsyncIterator[Callable[..., Awaitable[Producer]]]:
+    producers: list[Producer] = []
+
+    async def make(*, at: SimHandle | None = None, **overrides: object) -> Producer:
+        target = at or sim
+        producer = Producer(settings.with_overrides(**{**FAST, **overrides}), redis_client,
+                            console_url=target.console_url, ingress_url=target.ingress_url)
+        await producer.start()
+        producers.append(producer)
+        return producer
+
+    yield make
+    for producer in producers:
+        await producer.close()
+
+
+@pytest.fixture
+async def run_worker(
+    settings: Settings,
+    redis_client: redis.Redis,
+    make_producer: Callable[..., Awaitable[Producer]],
+) -> AsyncIterator[Callable[..., Awaitable[ProducerWorker]]]:
+    running: list[tuple[ProducerWorker, asyncio.Task[None]]] = []
+
+    async def start(*, at: SimHandle | None = None, **overrides: object) -> ProducerWorker:
+        producer = await make_producer(at=at, **overrides)
+        worker = ProducerWorker(settings.with_overrides(**overrides), redis_client, producer)
+        running.append((worker, asyncio.create_task(worker.run())))
+        return worker
+
+    yield start
+    for worker, task in running:
+        await worker.stop(timeout_s=2)
+        await task
+

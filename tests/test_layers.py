@@ -98,7 +98,7 @@ def violations() -> list[str]:
         assert layer is not None, module
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         tree = ast.parse(path.read_text(), str(path))
-        for line, name, top in imported(tree, package):
+        for line, name, _top in imported(tree, package):
             target = layer_of(name)
             if target is None or target in ALLOWED[layer]:
                 continue

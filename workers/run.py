@@ -7,6 +7,7 @@ import signal
 
 import structlog
 
+from relay.errors import ListenError
 from relay.redis_conn import client_for, wait_until_ready
 from relay.settings import Settings
 from workers.health import start_health_server
@@ -29,7 +30,12 @@ async def run_producer(settings: Settings) -> int:
         async with Producer(settings, client) as producer:
             worker = ProducerWorker(settings, client, producer)
             stop = asyncio.Event()
-            health = await start_health_server(settings, client, lambda: not stop.is_set())
+            try:
+                health = await start_health_server(settings, client, lambda: not stop.is_set())
+            except OSError as exc:
+                raise ListenError("producer health server", settings.producer_health_host,
+                                  settings.producer_health_port, "RELAY_PRODUCER_HEALTH_PORT",
+                                  exc) from exc
             loop_task = asyncio.create_task(worker.run(), name="jobs-loop")
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

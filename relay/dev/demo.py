@@ -15,12 +15,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import redis.asyncio as redis
-
 from relay import wire
 from relay.client import RelayClient
 from relay.dev.motion_sim import decode_animation, keyframes_for_audio
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from relay.streams import read_after
 from relay.tokens import mint_token
 
@@ -134,7 +133,7 @@ class _Watcher:
 
 
 async def run_demo(
-    client: redis.Redis, keys: Keys, secret: str, edges: list[str], submit: SubmitClip, *,
+    client: RedisClient, keys: Keys, secret: str, edges: list[str], submit: SubmitClip, *,
     conversations: int, turns: int, sample_rate: int, simulated: bool, turn_timeout_s: float = 60.0,
 ) -> DemoReport:
     """Two clients per conversation (on different edges); turns spoken one after another."""
@@ -182,7 +181,7 @@ async def _speak_turns(submit: SubmitClip, conversation_id: str, turns: int, sam
         await asyncio.wait_for(asyncio.gather(*(w.turn_ended.wait() for w in mine)), timeout_s)
 
 
-async def _grade(client: redis.Redis, keys: Keys, watchers: list[_Watcher],
+async def _grade(client: RedisClient, keys: Keys, watchers: list[_Watcher],
                  clips: dict[str, list[bytes]], sample_rate: int, simulated: bool,
                  conversations: int, turns: int, seconds: float) -> DemoReport:
     totals = {"entries": 0, "audio": 0, "frames": 0, "keyframes": 0}

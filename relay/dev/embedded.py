@@ -67,6 +67,11 @@ class EmbeddedServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (fault tests pause and kill it)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def start(self, timeout_s: float = 10.0) -> EmbeddedServer:
         self._dir = tempfile.mkdtemp(prefix="relay-valkey-")
         args = [

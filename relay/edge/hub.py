@@ -27,11 +27,12 @@ from typing import Protocol
 import structlog
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import streams
 from relay.edge.framing import delivery_frame
+from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.edge.routing import Router, Shard, TopologyChanged
 from relay.errors import WireError
 from relay.keys import Keys
@@ -51,6 +52,8 @@ _SUBSCRIBE_CHUNK = 256
 _FILL_CONCURRENCY = 8
 # A silent subscriber connection is taken for dead after this many keepalive intervals.
 _SILENT_INTERVALS = 3
+# Bytes of a stored entry that tell its kind (for the metrics; see metrics.entry_kind).
+_KIND_PREFIX = 20
 
 Batch = list[tuple[tuple[int, int], bytes]]
 
@@ -107,8 +110,12 @@ class _Link:
 
 class Hub:
     def __init__(self, router: Router, keys: Keys, history: RedisClient, *, ping_ms: int,
-                 page: int, fill_max_entries: int, unavailable_after_s: float = 10.0) -> None:
+                 page: int, fill_max_entries: int, unavailable_after_s: float = 10.0,
+                 metrics: EdgeMetrics | None = None) -> None:
         self._router = router
+        self._metrics = metrics if metrics is not None else EdgeMetrics()
+        # Counted per entry in plain integers, added to the counters once per keepalive tick.
+        self._tally = DeliveryTally()
         self._keys = keys
         self._history = history
         self._ping_s = ping_ms / 1000
@@ -135,6 +142,16 @@ class Hub:
     @property
     def ready(self) -> bool:
         return bool(self._shard_ready) and all(self._shard_ready.values())
+
+    @property
+    def ready_loops(self) -> int:
+        return sum(self._shard_ready.values())
+
+    def stalled(self, now: float) -> list[str]:
+        """Shards whose subscriber connection has said nothing, not even to a ping, for far
+        longer than a keepalive interval: a hung connection or a loop that stopped silently."""
+        bound = self._ping_s * _SILENT_INTERVALS + 5.0
+        return [name for name, link in self._links.items() if now - link.seen > bound]
 
     @property
     def redis_connections(self) -> int:
@@ -224,12 +241,16 @@ class Hub:
         backoff = _FIRST_BACKOFF_S
         while not self._stopping:
             try:
+                self._metrics.topology_refreshes.inc()
                 self._shards = await self._router.refresh()
                 self._shard_ready = {s.name: False for s in self._shards}
                 await self._serve_shards()
                 backoff = _FIRST_BACKOFF_S
-            except (TopologyChanged, *_LINK_ERRORS) as exc:
+            except (TopologyChanged, RedisClusterException, RedisError, OSError) as exc:
+                # Any Redis failure here is an outage or a failover: discovery itself raises
+                # RedisClusterException (not a RedisError) while every cluster node is down.
                 self._shard_ready = {}
+                self._metrics.read_failed(exc)
                 log.warning("hub_topology_refresh", reason=str(exc), retry_in_s=round(backoff, 2))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
@@ -266,6 +287,7 @@ class Hub:
                 raise
             except _LINK_ERRORS as exc:
                 self._shard_ready[shard.name] = False
+                self._metrics.read_failed(exc)
                 down_since = down_since or loop.time()
                 log.warning("hub_link_lost", node=shard.name, error=str(exc),
                             retry_in_s=round(backoff, 2))
@@ -323,6 +345,7 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(link.dirty.wait(), self._ping_s)
             link.dirty.clear()
+            self.flush_metrics()
             if link.to_add:
                 adding, link.to_add = list(link.to_add), set()
                 link.requested.update(adding)
@@ -380,6 +403,10 @@ class Hub:
         # Not asked for: the slot moved to another node (cluster resharding or failover).
         raise TopologyChanged(f"{link.shard.name} unsubscribed {channel!r}")
 
+    def flush_metrics(self) -> None:
+        tally, self._tally = self._tally, DeliveryTally()
+        self._metrics.add_live(tally)
+
     def _release(self, shard: Shard) -> None:
         for sub in list(self._subs.values()):
             if shard.covers(sub.bucket):
@@ -422,20 +449,24 @@ class Hub:
             offset = newline + 1
             last, batch = sub.last, []
             raw_id = b""
+            copies, tally = len(sub.subscribers), self._tally
             for index in range(1, len(head), 2):
                 size = int(head[index + 1])
                 parsed = streams.parse_id(head[index])
                 if parsed > last:
                     raw_id = head[index]
-                    batch.append((parsed, delivery_frame(raw_id, view[offset:offset + size])))
+                    frame = delivery_frame(raw_id, view[offset:offset + size])
+                    batch.append((parsed, frame))
+                    tally.add(data[offset:offset + _KIND_PREFIX], copies, len(frame))
                     last = parsed
                 offset += size
         except (ValueError, IndexError, WireError):
             log.error("hub_bad_push", conversation_id=sub.conversation_id)
             return False
         if batch:
+            self._metrics.pushed(len(batch), batch[0][0][0])
             sub.advance(batch, raw_id.decode())
-            self.delivered += len(batch) * len(sub.subscribers)
+            self.delivered += len(batch) * copies
         return True
 
     # --- filling from the stream --------------------------------------------------------------
@@ -490,11 +521,15 @@ class Hub:
             if sub.gone:
                 return True
             batch = []
+            copies, tally = len(sub.subscribers), self._tally
             for entry_id, stored in rows:
                 parsed = streams.parse_id(entry_id)
                 if parsed > sub.last:
-                    batch.append((parsed, delivery_frame(entry_id.encode(), stored)))
+                    frame = delivery_frame(entry_id.encode(), stored)
+                    batch.append((parsed, frame))
+                    tally.add(stored, copies, len(frame))
             if batch:
+                self._metrics.pushed(len(batch), batch[0][0][0])
                 sub.advance(batch, rows[-1][0])
                 self.delivered += len(batch) * len(sub.subscribers)
             read += len(rows)

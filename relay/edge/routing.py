@@ -71,8 +71,12 @@ class ClusterRouter:
         await self._cluster.nodes_manager.initialize()
         shards = []
         for bucket in range(self._keys.buckets):
-            node = self._cluster.get_node_from_key(self._keys.bucket_tag_key(bucket))
-            client = node_client(node.host, node.port, block_ms=self._block_ms, like=self._cluster)
+            key = self._keys.bucket_tag_key(bucket)
+            node = self._cluster.get_node_from_key(key)
+            if node is None:
+                raise TopologyChanged(f"no node serves {key}")
+            client = node_client(node.host, int(node.port), block_ms=self._block_ms,
+                                 like=self._cluster)
             self._clients.append(client)
             shards.append(Shard(f"{node.name}/b{bucket}", client, bucket))
         return shards

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from relay.edge.app import DRAINING, SESSIONS, create_app
+from relay.errors import ListenError
 from relay.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -25,8 +26,13 @@ async def serve_edge(settings: Settings) -> None:
                            handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.edge_host, settings.edge_port).start()
-        log.info("edge_listening", host=settings.edge_host, port=settings.edge_port)
+        try:
+            await web.TCPSite(runner, settings.edge_host, settings.edge_port).start()
+        except OSError as exc:
+            raise ListenError("edge", settings.edge_host, settings.edge_port,
+                              "RELAY_EDGE_PORT or --port", exc) from exc
+        # The bound port, which differs from the setting when it is 0 (any free port).
+        log.info("edge_listening", host=settings.edge_host, port=runner.addresses[0][1])
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -11,6 +11,7 @@ from aiohttp import WSMsgType, web
 
 from relay import streams, wire
 from relay.edge.framing import FrameWriter, delivery_frame
+from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.errors import WireError
 from relay.keys import Keys
 from relay.redis_conn import RedisClient
@@ -56,8 +57,10 @@ async def choose_start(
 class ClientSession:
     """Delivers one conversation to one WebSocket, in stream order, exactly once."""
 
-    def __init__(self, ws: web.WebSocketResponse, conversation_id: str, settings: Settings) -> None:
+    def __init__(self, ws: web.WebSocketResponse, conversation_id: str, settings: Settings,
+                 metrics: EdgeMetrics | None = None) -> None:
         self.ws = ws
+        self._metrics = metrics
         self.conversation_id = conversation_id
         self._settings = settings
         self._queue: deque[tuple[tuple[int, int], bytes]] = deque()
@@ -102,6 +105,15 @@ class ClientSession:
         self._queued_bytes += size
         self.peak_queued_bytes = max(self.peak_queued_bytes, self._queued_bytes)
         self._wakeup.set()
+
+    @property
+    def close_code(self) -> int | None:
+        """The code this edge closed with, else the one the client sent (None: no close)."""
+        return self._close_code if self._close_code is not None else self.ws.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._close_reason
 
     def on_unavailable(self) -> None:
         self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
@@ -151,6 +163,7 @@ class ClientSession:
                 rows = await reader(client, keys, self.conversation_id, position,
                                     count=_CATCH_UP_PAGE)
             frames, done = [], len(rows) < _CATCH_UP_PAGE
+            tally = DeliveryTally()
             for entry_id, stored in rows:
                 parsed = streams.parse_id(entry_id)
                 if parsed > stop:
@@ -158,8 +171,11 @@ class ClientSession:
                     break
                 if self._fresh(parsed):
                     frames.append(delivery_frame(entry_id.encode(), stored))
+                    tally.add(stored, 1, len(frames[-1]))
             if frames:
                 await self._write(frames)
+                if self._metrics is not None:
+                    self._metrics.delivered_history(tally)
             if done:
                 return
             position, inclusive = rows[-1][0], False

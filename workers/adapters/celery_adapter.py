@@ -39,9 +39,10 @@ async def _speak(job_id: str, **request: Any) -> dict[str, Any]:
 def register(app: Celery, *, name: str = TASK_NAME, max_retries: int = 5) -> Task:
     """Register the task on ``app``; returns it (call ``.delay`` / ``.apply_async``)."""
 
+    # Celery ships no type hints: its decorator is untyped, the task function itself is typed.
     @app.task(name=name, bind=True, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=(RedisError, OSError), retry_backoff=True,
-              retry_kwargs={"max_retries": max_retries})
+              retry_kwargs={"max_retries": max_retries})  # type: ignore[untyped-decorator]
     def speak_turn(self: Task, conversation_id: str, audio: bytes | str, sample_rate: int,
                    avatar_id: str | None = None, deadline_s: float | None = None,
                    wait_s: float = 0.0) -> dict[str, Any]:

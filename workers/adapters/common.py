@@ -16,11 +16,9 @@ from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as redis
-
 from relay import wire
 from relay.keys import Keys, validate_turn_id
-from relay.redis_conn import client_for
+from relay.redis_conn import RedisClient, client_for
 from relay.settings import Settings
 from relay.streams import read_after, stream_info
 from workers.queue.records import JobStore
@@ -66,7 +64,7 @@ def run_sync(work: Coroutine[Any, Any, T]) -> T:
 class RelayTurns:
     """Submits and follows turns for one adapter process; an async context manager."""
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+    def __init__(self, settings: Settings, client: RedisClient) -> None:
         self._settings = settings
         self._client = client
         self._keys = Keys(settings.key_prefix, settings.key_buckets)

@@ -15,11 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as redis
-
 from relay.errors import RelayError
 from relay.keys import Keys
-from relay.redis_conn import client_for
+from relay.redis_conn import RedisClient, client_for
 from relay.settings import SAMPLE_RATES, Settings
 from relay.streams import RUN_SEPARATOR
 from workers.errors import MalformedJob, QueueError
@@ -37,13 +35,20 @@ class AudioFileError(RelayError):
 
 def read_audio(path: Path, rate: int | None) -> tuple[bytes, int]:
     """PCM16 mono audio and its rate: from a .wav header, or raw .pcm with ``rate``."""
+    if not path.is_file():
+        raise AudioFileError(f"{path}: no such file" if not path.exists() else
+                             f"{path}: not a regular file")
     suffix = path.suffix.lower()
     if suffix == ".wav":
         return _read_wav(path, rate)
     if suffix in (".pcm", ".raw"):
         if rate is None:
             raise AudioFileError("raw PCM needs --rate (samples per second)")
-        return _checked(path.read_bytes(), rate)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise AudioFileError(f"{path}: {exc.strerror or exc}") from exc
+        return _checked(data, rate)
     raise AudioFileError(f"{path.name}: expected a .wav or a raw .pcm file")
 
 
@@ -59,6 +64,8 @@ def _read_wav(path: Path, rate: int | None) -> tuple[bytes, int]:
             pcm = audio.readframes(audio.getnframes())
     except (wave.Error, EOFError) as exc:
         raise AudioFileError(f"{path.name}: not a readable WAV file ({exc})") from exc
+    except OSError as exc:  # unreadable (permissions), vanished since the check
+        raise AudioFileError(f"{path}: {exc.strerror or exc}") from exc
     if rate is not None and rate != header_rate:
         raise AudioFileError(f"{path.name} is {header_rate} Hz, not the --rate {rate}")
     return _checked(pcm, header_rate)
@@ -73,9 +80,15 @@ def _checked(pcm: bytes, rate: int) -> tuple[bytes, int]:
 
 
 async def enqueue(settings: Settings, conversation_id: str, path: Path, *, rate: int | None,
-                  avatar_id: str | None, deadline_s: float | None, turn_id: str | None) -> str:
-    """Queue the file as one clip turn; returns its turn id."""
+                  avatar_id: str | None, deadline_s: float | None, turn_id: str | None,
+                  warn: Callable[[str], None] = print) -> str:
+    """Queue the file as one clip turn; returns its turn id. ``warn`` hears of a sample rate
+    other than RELAY_SAMPLE_RATE: the client SDK's audio format must match the turn's rate."""
     pcm, sample_rate = read_audio(path, rate)
+    if sample_rate != settings.sample_rate:
+        warn(f"{path.name} is {sample_rate} Hz but RELAY_SAMPLE_RATE is {settings.sample_rate}: "
+             f"clients whose SDK audio format is {settings.sample_rate} Hz will play it wrong "
+             "(resample the file, or set RELAY_SAMPLE_RATE to the clients' rate)")
     client = client_for(settings)
     try:
         queue = TurnQueue.from_settings(settings, client)
@@ -100,7 +113,7 @@ class QueuedRow:
     runner: str | None
 
 
-async def queued_turns(client: redis.Redis, keys: Keys, settings: Settings) -> list[QueuedRow]:
+async def queued_turns(client: RedisClient, keys: Keys, settings: Settings) -> list[QueuedRow]:
     store = JobStore(client, keys, ttl_s=settings.job_ttl_s, lease_s=1.0)
     rows = await client.xrange(keys.jobs(), count=_LIST_LIMIT)
     conversations = sorted({f[b"conv"].decode() for _, f in rows if f.get(b"conv")})

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis
-
 from relay.keys import Keys
+from relay.lua import text
+from relay.redis_conn import RedisClient
 
 REASON_ATTEMPTS = "max_attempts"  # every attempt failed or its worker crashed
 REASON_DEADLINE = "deadline"  # the deadline had passed when a worker picked the turn up
@@ -32,21 +32,18 @@ class DeadLetter:
     job: bytes  # the job as queued (workers.queue encoding); b"" when there was none
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
 
 def _letter(entry_id: Any, fields: dict[bytes, bytes]) -> DeadLetter:
     return DeadLetter(
-        entry_id=_text(entry_id), conversation_id=_text(fields.get(b"conv", b"")),
-        turn_id=_text(fields.get(b"turn", b"")), reason=_text(fields.get(b"reason", b"")),
-        error=_text(fields.get(b"error", b"")), attempts=int(fields.get(b"attempts", b"0") or 0),
+        entry_id=text(entry_id), conversation_id=text(fields.get(b"conv", b"")),
+        turn_id=text(fields.get(b"turn", b"")), reason=text(fields.get(b"reason", b"")),
+        error=text(fields.get(b"error", b"")), attempts=int(fields.get(b"attempts", b"0") or 0),
         at_ms=int(fields.get(b"at", b"0") or 0), job=fields.get(b"job", b""),
     )
 
 
 class DeadLetters:
-    def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, *, maxlen: int) -> None:
         if maxlen <= 0:
             raise ValueError("maxlen must be positive")
         self._client = client
@@ -62,7 +59,7 @@ class DeadLetters:
         }
         entry_id = await self._client.xadd(self._key, fields, maxlen=self._maxlen,
                                            approximate=True)
-        return _text(entry_id)
+        return text(entry_id)
 
     async def list(self, count: int = 100) -> list[DeadLetter]:
         """The newest ``count`` dead letters, oldest first."""

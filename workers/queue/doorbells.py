@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import ResponseError
 
 from relay.keys import Keys
+from relay.lua import ScriptArgs, register, text
+from relay.redis_conn import RedisClient
 
 log = structlog.get_logger(__name__)
 
@@ -72,16 +73,13 @@ class Doorbell:
     fields: Mapping[bytes, bytes]
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _doorbell(entry_id: Any, fields: Mapping[bytes, bytes]) -> Doorbell:
     conversation = fields.get(CONVERSATION_FIELD)
     turn = fields.get(TURN_FIELD)
-    return Doorbell(entry_id=_text(entry_id),
-                    conversation_id=_text(conversation) if conversation else None,
-                    turn_id=_text(turn) if turn else None, fields=fields)
+    return Doorbell(entry_id=text(entry_id),
+                    conversation_id=text(conversation) if conversation else None,
+                    turn_id=text(turn) if turn else None, fields=fields)
 
 
 def stream_entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes]]]:
@@ -99,15 +97,15 @@ class Doorbells:
         not mistake its predecessor's doorbells for its own).
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, consumer: str) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, *, consumer: str) -> None:
         self._client = client
         self._key = keys.jobs()
         self._group = keys.jobs_group()
         self._consumer = consumer
         self._cursor = "0-0"
-        self._touch = client.register_script(_TOUCH)
-        self._ack = client.register_script(_ACK_MINE)
-        self._hand_back = client.register_script(_HAND_BACK)
+        self._touch = register(client, _TOUCH)
+        self._ack = register(client, _ACK_MINE)
+        self._hand_back = register(client, _HAND_BACK)
 
     @property
     def consumer(self) -> str:
@@ -116,7 +114,7 @@ class Doorbells:
     async def ring(self, conversation_id: str, turn_id: str) -> str:
         """Add a doorbell (the submit side)."""
         fields: dict[Any, Any] = {CONVERSATION_FIELD: conversation_id, TURN_FIELD: turn_id}
-        return _text(await self._client.xadd(self._key, fields))
+        return text(await self._client.xadd(self._key, fields))
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) unless it exists; only BUSYGROUP is benign."""
@@ -144,7 +142,7 @@ class Doorbells:
         reply = await self._client.xautoclaim(
             self._key, self._group, self._consumer, min_idle_ms, start_id=self._cursor,
             count=count)
-        self._cursor = _text(reply[0])
+        self._cursor = text(reply[0])
         claimed = [_doorbell(i, f) for i, f in reply[1] if f is not None]
         for deleted in reply[2] if len(reply) > 2 else []:
             # Deleted from the stream while pending: nothing to run, only the PEL entry is left.
@@ -156,7 +154,7 @@ class Doorbells:
         if not entry_ids:
             return set()
         lost = await self._touch(keys=[self._key], args=[self._group, self._consumer, *entry_ids])
-        return {_text(i) for i in lost or []}
+        return {text(i) for i in lost or []}
 
     async def ack(self, entry_id: str) -> bool:
         """Acknowledge and delete a doorbell, if it is still this worker's."""
@@ -165,12 +163,12 @@ class Doorbells:
 
     async def hand_back(self, entry_id: str, idle_ms: int) -> bool:
         """Make a doorbell this worker holds claimable by any other worker right away."""
-        args = [self._group, self._consumer, entry_id, idle_ms]
+        args: ScriptArgs = [self._group, self._consumer, entry_id, idle_ms]
         return bool(int(await self._hand_back(keys=[self._key], args=args)))
 
     async def forget_consumer(self) -> None:
         """Remove this consumer from the group when it holds nothing (clean shutdown)."""
         consumers = await self._client.xinfo_consumers(self._key, self._group)
         for info in consumers:
-            if _text(info.get("name", "")) == self._consumer and int(info.get("pending", 0)) == 0:
+            if text(info.get("name", "")) == self._consumer and int(info.get("pending", 0)) == 0:
                 await self._client.xgroup_delconsumer(self._key, self._group, self._consumer)

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import TracebackType
 
-import redis.asyncio as redis
-
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from workers.errors import QueueError
 from workers.queue.doorbells import stream_entries
 from workers.queue.jobs import INPUT_AUDIO, INPUT_END, MAX_CHUNK_BYTES
@@ -25,7 +24,7 @@ class StreamedInput:
     finishes the turn with the audio that arrived.
     """
 
-    def __init__(self, client: redis.Redis, key: str, *, conversation_id: str, turn_id: str,
+    def __init__(self, client: RedisClient, key: str, *, conversation_id: str, turn_id: str,
                  ttl_ms: int) -> None:
         self._client = client
         self._key = key
@@ -73,7 +72,7 @@ class InputBatch:
 
 
 async def read_input(
-    client: redis.Redis, keys: Keys, conversation_id: str, turn_id: str,
+    client: RedisClient, keys: Keys, conversation_id: str, turn_id: str,
     *, after: str, block_ms: int, count: int = 256,
 ) -> InputBatch:
     """Input entries of a streamed turn after ``after`` (blocking up to ``block_ms``)."""

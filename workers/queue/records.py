@@ -22,22 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
-
-import redis.asyncio as redis
 
 from relay.keys import Keys
+from relay.lua import NOW_MS, ScriptArgs, register, text
+from relay.redis_conn import RedisClient, answer
 from relay.streams import REMEMBER_DONE, RUN_SEPARATOR
-
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
 
 # KEYS: queue, state, done. ARGV: turn, job, deadline_in_ms (0: none), max_queued, ttl_ms.
 # Returns {1, entry id}, {0} when the turn is already queued, {2} when it already left the queue
 # (played, dead or dropped), {-1} when the queue is full.
-_SUBMIT = _NOW_MS + """
+_SUBMIT = NOW_MS + """
 if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return {0} end
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {2} end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1} end
@@ -56,7 +50,7 @@ return {1, id}
 # KEYS: state, turn record, queue. ARGV: turn, owner, max_attempts, ttl_ms, deadline_ms (0: none).
 # Counts the attempt, makes it the one allowed to run, and fences any earlier attempt of an
 # active turn. Returns {kind, epoch, attempts, start id, previous owner, status}.
-_CLAIM = _NOW_MS + """
+_CLAIM = NOW_MS + """
 local a_key = 'a:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[1], a_key) == 0 then return {'gone', 0, 0, '', '', ''} end
 local attempts = redis.call('HINCRBY', KEYS[1], a_key, 1)
@@ -79,7 +73,7 @@ return {'fresh', epoch, attempts, '', '', ''}
 
 # KEYS: queue, state, done. ARGV: turn, epoch, queue entry id, ttl_ms. Removes a finished turn.
 # Returns 1, or 0 when it was dropped meanwhile (interrupt), or -1 when another attempt runs it.
-_FINISH = _NOW_MS + REMEMBER_DONE + """
+_FINISH = NOW_MS + REMEMBER_DONE + """
 local a_key = 'a:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[2], a_key) == 0 then return 0 end
 if redis.call('HGET', KEYS[2], 'run') ~= ARGV[1] .. '/' .. ARGV[2] then return -1 end
@@ -184,9 +178,6 @@ class RunnerTake(StrEnum):
     BUSY = "busy"  # another worker runs it and will see every turn queued before now
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 class JobStore:
     """The per-conversation side of the job queue; see the module docstring for the layout.
@@ -195,7 +186,7 @@ class JobStore:
     :param lease_s: how long a runner lease outlives its holder's last renewal.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, ttl_s: int, lease_s: float,
+    def __init__(self, client: RedisClient, keys: Keys, *, ttl_s: int, lease_s: float,
                  max_attempts: int = 3, queue_max: int = 64) -> None:
         if ttl_s <= 0 or lease_s <= 0 or max_attempts <= 0 or queue_max <= 0:
             raise ValueError("ttl_s, lease_s, max_attempts and queue_max must be positive")
@@ -205,12 +196,12 @@ class JobStore:
         self._lease_ms = int(lease_s * 1000)
         self._max_attempts = max_attempts
         self._queue_max = queue_max
-        register = client.register_script
         self._submit, self._claim, self._finish = (
-            register(_SUBMIT), register(_CLAIM), register(_FINISH))
+            register(client, _SUBMIT), register(client, _CLAIM), register(client, _FINISH))
         self._step_back, self._take, self._renew = (
-            register(_STEP_BACK), register(_TAKE), register(_RENEW))
-        self._release, self._give_up = register(_RELEASE_IF_EMPTY), register(_GIVE_UP)
+            register(client, _STEP_BACK), register(client, _TAKE), register(client, _RENEW))
+        self._release = register(client, _RELEASE_IF_EMPTY)
+        self._give_up = register(client, _GIVE_UP)
 
     @property
     def keys(self) -> Keys:
@@ -224,7 +215,7 @@ class JobStore:
         idempotent: nothing changes); -1 the queue is full."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
-        args = [turn_id, job, max(0, deadline_in_ms), self._queue_max, self._ttl_ms]
+        args: ScriptArgs = [turn_id, job, max(0, deadline_in_ms), self._queue_max, self._ttl_ms]
         result = await self._submit(keys=keys, args=args)
         return int(result[0])
 
@@ -235,30 +226,31 @@ class JobStore:
         if not rows:
             return None
         entry_id, fields = rows[0]
-        return QueuedTurn(entry_id=_text(entry_id), turn_id=_text(fields.get(b"turn", b"")),
+        return QueuedTurn(entry_id=text(entry_id), turn_id=text(fields.get(b"turn", b"")),
                           job=fields.get(b"job", b""),
                           deadline_ms=int(fields.get(b"deadline", b"0") or 0))
 
     async def claim(self, conversation_id: str, turn: QueuedTurn, *, owner: str) -> Claim:
         keys = [self._keys.queue_state(conversation_id), self._keys.turn(conversation_id),
                 self._keys.queue(conversation_id)]
-        args = [turn.turn_id, owner, self._max_attempts, self._ttl_ms, turn.deadline_ms]
+        args: ScriptArgs = [turn.turn_id, owner, self._max_attempts, self._ttl_ms,
+                            turn.deadline_ms]
         kind, epoch, attempts, start, previous, status = await self._claim(keys=keys, args=args)
-        return Claim(kind=ClaimKind(_text(kind)), epoch=int(epoch), attempts=int(attempts),
-                     start_id=_text(start), previous_owner=_text(previous),
-                     opened=_text(status) == "active")
+        return Claim(kind=ClaimKind(text(kind)), epoch=int(epoch), attempts=int(attempts),
+                     start_id=text(start), previous_owner=text(previous),
+                     opened=text(status) == "active")
 
     async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> int:
         """Remove a turn that ended: 1, 0 if it was dropped meanwhile, -1 if taken over."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
-        args = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
+        args: ScriptArgs = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
         return int(await self._finish(keys=keys, args=args))
 
     async def is_queued(self, conversation_id: str, turn_id: str) -> bool:
         """The turn is still queued or running (it has not left the queue)."""
         key = self._keys.queue_state(conversation_id)
-        return bool(await self._client.hexists(key, f"a:{turn_id}"))
+        return bool(await answer(self._client.hexists(key, f"a:{turn_id}")))
 
     async def hand_back(self, conversation_id: str, turn_id: str, epoch: int) -> bool:
         """End this attempt unfinished without counting it (graceful stop): the next worker
@@ -273,24 +265,25 @@ class JobStore:
         return bool(int(await self._step_back(keys=keys, args=[turn_id, epoch, error or "-"])))
 
     async def last_error(self, conversation_id: str, turn_id: str) -> str | None:
-        raw = await self._client.hget(self._keys.queue_state(conversation_id), f"err:{turn_id}")
-        return _text(raw) if raw is not None else None
+        key = self._keys.queue_state(conversation_id)
+        raw = await answer(self._client.hget(key, f"err:{turn_id}"))
+        return text(raw) if raw is not None else None
 
     async def still_running(self, conversation_id: str, turn_id: str, epoch: int) -> bool:
         """True while this attempt is the one allowed to run (not dropped, not taken over)."""
-        raw = await self._client.hget(self._keys.queue_state(conversation_id), "run")
-        return raw is not None and _text(raw) == f"{turn_id}{RUN_SEPARATOR}{epoch}"
+        raw = await answer(self._client.hget(self._keys.queue_state(conversation_id), "run"))
+        return raw is not None and text(raw) == f"{turn_id}{RUN_SEPARATOR}{epoch}"
 
     async def queued(self, conversation_id: str) -> list[QueuedTurn]:
         """Every queued turn of the conversation, oldest first (for operators)."""
         rows = await self._client.xrange(self._keys.queue(conversation_id))
-        return [QueuedTurn(entry_id=_text(i), turn_id=_text(f.get(b"turn", b"")),
+        return [QueuedTurn(entry_id=text(i), turn_id=text(f.get(b"turn", b"")),
                            job=f.get(b"job", b""), deadline_ms=int(f.get(b"deadline", b"0") or 0))
                 for i, f in rows]
 
     async def attempts(self, conversation_id: str) -> dict[str, str]:
-        raw = await self._client.hgetall(self._keys.queue_state(conversation_id))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        raw = await answer(self._client.hgetall(self._keys.queue_state(conversation_id)))
+        return {text(k): text(v) for k, v in raw.items()}
 
     # The runner lease.
 
@@ -300,7 +293,7 @@ class JobStore:
         keys = [self._keys.queue_runner(conversation_id)]
         code, holder = await self._take(keys=keys, args=[owner, doorbell, self._lease_ms])
         kinds = {1: RunnerTake.TAKEN, 2: RunnerTake.TAKEN_OVER, 3: RunnerTake.MINE}
-        return kinds.get(int(code), RunnerTake.BUSY), _text(holder)
+        return kinds.get(int(code), RunnerTake.BUSY), text(holder)
 
     async def renew(self, conversation_id: str, *, owner: str, doorbell: str) -> bool:
         keys = [self._keys.queue_runner(conversation_id)]
@@ -318,4 +311,4 @@ class JobStore:
 
     async def runner(self, conversation_id: str) -> str | None:
         raw = await self._client.get(self._keys.queue_runner(conversation_id))
-        return _text(raw).rpartition("|")[0] if raw is not None else None
+        return text(raw).rpartition("|")[0] if raw is not None else None

@@ -23,13 +23,13 @@ import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
 from relay.errors import RelayError, TurnFenced
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
 from relay.streams import ConversationLog
 from workers.errors import AttemptFenced, MalformedJob
@@ -63,7 +63,7 @@ class RunnerExit(StrEnum):
 @dataclass(frozen=True)
 class RunnerServices:
     settings: Settings
-    client: redis.Redis
+    client: RedisClient
     keys: Keys
     producer: Producer
     store: JobStore
@@ -193,7 +193,7 @@ class ConversationRunner:
         if attempt is None:
             return None
         if job.kind == KIND_CLIP:
-            result = await self._speak_clip(job, attempt)
+            result: TurnResult | None = await self._speak_clip(job, attempt)
         else:
             result = await self._speak_streamed(job, attempt)
         if result is not None and result.status == STATUS_ABANDONED:

@@ -31,9 +31,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis.asyncio as redis
-
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
 from relay.streams import ConversationLog, InterruptOutcome
 from workers.errors import QueueError, QueueFull
@@ -76,7 +75,7 @@ class TurnQueue:
     """
 
     def __init__(
-        self, client: redis.Redis, keys: Keys, *, input_ttl_s: int,
+        self, client: RedisClient, keys: Keys, *, input_ttl_s: int,
         max_jobs: int = DEFAULT_MAX_JOBS, stream_maxlen: int = 10_000, stream_ttl_s: int = 3600,
         queue_max: int = 64, queue_ttl_s: int = 86_400, drop_queued_on_interrupt: bool = True,
     ) -> None:
@@ -94,7 +93,7 @@ class TurnQueue:
         self._doorbells = Doorbells(client, keys, consumer="submitter")
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis) -> TurnQueue:
+    def from_settings(cls, settings: Settings, client: RedisClient) -> TurnQueue:
         return cls(
             client, Keys(settings.key_prefix, settings.key_buckets),
             input_ttl_s=settings.turn_input_ttl_s,

@@ -26,11 +26,11 @@ from __future__ import annotations
 import asyncio
 from contextlib import suppress
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
 from relay.streams import ConversationLog
 from workers.queue.deadletters import REASON_MALFORMED, DeadLetters
@@ -52,7 +52,7 @@ class ProducerWorker:
     """Consumes ``Keys.jobs`` in group ``Keys.jobs_group`` under a consumer name unique to the
     process (the producer's owner id)."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, producer: Producer) -> None:
+    def __init__(self, settings: Settings, client: RedisClient, producer: Producer) -> None:
         self._settings = settings
         self._client = client
         self._producer = producer

@@ -19,12 +19,13 @@ import uuid
 from collections.abc import Callable
 from contextlib import suppress
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 
 from relay.errors import RelayError
 from relay.keys import Keys
+from relay.lua import NOW_MS, register
+from relay.redis_conn import RedisClient
 from workers.speech.periodic import Periodic
 
 log = structlog.get_logger(__name__)
@@ -34,10 +35,6 @@ log = structlog.get_logger(__name__)
 _FIRST_POLL_S = 0.05
 _MAX_POLL_S = 1.0
 
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
 
 # Keep the sorted set alive while any lease in it could still be valid, never shorten it.
 _KEEP_KEY = """
@@ -47,7 +44,7 @@ if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) 
 
 # KEYS: lease set, waiter set. ARGV: cap, lease_ms, member, waiter_ttl_ms. Returns 1 when
 # admitted, 0 when full; a refused caller is recorded as a waiter until waiter_ttl_ms passes.
-_ACQUIRE = _NOW_MS + """
+_ACQUIRE = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) == false
    and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
@@ -63,7 +60,7 @@ return 1
 
 # KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms. Free slots now, taking none; when
 # there are none the caller is recorded as a waiter, so idle sessions anywhere yield to it.
-_ROOM = _NOW_MS + """
+_ROOM = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
 if free > 0 then
@@ -76,7 +73,7 @@ return 0
 """
 
 # KEYS: waiter set. Returns how many turns are waiting for a slot right now.
-_DEMAND = _NOW_MS + """
+_DEMAND = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
@@ -86,7 +83,7 @@ _WAITER_TTL_MS = int(_MAX_POLL_S * 3000)
 
 # KEYS: lease set. ARGV: cap, lease_ms, members... Extends live members; re-admits members that
 # expired while there is room. Returns the members that are lost.
-_RENEW = _NOW_MS + """
+_RENEW = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local lost = {}
 for i = 3, #ARGV do
@@ -160,7 +157,7 @@ class SessionLeases:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         keys: Keys,
         *,
         cap: int,
@@ -181,10 +178,10 @@ class SessionLeases:
         self._on_lost = on_lost
         self._held: set[str] = set()
         self._wakeup = _Wakeup()
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._demand = client.register_script(_DEMAND)
-        self._room = client.register_script(_ROOM)
+        self._acquire = register(client, _ACQUIRE)
+        self._renew = register(client, _RENEW)
+        self._demand = register(client, _DEMAND)
+        self._room = register(client, _ROOM)
         self._renewer = Periodic("sdk-lease-renewer", lease_s / 3, self.renew)
 
     @property
@@ -269,7 +266,7 @@ class ConversationLeases:
     :param lease_s: how long the lock outlives its holder's last renewal.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, owner: str, lease_s: float) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, *, owner: str, lease_s: float) -> None:
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self._client = client
@@ -278,9 +275,9 @@ class ConversationLeases:
         self._lease_ms = int(lease_s * 1000)
         self._held: set[str] = set()
         self._wakeup = _Wakeup()
-        self._renew_script = client.register_script(_RENEW_LOCK)
-        self._release_script = client.register_script(_RELEASE_LOCK)
-        self._take_script = client.register_script(_TAKE_LOCK)
+        self._renew_script = register(client, _RENEW_LOCK)
+        self._release_script = register(client, _RELEASE_LOCK)
+        self._take_script = register(client, _TAKE_LOCK)
         self._renewer = Periodic("conversation-lease-renewer", lease_s / 3, self.renew)
 
     @property

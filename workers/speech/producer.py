@@ -28,13 +28,13 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis
 import structlog
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
 from relay.errors import RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
+from relay.redis_conn import RedisClient
 from relay.settings import Settings
 from relay.streams import ConversationLog
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
@@ -114,7 +114,7 @@ class Producer:
     """
 
     def __init__(
-        self, settings: Settings, client: redis.Redis, *,
+        self, settings: Settings, client: RedisClient, *,
         console_url: str | None = None, ingress_url: str | None = None,
     ) -> None:
         if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:

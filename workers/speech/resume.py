@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis.asyncio as redis
-
 from relay import wire
 from relay.keys import Keys
+from relay.redis_conn import RedisClient
 from relay.streams import read_after, read_from
 
 _PAGE = 512
@@ -52,11 +51,11 @@ class Delivered:
 
 def _replace(delivered: Delivered, **changes: object) -> Delivered:
     values = {**delivered.__dict__, **changes}
-    return Delivered(**values)  # type: ignore[arg-type]
+    return Delivered(**values)
 
 
 async def read_delivered(
-    client: redis.Redis, keys: Keys, conversation_id: str, turn_id: str, start_id: str
+    client: RedisClient, keys: Keys, conversation_id: str, turn_id: str, start_id: str
 ) -> Delivered | None:
     """The turn's delivery so far; None when its history is incomplete (trimmed or lost), in
     which case nobody can tell which audio clients have."""

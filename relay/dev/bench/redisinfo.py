@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import redis.asyncio as redis
+from typing import Any, cast
 
 from relay.dev.bench.procstat import tcp_local_ports
+from relay.redis_conn import RedisClient
 
 
 @dataclass(frozen=True)
@@ -28,7 +27,7 @@ class RedisSnapshot:
         }
 
 
-async def snapshot(client: redis.Redis) -> RedisSnapshot:
+async def snapshot(client: RedisClient) -> RedisSnapshot:
     stats = await client.info("stats")
     commandstats = await client.info("commandstats")
     memory = await client.info("memory")
@@ -43,10 +42,10 @@ async def snapshot(client: redis.Redis) -> RedisSnapshot:
     )
 
 
-async def commands_by_process(client: redis.Redis, pids: dict[str, int]) -> dict[str, int]:
+async def commands_by_process(client: RedisClient, pids: dict[str, int]) -> dict[str, int]:
     """Top-level commands each named process has sent so far over its open connections
     (``CLIENT LIST`` tot-cmds, matched to processes by the connections' source ports)."""
-    listing = await client.execute_command("CLIENT", "LIST")
+    listing = await cast(Any, client).execute_command("CLIENT", "LIST")
     text = listing.decode() if isinstance(listing, bytes) else str(listing)
     owners = tcp_local_ports(pids)
     totals = dict.fromkeys(pids, 0)

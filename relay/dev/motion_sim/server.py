@@ -41,6 +41,7 @@ from relay.dev.motion_sim.session import (
     RETIRED_REQUEST_IDS,
 )
 from relay.dev.motion_sim.sim import SIM_KEY, MotionSim, SimConfig, SimStats
+from relay.errors import ListenError
 
 __all__ = [
     "HANDSHAKE_TIMEOUT_S",
@@ -96,6 +97,10 @@ async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> we
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError("motion server simulator", host, port, "RELAY_SIM_PORT or --port",
+                          exc) from exc
     except BaseException:
         await runner.cleanup()
         raise

@@ -14,16 +14,12 @@ from relay import wire
 from relay.client import RelayClient
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import Listener, running_edge
-from tests.job_helpers import assert_played_once, split_turns
-from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+from tests.helpers.edge import Listener, running_edge
+from tests.helpers.jobs import assert_played_once, split_turns
+from tests.helpers.producer import (
     RATE,
-    make_producer,
-    sim,
-    start_sim,
     tone,
 )
-from tests.test_queue_worker import run_worker  # noqa: F401
 from workers.adapters.common import turn_id_for
 
 WAIT_S = 20.0

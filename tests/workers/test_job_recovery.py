@@ -15,20 +15,16 @@ from relay import wire
 from relay.dev.motion_sim import encode_animation, keyframes_for_audio
 from relay.errors import TurnFenced
 from relay.streams import ConversationLog, read_turn
-from tests.job_helpers import assert_played_once, request_ids, split_turns
-from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+from tests.helpers.jobs import assert_played_once, request_ids, split_turns
+from tests.helpers.producer import (
     RATE,
     assert_audio_only,
     assert_complete,
-    make_producer,
     of_turn,
-    sim,
-    start_sim,
     stream_messages,
     tone,
     wait_turn_end,
 )
-from tests.test_queue_worker import pending_jobs, queue, run_worker  # noqa: F401
 from workers.queue.deadletters import DeadLetters
 from workers.queue.doorbells import Doorbells
 from workers.queue.records import JobStore

@@ -15,7 +15,7 @@ from relay.redis_conn import create_client
 from relay.streams import ConversationLog, read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import Listener, RawWebSocket, running_edge
+from tests.helpers.edge import Listener, RawWebSocket, running_edge
 
 
 def token(conversation_id: str) -> str:
@@ -34,13 +34,17 @@ async def flood(log: ConversationLog, conv: str, turn: str, entries: int, size: 
     await log.open_turn(conv, turn, sample_rate=16000, owner="test")
     chunk = bytes(range(256)) * (size // 256)
     for start in range(0, entries, 200):
-        batch = [wire.audio(turn, seq, chunk, end=False) for seq in range(start, min(start + 200, entries))]
+        batch = [
+            wire.audio(turn, seq, chunk, end=False)
+            for seq in range(start, min(start + 200, entries))
+        ]
         await log.append(conv, turn, *batch)
     await log.end_turn(conv, turn, status=wire.STATUS_COMPLETE)
 
 
 async def test_slow_client_is_cut_off_edge_memory_stays_flat_and_resume_is_exact(
-        settings, redis_client, keys, tmp_path):
+    settings, redis_client, keys, tmp_path
+):
     # A 40 MB burst: a client that does not read must be disconnected with 4429 long before the
     # edge buffers it; the edge's memory stays flat; a reading client gets everything; the slow
     # one comes back with last_id and gets exactly the rest.
@@ -81,8 +85,10 @@ async def test_slow_client_is_cut_off_edge_memory_stays_flat_and_resume_is_exact
         assert [m.id for m in got if m.id] + [m.id for m in rest] == truth
         assert resumed.client.welcomes[0].get("recovered") is True
         growth_mb = (peak - before) / 1024
-        print(f"edge RSS before {before} kB, peak {peak} kB, growth {growth_mb:.1f} MB for a "
-              f"{32_000 * 1280 / 1e6:.0f} MB burst")
+        print(
+            f"edge RSS before {before} kB, peak {peak} kB, growth {growth_mb:.1f} MB for a "
+            f"{32_000 * 1280 / 1e6:.0f} MB burst"
+        )
         assert growth_mb < 25, "the edge buffered the slow client's backlog"
         slow.close()
         await fast.close()
@@ -112,8 +118,9 @@ async def test_edge_survives_a_redis_restart(settings, keys):
             await _wait_ready(base)
             await log.open_turn(conv, "t2", sample_rate=16000, owner="test")
             await log.append(conv, "t2", wire.audio("t2", 0, b"after", end=True))
-            received = await listener.wait_for(lambda ms: any(m.turn == "t2" and m.kind == "audio"
-                                                              for m in ms), timeout=30)
+            received = await listener.wait_for(
+                lambda ms: any(m.turn == "t2" and m.kind == "audio" for m in ms), timeout=30
+            )
             assert [m.get("data") for m in received if m.kind == "audio"] == [b"before", b"after"]
             await listener.close()
 
@@ -150,8 +157,9 @@ async def test_sigterm_drains_clients_to_another_edge(settings, redis_client, ke
         _, url2 = await stack.start_edge("edge-d2")
         log = ConversationLog(redis_client, keys, maxlen=10_000, ttl_s=300)
         convs = [f"drain-{n}" for n in range(6)]
-        listeners = [Listener(RelayClient([url1, url2], c, token(c), max_backoff_s=0.1))
-                     for c in convs]
+        listeners = [
+            Listener(RelayClient([url1, url2], c, token(c), max_backoff_s=0.1)) for c in convs
+        ]
         for listener in listeners:
             await listener.joined()
 
@@ -167,7 +175,7 @@ async def test_sigterm_drains_clients_to_another_edge(settings, redis_client, ke
         edge1.proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(edge1.proc.wait(), 15) == 0
         await writers
-        for conv, listener in zip(convs, listeners):
+        for conv, listener in zip(convs, listeners, strict=True):
             received = await listener.wait_for(lambda ms: ms and ms[-1].kind == "turn_end")
             truth = [i for i, _ in await read_after(redis_client, keys, conv, "0-0", count=10_000)]
             assert [m.id for m in received] == truth

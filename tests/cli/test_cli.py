@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from relay.dev.embedded import free_port
 from relay.tokens import verify_token
 from tests.conftest import TEST_SECRET
-
-
-def relay(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("RELAY_", "SPATIUS_")) and k != "REDIS_URL"}
-    full_env.update(env)
-    return subprocess.run([sys.executable, "-m", "relay", *args], env=full_env,
-                          capture_output=True, text=True, timeout=60)
+from tests.helpers.cli import relay
 
 
 def test_token_mints_a_verifiable_token():
@@ -35,10 +24,41 @@ def test_token_errors_are_clear():
     assert short.returncode == 2 and "at least 16" in short.stderr
 
 
+def test_token_refuses_a_bad_ttl_without_a_traceback():
+    for ttl in ("-5", "0", "soon"):
+        result = relay("token", "conv-7", "--ttl", ttl, RELAY_TOKEN_SECRET=TEST_SECRET)
+        assert result.returncode == 2 and "argument --ttl" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = relay("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"relay {version('avatar-relay')}"
+
+
 def test_check_reports_redis_reachability(redis_url):
     assert relay("check", REDIS_URL=redis_url).returncode == 0
+    # No REDIS_URL is an unreachable dependency (exit 1, as documented), not a usage error.
+    unset = relay("check")
+    assert unset.returncode == 1 and "REDIS_URL is not set" in unset.stderr
     dead = relay("check", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     assert dead.returncode == 1 and "dependency_unreachable" in dead.stderr
+
+
+def test_edge_on_a_taken_port_says_so_by_name(redis_url):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = relay("edge", "--port", str(port), REDIS_URL=redis_url,
+                       RELAY_TOKEN_SECRET=TEST_SECRET)
+    assert result.returncode == 2, result.stderr
+    assert (f"relay: edge cannot listen on 127.0.0.1:{port}: Address already in use "
+            "(change RELAY_EDGE_PORT or --port)") in result.stderr
 
 
 def test_check_producer_probes_motion_server(redis_url):
@@ -53,4 +73,5 @@ def test_roles_refuse_to_start_without_their_settings(redis_url):
     producer = relay("producer", REDIS_URL=redis_url)
     assert producer.returncode == 2 and "SPATIUS_API_KEY" in producer.stderr
     bad_number = relay("edge", RELAY_STREAM_MAXLEN="lots", REDIS_URL=redis_url)
-    assert bad_number.returncode == 2 and "RELAY_STREAM_MAXLEN='lots' is not a valid int" in bad_number.stderr
+    assert bad_number.returncode == 2
+    assert "configuration error: RELAY_STREAM_MAXLEN=lots: not an integer" in bad_number.stderr

@@ -19,7 +19,7 @@ from relay.redis_conn import client_for
 from relay.streams import read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import Listener
+from tests.helpers.edge import Listener
 
 pytestmark = pytest.mark.slow
 

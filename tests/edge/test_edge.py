@@ -13,7 +13,7 @@ from relay.client import RelayClient, RelayClientError
 from relay.streams import ConversationLog, read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import collect, running_edge
+from tests.helpers.edge import collect, running_edge
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ async def test_live_delivery_in_order_to_clients_on_both_edges(edges, log, redis
     await write_turn(log, conv, "t1", chunks)
     results = await asyncio.gather(*tasks)
     expected = await stream_ids(redis_client, keys, conv)
-    for client, received in zip(clients, results):
+    for client, received in zip(clients, results, strict=True):
         assert [m.id for m in received] == expected
         audio = b"".join(m.get("data") for m in received if m.kind == "audio")
         assert audio == b"".join(chunks)
@@ -117,7 +117,8 @@ async def test_resume_on_other_edge_loses_and_repeats_nothing(edges, log, redis_
 
     task = asyncio.create_task(asyncio.wait_for(run(), 15))
     await wait_joined(client)
-    writer = asyncio.create_task(write_turn(log, conv, "t1", [bytes([i]) * 320 for i in range(120)]))
+    chunks = [bytes([i]) * 320 for i in range(120)]
+    writer = asyncio.create_task(write_turn(log, conv, "t1", chunks))
     await asyncio.gather(task, writer)
     ids = [m.id for m in received]
     assert ids == await stream_ids(redis_client, keys, conv)
@@ -153,8 +154,14 @@ async def test_resume_outside_retention_says_so(settings, redis_client, keys):
         (lambda conv: None, wire.CloseCode.TOKEN_INVALID),
         (lambda conv: "v1.garbage.sig", wire.CloseCode.TOKEN_INVALID),
         (lambda conv: mint_token("another-secret-0123456789", conv), wire.CloseCode.TOKEN_INVALID),
-        (lambda conv: mint_token(TEST_SECRET, conv, ttl_s=1, now=1_000), wire.CloseCode.TOKEN_EXPIRED),
-        (lambda conv: mint_token(TEST_SECRET, "someone-else"), wire.CloseCode.TOKEN_WRONG_CONVERSATION),
+        (
+            lambda conv: mint_token(TEST_SECRET, conv, ttl_s=1, now=1_000),
+            wire.CloseCode.TOKEN_EXPIRED,
+        ),
+        (
+            lambda conv: mint_token(TEST_SECRET, "someone-else"),
+            wire.CloseCode.TOKEN_WRONG_CONVERSATION,
+        ),
     ],
 )
 async def test_bad_tokens_are_refused_with_no_data(edges, log, make_token, code):
@@ -182,13 +189,27 @@ async def test_client_api_raises_on_fatal_close(edges):
     [
         (lambda ws: ws.send_str("hello"), wire.CloseCode.BAD_REQUEST, "bad_message"),
         (lambda ws: ws.send_bytes(b"\xc1\xff"), wire.CloseCode.BAD_REQUEST, "bad_message"),
-        (lambda ws: ws.send_bytes(msgpack.packb([1, 2])), wire.CloseCode.BAD_REQUEST, "bad_message"),
-        (lambda ws: ws.send_bytes(msgpack.packb({"v": 1, "kind": "subscribe"})), wire.CloseCode.BAD_REQUEST, "bad_message"),
-        (lambda ws: ws.send_bytes(msgpack.packb({"v": 9, "kind": "ping"})), wire.CloseCode.BAD_REQUEST, "bad_message"),
+        (
+            lambda ws: ws.send_bytes(msgpack.packb([1, 2])),
+            wire.CloseCode.BAD_REQUEST,
+            "bad_message",
+        ),
+        (
+            lambda ws: ws.send_bytes(msgpack.packb({"v": 1, "kind": "subscribe"})),
+            wire.CloseCode.BAD_REQUEST,
+            "bad_message",
+        ),
+        (
+            lambda ws: ws.send_bytes(msgpack.packb({"v": 9, "kind": "ping"})),
+            wire.CloseCode.BAD_REQUEST,
+            "bad_message",
+        ),
         (lambda ws: ws.send_bytes(b"\x00" * 10_000), wire.CloseCode.TOO_BIG, "message_too_big"),
     ],
 )
-async def test_bad_client_input_gets_error_and_close(edges, log, redis_client, keys, send, code, error_code):
+async def test_bad_client_input_gets_error_and_close(
+    edges, log, redis_client, keys, send, code, error_code
+):
     conv = "conv-bad-input"
     bystander = RelayClient(edges[0], conv, token(conv))
     watch = asyncio.create_task(collect(bystander, is_turn_end))

@@ -3,64 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgpack
 import pytest
-import redis.asyncio as redis
 
 from relay.errors import InvalidConversationId
-from relay.keys import Keys
-from relay.settings import Settings
 from relay.streams import read_turn
-from tests.job_helpers import assert_played_once
-from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+from tests.helpers.jobs import assert_played_once, pending_jobs
+from tests.helpers.polling import eventually
+from tests.helpers.producer import (
     RATE,
-    SimHandle,
     assert_complete,
     assert_interrupted,
-    make_producer,
     of_turn,
-    sim,
-    start_sim,
     tone,
     wait_turn_end,
 )
 from workers.errors import MalformedJob, QueueFull
 from workers.queue.jobs import JOB_FIELD, decode_job
 from workers.queue.submit import TurnQueue
-from workers.queue.worker import ProducerWorker
-from workers.speech.producer import Producer
-
-
-@pytest.fixture
-def queue(settings: Settings, redis_client: redis.Redis) -> TurnQueue:
-    return TurnQueue.from_settings(settings, redis_client)
-
-
-@pytest.fixture
-async def run_worker(
-    settings: Settings,
-    redis_client: redis.Redis,
-    make_producer: Callable[..., Awaitable[Producer]],  # noqa: F811 - the imported fixture
-) -> AsyncIterator[Callable[..., Awaitable[ProducerWorker]]]:
-    running: list[tuple[ProducerWorker, asyncio.Task[None]]] = []
-
-    async def start(*, at: SimHandle | None = None, **overrides: object) -> ProducerWorker:
-        producer = await make_producer(at=at, **overrides)
-        worker = ProducerWorker(settings.with_overrides(**overrides), redis_client, producer)
-        running.append((worker, asyncio.create_task(worker.run())))
-        return worker
-
-    yield start
-    for worker, task in running:
-        await worker.stop(timeout_s=2)
-        await task
-
-
-async def pending_jobs(client: redis.Redis, keys: Keys) -> int:
-    summary = await client.xpending(keys.jobs(), keys.jobs_group())
-    return int(summary["pending"])
 
 
 async def test_clip_job_is_spoken(queue, run_worker, redis_client, keys):
@@ -69,9 +30,10 @@ async def test_clip_job_is_spoken(queue, run_worker, redis_client, keys):
     turn_id = await queue.submit_clip("conv-q", clip, sample_rate=RATE)
     messages = await wait_turn_end(redis_client, keys, "conv-q", turn_id)
     assert_complete(messages, turn_id, clip)
-    async with asyncio.timeout(2):  # acknowledged and deleted once the turn finished
-        while await redis_client.xlen(keys.jobs()) or await pending_jobs(redis_client, keys):
-            await asyncio.sleep(0.02)
+    async def settled() -> bool:  # acknowledged and deleted once the turn finished
+        return not (await redis_client.xlen(keys.jobs()) or await pending_jobs(redis_client, keys))
+
+    await eventually(settled, timeout_s=2, what="jobs acknowledged")
 
 
 async def test_streamed_job(queue, run_worker, redis_client, keys):
@@ -83,9 +45,10 @@ async def test_streamed_job(queue, run_worker, redis_client, keys):
             await asyncio.sleep(0.01)  # audio arriving while the turn already runs
     messages = await wait_turn_end(redis_client, keys, "conv-qs", feed.turn_id)
     assert_complete(messages, feed.turn_id, clip)
-    async with asyncio.timeout(2):  # the input stream is dropped with the job
-        while await redis_client.exists(keys.turn_input("conv-qs", feed.turn_id)):
-            await asyncio.sleep(0.02)
+    async def settled() -> bool:  # the input stream is dropped with the job
+        return not (await redis_client.exists(keys.turn_input("conv-qs", feed.turn_id)))
+
+    await eventually(settled, timeout_s=2, what="jobs acknowledged")
 
 
 async def test_streamed_job_without_end_marker_times_out(queue, run_worker, redis_client, keys):
@@ -122,9 +85,10 @@ async def test_malformed_job_is_acked_and_skipped(queue, run_worker, redis_clien
     clip = tone(0.3)
     turn_id = await queue.submit_clip("conv-qm", clip, sample_rate=RATE)
     assert_complete(await wait_turn_end(redis_client, keys, "conv-qm", turn_id), turn_id, clip)
-    async with asyncio.timeout(2):
-        while await redis_client.xlen(keys.jobs()) or await pending_jobs(redis_client, keys):
-            await asyncio.sleep(0.02)
+    async def settled() -> bool:
+        return not (await redis_client.xlen(keys.jobs()) or await pending_jobs(redis_client, keys))
+
+    await eventually(settled, timeout_s=2, what="jobs acknowledged")
 
 
 async def test_worker_stop_is_bounded_and_hands_turns_back(queue, run_worker, redis_client, keys):
@@ -158,9 +122,11 @@ async def test_worker_limits_concurrent_turns(queue, run_worker, redis_client, k
     feeds = [await queue.open_streamed(f"conv-qc-{n}", sample_rate=RATE) for n in range(4)]
     for feed in feeds:
         await feed.send(tone(0.1))
-    await asyncio.sleep(0.5)
+    async def at_the_limit() -> bool:  # two running, the other two wait in Redis, unread
+        return worker.running_turns == 2 and await pending_jobs(redis_client, keys) == 2
+
+    await eventually(at_the_limit, what="two turns running, two waiting")
     assert worker.running_turns == 2
-    assert await pending_jobs(redis_client, keys) == 2  # the other two wait in Redis, unread
     for feed in feeds:
         await feed.end()
     for feed in feeds:

@@ -20,8 +20,8 @@ from relay.dev.stack import Child, LocalStack, child_env
 from relay.streams import ACTIVE, read_after, read_turn
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
-from tests.edge_helpers import Listener
-from tests.job_helpers import assert_played_once, split_turns
+from tests.helpers.edge import Listener
+from tests.helpers.jobs import assert_played_once, split_turns
 from workers.queue.deadletters import DeadLetters
 
 pytestmark = pytest.mark.slow

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import redis.asyncio as redis
 from spatius.proto.generated import message_pb2
 
 from relay import wire
+from relay.keys import Keys
 
 
 def request_ids(frames: list[wire.Message]) -> set[str]:
@@ -55,3 +57,8 @@ def assert_played_once(mine: list[wire.Message], clip: bytes) -> str:
     status: str = mine[-1].get("status")
     assert status == (wire.STATUS_AUDIO_ONLY if wire.AUDIO_ONLY in kinds else wire.STATUS_COMPLETE)
     return status
+
+
+async def pending_jobs(client: redis.Redis, keys: Keys) -> int:
+    summary = await client.xpending(keys.jobs(), keys.jobs_group())
+    return int(summary["pending"])

@@ -6,17 +6,13 @@ import asyncio
 import json
 import wave
 
-from tests.test_cli import relay
-from tests.test_producer import (  # noqa: F401 - fixtures are used by name
+from tests.helpers.cli import relay
+from tests.helpers.producer import (
     RATE,
     assert_complete,
-    make_producer,
-    sim,
-    start_sim,
     tone,
     wait_turn_end,
 )
-from tests.test_queue_worker import run_worker  # noqa: F401
 from workers.queue.deadletters import DeadLetters
 from workers.queue.jobs import decode_job
 
@@ -45,6 +41,9 @@ async def test_enqueue_reads_wav_and_pcm(settings, redis_client, keys, tmp_path)
     from_pcm = await cli(settings, "enqueue", "conv-cli", str(tmp_path / "hello.pcm"),
                          "--rate", "16000")
     assert from_pcm.returncode == 0, from_pcm.stderr
+    # 24 kHz while clients expect RELAY_SAMPLE_RATE (16 kHz by default): queued, with a warning.
+    assert "hello.wav is 24000 Hz but RELAY_SAMPLE_RATE is 16000" in from_wav.stderr
+    assert "warning" not in from_pcm.stderr
     jobs = [decode_job(f) for _, f in await redis_client.xrange(keys.queue("conv-cli"))]
     assert [(j.turn_id, j.sample_rate, j.avatar_id, j.pcm) for j in jobs] == [
         ("t-wav", 24000, "av-1", clip), (from_pcm.stdout.strip(), 16000, None, clip)]
@@ -63,10 +62,22 @@ async def test_enqueue_refuses_what_it_cannot_send(settings, tmp_path):
         ((str(tmp_path / "raw.pcm"),), "needs --rate"),
         ((str(tmp_path / "raw.pcm"), "--rate", "11025"), "is not one of"),
         ((str(tmp_path / "odd.mp3"),), "expected a .wav"),
+        # A missing file is an argument error, not "redis unavailable".
+        ((str(tmp_path / "missing.wav"),), "missing.wav: no such file"),
+        ((str(tmp_path),), "not a regular file"),
+        ((str(tmp_path / "raw.pcm"), "--rate", "-5"), "argument --rate: -5 must be positive"),
     ]
     for args, message in cases:
         result = await cli(settings, "enqueue", "conv-bad", *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "redis unavailable" not in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_jobs_drop_without_an_id_is_a_usage_error(settings):
+    result = await cli(settings, "jobs", "drop")
+    assert result.returncode == 2
+    assert "relay jobs: error: drop needs a dead letter id" in result.stderr
+    assert "configuration error" not in result.stderr
 
 
 async def test_dead_letters_listed_dropped_and_requeued(settings, redis_client, keys, tmp_path,

@@ -1,0 +1,1 @@
+"""Tests of the relay core: streams, wire, tokens, keys, settings."""

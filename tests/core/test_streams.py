@@ -1,0 +1,157 @@
+"""Fenced turn writes against a real server: the contract between producers and edges."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import redis.asyncio as redis_asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
+
+from relay import wire
+from relay.dev.embedded import EmbeddedServer
+from relay.errors import TurnFenced
+from relay.streams import ACTIVE, ConversationLog, read_after, read_turn, stream_info
+
+
+@pytest.fixture
+def log(redis_client, keys):
+    return ConversationLog(redis_client, keys, maxlen=1000, ttl_s=60)
+
+
+def kinds(rows):
+    return [
+        (wire.decode_server(wire.delivery(i, d)).kind, wire.decode_server(wire.delivery(i, d)).turn)
+        for i, d in rows
+    ]
+
+
+async def test_turn_lifecycle_writes_in_order(log, redis_client, keys):
+    start = await log.open_turn("c1", "t1", sample_rate=16000, owner="p1")
+    await log.append("c1", "t1", wire.audio("t1", 0, b"ab", end=False))
+    await log.append(
+        "c1", "t1", wire.audio("t1", 1, b"", end=True), wire.frames("t1", 0, b"env", last=True)
+    )
+    await log.end_turn("c1", "t1", status=wire.STATUS_COMPLETE)
+    rows = await read_after(redis_client, keys, "c1", "0-0", count=100)
+    assert rows[0][0] == start
+    assert kinds(rows) == [
+        ("turn_start", "t1"),
+        ("audio", "t1"),
+        ("audio", "t1"),
+        ("frames", "t1"),
+        ("turn_end", "t1"),
+    ]
+    state = await read_turn(redis_client, keys, "c1")
+    assert state is not None and state.status == "ended" and state.start_id == start
+
+
+async def test_interrupt_fences_late_writes(log, redis_client, keys):
+    await log.open_turn("c2", "t1", sample_rate=16000, owner="p1")
+    assert await log.interrupt("c2", reason="user_barge_in") == "t1"
+    with pytest.raises(TurnFenced):
+        await log.append("c2", "t1", wire.audio("t1", 0, b"late", end=False))
+    with pytest.raises(TurnFenced):
+        await log.end_turn("c2", "t1", status=wire.STATUS_COMPLETE)
+    assert await log.interrupt("c2") is None  # nothing active any more
+    rows = await read_after(redis_client, keys, "c2", "0-0", count=100)
+    assert kinds(rows) == [("turn_start", "t1"), ("interrupt", "t1")]
+    assert wire.decode_server(wire.delivery(*rows[-1])).get("reason") == "user_barge_in"
+
+
+async def test_new_turn_supersedes_active_turn(log, redis_client, keys):
+    await log.open_turn("c3", "t1", sample_rate=16000, owner="p1")
+    await log.open_turn("c3", "t2", sample_rate=16000, owner="p2")
+    with pytest.raises(TurnFenced):
+        await log.append("c3", "t1", wire.audio("t1", 0, b"x", end=False))
+    await log.append("c3", "t2", wire.audio("t2", 0, b"y", end=False))
+    rows = await read_after(redis_client, keys, "c3", "0-0", count=100)
+    assert kinds(rows) == [
+        ("turn_start", "t1"),
+        ("interrupt", "t1"),
+        ("turn_start", "t2"),
+        ("audio", "t2"),
+    ]
+    state = await read_turn(redis_client, keys, "c3")
+    assert state.turn_id == "t2" and state.status == ACTIVE
+
+
+async def test_reopen_same_turn_is_idempotent(log):
+    first = await log.open_turn("c4", "t1", sample_rate=16000, owner="p1")
+    assert await log.open_turn("c4", "t1", sample_rate=16000, owner="p1") == first
+
+
+async def test_retention_trims_and_expires(redis_client, keys):
+    log = ConversationLog(redis_client, keys, maxlen=10, ttl_s=60)
+    first_start = await log.open_turn("c5", "t1", sample_rate=16000, owner="p1")
+    for seq in range(300):
+        await log.append("c5", "t1", wire.audio("t1", seq, b"x" * 10, end=False))
+    assert await redis_client.xlen(keys.stream("c5")) < 300
+    info = await stream_info(redis_client, keys, "c5")
+    assert info.exists and info.first_id is not None
+    assert not info.can_resume_after(first_start)  # trimmed away: the client must be told
+    assert info.can_resume_after(info.first_id)
+    assert info.can_resume_after(info.last_id)
+    ttl = await redis_client.pttl(keys.stream("c5"))
+    assert 0 < ttl <= 60_000
+
+
+async def test_resume_check_for_missing_stream(redis_client, keys):
+    info = await stream_info(redis_client, keys, "never-written")
+    assert not info.exists and not info.can_resume_after("1-0")
+
+
+async def test_append_run_twice_appends_once(log, redis_client, keys):
+    """What a client retry does when the first attempt reached Redis: the script runs again."""
+    await log.open_turn("c6", "t1", sample_rate=16000, owner="p1")
+    batch = [wire.audio("t1", 0, b"a0", end=False), wire.frames("t1", 0, b"f0", last=False)]
+    first = await log.append("c6", "t1", *batch)
+    assert await log.append("c6", "t1", *batch) == first
+    # A batch overlapping the last one: only its new entries go in.
+    await log.append("c6", "t1", wire.frames("t1", 0, b"f0", last=False),
+                     wire.audio("t1", 1, b"a1", end=True), wire.frames("t1", 1, b"f1", last=True))
+    end = await log.end_turn("c6", "t1", status=wire.STATUS_COMPLETE)
+    assert await log.end_turn("c6", "t1", status=wire.STATUS_COMPLETE) == end  # retried end
+    with pytest.raises(TurnFenced):  # but nothing new goes into an ended turn
+        await log.append("c6", "t1", wire.audio("t1", 2, b"late", end=False))
+    rows = await read_after(redis_client, keys, "c6", "0-0", count=100)
+    seen = [(m.kind, m.get("seq")) for m in (wire.decode_server(wire.delivery(*r)) for r in rows)]
+    assert seen == [("turn_start", None), ("audio", 0), ("frames", 0), ("audio", 1),
+                    ("frames", 1), ("turn_end", None)]
+
+
+async def test_audio_only_marker_written_once(log, redis_client, keys):
+    await log.open_turn("c7", "t1", sample_rate=16000, owner="p1")
+    marker = wire.audio_only("t1", reason="stall")
+    assert await log.append("c7", "t1", marker) == await log.append("c7", "t1", marker)
+    assert await redis_client.xlen(keys.stream("c7")) == 2
+
+
+async def test_append_across_a_redis_stall_longer_than_the_socket_timeout(keys):
+    """The reported duplicate: Redis frozen past the client's socket timeout while an append is
+    in flight; redis-py times out, reconnects and sends the script again, and Redis runs both
+    once it resumes. The stream must still hold the entry once."""
+    with EmbeddedServer() as server:
+        client = redis_asyncio.Redis.from_url(
+            server.url, socket_timeout=0.4, retry=Retry(ConstantBackoff(0.05), retries=10),
+            retry_on_timeout=True)
+        log = ConversationLog(client, keys, maxlen=1000, ttl_s=60)
+        await log.open_turn("c8", "t1", sample_rate=16000, owner="p1")
+        await log.append("c8", "t1", wire.audio("t1", 0, b"warm", end=False))  # script loaded
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            pending = asyncio.ensure_future(
+                log.append("c8", "t1", wire.audio("t1", 1, b"once", end=False)))
+            await asyncio.sleep(1.5)  # several timed-out attempts queue up in Redis's buffers
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        await pending
+        rows = await read_after(client, keys, "c8", "0-0", count=100)
+        audio = [m.get("seq") for m in (wire.decode_server(wire.delivery(*r)) for r in rows)
+                 if m.kind == "audio"]
+        await client.aclose()
+    assert audio == [0, 1]

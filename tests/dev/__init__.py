@@ -1,0 +1,1 @@
+"""Tests of the dev tooling: the Motion Server simulator, the bench."""

@@ -1,0 +1,1 @@
+"""Every role as its own process, end to end (marked slow)."""

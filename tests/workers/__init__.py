@@ -1,0 +1,1 @@
+"""Tests of the producer side: speaking turns, the job queue, adapters."""
