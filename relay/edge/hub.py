@@ -228,8 +228,7 @@ class Hub:
         """End the links and fills, then close the router's clients."""
         self._stopping = True
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, timeout_s)
+        await asyncio.wait({task}, timeout=timeout_s)
         fills = list(self._fills)
         for fill in fills:
             fill.cancel()
@@ -342,8 +341,10 @@ class Hub:
         a silent connection is noticed, and gives up when nothing came back for too long."""
         loop = asyncio.get_running_loop()
         while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can hold up a cancellation.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(link.dirty.wait(), self._ping_s)
+                async with asyncio.timeout(self._ping_s):
+                    await link.dirty.wait()
             link.dirty.clear()
             self.flush_metrics()
             if link.to_add:
