@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="mint a client token for one conversation")
     token.add_argument("conversation_id")
     token.add_argument("--ttl", type=_positive_int, default=None, help="lifetime in seconds")
+    token.add_argument("--kid", default=None,
+                       help="key id for the token header (default: none, which edges read as "
+                       "RELAY_TOKEN_KID); with HS256 the secret of that kid in "
+                       "RELAY_TOKEN_KEYS_FILE is used when it is there")
+    token.add_argument("--key-file", default=None, metavar="PEM",
+                       help="sign with this private key (RS256, ES256 or EdDSA by key type) "
+                       "instead of the shared secret")
 
     check = sub.add_parser("check", help="exit 0 when this role's dependencies are reachable")
     check.add_argument("--role", choices=["edge", "producer"], default="edge")
@@ -192,10 +199,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
                      if v is not None}
         return asyncio.run(run_sim(settings.with_overrides(**overrides)))
     if args.command == "token":
-        from relay.tokens import mint_token
+        from relay.tokens import mint_with_settings
 
-        print(mint_token(settings.require_secret(), args.conversation_id,
-                         ttl_s=args.ttl if args.ttl is not None else settings.token_ttl_s))
+        print(mint_with_settings(settings, args.conversation_id, ttl_s=args.ttl,
+                                 kid=args.kid, key_file=args.key_file))
         return 0
     if args.command == "bench":
         from relay.dev.bench.command import main as bench_main

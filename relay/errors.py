@@ -51,6 +51,12 @@ class TokenExpired(TokenError):
     reason = "token_expired"
 
 
+class TokenNotYetValid(TokenError):
+    """``iat`` or ``nbf`` lies further in the future than the allowed clock skew."""
+
+    reason = "token_not_yet_valid"
+
+
 class TokenWrongConversation(TokenError):
     close_code = 4403
     reason = "token_wrong_conversation"

@@ -15,12 +15,14 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.errors import InvalidConversationId
 
 # Braces are excluded because they would break the hash tag; the rest keeps ids safe in URLs,
-# logs and key names alike.
-_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# logs and key names alike. "." and ".." fit the alphabet but are path segments a browser (and
+# any URL library) rewrites before sending, so a client could never ask for them.
+_CONVERSATION_ID = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._:-]{1,128}$")
 _TURN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -32,7 +34,7 @@ def _glob_escape(text: str) -> str:
 def validate_conversation_id(conversation_id: str) -> str:
     if not isinstance(conversation_id, str) or not _CONVERSATION_ID.match(conversation_id):
         raise InvalidConversationId(
-            "conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+            'conversation id must be 1-128 characters of A-Z a-z 0-9 . _ : -, not "." or ".."'
         )
     return conversation_id
 
@@ -45,6 +47,25 @@ def validate_turn_id(turn_id: str) -> str:
 
 DEFAULT_BUCKETS = 16
 
+# Lua: live_channel_of(stream key) is ``Keys.live_channel`` of the stream's conversation, so the
+# scripts that append (relay.streams) can push without a key of their own in every caller's key
+# list. Kept in step with ``Keys.stream`` and ``Keys.live_channel`` by a test.
+LIVE_CHANNEL_OF_STREAM = """
+local function live_channel_of(stream)
+  return string.sub(stream, 1, -7) .. 'live'
+end
+"""
+
+
+class KeySettings(Protocol):
+    """What ``Keys.of`` reads (``relay.settings.Settings`` has both)."""
+
+    @property
+    def key_prefix(self) -> str: ...
+
+    @property
+    def key_buckets(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -55,6 +76,11 @@ class Keys:
 
     prefix: str = "relay"
     buckets: int = DEFAULT_BUCKETS
+
+    @classmethod
+    def of(cls, settings: KeySettings) -> Keys:
+        """The keys of a deployment, from its settings (RELAY_KEY_PREFIX, RELAY_KEY_BUCKETS)."""
+        return cls(settings.key_prefix, settings.key_buckets)
 
     def __post_init__(self) -> None:
         if not 1 <= self.buckets <= 16384:

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 
 from relay.errors import ConfigError
 
-MIN_SECRET_LEN = 16
+# RFC 7518 section 3.2: an HS256 key is at least as long as the hash (32 bytes).
+MIN_SECRET_LEN = 32
 SAMPLE_RATES = frozenset({8000, 16000, 22050, 24000, 32000, 44100, 48000})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MINUTE = 60
@@ -154,6 +155,13 @@ def _no_braces(value: str) -> str | None:
 def _secret(value: str) -> str | None:
     if value and len(value) < MIN_SECRET_LEN:
         return f"must be at least {MIN_SECRET_LEN} characters"
+    return None
+
+
+def _origins(value: str) -> str | None:
+    for origin in (normalise_origin(o) for o in value.split(",") if o.strip()):
+        if not origin.startswith(("http://", "https://")) or "/" in origin.split("://", 1)[1]:
+            return f"{origin!r} is not an origin like https://app.example.com"
     return None
 
 
@@ -301,6 +309,33 @@ class Settings:
     # 5 = 200 ms of animation per message, as in streaming mode.
     sim_batch_keyframes: int = setting(5, integer(1, 1000))
     sim_realtime: bool = setting(False, flag())
+    # Latency measurements (issue 12, `relay bench --latency`): a slower simulated Motion Server.
+    # Each request's first animation message waits this long after its first audio.
+    sim_first_batch_delay_ms: int = setting(0, integer(0, 60_000))
+    # The session handshake is answered after this long.
+    sim_handshake_delay_ms: int = setting(0, integer(0, 60_000))
+
+    # Who may connect: token keys, Origin allow-list, request hygiene and connection caps
+    # (issue 13; docs/operations.md "Client tokens" and "Edge admission").
+    # Key id of RELAY_TOKEN_SECRET; tokens without a kid are checked against this key.
+    token_kid: str = setting("default", text("non-empty", _non_empty))
+    # JWK Set of further keys (rotation, public keys); re-read when it changes.
+    token_keys_file: str = setting("", text("a file path"))
+    # Transition: also accept pre-JWT v1 tokens (checked with RELAY_TOKEN_SECRET).
+    token_accept_v1: bool = setting(True, flag())
+    token_audience: str = setting("", ANY)  # when set, tokens must carry this aud
+    token_issuer: str = setting("", ANY)  # when set, tokens must carry this iss
+    token_leeway_s: int = setting(30, integer(0, 300))  # clock skew on exp, iat and nbf
+    # Comma-separated browser origins; empty: the Origin header is not checked.
+    edge_allowed_origins: str = setting("", text("comma-separated origins", _origins))
+    # A request head must be complete this soon after the connection opens.
+    edge_handshake_timeout_s: float = setting(10.0, number(ge=0.1, le=300))
+    # Bytes of "GET /path?query HTTP/1.1" and of any one header line; longer: HTTP 400.
+    edge_max_request_line: int = setting(8190, integer(1024, 65536))
+    edge_max_header_bytes: int = setting(8190, integer(1024, 65536))
+    # Open WebSockets per client address, and per conversation, on one edge.
+    edge_max_per_address: int = setting(256, integer(1, 1_000_000, zero="no cap"))
+    edge_max_per_conversation: int = setting(64, integer(1, 1_000_000, zero="no cap"))
 
     # Logs.
     log_json: bool = setting(True, flag())
@@ -314,6 +349,12 @@ class Settings:
             if why:
                 name = env_name(f.name)
                 raise SettingError(name, _shown(name, value, rule), why)
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        """RELAY_EDGE_ALLOWED_ORIGINS as normalised origins (``scheme://host[:port]``)."""
+        return frozenset(normalise_origin(o) for o in self.edge_allowed_origins.split(",")
+                         if o.strip())
 
     @property
     def uses_real_motion_server(self) -> bool:
@@ -399,3 +440,8 @@ def _coerce(name: str, raw: str, kind: Any, rule: Rule) -> Any:
         what = "an integer" if kind == "int" else "a number"
         raise SettingError(name, _shown(name, raw, rule), f"not {what}") from None
     return raw
+
+
+def normalise_origin(origin: str) -> str:
+    """Origins compare case-insensitively and without a trailing slash (RFC 6454)."""
+    return origin.strip().rstrip("/").lower()

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
+from redis.commands.core import AsyncScript
 
 from relay import wire
 from relay.errors import TurnFenced
-from relay.keys import Keys
-from relay.lua import NOW_MS, ScriptArgs, register, text
+from relay.keys import LIVE_CHANNEL_OF_STREAM, Keys
+from relay.lua import ScriptArg, ScriptArgs, register, text
 from relay.redis_conn import RedisClient, answer
 
 ACTIVE = "active"
@@ -39,34 +40,15 @@ INTERRUPTED = "interrupted"
 # Conversations whose last expiry refresh a ConversationLog remembers (bounded; see _ttl_for).
 _REFRESH_MEMORY = 4096
 
-# "<turn>/<epoch>": the attempt of a queued turn allowed to run now (``run`` in the queue state).
-# Turn ids cannot contain "/", so the pair is unambiguous.
-RUN_SEPARATOR = "/"
-
-# Turns remembered as done per conversation (and for at most the queue's ttl): a job that another
-# queue system delivers again after its turn left the queue is ignored within these bounds.
-DONE_KEEP = 1000
-
-# Lua: remember_done(done key, turn, ttl_ms) records a turn that left the queue
-# (``Keys.turns_done``) and keeps the set bounded; the script must define ``now`` (server ms) first.
-REMEMBER_DONE = """
-local function remember_done(done, turn, ttl_ms)
-  redis.call('ZADD', done, now, turn)
-  redis.call('ZREMRANGEBYSCORE', done, '-inf', now - ttl_ms)
-  redis.call('ZREMRANGEBYRANK', done, 0, -1 - DONE_KEEP)
-  redis.call('PEXPIRE', done, ttl_ms)
-end
-""".replace("DONE_KEEP", str(DONE_KEEP))
-
 # Lua: the live push (see the module doc). ``live_begin(stream)`` before the first XADD records the
-# stream's current last id; ``live_add(id, entry)`` after each XADD; ``live_publish(channel)`` sends
-# "<prev> <id1> <len1> <id2> <len2> ...\n<entry1><entry2>..." when anything was appended. The
-# previous id is read from the stream itself (not from a record a write path might forget to
-# update), so a push's predecessor is always the true one. A script run again (a retry) appends
-# nothing and so pushes nothing (each script's header says why); and were the same push ever to
-# arrive twice, it would be harmless: edges deliver by position, so entries they already have are
-# skipped (docs/architecture.md "Live delivery").
-LIVE_PUSH = """
+# stream's current last id; ``live_add(id, entry)`` after each XADD; ``live_publish(stream)`` sends
+# "<prev> <id1> <len1> <id2> <len2> ...\n<entry1><entry2>..." on the stream's live channel when
+# anything was appended. The previous id is read from the stream itself (not from a record a write
+# path might forget to update), so a push's predecessor is always the true one. A script run again
+# (a retry) appends nothing and so pushes nothing (each script's header says why); and were the
+# same push ever to arrive twice, it would be harmless: edges deliver by position, so entries they
+# already have are skipped (docs/architecture.md "Live delivery").
+LIVE_PUSH = LIVE_CHANNEL_OF_STREAM + """
 local live_head, live_body = {}, {}
 local function live_begin(stream)
   local tip = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
@@ -77,24 +59,26 @@ local function live_add(id, entry)
   live_head[#live_head + 1] = tostring(#entry)
   live_body[#live_body + 1] = entry
 end
-local function live_publish(channel)
+local function live_publish(stream)
   if #live_body > 0 then
-    redis.call('SPUBLISH', channel, table.concat(live_head, ' ') .. '\\n' ..
+    redis.call('SPUBLISH', live_channel_of(stream), table.concat(live_head, ' ') .. '\\n' ..
                table.concat(live_body))
   end
 end
 """
 
-# KEYS: stream, turn, queue state, live channel. ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
-# expected_previous, interrupt_entry_for_previous, epoch. Returns {0} when the active turn changed
-# under the caller (retry), {1, id} on success, {2, start_id} when this attempt already opened the
-# turn (idempotent re-open), {3} when the caller is fenced: its queued attempt is no longer the
-# one allowed to run, or the turn already ended (a queued turn never opens twice).
-# Runs twice: the second run finds its own turn active at its epoch and returns {2, start_id}
-# without appending or pushing anything.
+# KEYS: stream, turn, guard hash (the turn record itself when there is no guard). ARGV: turn_id,
+# owner, maxlen, ttl_ms, start_entry, expected_previous, interrupt_entry_for_previous, epoch,
+# guard field ('' for none), guard value. Returns {0} when the active turn changed under the caller
+# (retry), {1, id} on success, {2, start_id} when this attempt already opened the turn (idempotent
+# re-open), {3} when the caller is fenced: its guard no longer holds (for a queued turn: its
+# attempt is no longer the one allowed to run), or the turn already ended (a turn with an epoch
+# never opens twice).
+# Run twice (a retried call): the second run finds the turn active at the same epoch and answers
+# {2, start_id}, the first run's start; nothing is written or pushed again.
 _OPEN = LIVE_PUSH + """
 local epoch = ARGV[8]
-if epoch ~= '0' and redis.call('HGET', KEYS[3], 'run') ~= ARGV[1] .. '/' .. epoch then
+if ARGV[9] ~= '' and redis.call('HGET', KEYS[3], ARGV[9]) ~= ARGV[10] then
   return {3}
 end
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start', 'epoch')
@@ -112,7 +96,7 @@ if cur[2] == 'active' then
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[5])
 live_add(id, ARGV[5])
-live_publish(KEYS[4])
+live_publish(KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2],
            'epoch', epoch)
@@ -121,8 +105,8 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1, id}
 """
 
-# KEYS: stream, turn, live channel. ARGV: turn_id, epoch, maxlen, ttl_ms ('0': leave the expiry
-# alone, see ``ConversationLog._ttl_for``), new_status ('' keeps it), then
+# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms ('0': leave the expiry alone, see
+# ``ConversationLog._ttl_for``), new_status ('' keeps it), then
 # (mark, entry) pairs: ``wire.write_mark`` of each entry before it. Returns the id of the last
 # entry appended, or false when the turn (at this epoch) is not the active one.
 # Runs twice (a client retry after a timeout whose first attempt did reach Redis, or a caller
@@ -161,7 +145,7 @@ for _, entry in ipairs(fresh) do
   last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', entry)
   live_add(last, entry)
 end
-live_publish(KEYS[3])
+live_publish(KEYS[1])
 redis.call('HSET', KEYS[2], 'na', next_seq.a, 'nf', next_seq.f, 'last', last)
 for mark in pairs(flags) do redis.call('HSET', KEYS[2], 'm:' .. mark, '1') end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
@@ -172,45 +156,58 @@ end
 return last
 """
 
-# KEYS: stream, turn, queue, queue state, done, live channel. ARGV: expected turn id, expected
-# epoch, maxlen, ttl_ms, drop ('1' drops every queued turn), queue_ttl_ms, interrupt entry.
-# Returns {-1} when the active turn changed since the caller read it (retry), else
-# {interrupted (0|1), dropped turns}. Dropped turns count as done; the queue state keeps its epoch
-# counter: epochs never repeat. Runs twice: the second run finds no active turn, appends and
-# pushes nothing.
-_INTERRUPT = LIVE_PUSH + NOW_MS + REMEMBER_DONE + """
-local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch')
-local hit = 0
-if cur[2] == 'active' then
-  if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return {-1} end
-  live_begin(KEYS[1])
-  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
-  live_add(id, ARGV[7])
-  live_publish(KEYS[6])
-  redis.call('HSET', KEYS[2], 'status', 'interrupted', 'end', id)
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  hit = 1
+# Lua: interrupt_active(stream, turn, expected_turn, expected_epoch, maxlen, ttl_ms, entry)
+# appends ``entry`` and marks the turn interrupted when ``expected_turn`` at ``expected_epoch`` is
+# the active turn: 1; 0 when no turn is active; -1 when another turn or attempt is active now (the
+# caller read a stale record: retry). Scripts that interrupt and do more in the same atomic step
+# (``InterruptExtension``) start from it. It pushes its entry to the live channel like every append.
+INTERRUPT_ACTIVE = LIVE_PUSH + """
+local function interrupt_active(stream, turn, expected_turn, expected_epoch, maxlen, ttl_ms, entry)
+  local cur = redis.call('HMGET', turn, 'id', 'status', 'epoch')
+  if cur[2] ~= 'active' then return 0 end
+  if cur[1] ~= expected_turn or (cur[3] or '0') ~= expected_epoch then return -1 end
+  live_begin(stream)
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', entry)
+  live_add(id, entry)
+  live_publish(stream)
+  redis.call('HSET', turn, 'status', 'interrupted', 'end', id)
+  redis.call('PEXPIRE', stream, ttl_ms)
+  redis.call('PEXPIRE', turn, ttl_ms)
+  return 1
 end
-local dropped = 0
-if ARGV[5] == '1' then
-  for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
-    local fields = entry[2]
-    for i = 1, #fields, 2 do
-      if fields[i] == 'turn' then remember_done(KEYS[5], fields[i + 1], tonumber(ARGV[6])) end
-    end
-    dropped = dropped + 1
-  end
-  redis.call('DEL', KEYS[3])
-  local epoch = redis.call('HGET', KEYS[4], 'epoch')
-  redis.call('DEL', KEYS[4])
-  if epoch then
-    redis.call('HSET', KEYS[4], 'epoch', epoch)
-    redis.call('PEXPIRE', KEYS[4], ARGV[6])
-  end
-end
-return {hit, dropped}
 """
+
+# KEYS: stream, turn. ARGV: expected turn id, expected epoch, maxlen, ttl_ms, interrupt entry.
+# Returns {interrupt_active's result}.
+# Run twice: the second run finds the turn no longer active and answers {0}; nothing is written.
+_INTERRUPT = INTERRUPT_ACTIVE + """
+return {interrupt_active(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])}
+"""
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A condition a turn's opening must meet, owned by the caller: ``field`` of the hash at
+    ``key`` (a key of the conversation's bucket) holds ``value``. The job queue passes the field
+    naming the attempt allowed to run, so a fenced attempt can never open its turn."""
+
+    key: str
+    field: str
+    value: str
+
+
+@dataclass(frozen=True)
+class InterruptExtension:
+    """More work done in the interrupt's own atomic step, by the module that owns those records.
+
+    ``script`` starts from ``INTERRUPT_ACTIVE`` and calls it with the log's 2 keys and 5 args
+    (KEYS[1..2], ARGV[1..5], as ``_INTERRUPT`` does); ``keys`` and ``args`` follow them. It returns
+    {interrupt_active's result, then its own values}, which ``InterruptOutcome.extra`` carries.
+    """
+
+    script: AsyncScript
+    keys: list[str]
+    args: list[ScriptArg]
 
 
 @dataclass(frozen=True)
@@ -225,7 +222,7 @@ class TurnState:
 @dataclass(frozen=True)
 class InterruptOutcome:
     turn_id: str | None  # the turn that was interrupted, None when none was playing
-    dropped: int  # queued turns removed with it
+    extra: tuple[Any, ...] = ()  # what an InterruptExtension's script returned after its result
 
 
 @dataclass(frozen=True)
@@ -269,41 +266,39 @@ def valid_id(entry_id: str) -> bool:
 
 
 class ConversationLog:
-    """Fenced writes to conversation streams, shared by producers and the interrupt API.
+    """Fenced writes to conversation streams, shared by producers and the interrupt API."""
 
-    :param queue_ttl_s: expiry of a conversation's queue state (only touched by interrupts that
-        drop queued turns); see ``workers.queue.records``.
-    """
-
-    def __init__(self, client: RedisClient, keys: Keys, *, maxlen: int, ttl_s: int,
-                 queue_ttl_s: int = 86_400) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, *, maxlen: int, ttl_s: int) -> None:
         self._client = client
         self._keys = keys
         self._maxlen = maxlen
         self._ttl_ms = ttl_s * 1000
-        self._queue_ttl_ms = queue_ttl_s * 1000
         self._refreshed: dict[str, float] = {}  # conversation -> when its expiry is due again
         self._open = register(client, _OPEN)
         self._append = register(client, _APPEND)
         self._interrupt = register(client, _INTERRUPT)
 
     async def open_turn(
-        self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0
+        self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0,
+        guard: Guard | None = None,
     ) -> str:
         """Start a turn; an active turn of the conversation is ended with ``interrupt`` first.
 
-        ``epoch`` > 0 opens a queued turn's attempt: it is refused (TurnFenced) unless that
-        attempt is still the one the queue lets run.
+        ``epoch`` > 0 opens an attempt of a retried turn, and ``guard`` is the caller's own
+        condition for it (the job queue's: this attempt is the one allowed to run): the turn is
+        refused (TurnFenced) when the guard does not hold, or when it was already opened at
+        another epoch.
         """
-        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
-                self._keys.queue_state(conversation_id), self._keys.live_channel(conversation_id)]
+        turn_key = self._keys.turn(conversation_id)
+        keys = [self._keys.stream(conversation_id), turn_key, guard.key if guard else turn_key]
         start = wire.turn_start(turn_id, sample_rate=sample_rate)
         for _ in range(16):
             current = await self.current_turn(conversation_id)
             previous = current.turn_id if current and current.status == ACTIVE else ""
             superseded = wire.interrupt(previous or "-", reason="superseded")
             args: ScriptArgs = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous,
-                                superseded, epoch]
+                                superseded, epoch, guard.field if guard else "",
+                                guard.value if guard else ""]
             result = await self._open(keys=keys, args=args)
             code = int(result[0])
             if code == 3:
@@ -336,32 +331,34 @@ class ConversationLog:
 
     async def interrupt(self, conversation_id: str, *, reason: str = "interrupted") -> str | None:
         """Interrupt the active turn; return its id, or None when no turn was active."""
-        outcome = await self.interrupt_and_drop(conversation_id, reason=reason, drop_queued=False)
+        outcome = await self.interrupt_with(conversation_id, reason=reason)
         return outcome.turn_id
 
-    async def interrupt_and_drop(
-        self, conversation_id: str, *, reason: str = "interrupted", drop_queued: bool
+    async def interrupt_with(
+        self, conversation_id: str, *, reason: str = "interrupted",
+        extension: InterruptExtension | None = None,
     ) -> InterruptOutcome:
-        """Interrupt the active turn and, with ``drop_queued``, drop every turn still queued for
-        the conversation, in one atomic step (turns queued after it are kept)."""
-        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
-                self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
-                self._keys.turns_done(conversation_id), self._keys.live_channel(conversation_id)]
+        """Interrupt the active turn and run ``extension`` (if any) in the same atomic step."""
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
+        script = self._interrupt
+        if extension is not None:
+            keys, script = keys + extension.keys, extension.script
         for _ in range(16):
             current = await self.current_turn(conversation_id)
             active = current if current is not None and current.status == ACTIVE else None
             turn_id, epoch = (active.turn_id, active.epoch) if active else ("", 0)
             entry = wire.interrupt(turn_id or "-", reason=reason)
-            args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms,
-                               "1" if drop_queued else "0", self._queue_ttl_ms, entry]
-            result = await self._interrupt(keys=keys, args=args)
-            if int(result[0]) < 0:
+            args: list[ScriptArg] = [turn_id, epoch, self._maxlen, self._ttl_ms, entry]
+            if extension is not None:
+                args += extension.args
+            result = await script(keys=keys, args=args)
+            hit = int(result[0])
+            if hit < 0:
                 continue  # the turn or its attempt changed between the read and the script
-            if int(result[0]) == 1:
+            if hit == 1:
                 await self._publish_stop(conversation_id, turn_id)
-            return InterruptOutcome(turn_id=turn_id if int(result[0]) else None,
-                                    dropped=int(result[1]))
-        return InterruptOutcome(turn_id=None, dropped=0)
+            return InterruptOutcome(turn_id=turn_id if hit else None, extra=tuple(result[1:]))
+        raise TurnFenced(f"turn record of {conversation_id} kept changing; could not interrupt")
 
     async def _publish_stop(self, conversation_id: str, turn_id: str) -> None:
         """Tell the producer running the turn to stop now (it would stop at its next fenced write
@@ -373,8 +370,7 @@ class ConversationLog:
         self, conversation_id: str, turn_id: str, epoch: int, status: str,
         entries: tuple[bytes, ...],
     ) -> str:
-        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
-                self._keys.live_channel(conversation_id)]
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
         args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_for(conversation_id, status),
                            status]
         for entry in entries:

@@ -254,6 +254,7 @@ class CloseCode:
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
     TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     EDGE_RESTARTING = 1012
@@ -262,9 +263,13 @@ class CloseCode:
     TOKEN_EXPIRED = 4402
     TOKEN_WRONG_CONVERSATION = 4403
     SLOW_CONSUMER = 4429
+    TOO_MANY_CONNECTIONS = 4430
     UNAVAILABLE = 4503
 
-    RESUMABLE = frozenset({GOING_AWAY, INTERNAL_ERROR, EDGE_RESTARTING, SLOW_CONSUMER, UNAVAILABLE})
+    RESUMABLE = frozenset({GOING_AWAY, INTERNAL_ERROR, EDGE_RESTARTING, SLOW_CONSUMER, UNAVAILABLE,
+                           TOO_MANY_CONNECTIONS})
     # A client should stop and surface these; reconnecting with the same token cannot succeed.
-    FATAL = frozenset(
-        {BAD_REQUEST, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_CONVERSATION, TOO_BIG})
+    # (4401 and 4402 can be cured by a new token: clients with a token callback fetch one.)
+    FATAL = frozenset({PROTOCOL_ERROR, BAD_REQUEST, TOKEN_INVALID, TOKEN_EXPIRED,
+                       TOKEN_WRONG_CONVERSATION, TOO_BIG})
+    REFRESH_TOKEN = frozenset({TOKEN_INVALID, TOKEN_EXPIRED})

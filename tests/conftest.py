@@ -22,7 +22,7 @@ from workers.queue.submit import TurnQueue
 from workers.queue.worker import ProducerWorker
 from workers.speech.producer import Producer
 
-TEST_SECRET = "test-secret-0123456789abcdef"
+TEST_SECRET = "test-secret-0123456789abcdef-0123456789"
 
 
 @pytest.fixture(scope="session")

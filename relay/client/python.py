@@ -7,6 +7,12 @@
 Each message from a conversation stream carries ``id``; the client remembers the last one and
 sends it as ``last_id`` when it reconnects (to the next edge in the list), so it gets exactly what
 it missed. Ids at or below the last seen one are dropped, so nothing is yielded twice.
+
+Tokens expire, also during a connection: the edge then sends ``error{token_expired}`` and closes
+with 4402. Give ``refresh_token`` (or pass ``token`` as a callable, called for every connection)
+and the client fetches a new token and resumes at once with ``last_id``, losing nothing; the
+same happens once on 4401 (a key retired by rotation). Without one, 4401 and 4402 raise
+RelayClientError. The token travels in the ``Authorization`` header, never in the URL.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ log = structlog.get_logger(__name__)
 _ENDED = (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
 
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+TokenRefresh = Callable[[], str] | Callable[[], Awaitable[str]]
+
+
+class _TokenRefused(Exception):
+    """The edge refused or expired the token; a fresh one may cure it."""
 
 
 class RelayClientError(RelayError):
@@ -51,12 +62,18 @@ class RelayClient:
         reconnect: bool = True,
         max_backoff_s: float = 2.0,
         max_attempts: int = 0,
+        refresh_token: TokenRefresh | None = None,
     ) -> None:
         self._edges = [edges] if isinstance(edges, str) else list(edges)
         if not self._edges:
             raise ValueError("at least one edge URL is required")
         self.conversation_id = conversation_id
         self._token = token
+        self._refresh = refresh_token if refresh_token is not None else (
+            token if callable(token) else None)
+        self._stale_token = False  # fetch a new token before the next connection
+        self._refreshed_since_welcome = False
+        self.token_refreshes = 0
         self.last_id = last_id
         self._reconnect = reconnect
         self._max_backoff_s = max_backoff_s
@@ -97,6 +114,8 @@ class RelayClient:
                 async for message in self._one_connection():
                     failures = 0
                     yield message
+            except _TokenRefused:
+                continue  # straight back to the same edge with a new token and last_id
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 log.debug("relay_client_connect_failed", error=str(exc))
             if not self._reconnect or self._closed:
@@ -110,8 +129,10 @@ class RelayClient:
     async def _one_connection(self) -> AsyncIterator[wire.Message]:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        url = await self._url()
-        async with self._session.ws_connect(url, max_msg_size=0, autoping=True) as ws:
+        url, token = self._url(), await self._token_now()
+        headers = {"Authorization": f"Bearer {token}"}
+        async with self._session.ws_connect(url, max_msg_size=0, autoping=True,
+                                            headers=headers) as ws:
             self._ws = ws
             self.connections += 1
             reason = ""
@@ -129,6 +150,7 @@ class RelayClient:
                     continue
                 if message.kind == wire.WELCOME:
                     self.welcomes.append(message)
+                    self._refreshed_since_welcome = False
                 elif message.id is not None:
                     if self.last_id is not None and parse_id(message.id) <= parse_id(self.last_id):
                         continue
@@ -137,19 +159,34 @@ class RelayClient:
             self._ws = None
             code = ws.close_code
             self.close_codes.append(code)
+            if (code in wire.CloseCode.REFRESH_TOKEN and self._refresh is not None
+                    and not self._refreshed_since_welcome):
+                # One new token per accepted connection: a token refused again right after a
+                # refresh is a configuration problem that retrying cannot fix.
+                self._stale_token = self._refreshed_since_welcome = True
+                raise _TokenRefused
             if code in wire.CloseCode.FATAL:
-                raise RelayClientError(code, reason)
+                raise RelayClientError(code or 0, reason)
 
-    async def _url(self) -> str:
-        token = self._token
-        if callable(token):
-            value = token()
-            token = await value if isinstance(value, Awaitable) else value
+    async def _token_now(self) -> str:
+        source: TokenSource | None = self._token
+        if self._stale_token:
+            source, self._stale_token = self._refresh, False
+            self.token_refreshes += 1
+        if callable(source):
+            value = source()
+            source = await value if isinstance(value, Awaitable) else value
+        if callable(self._token) or source is None:
+            return str(source)
+        self._token = source  # the refreshed token serves the following connections too
+        return source
+
+    def _url(self) -> str:
         base = self._edges[self._edge_index].rstrip("/")
         conversation = quote(self.conversation_id, safe="")
-        url = f"{base}/v1/conversations/{conversation}/ws?token={quote(token)}"
+        url = f"{base}/v1/conversations/{conversation}/ws"
         if self.last_id:
-            url += f"&last_id={quote(self.last_id)}"
+            url += f"?last_id={quote(self.last_id)}"
         return url
 
     async def ping(self, nonce: int = 0) -> None:

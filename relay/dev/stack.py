@@ -152,7 +152,7 @@ async def run_stack(settings: Settings, options: StackOptions) -> int:
         await wait_until_ready(client)
         _print_banner(redis_url, edges, secret, settings, options)
         report = await run_demo(
-            client, Keys(settings.key_prefix, settings.key_buckets), secret, edges,
+            client, Keys.of(settings), secret, edges,
             _submitter(client, settings),
             conversations=options.conversations, turns=options.turns,
             sample_rate=settings.sample_rate, simulated=not settings.uses_real_motion_server,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import redis.asyncio as redis
 import structlog
@@ -13,6 +15,7 @@ from prometheus_client import generate_latest
 from redis.asyncio.cluster import RedisCluster
 
 from relay import wire
+from relay.edge.admission import Admission, EdgeWebSocket, ServerLog, refuse
 from relay.edge.hub import Hub
 from relay.edge.metrics import CONTENT_TYPE, EdgeMetrics
 from relay.edge.routing import ClusterRouter, Router, SingleRouter
@@ -22,7 +25,7 @@ from relay.keys import Keys, validate_conversation_id
 from relay.redis_conn import RedisClient, client_for, create_client
 from relay.settings import Settings
 from relay.streams import valid_id
-from relay.tokens import verify_token
+from relay.tokens import TokenVerifier, verifier_from_settings
 
 log = structlog.get_logger(__name__)
 
@@ -35,27 +38,47 @@ HUB = web.AppKey("hub", Hub)
 SESSIONS: web.AppKey[set[ClientSession]] = web.AppKey("sessions")
 METRICS = web.AppKey("metrics", EdgeMetrics)
 HUB_TASK = web.AppKey("hub_task", object)  # _Supervised: the hub's task, restarted if it ends
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+ADMISSION = web.AppKey("admission", Admission)
 
 # Client messages are tiny; anything far above the documented limit is cut off by aiohttp itself.
 _TRANSPORT_MAX_MSG = 64 * 1024
 
 
 def create_app(settings: Settings) -> web.Application:
-    settings.require_secret()
     settings.require_redis()
     app = web.Application()
     app[SETTINGS] = settings
-    app[KEYS] = Keys(settings.key_prefix, settings.key_buckets)
+    app[VERIFIER] = verifier_from_settings(settings)
+    app[ADMISSION] = Admission(settings)
+    app[KEYS] = Keys.of(settings)
     app[SESSIONS] = set()
     app[DRAINING] = asyncio.Event()
     app[METRICS] = EdgeMetrics()
     app.cleanup_ctx.append(_redis_and_hub)
     app.on_shutdown.append(_close_sessions)
-    app.router.add_get("/v1/conversations/{conversation_id}/ws", websocket_handler)
+    # Any segment, braces and all, reaches the handler: every id the rule refuses gets the
+    # documented error and 4400, not a router 404 a browser cannot see.
+    app.router.add_get("/v1/conversations/{conversation_id:[^/]*}/ws", websocket_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """aiohttp server options every edge runs with (relay.edge.run and the tests alike)."""
+    return {
+        # aiohttp's keep-alive timer also runs from the moment a connection opens until a
+        # complete request head has arrived, whatever trickles in meanwhile: it is the header
+        # read deadline. It is also how long an idle keep-alive HTTP connection stays open.
+        "keepalive_timeout": settings.edge_handshake_timeout_s,
+        "max_line_size": settings.edge_max_request_line,
+        "max_field_size": settings.edge_max_header_bytes,
+        "lingering_time": min(2.0, settings.edge_handshake_timeout_s),
+        "logger": ServerLog(),
+        "access_log": None,
+    }
 
 
 def _router(settings: Settings, client: RedisClient, keys: Keys) -> Router:
@@ -171,60 +194,105 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-async def _refuse(request: web.Request, ws: web.WebSocketResponse, conversation_id: str,
-                  code: int, reason: str, error: bytes | None = None) -> web.WebSocketResponse:
-    """Close a connection before delivery: logged and counted with its code."""
-    log.info("client_refused", code=code, reason=reason, conversation_id=conversation_id,
-             peer=request.remote)
+async def _refuse(request: web.Request, ws: web.WebSocketResponse, code: int, reason: str, *,
+                  error_message: str | None = None, **fields: Any) -> None:
+    """Close a connection before delivery: one log line, counted with its code."""
     request.app[METRICS].refused_with(code)
-    if error is not None:
-        await ws.send_bytes(error)
-    await ws.close(code=code, message=reason.encode())
-    return ws
+    await refuse(ws, code, reason, error_message=error_message, peer=request.remote, **fields)
+
+
+class _AmbiguousToken(TokenError):
+    pass
 
 
 def _token_from(request: web.Request) -> str | None:
+    """The Authorization header wins over the query parameter (docs/protocol.md)."""
     header = request.headers.get("Authorization", "")
-    if header.lower().startswith("bearer "):
+    if header[:7].lower() == "bearer ":
         return header[7:].strip()
-    return request.query.get("token")
+    tokens = request.query.getall("token", [])
+    if len(tokens) > 1:
+        raise _AmbiguousToken("several token parameters")
+    return tokens[0] if tokens else None
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
-    settings = app[SETTINGS]
-    ws = web.WebSocketResponse(max_msg_size=_TRANSPORT_MAX_MSG, heartbeat=settings.heartbeat_s)
-    await ws.prepare(request)
-    conversation_id = request.match_info["conversation_id"]
-    if app[DRAINING].is_set():
-        return await _refuse(request, ws, conversation_id, wire.CloseCode.EDGE_RESTARTING,
-                             "edge_draining")
+    settings, admission = app[SETTINGS], app[ADMISSION]
+    if not admission.origin_allowed(request):
+        # Before the upgrade: a page on another site never gets a WebSocket at all.
+        log.info("client_refused", reason="origin_not_allowed", status=403)
+        raise web.HTTPForbidden(text="origin not allowed\n")
+    ws = EdgeWebSocket(max_msg_size=_TRANSPORT_MAX_MSG, heartbeat=settings.heartbeat_s,
+                       timeout=settings.edge_handshake_timeout_s, compress=False)
     try:
-        validate_conversation_id(conversation_id)
-        verify_token(settings.require_secret(), _token_from(request), conversation_id)
-    except TokenError as exc:
-        return await _refuse(request, ws, conversation_id, exc.close_code, exc.reason)
-    except InvalidConversationId as exc:
-        return await _refuse(request, ws, conversation_id[:64], wire.CloseCode.BAD_REQUEST,
-                             "bad_conversation_id", wire.error("bad_conversation_id", str(exc)))
-    last_id = request.query.get("last_id") or None
-    if last_id is not None and not valid_id(last_id):
-        return await _refuse(request, ws, conversation_id, wire.CloseCode.BAD_REQUEST,
-                             "bad_last_id",
-                             wire.error("bad_last_id", "last_id must look like <ms>-<seq>"))
-    with structlog.contextvars.bound_contextvars(conversation_id=conversation_id,
-                                                 peer=request.remote):
-        await _serve(app, ws, conversation_id, last_id)
+        await ws.prepare(request)
+    except web.HTTPException as exc:  # not a WebSocket upgrade: aiohttp answers 400 itself
+        log.info("client_refused", reason="not_a_websocket", status=exc.status)
+        raise
+    with admission.address_slot(request.remote or "") as admitted:
+        if not admitted:
+            await _refuse(request, ws, wire.CloseCode.TOO_MANY_CONNECTIONS,
+                          "too_many_connections", scope="address",
+                          error_message="too many connections from this address")
+            return ws
+        await _admit(request, ws)
     return ws
 
 
+async def _admit(request: web.Request, ws: web.WebSocketResponse) -> None:
+    app = request.app
+    conversation_id = request.match_info["conversation_id"]
+    try:
+        validate_conversation_id(conversation_id)
+    except InvalidConversationId as exc:
+        # The refused id itself is not logged: it is whatever the client put in the path.
+        await _refuse(request, ws, wire.CloseCode.BAD_REQUEST, "bad_conversation_id",
+                      error_message=str(exc), id_length=len(conversation_id))
+        return
+    if app[DRAINING].is_set():
+        await _refuse(request, ws, wire.CloseCode.EDGE_RESTARTING, "edge_draining",
+                      conversation_id=conversation_id)
+        return
+    try:
+        claims = app[VERIFIER].verify(_token_from(request), conversation_id)
+    except TokenError as exc:
+        # Refused tokens close before any message (docs/protocol.md); ``detail`` is fixed text.
+        await _refuse(request, ws, exc.close_code, exc.reason, detail=str(exc),
+                      conversation_id=conversation_id)
+        return
+    last_id = request.query.get("last_id") or None
+    if last_id is not None and not valid_id(last_id):
+        await _refuse(request, ws, wire.CloseCode.BAD_REQUEST, "bad_last_id",
+                      error_message="last_id must look like <ms>-<seq>",
+                      conversation_id=conversation_id)
+        return
+    with app[ADMISSION].conversation_slot(conversation_id) as admitted, \
+            structlog.contextvars.bound_contextvars(conversation_id=conversation_id,
+                                                    peer=request.remote):
+        if not admitted:
+            await _refuse(request, ws, wire.CloseCode.TOO_MANY_CONNECTIONS,
+                          "too_many_connections", scope="conversation",
+                          error_message="too many connections to this conversation")
+            return
+        deadline = claims.expires_at + app[VERIFIER].leeway_s
+        await _serve(app, ws, conversation_id, last_id, deadline)
+
+
 async def _serve(
-    app: web.Application, ws: web.WebSocketResponse, conversation_id: str, last_id: str | None
+    app: web.Application, ws: web.WebSocketResponse, conversation_id: str, last_id: str | None,
+    token_deadline: float,
 ) -> None:
     settings, hub = app[SETTINGS], app[HUB]
     session = ClientSession(ws, conversation_id, settings, app[METRICS])
     app[SESSIONS].add(session)
     reader: asyncio.Task[None] | None = None
+    # The token holds for the connection's whole life, not only at connect: when it expires the
+    # client gets error{token_expired} and 4402, fetches a new token and resumes with last_id.
+    expiry = asyncio.get_running_loop().call_later(
+        max(0.0, token_deadline - time.time()), session.request_close,
+        wire.CloseCode.TOKEN_EXPIRED, "token_expired", "the token expired; reconnect with a new "
+        "token and last_id")
     try:
         async with app[JOINS]:
             start, tip = await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
@@ -243,13 +311,16 @@ async def _serve(
         log.info("client_lost", error=type(exc).__name__)
     except redis.RedisError as exc:
         log.warning("client_redis_error", error=str(exc))
-        await ws.close(code=wire.CloseCode.UNAVAILABLE, message=b"redis_unavailable")
+        with contextlib.suppress(ConnectionError):
+            await ws.close(code=wire.CloseCode.UNAVAILABLE, message=b"redis_unavailable")
     finally:
+        expiry.cancel()
         hub.detach(conversation_id, session)
         app[SESSIONS].discard(session)
         if reader is not None:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A reader that lost its connection has nothing left to report.
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
                 await reader
         app[METRICS].disconnected(session.close_code)
         log.info("client_left", sent=session.sent_count, code=session.close_code,

@@ -28,7 +28,7 @@ _KIND_BY_BYTES = {kind.encode(): kind for kind in wire.STREAM_KINDS}
 
 # Close codes as labels: the documented ones, the usual client-side ones, everything else "other".
 _CLOSE_CODES = frozenset({
-    1000, 1001, 1005, 1006, 1009, 1011, 1012, 4400, 4401, 4402, 4403, 4429, 4503,
+    1000, 1001, 1002, 1005, 1006, 1009, 1011, 1012, 4400, 4401, 4402, 4403, 4429, 4430, 4503,
 })
 
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -10,6 +10,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from relay import streams, wire
+from relay.edge.admission import FRAME_ERRORS
 from relay.edge.framing import FrameWriter, delivery_frame
 from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.errors import WireError
@@ -69,6 +70,7 @@ class ClientSession:
         self._wakeup = asyncio.Event()
         self._close_code: int | None = None
         self._close_reason = ""
+        self._close_error: bytes | None = None
         self._sent = (0, -1)  # id of the last frame written to the socket
         self._direct = False  # live and caught up: offers may write straight to the socket
         self.sent_count = 0
@@ -123,9 +125,12 @@ class ClientSession:
         the client resumes (here or elsewhere) from its own position, through history."""
         self.request_close(wire.CloseCode.SLOW_CONSUMER, "edge_behind")
 
-    def request_close(self, code: int, reason: str) -> None:
+    def request_close(self, code: int, reason: str, error_message: str | None = None) -> None:
+        """Close after the current write; with ``error_message``, send error{reason} first."""
         if self._close_code is None:
             self._close_code, self._close_reason = code, reason
+            if error_message is not None:
+                self._close_error = wire.error(reason, error_message)
             self._wakeup.set()
 
     # --- delivery ----------------------------------------------------------------------------
@@ -190,11 +195,20 @@ class ClientSession:
             while self._queue and self._close_code is None:
                 await self._write_batch()
             if self._close_code is not None:
-                await self.ws.close(code=self._close_code, message=self._close_reason.encode())
+                await self._close()
                 return
             self._wakeup.clear()
             self._direct = True
             await self._wakeup.wait()
+
+    async def _close(self) -> None:
+        assert self._close_code is not None
+        try:
+            if self._close_error is not None:
+                await self.ws.send_bytes(self._close_error)
+            await self.ws.close(code=self._close_code, message=self._close_reason.encode())
+        except ConnectionError:
+            pass  # the client left first
 
     async def _write_batch(self) -> None:
         frames: list[bytes] = []
@@ -212,6 +226,15 @@ class ClientSession:
         """Answer pings; refuse anything else with an error message and a close."""
         limit = self._settings.client_message_max_bytes
         async for msg in self.ws:
+            if msg.type == WSMsgType.ERROR:
+                # aiohttp failed the connection itself: a frame error or the transport's size cap
+                # (error and close already sent, see EdgeWebSocket), or a lost connection.
+                frame_error = FRAME_ERRORS.get(self.ws.close_code or 0)
+                if frame_error is not None:
+                    log.info("client_message_refused", error_code=frame_error[0],
+                             close_code=self.ws.close_code)
+                    self.request_close(self.ws.close_code or 0, frame_error[0])
+                return
             if msg.type != WSMsgType.BINARY:
                 await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message",
                                    "only binary msgpack messages are accepted")
@@ -226,9 +249,12 @@ class ClientSession:
                 await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message", str(exc))
                 return
             if decoded.kind == wire.PING:
-                await self.ws.send_bytes(wire.pong(decoded.fields.get("nonce")))
+                try:
+                    await self.ws.send_bytes(wire.pong(decoded.fields.get("nonce")))
+                except ConnectionError:
+                    return
 
     async def _refuse(self, code: int, error_code: str, message: str) -> None:
         log.info("client_message_refused", error_code=error_code, detail=message)
-        await self.ws.send_bytes(wire.error(error_code, message))
-        self.request_close(code, error_code)
+        self.request_close(code, error_code, message)
+

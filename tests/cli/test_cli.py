@@ -21,7 +21,7 @@ def test_token_errors_are_clear():
     bad_id = relay("token", "conv{7}", RELAY_TOKEN_SECRET=TEST_SECRET)
     assert bad_id.returncode == 2 and "conversation id" in bad_id.stderr
     short = relay("token", "conv-7", RELAY_TOKEN_SECRET="short")
-    assert short.returncode == 2 and "at least 16" in short.stderr
+    assert short.returncode == 2 and "at least 32" in short.stderr
 
 
 def test_token_refuses_a_bad_ttl_without_a_traceback():

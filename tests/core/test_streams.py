@@ -14,7 +14,7 @@ from redis.backoff import ConstantBackoff
 from relay import wire
 from relay.dev.embedded import EmbeddedServer
 from relay.errors import TurnFenced
-from relay.streams import ACTIVE, ConversationLog, read_after, read_turn, stream_info
+from relay.streams import ACTIVE, ConversationLog, Guard, read_after, read_turn, stream_info
 
 
 @pytest.fixture
@@ -155,3 +155,17 @@ async def test_append_across_a_redis_stall_longer_than_the_socket_timeout(keys):
                  if m.kind == "audio"]
         await client.aclose()
     assert audio == [0, 1]
+
+
+async def test_open_turn_checks_the_callers_guard(log, redis_client, keys):
+    """The fence is the caller's: a hash field that must hold a value when the turn opens."""
+    guard_key = keys.queue_state("c-guard")  # any hash of the conversation's bucket
+    guard = Guard(guard_key, "allowed", "t1/1")
+    with pytest.raises(TurnFenced):
+        await log.open_turn("c-guard", "t1", sample_rate=16000, owner="p1", epoch=1, guard=guard)
+    assert await read_turn(redis_client, keys, "c-guard") is None  # nothing was written
+    await redis_client.hset(guard_key, "allowed", "t1/1")
+    start = await log.open_turn("c-guard", "t1", sample_rate=16000, owner="p1", epoch=1,
+                                guard=guard)
+    state = await read_turn(redis_client, keys, "c-guard")
+    assert state is not None and state.start_id == start and state.epoch == 1

@@ -20,7 +20,7 @@ from relay.settings import Settings
 from relay.streams import StreamInfo, parse_id, valid_id
 from relay.tokens import mint_token, verify_token
 
-SECRET = "unit-secret-0123456789"
+SECRET = "unit-secret-0123456789-0123456789"
 
 
 def test_delivery_splice_equals_a_full_encode():
@@ -66,7 +66,7 @@ def test_token_round_trip_and_failures():
         with pytest.raises(TokenError):
             verify_token(SECRET, bad, "c-1", now=1_010)
     with pytest.raises(TokenError):
-        verify_token("another-secret-0123456", token, "c-1", now=1_010)
+        verify_token("another-secret-0123456-0123456789", token, "c-1", now=1_010)
 
 
 def test_stream_ids():
@@ -112,3 +112,13 @@ def test_settings_from_env():
                 {"RELAY_PER_TURN_SESSIONS": "maybe"}, {"RELAY_KEY_PREFIX": "a{b}"}):
         with pytest.raises(ConfigError):
             Settings.from_env(env)
+
+
+async def test_lua_live_channel_of_stream_matches_keys(redis_client):
+    from relay.keys import LIVE_CHANNEL_OF_STREAM
+
+    keys = Keys("p.x:y", buckets=16)
+    script = LIVE_CHANNEL_OF_STREAM + "return live_channel_of(KEYS[1])"
+    for conv in ("c-1", "conv:7.a", "x" * 128):
+        got = await redis_client.eval(script, 1, keys.stream(conv))
+        assert got.decode() == keys.live_channel(conv)

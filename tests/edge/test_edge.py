@@ -153,7 +153,10 @@ async def test_resume_outside_retention_says_so(settings, redis_client, keys):
     [
         (lambda conv: None, wire.CloseCode.TOKEN_INVALID),
         (lambda conv: "v1.garbage.sig", wire.CloseCode.TOKEN_INVALID),
-        (lambda conv: mint_token("another-secret-0123456789", conv), wire.CloseCode.TOKEN_INVALID),
+        (
+            lambda conv: mint_token("another-secret-0123456789-abcdefgh", conv),
+            wire.CloseCode.TOKEN_INVALID,
+        ),
         (
             lambda conv: mint_token(TEST_SECRET, conv, ttl_s=1, now=1_000),
             wire.CloseCode.TOKEN_EXPIRED,

@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import aiohttp
+import pytest
 
 from relay import wire
 from relay.client import RelayClient
@@ -42,6 +43,7 @@ async def flood(log: ConversationLog, conv: str, turn: str, entries: int, size: 
     await log.end_turn(conv, turn, status=wire.STATUS_COMPLETE)
 
 
+@pytest.mark.slow  # edge processes
 async def test_slow_client_is_cut_off_edge_memory_stays_flat_and_resume_is_exact(
     settings, redis_client, keys, tmp_path
 ):
@@ -150,6 +152,7 @@ async def test_clients_move_when_redis_stays_down(settings, keys):
         server.stop()
 
 
+@pytest.mark.slow  # edge processes
 async def test_sigterm_drains_clients_to_another_edge(settings, redis_client, keys, tmp_path):
     stack = LocalStack(child_env(settings, settings.redis_url, TEST_SECRET), tmp_path / "logs")
     try:

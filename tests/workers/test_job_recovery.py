@@ -52,7 +52,8 @@ async def crash_mid_turn(redis_client, keys, queue, conv, clip, *, audio_bytes, 
     claim = await store.claim(conv, await store.head(conv), owner=DEAD)
     await redis_client.set(keys.conversation_lock(conv), DEAD, px=60_000)
     log = ConversationLog(redis_client, keys, maxlen=10_000, ttl_s=60)
-    await log.open_turn(conv, turn_id, sample_rate=RATE, owner=DEAD, epoch=claim.epoch)
+    await log.open_turn(conv, turn_id, sample_rate=RATE, owner=DEAD, epoch=claim.epoch,
+                        guard=store.run_guard(conv, turn_id, claim.epoch))
     chunks = [clip[i:i + 1280] for i in range(0, audio_bytes, 1280)]
     for seq, chunk in enumerate(chunks):
         last = audio_end and seq == len(chunks) - 1
@@ -82,7 +83,8 @@ async def test_claim_fences_the_previous_attempt(redis_client, keys, queue):
         await log.append("conv-fence", turn_id, wire.audio(turn_id, 2, b"zz", end=False),
                          epoch=epoch)
     with pytest.raises(TurnFenced):
-        await log.open_turn("conv-fence", turn_id, sample_rate=RATE, owner=DEAD, epoch=epoch)
+        await log.open_turn("conv-fence", turn_id, sample_rate=RATE, owner=DEAD, epoch=epoch,
+                            guard=store.run_guard("conv-fence", turn_id, epoch))
     await log.append("conv-fence", turn_id, wire.audio(turn_id, 2, b"ok", end=False),
                      epoch=claim.epoch)
 

@@ -243,8 +243,9 @@ async def test_capacity_falls_back_to_audio_only(make_producer, redis_client, ke
     assert result.status == wire.STATUS_AUDIO_ONLY and result.error.startswith("capacity")
     messages = await stream_messages(redis_client, keys, "conv-waiter")
     assert_audio_only(messages, result.turn_id, clip, "capacity")
-    first_two = [m.kind for m in of_turn(messages, result.turn_id)][:2]
-    assert first_two == [wire.TURN_START, wire.AUDIO_ONLY]  # known before any audio was sent
+    kinds = [m.kind for m in of_turn(messages, result.turn_id)]
+    # The audio did not wait for the slot: all of it went out during the 0.3 s wait.
+    assert kinds.index(wire.AUDIO_ONLY) > max(i for i, k in enumerate(kinds) if k == wire.AUDIO)
 
 
 async def test_idle_sessions_yield_to_waiting_turns(make_producer, redis_client, keys, sim):

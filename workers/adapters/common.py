@@ -67,7 +67,7 @@ class RelayTurns:
     def __init__(self, settings: Settings, client: RedisClient) -> None:
         self._settings = settings
         self._client = client
-        self._keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._keys = Keys.of(settings)
         self._queue = TurnQueue.from_settings(settings, client)
         self._store = JobStore(client, self._keys, ttl_s=settings.job_ttl_s, lease_s=1.0)
 

@@ -19,9 +19,9 @@ from relay.errors import RelayError
 from relay.keys import Keys
 from relay.redis_conn import RedisClient, client_for
 from relay.settings import SAMPLE_RATES, Settings
-from relay.streams import RUN_SEPARATOR
 from workers.errors import MalformedJob, QueueError
 from workers.queue.deadletters import DeadLetter, DeadLetters
+from workers.queue.doorbells import waiting_conversations
 from workers.queue.jobs import KIND_CLIP, decode_job
 from workers.queue.records import JobStore
 from workers.queue.submit import TurnQueue
@@ -115,20 +115,20 @@ class QueuedRow:
 
 async def queued_turns(client: RedisClient, keys: Keys, settings: Settings) -> list[QueuedRow]:
     store = JobStore(client, keys, ttl_s=settings.job_ttl_s, lease_s=1.0)
-    rows = await client.xrange(keys.jobs(), count=_LIST_LIMIT)
-    conversations = sorted({f[b"conv"].decode() for _, f in rows if f.get(b"conv")})
     result = []
-    for conversation in conversations:
-        state = await store.attempts(conversation)
+    for conversation in await waiting_conversations(client, keys, limit=_LIST_LIMIT):
+        attempts = await store.attempts(conversation)
+        running_turn = await store.running_turn(conversation)
         runner = await store.runner(conversation)
         for turn in await store.queued(conversation):
-            result.append(_row(conversation, turn.turn_id, turn.job, state, runner))
+            result.append(_row(conversation, turn.turn_id, turn.job, attempts,
+                               runner if turn.turn_id == running_turn else None))
     return result
 
 
-def _row(conversation: str, turn_id: str, raw_job: bytes, state: dict[str, str],
+def _row(conversation: str, turn_id: str, raw_job: bytes, attempts: dict[str, int],
          runner: str | None) -> QueuedRow:
-    running = state.get("run", "").partition(RUN_SEPARATOR)[0] == turn_id
+    running = runner is not None
     kind, audio_s, waited_s = "?", None, None
     try:
         job = decode_job({b"job": raw_job})
@@ -140,15 +140,15 @@ def _row(conversation: str, turn_id: str, raw_job: bytes, state: dict[str, str],
         pass
     return QueuedRow(conversation=conversation, turn=turn_id,
                      state="running" if running else "queued",
-                     attempts=int(state.get(f"a:{turn_id}", "0")), kind=kind,
+                     attempts=attempts.get(turn_id, 0), kind=kind,
                      audio_s=round(audio_s, 2) if audio_s else None, waited_s=waited_s,
-                     runner=runner if running else None)
+                     runner=runner)
 
 
 async def list_jobs(settings: Settings, *, as_json: bool, out: Callable[[str], None]) -> int:
     client = client_for(settings)
     try:
-        keys = Keys(settings.key_prefix, settings.key_buckets)
+        keys = Keys.of(settings)
         queued = await queued_turns(client, keys, settings)
         dead = await DeadLetters(client, keys, maxlen=settings.dead_letter_maxlen).list()
     finally:
@@ -185,7 +185,7 @@ async def fix_dead_letter(settings: Settings, action: str, entry_id: str) -> str
     queue (a new turn id: the old one may have been partly played and interrupted)."""
     client = client_for(settings)
     try:
-        keys = Keys(settings.key_prefix, settings.key_buckets)
+        keys = Keys.of(settings)
         dead = DeadLetters(client, keys, maxlen=settings.dead_letter_maxlen)
         letter = await dead.get(entry_id)
         if letter is None:

@@ -74,6 +74,13 @@ class Doorbell:
 
 
 
+async def waiting_conversations(client: RedisClient, keys: Keys, *, limit: int) -> list[str]:
+    """Conversations with a doorbell in the jobs stream (rung, not yet done), for operators."""
+    rows = await client.xrange(keys.jobs(), count=limit)
+    return sorted({text(fields[CONVERSATION_FIELD]) for _, fields in rows
+                   if fields.get(CONVERSATION_FIELD)})
+
+
 def _doorbell(entry_id: Any, fields: Mapping[bytes, bytes]) -> Doorbell:
     conversation = fields.get(CONVERSATION_FIELD)
     turn = fields.get(TURN_FIELD)

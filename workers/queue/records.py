@@ -21,12 +21,68 @@ reads what was already delivered.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 from relay.keys import Keys
 from relay.lua import NOW_MS, ScriptArgs, register, text
 from relay.redis_conn import RedisClient, answer
-from relay.streams import REMEMBER_DONE, RUN_SEPARATOR
+from relay.streams import INTERRUPT_ACTIVE, Guard, InterruptExtension
+
+# "<turn>/<epoch>": the attempt of a queued turn allowed to run now (``run`` in the queue state).
+# Turn ids cannot contain "/", so the pair is unambiguous.
+RUN_FIELD = "run"
+ATTEMPTS_PREFIX = "a:"  # a:<turn> in the queue state: attempts started
+RUN_SEPARATOR = "/"
+
+
+def run_value(turn_id: str, epoch: int) -> str:
+    return f"{turn_id}{RUN_SEPARATOR}{epoch}"
+
+# Turns remembered as done per conversation (and for at most the queue's ttl): a job that another
+# queue system delivers again after its turn left the queue is ignored within these bounds.
+DONE_KEEP = 1000
+
+# Lua: remember_done(done key, turn, ttl_ms) records a turn that left the queue
+# (``Keys.turns_done``) and keeps the set bounded; the script must define ``now`` (server ms) first.
+REMEMBER_DONE = """
+local function remember_done(done, turn, ttl_ms)
+  redis.call('ZADD', done, now, turn)
+  redis.call('ZREMRANGEBYSCORE', done, '-inf', now - ttl_ms)
+  redis.call('ZREMRANGEBYRANK', done, 0, -1 - DONE_KEEP)
+  redis.call('PEXPIRE', done, ttl_ms)
+end
+""".replace("DONE_KEEP", str(DONE_KEEP))
+
+
+
+# KEYS: stream, turn (the log's, see ``relay.streams.InterruptExtension``), queue, queue state,
+# done. ARGV: the log's five, then queue_ttl_ms. Interrupts the active turn and drops every turn
+# queued for the conversation in the same step, so turns queued after the call are kept. Dropped
+# turns count as done; the queue state keeps its epoch counter: epochs never repeat.
+# Returns {interrupt_active's result, dropped turns}; {-1} when the turn changed under the caller.
+# Run twice: the second run finds no active turn and an empty queue (or turns queued since, which
+# a retried interrupt drops as a new interrupt would); nothing is written twice.
+_INTERRUPT_AND_DROP = NOW_MS + REMEMBER_DONE + INTERRUPT_ACTIVE + """
+local hit = interrupt_active(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+if hit < 0 then return {hit} end
+local ttl = tonumber(ARGV[6])
+local dropped = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'turn' then remember_done(KEYS[5], fields[i + 1], ttl) end
+  end
+  dropped = dropped + 1
+end
+redis.call('DEL', KEYS[3])
+local epoch = redis.call('HGET', KEYS[4], 'epoch')
+redis.call('DEL', KEYS[4])
+if epoch then
+  redis.call('HSET', KEYS[4], 'epoch', epoch)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+return {hit, dropped}
+"""
 
 # KEYS: queue, state, done. ARGV: turn, job, deadline_in_ms (0: none), max_queued, ttl_ms.
 # Returns {1, entry id}, {0} when the turn is already queued, {2} when it already left the queue
@@ -179,6 +235,31 @@ class RunnerTake(StrEnum):
 
 
 
+class Enqueued(IntEnum):
+    """What ``_SUBMIT`` answered."""
+
+    ALREADY_QUEUED = 0  # queued or running under that turn id: nothing changed
+    QUEUED = 1
+    ALREADY_DONE = 2  # the turn id already left the queue: not played again
+    FULL = -1  # the conversation holds queue_max turns
+
+
+class Finished(IntEnum):
+    """What ``_FINISH`` answered."""
+
+    DROPPED = 0  # the turn was dropped (interrupt) while it ran
+    DONE = 1
+    TAKEN_OVER = -1  # another attempt runs the turn now
+
+
+class Released(IntEnum):
+    """What ``_RELEASE_IF_EMPTY`` answered."""
+
+    WAITING = 0  # turns are waiting: keep running
+    RELEASED = 1  # the queue is empty and the runner lease is gone
+    LOST = -1  # the lease was someone else's
+
+
 class JobStore:
     """The per-conversation side of the job queue; see the module docstring for the layout.
 
@@ -202,6 +283,7 @@ class JobStore:
             register(client, _STEP_BACK), register(client, _TAKE), register(client, _RENEW))
         self._release = register(client, _RELEASE_IF_EMPTY)
         self._give_up = register(client, _GIVE_UP)
+        self._interrupt_and_drop = register(client, _INTERRUPT_AND_DROP)
 
     @property
     def keys(self) -> Keys:
@@ -210,14 +292,13 @@ class JobStore:
     # Submitting.
 
     async def enqueue(self, conversation_id: str, turn_id: str, job: bytes,
-                      *, deadline_in_ms: int = 0) -> int:
-        """Queue a turn: 1 queued; 0 already queued or running, 2 already done (both
-        idempotent: nothing changes); -1 the queue is full."""
+                      *, deadline_in_ms: int = 0) -> Enqueued:
+        """Queue a turn (a second submit of the same turn id changes nothing)."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
         args: ScriptArgs = [turn_id, job, max(0, deadline_in_ms), self._queue_max, self._ttl_ms]
         result = await self._submit(keys=keys, args=args)
-        return int(result[0])
+        return Enqueued(int(result[0]))
 
     # Running a conversation's queue.
 
@@ -240,12 +321,12 @@ class JobStore:
                      start_id=text(start), previous_owner=text(previous),
                      opened=text(status) == "active")
 
-    async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> int:
-        """Remove a turn that ended: 1, 0 if it was dropped meanwhile, -1 if taken over."""
+    async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> Finished:
+        """Remove a turn that ended."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
         args: ScriptArgs = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
-        return int(await self._finish(keys=keys, args=args))
+        return Finished(int(await self._finish(keys=keys, args=args)))
 
     async def is_queued(self, conversation_id: str, turn_id: str) -> bool:
         """The turn is still queued or running (it has not left the queue)."""
@@ -271,8 +352,24 @@ class JobStore:
 
     async def still_running(self, conversation_id: str, turn_id: str, epoch: int) -> bool:
         """True while this attempt is the one allowed to run (not dropped, not taken over)."""
-        raw = await answer(self._client.hget(self._keys.queue_state(conversation_id), "run"))
-        return raw is not None and text(raw) == f"{turn_id}{RUN_SEPARATOR}{epoch}"
+        raw = await answer(self._client.hget(self._keys.queue_state(conversation_id), RUN_FIELD))
+        return raw is not None and text(raw) == run_value(turn_id, epoch)
+
+    def run_guard(self, conversation_id: str, turn_id: str, epoch: int) -> Guard:
+        """The condition under which this attempt may open its turn (``ConversationLog``)."""
+        return Guard(self._keys.queue_state(conversation_id), RUN_FIELD, run_value(turn_id, epoch))
+
+    def drop_queued(self, conversation_id: str) -> InterruptExtension:
+        """Drop every queued turn of the conversation in the interrupt's own atomic step; the
+        outcome's ``extra`` is (dropped turns,)."""
+        keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
+                self._keys.turns_done(conversation_id)]
+        return InterruptExtension(self._interrupt_and_drop, keys, [self._ttl_ms])
+
+    async def running_turn(self, conversation_id: str) -> str | None:
+        """The turn whose attempt is allowed to run now, if any (for operators)."""
+        raw = await answer(self._client.hget(self._keys.queue_state(conversation_id), RUN_FIELD))
+        return text(raw).partition(RUN_SEPARATOR)[0] if raw is not None else None
 
     async def queued(self, conversation_id: str) -> list[QueuedTurn]:
         """Every queued turn of the conversation, oldest first (for operators)."""
@@ -281,9 +378,12 @@ class JobStore:
                            job=f.get(b"job", b""), deadline_ms=int(f.get(b"deadline", b"0") or 0))
                 for i, f in rows]
 
-    async def attempts(self, conversation_id: str) -> dict[str, str]:
+    async def attempts(self, conversation_id: str) -> dict[str, int]:
+        """Attempts started per turn still in the queue (for operators)."""
         raw = await answer(self._client.hgetall(self._keys.queue_state(conversation_id)))
-        return {text(k): text(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
+        return {name[len(ATTEMPTS_PREFIX):]: int(value) for name, value in fields.items()
+                if name.startswith(ATTEMPTS_PREFIX)}
 
     # The runner lease.
 
@@ -300,10 +400,11 @@ class JobStore:
         return bool(int(await self._renew(keys=keys,
                                           args=[f"{owner}|{doorbell}", self._lease_ms])))
 
-    async def release_if_empty(self, conversation_id: str, *, owner: str, doorbell: str) -> int:
-        """1: released, the queue is empty; 0: turns are waiting, keep running; -1: lost."""
+    async def release_if_empty(self, conversation_id: str, *, owner: str,
+                               doorbell: str) -> Released:
+        """Give up the runner lease if the queue is empty."""
         keys = [self._keys.queue_runner(conversation_id), self._keys.queue(conversation_id)]
-        return int(await self._release(keys=keys, args=[f"{owner}|{doorbell}"]))
+        return Released(int(await self._release(keys=keys, args=[f"{owner}|{doorbell}"])))
 
     async def give_up(self, conversation_id: str, *, owner: str, doorbell: str) -> None:
         keys = [self._keys.queue_runner(conversation_id)]

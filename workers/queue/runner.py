@@ -41,7 +41,7 @@ from workers.queue.deadletters import (
 )
 from workers.queue.input import InputBatch, read_input
 from workers.queue.jobs import KIND_CLIP, TurnJob, decode_job
-from workers.queue.records import Claim, ClaimKind, JobStore, QueuedTurn
+from workers.queue.records import Claim, ClaimKind, Finished, JobStore, QueuedTurn, Released
 from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
 from workers.speech.resume import read_delivered
@@ -122,8 +122,10 @@ class ConversationRunner:
                 if head is None:
                     released = await self._s.store.release_if_empty(
                         self.conversation_id, owner=self.owner, doorbell=self.doorbell)
-                    if released:
-                        return RunnerExit.DONE if released > 0 else RunnerExit.LOST
+                    if released is Released.RELEASED:
+                        return RunnerExit.DONE
+                    if released is Released.LOST:
+                        return RunnerExit.LOST
                     continue  # a turn was queued between the two reads
                 with bound_contextvars(turn_id=head.turn_id):
                     if not await self._run_head(head):
@@ -215,9 +217,10 @@ class ConversationRunner:
         log.info("turn_continued", audio_bytes=delivered.audio_bytes,
                  audio_ended=delivered.audio_ended, frames=delivered.frames,
                  audio_only=delivered.audio_only)
+        guard = self._s.store.run_guard(job.conversation_id, job.turn_id, claim.epoch)
         return Attempt(epoch=claim.epoch, delivered=delivered,
                        take_over_from=claim.previous_owner or self._take_over_from,
-                       session_lease=lease)
+                       session_lease=lease, guard=guard)
 
     async def _open(self, job: TurnJob, attempt: Attempt) -> Turn:
         if self._must_stop():
@@ -320,9 +323,9 @@ class ConversationRunner:
 
     async def _finish(self, head: QueuedTurn, claim: Claim) -> bool:
         finished = await self._s.store.finish(self.conversation_id, head, claim.epoch)
-        if finished >= 0:
+        if finished is not Finished.TAKEN_OVER:
             await self._drop_input(head)
-        return finished >= 0
+        return finished is not Finished.TAKEN_OVER
 
     async def _drop_input(self, head: QueuedTurn) -> None:
         await self._s.client.delete(self._s.keys.turn_input(self.conversation_id, head.turn_id))

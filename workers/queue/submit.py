@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient
 from relay.settings import Settings
-from relay.streams import ConversationLog, InterruptOutcome
+from relay.streams import ConversationLog
 from workers.errors import QueueError, QueueFull
 from workers.queue.doorbells import Doorbells
 from workers.queue.input import StreamedInput
 from workers.queue.jobs import DEFAULT_MAX_JOBS, KIND_CLIP, KIND_STREAM, MAX_CLIP_BYTES, TurnJob
-from workers.queue.records import JobStore
+from workers.queue.records import Enqueued, JobStore
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 
 
@@ -64,6 +64,12 @@ class Submitted:
 
 
 
+@dataclass(frozen=True)
+class InterruptDetail:
+    turn_id: str | None  # the turn that was interrupted, None when none was playing
+    dropped: int  # queued turns removed with it
+
+
 class TurnQueue:
     """Submit turns for producer workers; needs only a Redis client.
 
@@ -86,8 +92,7 @@ class TurnQueue:
         self._input_ttl_ms = input_ttl_s * 1000
         self._max_jobs = max_jobs
         self._drop_queued = drop_queued_on_interrupt
-        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s,
-                                    queue_ttl_s=queue_ttl_s)
+        self._log = ConversationLog(client, keys, maxlen=stream_maxlen, ttl_s=stream_ttl_s)
         # Submitting never leases anything: the lease time only matters to workers.
         self._store = JobStore(client, keys, ttl_s=queue_ttl_s, lease_s=1.0, queue_max=queue_max)
         self._doorbells = Doorbells(client, keys, consumer="submitter")
@@ -95,7 +100,7 @@ class TurnQueue:
     @classmethod
     def from_settings(cls, settings: Settings, client: RedisClient) -> TurnQueue:
         return cls(
-            client, Keys(settings.key_prefix, settings.key_buckets),
+            client, Keys.of(settings),
             input_ttl_s=settings.turn_input_ttl_s,
             stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
             queue_max=settings.conversation_queue_max, queue_ttl_s=settings.job_ttl_s,
@@ -161,11 +166,14 @@ class TurnQueue:
         return outcome.turn_id
 
     async def interrupt_detail(self, conversation_id: str, *, reason: str = "interrupted",
-                               drop_queued: bool | None = None) -> InterruptOutcome:
+                               drop_queued: bool | None = None) -> InterruptDetail:
         """``interrupt``, also telling how many queued turns were dropped."""
         drop = self._drop_queued if drop_queued is None else drop_queued
-        return await self._log.interrupt_and_drop(conversation_id, reason=reason,
-                                                  drop_queued=drop)
+        extension = self._store.drop_queued(conversation_id) if drop else None
+        outcome = await self._log.interrupt_with(conversation_id, reason=reason,
+                                                 extension=extension)
+        dropped = int(outcome.extra[0]) if outcome.extra else 0
+        return InterruptDetail(turn_id=outcome.turn_id, dropped=dropped)
 
     async def resubmit(self, job: TurnJob, *, turn_id: str | None = None) -> str:
         """Queue a copy of ``job`` as a new turn (operators requeueing a dead letter)."""
@@ -182,15 +190,15 @@ class TurnQueue:
         deadline_ms = int(deadline_s * 1000) if deadline_s else 0
         queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
                                            deadline_in_ms=deadline_ms)
-        if queued < 0:
+        if queued is Enqueued.FULL:
             raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
                             "turns queued")
-        if queued == 2:
+        if queued is Enqueued.ALREADY_DONE:
             return SUBMIT_ALREADY_DONE
         # Rung after the turn is queued, so whoever reads the doorbell finds the turn. Rung
         # again for a duplicate submit: it costs one entry and repairs a lost doorbell.
         await self._doorbells.ring(job.conversation_id, job.turn_id)
-        return SUBMIT_QUEUED if queued == 1 else SUBMIT_ALREADY_QUEUED
+        return SUBMIT_QUEUED if queued is Enqueued.QUEUED else SUBMIT_ALREADY_QUEUED
 
 
 def _check_avatar(avatar_id: str | None) -> str | None:

@@ -56,7 +56,7 @@ class ProducerWorker:
         self._settings = settings
         self._client = client
         self._producer = producer
-        keys = Keys(settings.key_prefix, settings.key_buckets)
+        keys = Keys.of(settings)
         self._doorbells = Doorbells(client, keys, consumer=producer.owner)
         store = JobStore(client, keys, ttl_s=settings.job_ttl_s,
                          lease_s=settings.conversation_lease_s,
@@ -69,7 +69,7 @@ class ProducerWorker:
             settings=settings, client=client, keys=keys, producer=producer, store=store,
             dead=self._dead, stopping=self._stopping,
             log=ConversationLog(client, keys, maxlen=settings.stream_maxlen,
-                                ttl_s=settings.stream_ttl_s, queue_ttl_s=settings.job_ttl_s),
+                                ttl_s=settings.stream_ttl_s),
         )
         self._claim_idle_ms = int(settings.job_claim_idle_s * 1000)
         self._runners: dict[str, ConversationRunner] = {}  # by doorbell id

@@ -36,7 +36,7 @@ from relay.errors import RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient
 from relay.settings import Settings
-from relay.streams import ConversationLog
+from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.speech.control import ControlListener
 from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
@@ -69,12 +69,15 @@ class Attempt:
         was fenced by the claim).
     :param session_lease: a Motion Server session slot reserved before the claim
         (``reserve_session``); the turn's new session uses it.
+    :param guard: checked atomically when the attempt opens its turn (``ConversationLog``): the
+        job queue's "this attempt is the one allowed to run".
     """
 
     epoch: int
     delivered: Delivered | None = None
     take_over_from: str = ""
     session_lease: str | None = None
+    guard: Guard | None = None  # the caller's condition for opening the turn (the queue's fence)
 
 
 class _KeyedLocks:
@@ -120,7 +123,7 @@ class Producer:
         if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:
             raise ValueError("frames_timeout_s and session_idle_s must be positive")
         self._settings = settings
-        self._keys = Keys(settings.key_prefix, settings.key_buckets)
+        self._keys = Keys.of(settings)
         self._endpoints = MotionEndpoints.from_settings(
             settings, console_url=console_url, ingress_url=ingress_url
         )
@@ -279,6 +282,7 @@ class Producer:
             return await self._log.open_turn(
                 spec.conversation_id, spec.turn_id, sample_rate=spec.sample_rate,
                 owner=self._owner, epoch=spec.epoch,
+                guard=attempt.guard if attempt is not None else None,
             )
         except TurnFenced as exc:
             if attempt is not None:

@@ -4,6 +4,12 @@ A turn, in stream order: ``turn_start``; for each chunk an ``audio`` entry, appe
 chunk goes to the Motion Server so a client always holds the audio before the frames made from
 it; ``frames`` entries written by the turn's ``FramesPipe``; the audio end marker; ``turn_end``.
 
+The audio never waits for the Motion Server: ``begin`` starts getting the turn's SDK session
+(checked out of the pool, or opened: token and handshake) in a task of its own and returns at
+once. Until the session is ready the chunks whose audio is already in the stream wait in the
+turn's motion backlog, in order, and then all go to that one session (one request); if no session
+can be had, the turn goes audio-only from wherever its audio is at that moment.
+
 A queued turn may be an attempt that continues a turn an earlier attempt started (``Delivered``):
 it goes on with the next audio seq and never rewrites delivered audio. If no frames went out yet
 it runs a fresh Motion Server request fed with the whole turn's audio (``prefeed`` the delivered
@@ -14,6 +20,7 @@ is audio-only (``audio_only{producer_failover}``): frames of two requests are ne
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import suppress
 from dataclasses import dataclass
@@ -32,7 +39,7 @@ from workers.speech.frames import REASON_STALL, FramesPipe, PipeOutcome
 from workers.speech.pcm import chunk_size, pcm_seconds, validate_pcm
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
-from workers.speech.session import MotionSession, MotionUnavailable
+from workers.speech.session import REASON_MOTION_ERROR, MotionSession, MotionUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +54,11 @@ REASON_FAILOVER = "producer_failover"
 # the caller's, nothing more is buffered.
 AUDIO_BATCH_MAX = 32
 AUDIO_BATCH_MAX_BYTES = 512 * 1024
+# Overflow policy "motion_backlog": while the turn's session is still opening, at most this many
+# bytes of audio (already in the stream) wait to be sent to it; past that the audio path waits
+# for the session to be ready (or to fail) before it appends more. Bounds what a turn holds for
+# a slow handshake or a long wait at the session cap (about 2 min of 16 kHz audio).
+MOTION_BACKLOG_MAX_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,11 +114,17 @@ class Turn:
         self._pipe = FramesPipe(services.log, spec.conversation_id, spec.turn_id,
                                 stall_s=services.frames_timeout_s, epoch=spec.epoch)
         self._session: MotionSession | None = None
+        # Getting the session runs beside the audio; until it is ready the chunks for the Motion
+        # Server wait in the backlog (``MOTION_BACKLOG_MAX_BYTES``), and go out in order.
+        self._opening: asyncio.Task[None] | None = None
+        self._motion_ready = False
+        self._backlog: deque[tuple[bytes, bool]] = deque()
+        self._backlog_bytes = 0
         self._audio_seq = delivered.next_seq if delivered else 0
         self._audio_bytes = delivered.audio_bytes if delivered else 0
         self._audio_end_sent = delivered.audio_ended if delivered else False
         self._motion_bytes = 0
-        self._motion_end_sent = False
+        self._motion_end_fed = False  # the request's end went to the session (or its backlog)
         # Audio clients already have goes to a fresh request first; the first new audio ends that.
         self._may_prefeed = delivered is not None and delivered.audio_bytes > 0
         self._abandoned = False
@@ -134,7 +152,13 @@ class Turn:
     def needs_prefeed(self) -> bool:
         """A continued turn whose new Motion Server request must first hear the audio clients
         already have (``prefeed``) before any new audio is sent."""
-        return self._may_prefeed and self._session is not None
+        return self._may_prefeed and self._wants_motion
+
+    @property
+    def _wants_motion(self) -> bool:
+        """A session is attached or still being got, and the animation has not failed."""
+        has = self._session is not None or self._opening is not None
+        return has and not (self._pipe.done or self._pipe.failed)
 
     async def __aenter__(self) -> Turn:
         return self
@@ -253,7 +277,7 @@ class Turn:
     async def _end(self) -> TurnResult:
         if not self._audio_end_sent:
             await self._push(b"", end=True)
-        elif not self._motion_end_sent:
+        elif not self._motion_end_fed:
             # A continued turn whose audio end went out earlier: only its new request must end.
             await self._feed_motion(b"", end=True)
         return await self._finish()
@@ -270,24 +294,56 @@ class Turn:
         self._pipe.stop()
 
     async def begin(self) -> None:
-        """Start the frames writer and get a motion session; a failure makes the turn audio-only."""
+        """Start the frames writer and start getting a motion session, without waiting for it:
+        the turn's audio may go out at once (a failure makes the turn audio-only)."""
         self._pipe.start()
         delivered = self._delivered
         if delivered is not None and (delivered.motion_started or delivered.frames_last):
             await self._continue_without_motion(delivered)
             return
+        self._opening = asyncio.create_task(self._open_motion(),
+                                            name=f"motion-open-{self.turn_id}")
+
+    async def _open_motion(self) -> None:
+        """Check a session out (or open one), attach the turn, then send it the backlog. Any
+        failure ends in the pipe (audio-only): nobody awaits this task for a result."""
+        try:
+            await self._get_motion()
+        except Exception as exc:
+            log.error("motion_open_crashed", exc_info=exc)
+            self._drop_backlog()
+            self._pipe.fail(REASON_MOTION_ERROR, type(exc).__name__)
+
+    async def _get_motion(self) -> None:
         pool, spec = self._services.pool, self._spec
+        started = asyncio.get_running_loop().time()
         try:
             session = await self._until_stopped(pool.checkout(
                 spec.conversation_id, spec.avatar_id, spec.sample_rate,
                 lease_id=self._session_lease))
         except MotionUnavailable as exc:
+            self._drop_backlog()
             self._pipe.fail(exc.reason, exc.detail)
-            await self._pipe.wait()  # the audio_only entry goes in before any audio
             return
-        if session is not None:
-            self._session = session  # first, so that the release path always checks it back in
-            session.attach(self._pipe)
+        except (RedisError, OSError) as exc:  # the session cap could not be checked
+            self._drop_backlog()
+            self._pipe.fail(REASON_MOTION_ERROR, type(exc).__name__)
+            return
+        if session is None:
+            return  # interrupted meanwhile
+        self._session = session  # first, so that the release path always checks it back in
+        session.attach(self._pipe)
+        log.debug("motion_session_ready", backlog_bytes=self._backlog_bytes,
+                  wait_ms=round((asyncio.get_running_loop().time() - started) * 1000, 1))
+        while self._backlog:
+            chunk, end = self._backlog.popleft()
+            self._backlog_bytes -= len(chunk)
+            await self._send_motion(chunk, end=end)
+        self._motion_ready = True  # no await since the backlog was seen empty
+
+    def _drop_backlog(self) -> None:
+        self._backlog.clear()
+        self._backlog_bytes = 0
 
     async def _continue_without_motion(self, delivered: Delivered) -> None:
         """Clients hold frames of an earlier attempt's request: no new request for this turn."""
@@ -341,6 +397,20 @@ class Turn:
         return not self.interrupted
 
     async def _feed_motion(self, chunk: bytes, *, end: bool) -> None:
+        """Send a chunk (whose audio is in the stream) to the Motion Server, or to the backlog
+        while the session is still being got."""
+        if not self._wants_motion:
+            return
+        self._motion_end_fed = self._motion_end_fed or end
+        if not self._motion_ready:
+            self._backlog.append((chunk, end))
+            self._backlog_bytes += len(chunk)
+            if self._backlog_bytes > MOTION_BACKLOG_MAX_BYTES and self._opening is not None:
+                await asyncio.wait({self._opening})  # policy "motion_backlog": wait for it
+            return
+        await self._send_motion(chunk, end=end)
+
+    async def _send_motion(self, chunk: bytes, *, end: bool) -> None:
         session = self._session
         if session is None or self._pipe.done or self._pipe.failed:
             return
@@ -358,7 +428,6 @@ class Turn:
             self._pipe.fail(REASON_STALL, f"audio send blocked for {timeout:g}s")
             return
         self._motion_bytes += len(chunk)
-        self._motion_end_sent = self._motion_end_sent or end
         self._pipe.audio_sent(pcm_seconds(len(chunk), self._spec.sample_rate), end=end)
 
     async def _finish(self) -> TurnResult:
@@ -391,6 +460,12 @@ class Turn:
         return self._result
 
     async def _release(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()  # a session it opens meanwhile is disposed of by the pool
+        if opening is not None:
+            await asyncio.wait({opening})
+        self._drop_backlog()
         session, self._session = self._session, None
         try:
             if session is not None:

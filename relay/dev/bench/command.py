@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="bench/results/latest.json")
     parser.add_argument("--record", type=Path, default=None,
                         help="append this run's figures to a markdown file (docs/benchmarks.md)")
+    # Latency run (relay/dev/bench/latency.py): submit -> first audio / frames at the client.
+    parser.add_argument("--latency", action="store_true",
+                        help="measure submit -> first audio and first frames instead")
+    parser.add_argument("--latency-counts", default=None, help="conversations, e.g. 1,20,100")
+    parser.add_argument("--latency-turns", type=int, default=None, help="turns per conversation")
+    parser.add_argument("--first-batch-delay-ms", type=int, default=None,
+                        help="the simulator's delay before a request's first animation batch")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -63,6 +70,22 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     return replace(options, **changes)
 
 
+def latency_options_from(args: argparse.Namespace) -> Any:
+    from relay.dev.bench.latency import LatencyOptions
+
+    options = LatencyOptions.quick_mode() if args.quick else LatencyOptions()
+    changes: dict[str, Any] = {}
+    if args.latency_counts:
+        changes["counts"] = _ints(args.latency_counts)
+    if args.latency_turns is not None:
+        changes["turns"] = args.latency_turns
+    if args.first_batch_delay_ms is not None:
+        changes["first_batch_delay_ms"] = args.first_batch_delay_ms
+    if args.out is not None:
+        changes["out"] = args.out
+    return replace(options, **changes)
+
+
 def main(argv: list[str]) -> int:
     """``relay bench ARGS``: the bench's own parser, loaded only by this command."""
     parser = argparse.ArgumentParser(prog="relay bench", description="measure the relay against "
@@ -78,8 +101,12 @@ def run(args: argparse.Namespace) -> int:
     from relay.dev.bench.report import markdown_section, render_table
     from relay.dev.bench.runner import run as run_bench
 
-    options = options_from(args)
     command = "relay " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.latency:
+        from relay.dev.bench.latency import run_command
+
+        return run_command(latency_options_from(args), command, args.record)
+    options = options_from(args)
     result = run_bench(options, command)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, default=str)

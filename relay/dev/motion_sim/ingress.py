@@ -128,6 +128,8 @@ class Connection:
             return self._reject(INVALID_ARGUMENT, "unsupported audio format: only PCM_S16LE")
         if configure.sample_rate not in SAMPLE_RATES:
             return self._reject(TEXT_ONLY, f"unsupported sample rate: {configure.sample_rate}")
+        if self._config.handshake_delay_ms:
+            await asyncio.sleep(self._config.handshake_delay_ms / 1000)
         if not self._sim.try_open_session(self._app_id):
             code = proto.CloseCode.CONCURRENCY_LIMIT
             return self._reject(code, "concurrency limit exceeded", close_code=code)

@@ -15,6 +15,8 @@ def sim_config(settings: Settings) -> SimConfig:
         max_concurrent_sessions=settings.sim_max_sessions,
         batch_keyframes=settings.sim_batch_keyframes,
         realtime=settings.sim_realtime,
+        first_batch_delay_ms=settings.sim_first_batch_delay_ms,
+        handshake_delay_ms=settings.sim_handshake_delay_ms,
     )
 
 

@@ -28,6 +28,8 @@ class SimConfig:
     batch_keyframes: int = 5  # keyframes per animation message (200 ms of audio)
     first_batch_delay_ms: int = 0  # extra latency before each request's first message
     realtime: bool = False  # pace messages at 25 keyframes/s from the request's first audio
+    # A slow Motion Server: the ClientConfigureSession is answered only after this long.
+    handshake_delay_ms: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_keyframes < 1:
@@ -35,8 +37,9 @@ class SimConfig:
         for name in ("max_concurrent_sessions", "max_session_s", "idle_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if self.first_batch_delay_ms < 0:
-            raise ValueError("first_batch_delay_ms must not be negative")
+        for name in ("first_batch_delay_ms", "handshake_delay_ms"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
 
 @dataclass

@@ -1,0 +1,430 @@
+"""``relay bench --latency``: what the relay adds between a backend's submit and the client's
+first sound, next to the bare round trip of one Redis entry to one WebSocket on this machine.
+
+Per step (1, 20, 100 conversations by default) a fresh stack: one simulator in real-time mode
+(optionally with a first-batch delay), one ``relay producer``, one ``relay edge``; one WebSocket
+client per conversation, in this process. Every conversation then plays ``turns`` turns: in each
+round all conversations submit at once (``TurnQueue.submit_clip``, a ``clip_s`` clip), and the
+next round starts when every turn of this one ended. Per turn this measures, on one monotonic
+clock: submit -> first ``audio`` at the client, submit -> first ``frames``, first audio -> first
+frames; p50/p99/max over first turns (the SDK session is opened then) and over later turns (it is
+reused). ``frames_after_sim_ms`` is submit -> first frames minus the simulator's own first-batch
+time (its delay, or one batch of real-time animation, whichever is longer): what the relay adds
+to the animation's start.
+
+The baseline, measured in the same run on the same machine: one XADD, seen by one forwarder
+blocked in XREAD (``latency_bare``, its own process, as an edge is), sent as one WebSocket frame
+to a client in this process; p50/p99/max of that round trip. Ratios are relay figure / baseline.
+The clients share this process with the submitter, so both the relay figures and the baseline
+include its event loop; turn correctness (complete, audio before frames) is checked on the side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from array import array
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+import structlog
+
+from relay import wire
+from relay.dev.bench.child import BenchChild
+from relay.dev.embedded import EmbeddedServer
+from relay.dev.stack import LocalStack, child_env
+from relay.errors import RelayError
+from relay.redis_conn import create_client
+from relay.settings import Settings
+from relay.tokens import mint_token
+
+log = structlog.get_logger(__name__)
+
+RATE = 16000
+SIM_BATCH_KEYFRAMES = 5  # 200 ms of animation per message, as in streaming mode
+SIM_FPS = 25
+_ROUND_TIMEOUT_S = 60.0
+_READY_TIMEOUT_S = 60.0
+
+# The issue-12 targets, evaluated on the figures (never by a test).
+TARGETS = {"later_first_audio_p99_ms_at_20": 10.0, "later_first_audio_p99_ms_at_100": 20.0,
+           "first_minus_later_first_audio_p99_ms": 5.0, "frames_after_sim_p99_ms": 10.0}
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    counts: tuple[int, ...] = (1, 20, 100)
+    turns: int = 3  # per conversation; the first opens the SDK session, later ones reuse it
+    clip_s: float = 1.0
+    first_batch_delay_ms: int = 0  # the simulator's extra delay before a request's first batch
+    baseline_samples: int = 400
+    out: Path = Path("bench/results/latency.json")
+    quick: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)  # settings for the role processes
+
+    @classmethod
+    def quick_mode(cls, **changes: Any) -> LatencyOptions:
+        """A smoke run of well under a minute (the test suite's)."""
+        return replace(cls(counts=(1, 4), turns=2, clip_s=0.4, baseline_samples=50, quick=True),
+                       **changes)
+
+    @property
+    def sim_first_batch_ms(self) -> float:
+        """When the simulator sends a request's first message, after its first audio."""
+        return max(float(self.first_batch_delay_ms), SIM_BATCH_KEYFRAMES / SIM_FPS * 1000)
+
+
+def percentiles(values: list[float]) -> dict[str, float | int | None]:
+    """Nearest-rank p50/p99 and the max, in ms rounded to 0.01."""
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+
+    def rank(q: float) -> float:
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 2)
+
+    return {"n": len(ordered), "p50": rank(0.50), "p99": rank(0.99), "max": round(ordered[-1], 2)}
+
+
+def clip(seconds: float) -> bytes:
+    count = int(seconds * RATE)
+    return array("h", (int(8000 * math.sin(i / 8.0)) for i in range(count))).tobytes()
+
+
+# --- the clients -------------------------------------------------------------------------------
+
+
+@dataclass
+class TurnTimes:
+    submitted: float = 0.0
+    submitted_wall_ms: float = 0.0  # time.time(), to compare with the entry id (Redis clock)
+    appended_ms: int | None = None  # the first audio entry's id: when Redis appended it
+    first_audio: float | None = None
+    first_frames: float | None = None
+    status: str | None = None  # turn_end status, or "interrupt"
+    ended: float | None = None
+
+
+class Watcher:
+    """One client connection: the receive time of each turn's first audio and first frames."""
+
+    def __init__(self, url: str, times: dict[str, TurnTimes], ended: asyncio.Event) -> None:
+        self._url = url
+        self._times = times
+        self._ended = ended
+        self.welcomed = asyncio.Event()
+        self.violations = 0  # frames before any audio of their turn (protocol guarantee 2)
+
+    async def run(self, http: aiohttp.ClientSession) -> None:
+        async with http.ws_connect(self._url, max_msg_size=0) as ws:
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    self._on(time.monotonic(), msgpack.unpackb(msg.data))
+
+    def _on(self, now: float, body: dict[str, Any]) -> None:
+        kind = body.get("kind")
+        if kind == wire.WELCOME:
+            self.welcomed.set()
+            return
+        times = self._times.get(body.get("turn", ""))
+        if times is None:
+            return
+        if kind == wire.AUDIO and times.first_audio is None:
+            times.first_audio = now
+            times.appended_ms = int(str(body.get("id", "0")).partition("-")[0])
+        elif kind == wire.FRAMES and times.first_frames is None:
+            times.first_frames = now
+            self.violations += times.first_audio is None
+        elif kind in (wire.TURN_END, wire.INTERRUPT):
+            times.status = body.get("status", "interrupt")
+            times.ended = now
+            self._ended.set()
+
+
+# --- the baseline ------------------------------------------------------------------------------
+
+
+async def baseline(redis_url: str, samples: int, log_dir: Path) -> dict[str, Any]:
+    """XADD -> blocked XREAD in another process -> one WebSocket frame back here."""
+    stream = "latency-baseline"
+    forwarder = BenchChild("latency-bare", "relay.dev.bench.latency_bare", log_dir)
+    client = create_client(redis_url)
+    payload = wire.audio("t0", 0, bytes(1280), end=False)  # the size of a first audio entry
+    rtts: list[float] = []
+    try:
+        await forwarder.start({"redis_url": redis_url, "stream": stream})
+        port = (await forwarder.expect("ready", _READY_TIMEOUT_S))["port"]
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await asyncio.sleep(0.2)  # the forwarder is blocked in XREAD
+            for _ in range(samples):
+                started = time.monotonic()
+                await client.xadd(stream, {"d": payload})
+                await ws.receive()
+                rtts.append((time.monotonic() - started) * 1000)
+                await asyncio.sleep(0.002)  # it blocks again before the next entry
+    finally:
+        await forwarder.stop()
+        await client.delete(stream)
+        await client.aclose()
+    return percentiles(rtts)
+
+
+# --- one step ----------------------------------------------------------------------------------
+
+
+async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -> dict[str, Any]:
+    prefix = f"lat{n}"
+    secret = secrets.token_urlsafe(32)
+    env = child_env(Settings(key_prefix=prefix), redis_url, secret)
+    env.update({"RELAY_LOG_LEVEL": "warning", "RELAY_SIM_REALTIME": "true",
+                "RELAY_SIM_BATCH_KEYFRAMES": str(SIM_BATCH_KEYFRAMES),
+                "RELAY_SIM_FIRST_BATCH_DELAY_MS": str(options.first_batch_delay_ms),
+                "RELAY_SIM_MAX_SESSIONS": "0", "RELAY_MAX_SDK_SESSIONS": str(n + 8),
+                "RELAY_PRODUCER_CONCURRENCY": str(n + 8), **options.extra_env})
+    stack = LocalStack(env, log_dir / f"latency-{n}")
+    client = create_client(redis_url)
+    await client.flushall()
+    try:
+        await stack.start_sim()
+        await stack.start_producer("producer-1")
+        _, edge = await stack.start_edge("edge-1")
+        return await _measure(options, client, Settings(key_prefix=prefix), edge, secret, n)
+    finally:
+        await stack.stop()
+        await client.aclose()
+
+
+async def _measure(options: LatencyOptions, client: Any, settings: Settings, edge: str,
+                   secret: str, n: int) -> dict[str, Any]:
+    from workers.queue.submit import TurnQueue  # the submit side only; no SDK in this process
+
+    queue = TurnQueue.from_settings(settings, client)
+    conversations = [f"c{i}" for i in range(n)]
+    times: dict[str, TurnTimes] = {}
+    ended = asyncio.Event()
+    watchers = [Watcher(f"{edge}/v1/conversations/{c}/ws?token={mint_token(secret, c)}",
+                        times, ended) for c in conversations]
+    pcm = clip(options.clip_s)
+    rounds: list[list[str]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        tasks = [asyncio.create_task(w.run(http)) for w in watchers]
+        try:
+            async with asyncio.timeout(_READY_TIMEOUT_S):
+                await asyncio.gather(*(w.welcomed.wait() for w in watchers))
+            for k in range(options.turns):
+                ids = [f"r{k}-{c}" for c in conversations]
+                for turn_id in ids:
+                    times[turn_id] = TurnTimes()
+                await asyncio.gather(*(_submit(queue, c, t, pcm, times[t])
+                                       for c, t in zip(conversations, ids, strict=True)))
+                await _round_ended(ids, times, ended)
+                rounds.append(ids)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return _figures(options, n, rounds, times, sum(w.violations for w in watchers))
+
+
+async def _submit(queue: Any, conversation: str, turn_id: str, pcm: bytes,
+                  times: TurnTimes) -> None:
+    times.submitted_wall_ms = time.time() * 1000
+    times.submitted = time.monotonic()
+    await queue.submit_clip(conversation, pcm, sample_rate=RATE, turn_id=turn_id)
+
+
+async def _round_ended(ids: list[str], times: dict[str, TurnTimes], ended: asyncio.Event) -> None:
+    try:
+        async with asyncio.timeout(_ROUND_TIMEOUT_S):
+            while not all(times[t].ended is not None for t in ids):
+                ended.clear()
+                await ended.wait()
+    except TimeoutError:
+        log.warning("latency_round_timeout", unfinished=sum(times[t].ended is None for t in ids))
+
+
+def _figures(options: LatencyOptions, n: int, rounds: list[list[str]],
+             times: dict[str, TurnTimes], violations: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {"conversations": n, "turns": sum(len(r) for r in rounds)}
+    for label, ids in (("first", rounds[0] if rounds else []),
+                       ("later", [t for r in rounds[1:] for t in r])):
+        turns = [times[t] for t in ids]
+        audio = [(t.first_audio - t.submitted) * 1000 for t in turns if t.first_audio]
+        frames = [(t.first_frames - t.submitted) * 1000 for t in turns if t.first_frames]
+        gap = [(t.first_frames - t.first_audio) * 1000 for t in turns
+               if t.first_frames and t.first_audio]
+        appended = [t.appended_ms - t.submitted_wall_ms for t in turns if t.appended_ms]
+        figures[label] = {
+            "submit_to_first_audio_ms": percentiles(audio),
+            # Where the time goes, to 1 ms (entry ids are milliseconds of the Redis clock):
+            # submit -> the first audio entry appended (queue and producer), the rest is edge.
+            "submit_to_first_append_ms": percentiles(appended),
+            "submit_to_first_frames_ms": percentiles(frames),
+            "first_audio_to_first_frames_ms": percentiles(gap),
+            "frames_after_sim_ms": percentiles([f - options.sim_first_batch_ms for f in frames]),
+            "complete": sum(t.status == wire.STATUS_COMPLETE for t in turns),
+            "audio_only": sum(t.status == wire.STATUS_AUDIO_ONLY for t in turns),
+            "unfinished": sum(t.status is None for t in turns),
+        }
+    figures["audio_before_frames_violations"] = violations
+    return figures
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return round(value / base, 1) if value is not None and base else None
+
+
+def add_ratios(step_figures: dict[str, Any], base: dict[str, Any]) -> None:
+    for label in ("first", "later"):
+        part = step_figures[label]
+        for name in ("submit_to_first_audio_ms", "submit_to_first_frames_ms"):
+            part[name]["p50_ratio"] = _ratio(part[name]["p50"], base["p50"])
+            part[name]["p99_ratio"] = _ratio(part[name]["p99"], base["p99"])
+
+
+def evaluate(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    by_n = {s["conversations"]: s for s in steps if "error" not in s}
+    verdicts: dict[str, Any] = {}
+
+    def p99(n: int, label: str, name: str) -> float | None:
+        value = by_n[n][label][name]["p99"] if n in by_n else None
+        return float(value) if value is not None else None
+
+    for n in (20, 100):
+        key = f"later_first_audio_p99_ms_at_{n}"
+        measured = p99(n, "later", "submit_to_first_audio_ms")
+        verdicts[key] = {"target": TARGETS[key], "measured": measured,
+                         "met": measured is not None and measured <= TARGETS[key]}
+    for n in sorted(by_n):
+        first = p99(n, "first", "submit_to_first_audio_ms")
+        later = p99(n, "later", "submit_to_first_audio_ms")
+        diff = round(first - later, 2) if first is not None and later is not None else None
+        key = "first_minus_later_first_audio_p99_ms"
+        verdicts[f"{key}_at_{n}"] = {"target": TARGETS[key], "measured": diff,
+                                     "met": diff is not None and diff <= TARGETS[key]}
+        for label in ("first", "later"):
+            measured = p99(n, label, "frames_after_sim_ms")
+            key = "frames_after_sim_p99_ms"
+            verdicts[f"{label}_{key}_at_{n}"] = {
+                "target": TARGETS[key], "measured": measured,
+                "met": measured is not None and measured <= TARGETS[key]}
+    return verdicts
+
+
+async def run_latency(options: LatencyOptions, log_dir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {"options": {k: v for k, v in asdict(options).items()
+                                          if k not in ("out", "extra_env")},
+                              "sim_first_batch_ms": options.sim_first_batch_ms}
+    with EmbeddedServer() as server:
+        result["baseline_ms"] = await baseline(server.url, options.baseline_samples, log_dir)
+        steps = []
+        for n in options.counts:
+            try:
+                figures = await step(options, server.url, n, log_dir)
+            except (OSError, RelayError) as exc:  # a role that failed to start is a result too
+                log.error("latency_step_failed", conversations=n, error=str(exc))
+                steps.append({"conversations": n, "error": str(exc)})
+                continue
+            add_ratios(figures, result["baseline_ms"])
+            steps.append(figures)
+        # Once more after the load: the machine is shared, so a second sample shows drift.
+        result["baseline_after_ms"] = await baseline(server.url, options.baseline_samples,
+                                                     log_dir)
+    result["steps"] = steps
+    result["targets"] = evaluate(steps)
+    return result
+
+
+def correct(result: dict[str, Any]) -> bool:
+    """Every turn ended complete and no frames came before their turn's audio."""
+    steps = result.get("steps", [])
+    return bool(steps) and all(
+        "error" not in s and s["audio_before_frames_violations"] == 0
+        and all(s[p]["unfinished"] == 0 and s[p]["audio_only"] == 0 for p in ("first", "later"))
+        for s in steps)
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _cell(figures: dict[str, Any]) -> str:
+    if figures.get("p50") is None:
+        return "-"
+    return f"{figures['p50']:g} / {figures['p99']:g} / {figures['max']:g}"
+
+
+def render(result: dict[str, Any]) -> str:
+    base, after = result["baseline_ms"], result.get("baseline_after_ms") or {}
+    lines = [
+        f"Baseline (XADD -> blocked XREAD -> one WebSocket frame), p50 / p99 / max ms: "
+        f"{_cell(base)} (after the load: {_cell(after)})",
+        f"Simulator first batch: {result['sim_first_batch_ms']:g} ms after the request's "
+        "first audio",
+        "",
+        "| conversations | turn | submit -> first audio | x baseline p50/p99 | submit -> first "
+        "frames | first audio -> first frames | frames after the simulator's first batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in result["steps"]:
+        if "error" in s:
+            lines.append(f"| {s['conversations']} | - | error: {s['error']} | | | | |")
+            continue
+        for label in ("first", "later"):
+            p = s[label]
+            audio = p["submit_to_first_audio_ms"]
+            lines.append(
+                f"| {s['conversations']} | {label} ({audio['n']}) | {_cell(audio)} | "
+                f"{audio.get('p50_ratio')} / {audio.get('p99_ratio')} | "
+                f"{_cell(p['submit_to_first_frames_ms'])} | "
+                f"{_cell(p['first_audio_to_first_frames_ms'])} | "
+                f"{_cell(p['frames_after_sim_ms'])} |")
+    lines.append("")
+    lines.append("All figures p50 / p99 / max in ms.")
+    for name, verdict in result["targets"].items():
+        mark = "met" if verdict["met"] else "NOT met"
+        lines.append(f"- {name}: {verdict['measured']} (target <= {verdict['target']:g}) {mark}")
+    return "\n".join(lines)
+
+
+def markdown_section(result: dict[str, Any], meta: dict[str, Any]) -> str:
+    head = (f"## Latency run {meta['run_id']} ({meta['date']}, commit {meta['git_commit']})\n\n"
+            f"`{meta['command']}`; {meta['machine']}\n\n")
+    return head + render(result) + "\n"
+
+
+def run_command(options: LatencyOptions, command: str, markdown: Path | None) -> int:
+    """``relay bench --latency``: run, write the JSON (latest and a per-run copy), print the
+    table, append it to ``markdown``; 0 when every turn was delivered correctly (the timing
+    targets never decide the exit code)."""
+    import json
+    from datetime import UTC, datetime
+
+    from relay.dev.bench.procstat import git_commit, machine
+
+    meta = {"run_id": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
+            "git_commit": git_commit(), "machine": machine().as_dict()}
+    log_dir = options.out.parent / "logs" / f"latency-{meta['run_id']}"
+    started = time.monotonic()
+    result: dict[str, Any] = {**meta, "latency": asyncio.run(run_latency(options, log_dir))}
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, default=str)
+    options.out.write_text(text)
+    (options.out.parent / f"latency-{meta['run_id']}.json").write_text(text)
+    print(render(result["latency"]), flush=True)
+    print(f"\nresults: {options.out}")
+    if markdown is not None:
+        with markdown.open("a") as doc:
+            doc.write("\n" + markdown_section(result["latency"], meta))
+        print(f"figures appended to {markdown}")
+    return 0 if correct(result["latency"]) else 1

@@ -1,0 +1,141 @@
+"""First audio never waits for the Motion Server: a turn's audio is in the stream while its SDK
+session is still being opened (simulator with a slow or failing handshake), and every protocol
+rule still holds (audio before frames, one request per turn, the audio-only rules)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from relay import wire
+from relay.dev.motion_sim import SimConfig
+from relay.keys import Keys
+from tests.helpers.producer import (
+    RATE,
+    SimHandle,
+    assert_audio_only,
+    assert_complete,
+    assert_interrupted,
+    of_turn,
+    stream_messages,
+    tone,
+    wait_turn_end,
+)
+from workers.speech import turn as turn_module
+
+CHUNK = 1280  # 40 ms at 16 kHz, the default chunk_ms
+
+
+@pytest.fixture
+async def slow_sim(start_sim: Any) -> SimHandle:
+    """A Motion Server whose handshake takes far longer than appending a turn's audio."""
+    return await start_sim(SimConfig(max_concurrent_sessions=0, handshake_delay_ms=800))
+
+
+async def audio_entries(client: redis.Redis, keys: Keys, conversation_id: str) -> int:
+    return [m.kind for m in await stream_messages(client, keys, conversation_id)].count(wire.AUDIO)
+
+
+async def test_audio_is_in_the_stream_before_the_session_is_ready(
+    make_producer, redis_client, keys, slow_sim
+):
+    producer = await make_producer(at=slow_sim)
+    clip = tone(0.4)
+    turn = await producer.open_turn("conv-early")
+    for start in range(0, len(clip), CHUNK):
+        assert await turn.send(clip[start : start + CHUNK])
+    assert await audio_entries(redis_client, keys, "conv-early") == len(clip) // CHUNK
+    assert slow_sim.sim.stats.sessions_opened == 0  # the handshake is still going on
+    result = await turn.end()
+    assert result.status == wire.STATUS_COMPLETE
+    # All of the backlog went to one session as one request, animated whole.
+    assert_complete(await stream_messages(redis_client, keys, "conv-early"), result.turn_id, clip)
+    assert slow_sim.sim.stats.sessions_opened == 1
+
+
+async def test_clip_audio_ends_before_the_handshake(make_producer, redis_client, keys, slow_sim):
+    producer = await make_producer(at=slow_sim)
+    clip = tone(0.5, freq=300.0)
+    result = await producer.speak("conv-clip-early", clip)
+    messages = await stream_messages(redis_client, keys, "conv-clip-early")
+    assert_complete(messages, result.turn_id, clip)
+    kinds = [m.kind for m in of_turn(messages, result.turn_id)]
+    last_audio = max(i for i, k in enumerate(kinds) if k == wire.AUDIO)
+    assert last_audio < kinds.index(wire.FRAMES)  # the whole clip went out during the handshake
+
+
+async def test_handshake_that_never_answers_leaves_the_turn_audio_only(
+    make_producer, redis_client, keys, start_sim
+):
+    silent = await start_sim(SimConfig(max_concurrent_sessions=0))
+    silent.fault("handshake_silence")
+    producer = await make_producer(at=silent, frames_timeout_s=0.5)  # also the open timeout
+    clip = tone(1.0)
+    result = await producer.speak("conv-silent", clip)
+    assert result.status == wire.STATUS_AUDIO_ONLY and result.error.startswith("motion_error")
+    messages = await stream_messages(redis_client, keys, "conv-silent")
+    assert_audio_only(messages, result.turn_id, clip, "motion_error")  # no frames, marker once
+    kinds = [m.kind for m in of_turn(messages, result.turn_id)]
+    assert kinds.index(wire.AUDIO) < kinds.index(wire.AUDIO_ONLY)  # audio did not wait
+
+
+async def test_backlog_bound_makes_the_audio_wait(
+    make_producer, redis_client, keys, slow_sim, monkeypatch
+):
+    # Policy "motion_backlog": past the bound, appends wait for the session instead of holding
+    # more audio for it.
+    monkeypatch.setattr(turn_module, "MOTION_BACKLOG_MAX_BYTES", 2 * CHUNK)
+    producer = await make_producer(at=slow_sim)
+    clip = tone(0.4, freq=350.0)
+    turn = await producer.open_turn("conv-bound")
+
+    async def feed() -> None:
+        for start in range(0, len(clip), CHUNK):
+            await turn.send(clip[start : start + CHUNK])
+
+    feeding = asyncio.create_task(feed())
+    async with asyncio.timeout(5):
+        while await audio_entries(redis_client, keys, "conv-bound") < 3:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the third chunk went over the bound: nothing more goes out
+    assert await audio_entries(redis_client, keys, "conv-bound") == 3
+    assert slow_sim.sim.stats.sessions_opened == 0 and not feeding.done()
+    await feeding
+    result = await turn.end()
+    assert_complete(await stream_messages(redis_client, keys, "conv-bound"), result.turn_id, clip)
+
+
+async def test_interrupt_while_the_session_opens_frees_the_slot(
+    make_producer, redis_client, keys, slow_sim
+):
+    producer = await make_producer(at=slow_sim, max_sdk_sessions=1)
+    turn = await producer.open_turn("conv-cut")
+    assert await turn.send(tone(0.2))
+    assert await producer.interrupt("conv-cut") == turn.turn_id
+    result = await turn.end()
+    assert result.status == wire.STATUS_INTERRUPTED
+    assert_interrupted(await stream_messages(redis_client, keys, "conv-cut"), turn.turn_id)
+    assert wire.FRAMES not in [m.kind for m in await stream_messages(redis_client, keys,
+                                                                     "conv-cut")]
+    assert await producer.session_room() == 1  # the half-open session gave its slot back
+    assert producer.motion_sessions == 0
+
+
+# --- through the job queue -----------------------------------------------------------------------
+
+
+async def test_queued_first_turn_audio_before_the_session(
+    queue, run_worker, redis_client, keys, slow_sim
+):
+    await run_worker(at=slow_sim)
+    clip = tone(0.6, freq=260.0)
+    turn_id = await queue.submit_clip("conv-queued-early", clip, sample_rate=RATE)
+    async with asyncio.timeout(5):
+        while not await audio_entries(redis_client, keys, "conv-queued-early"):
+            await asyncio.sleep(0.005)
+    assert slow_sim.sim.stats.sessions_opened == 0
+    messages = await wait_turn_end(redis_client, keys, "conv-queued-early", turn_id)
+    assert_complete(messages, turn_id, clip)
