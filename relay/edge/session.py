@@ -229,11 +229,13 @@ class ClientSession:
             if msg.type == WSMsgType.ERROR:
                 # aiohttp failed the connection itself: a frame error or the transport's size cap
                 # (error and close already sent, see EdgeWebSocket), or a lost connection.
-                frame_error = FRAME_ERRORS.get(self.ws.close_code or 0)
-                if frame_error is not None:
+                # The error's code, not ws.close_code: that becomes the client's reply, or 1006.
+                code = getattr(msg.data, "code", None)
+                frame_error = FRAME_ERRORS.get(code) if isinstance(code, int) else None
+                if code is not None and frame_error is not None:
                     log.info("client_message_refused", error_code=frame_error[0],
-                             close_code=self.ws.close_code)
-                    self.request_close(self.ws.close_code or 0, frame_error[0])
+                             close_code=code)
+                    self.request_close(code, frame_error[0])
                 return
             if msg.type != WSMsgType.BINARY:
                 await self._refuse(wire.CloseCode.BAD_REQUEST, "bad_message",
