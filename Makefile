@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := run
-.PHONY: run demo test test-fast install lint clean scale bench bench-quick faults
+.PHONY: run demo test test-fast install lint clean scale bench bench-quick faults web-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +13,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The web client's one dependency (@msgpack/msgpack, pinned by its package-lock.json), for the
+# demo page and the browser tests; skipped with a note where npm is missing.
+WEB := relay/client/web
+WEB_STAMP := $(WEB)/node_modules/.installed
 
-run: $(STAMP)
+$(WEB_STAMP): $(WEB)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(WEB) --silent --no-audit --no-fund && touch $(WEB_STAMP); \
+	else echo "npm not found: the web demo and the web client tests are off (apt-get install nodejs npm)"; fi
+
+web-deps: $(WEB_STAMP)
+
+install: $(STAMP) $(WEB_STAMP)
+
+run: $(STAMP) $(WEB_STAMP)
 	$(BIN)/relay run
 
 demo: $(STAMP)
 	$(BIN)/relay demo
 
-test: $(STAMP)
+test: $(STAMP) $(WEB_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The gates CI enforces: ruff over everything, mypy --strict over the product and the dev tooling.
@@ -30,7 +42,7 @@ lint: $(STAMP)
 	$(BIN)/mypy relay workers
 
 # While iterating: everything but the multi-process end-to-end tests (`make test` runs them all).
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(WEB_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Bounded load on this machine, loopback only (under 10 minutes): JSON in bench/results/,
