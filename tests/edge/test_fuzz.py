@@ -226,6 +226,9 @@ def attempts_for(host: str, keys: Keys, rng: random.Random, index: int) -> list[
                 expect_status=400, tokens=[secret_line]),
         Attempt("not_http", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),
                 expect_status=400),
+        Attempt("not_an_upgrade", b"GET /v1/conversations/fz/ws?token=" + good.encode()
+                + f" HTTP/1.1\r\nHost: {host}\r\n\r\n".encode(), expect_status=400,
+                tokens=[good]),
         Attempt("bad_header_line", b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
                 expect_status=400),
         Attempt("silent", b"", expect_silent_close=True),
