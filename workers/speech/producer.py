@@ -40,7 +40,7 @@ from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.metrics import ProducerMetrics
 from workers.speech.control import ControlListener
-from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry, prewarm_sdk
+from workers.speech.endpoints import MotionEndpoints, configure_sdk_telemetry, prewarm_sdk
 from workers.speech.frames import FramesPipe, PipeOutcome
 from workers.speech.leases import ConversationBusy, ConversationLeases, SessionLeases
 from workers.speech.pcm import validate_pcm, validate_sample_rate
@@ -198,8 +198,8 @@ class Producer:
         await self.close()
 
     async def start(self) -> None:
-        if self._endpoints.simulated:
-            disable_sdk_telemetry()
+        telemetry = configure_sdk_telemetry(self._settings.spatius_sdk_telemetry,
+                                            simulated=self._endpoints.simulated)
         await prewarm_sdk(self._endpoints)  # never raises; best effort, bounded by the SDK
         await self._open_connections()
         self._tokens.start()
@@ -208,7 +208,8 @@ class Producer:
         self._conversation_leases.start()
         self._pool.start()
         self._running = True
-        log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated)
+        log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated,
+                 sdk_telemetry=telemetry)
 
     async def _open_connections(self) -> None:
         """Open the Redis connections turns will use now, not when many turns start together:
