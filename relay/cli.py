@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from relay.errors import ConfigError, RelayError
 from relay.logs import configure_logging
-from relay.settings import LOG_LEVELS, Settings
+from relay.settings import LOG_LEVELS, Settings, unknown_variables
 
 
 def _version() -> str:
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         args.usage_error(f"{args.action} needs a dead letter id (`relay jobs` lists them)")
     try:
         settings = Settings.from_env()
+        for line in unknown_variables(os.environ):
+            _warn(line)
         if args.log_level:
             settings = settings.with_overrides(log_level=args.log_level)
         plain = {"run", "demo", "token", "bench", "enqueue", "jobs"}
