@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 _WAKE_MAXLEN = 16
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 2.0
+# A blocking read this much past its BLOCK time is taken as stalled (see _read_loop).
+_STALL_MARGIN_S = 2.0
 _READ_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -177,30 +179,43 @@ class Hub:
         down_since: float | None = None
         wake_position = await self._wake_tip(shard)
         while not self._stopping:
+            started = loop.time()
             try:
-                wake_position = await self._read_once(shard, wake_position)
+                # A read that outlives its BLOCK time by the margin is stalled (Redis frozen, a
+                # silent network): it fails like a refused one, and while Redis is down no read
+                # outlasts the unavailability bound, so clients move on within it.
+                async with asyncio.timeout(self._read_timeout(down_since, started)):
+                    wake_position = await self._read_once(shard, wake_position)
             except ResponseError as exc:
                 if _is_redirect(exc):
                     raise TopologyChanged(str(exc)) from exc
                 raise
-            except _READ_ERRORS as exc:
+            except _READ_ERRORS as exc:  # TimeoutError (a stalled read) is an OSError
                 self._shard_ready[shard.name] = False
                 self._read_since.pop(shard.name, None)
                 self._metrics.read_failed(exc)
-                down_since = down_since or loop.time()
-                log.warning("hub_read_failed", node=shard.name, error=str(exc),
+                # The outage counts from the start of the first read that failed or stalled.
+                down_since = down_since if down_since is not None else started
+                log.warning("hub_read_failed", node=shard.name, error=str(exc) or "stalled",
                             retry_in_s=round(backoff, 2))
-                if loop.time() - down_since > self._unavailable_after_s:
+                if loop.time() - down_since >= self._unavailable_after_s:
                     # Redis has been gone too long: send clients elsewhere rather than keep them
                     # half-alive, and look again at the topology (a replica may have taken over).
                     self._release(shard)
                     raise TopologyChanged(f"node {shard.name} unavailable") from exc
-                await asyncio.sleep(backoff)
+                left = down_since + self._unavailable_after_s - loop.time()
+                await asyncio.sleep(min(backoff, max(0.0, left)))
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
             if down_since is not None:
                 log.info("hub_read_recovered", node=shard.name)
             down_since, backoff = None, _FIRST_BACKOFF_S
+
+    def _read_timeout(self, down_since: float | None, now: float) -> float:
+        stalled_after = self._block_ms / 1000 + _STALL_MARGIN_S
+        if down_since is None:
+            return stalled_after
+        return max(0.05, min(stalled_after, down_since + self._unavailable_after_s - now))
 
     async def _wake_tip(self, shard: Shard) -> str:
         # The hub's clients only ever XREAD for the hub: keep replies as Redis sent them.

@@ -260,3 +260,37 @@ async def test_health_and_readiness(edges):
                     return
             await asyncio.sleep(0.05)
     raise AssertionError("edge never became ready")
+
+
+# Each of these passed the old check (Python's int() takes spaces, "_", non-ASCII digits and an
+# empty sequence) and then failed inside XRANGE, which the client saw as Redis being down.
+BAD_POSITIONS = ["{tip} ", " 1-0", "1-", "-1", "1796_113742569-0", "١٢٣-0", "1-0-0", "1",
+                 "18446744073709551616-0", "1-18446744073709551616", "+1-0", "0x1-0", "1-0\n"]
+
+
+@pytest.mark.parametrize("position", BAD_POSITIONS)
+async def test_malformed_last_id_is_refused_before_redis(edges, log, redis_client, keys,
+                                                        position):
+    conv = "conv-badpos"
+    await write_turn(log, conv, "t1", [b"a" * 10])
+    tip = (await stream_ids(redis_client, keys, conv))[-1]
+    position = position.format(tip=tip)
+    url = f"{edges[0]}/v1/conversations/{conv}/ws?token={token(conv)}"
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            url, params={"last_id": position}) as ws:
+        first = wire.decode_server((await ws.receive(timeout=5)).data)
+        assert (first.kind, first.get("code")) == ("error", "bad_last_id")
+        closing = await ws.receive(timeout=5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4400
+
+
+async def test_largest_valid_last_id_is_accepted(edges, log):
+    conv = "conv-maxpos"
+    await write_turn(log, conv, "t1", [b"a" * 10])
+    url = f"{edges[0]}/v1/conversations/{conv}/ws?token={token(conv)}"
+    top = f"{2**64 - 1}-{2**64 - 1}"
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            url, params={"last_id": top}) as ws:
+        welcome = wire.decode_server((await ws.receive(timeout=5)).data)
+        # Beyond the stream's tip: a position this stream never reached (recreated after a loss).
+        assert (welcome.kind, welcome.get("recovered")) == ("welcome", False)
