@@ -294,3 +294,32 @@ async def test_largest_valid_last_id_is_accepted(edges, log):
         welcome = wire.decode_server((await ws.receive(timeout=5)).data)
         # Beyond the stream's tip: a position this stream never reached (recreated after a loss).
         assert (welcome.kind, welcome.get("recovered")) == ("welcome", False)
+
+
+async def test_late_join_after_the_turn_start_was_trimmed_starts_at_the_next_turn(
+        edges, redis_client, keys):
+    """A turn longer than the retained history: a client joining mid-turn is told
+    ``start: next_turn`` and gets nothing of that turn (no frames before audio, no turn without
+    its start), then the next turn whole."""
+    short = ConversationLog(redis_client, keys, maxlen=50, ttl_s=300)
+    conv = "conv-longturn"
+    await short.open_turn(conv, "long", sample_rate=16000, owner="test")
+    for seq in range(0, 400, 40):  # frames last in every batch: the oldest kept may be frames
+        await short.append(conv, "long", *[wire.audio("long", s, b"x" * 20, end=False)
+                                           for s in range(seq, seq + 40)],
+                           wire.frames("long", seq // 40, b"env", last=False))
+    rows = await read_after(redis_client, keys, conv, "0-0", count=1000)
+    assert wire.stored_kind(rows[0][1])[0] != "turn_start"  # the start is gone
+    client = RelayClient(edges[0], conv, token(conv))
+    watch = asyncio.ensure_future(collect(client, lambda ms: any(
+        m.turn == "next" and m.kind == "turn_end" for m in ms)))
+    await wait_joined(client)
+    assert client.welcomes[0].get("start") == "next_turn"
+    await short.append(conv, "long", wire.audio("long", 400, b"y", end=True),
+                       wire.frames("long", 10, b"env", last=True))
+    await short.end_turn(conv, "long", status=wire.STATUS_COMPLETE)
+    await write_turn(short, conv, "next", [b"z" * 20] * 4)
+    received = await watch
+    assert {m.turn for m in received} == {"next"}
+    assert received[0].kind == "turn_start"
+    await client.close()
