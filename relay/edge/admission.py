@@ -149,3 +149,35 @@ def _client_caused(exc: BaseException) -> bool:
     from aiohttp.http_exceptions import HttpProcessingError
 
     return isinstance(exc, HttpProcessingError | ConnectionError)
+
+
+class EdgeRunner(web.AppRunner):
+    """The edge's AppRunner: also logs connections closed for never completing a request.
+
+    aiohttp's keep-alive timer closes a connection that has not delivered a complete request head
+    in time (``runner_options`` sets it to the handshake timeout), silently. Such a connection is
+    a refusal like any other, so it gets its one log line here, when the server is told the
+    connection is gone: no request parsed, and the deadline passed (a client that hangs up early
+    on its own, like a load balancer's TCP probe, is not logged).
+    """
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        forward = server.connection_lost
+
+        def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+            # Private fields of aiohttp's RequestHandler (aiohttp is pinned; the fuzz suite
+            # fails if they stop meaning this): requests parsed, and when the timer fires.
+            deadline = getattr(handler, "_next_keepalive_close_time", 0.0)
+            if (getattr(handler, "_request_count", 1) == 0 and deadline
+                    and handler._loop.time() >= deadline):  # noqa: SLF001
+                log.info("http_request_timeout", remote=_peer(handler))
+            forward(handler, exc)
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+        return server
+
+
+def _peer(handler: Any) -> str | None:
+    peer = getattr(handler, "peername", None)
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None

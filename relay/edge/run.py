@@ -13,6 +13,7 @@ import signal
 import structlog
 from aiohttp import web
 
+from relay.edge.admission import EdgeRunner
 from relay.edge.app import DRAINING, SESSIONS, create_app, runner_options
 from relay.errors import ListenError
 from relay.settings import Settings
@@ -22,7 +23,7 @@ log = structlog.get_logger(__name__)
 
 async def serve_edge(settings: Settings) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, shutdown_timeout=settings.drain_timeout_s, handle_signals=False,
+    runner = EdgeRunner(app, shutdown_timeout=settings.drain_timeout_s, handle_signals=False,
                            **runner_options(settings))
     await runner.setup()
     try:

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from relay.client import RelayClient
 from relay.edge import create_app
+from relay.edge.admission import EdgeRunner
 from relay.edge.app import runner_options
 from relay.settings import Settings
 from relay.wire import Message
@@ -18,7 +19,7 @@ from relay.wire import Message
 @asynccontextmanager
 async def running_edge(settings: Settings, node_id: str) -> AsyncIterator[str]:
     settings = settings.with_overrides(node_id=node_id)
-    runner = web.AppRunner(create_app(settings), shutdown_timeout=2.0, **runner_options(settings))
+    runner = EdgeRunner(create_app(settings), shutdown_timeout=2.0, **runner_options(settings))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

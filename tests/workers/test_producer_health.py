@@ -30,3 +30,9 @@ async def test_ready_only_with_redis_and_while_accepting(redis_client):
     dead = create_client(f"redis://127.0.0.1:{free_port()}/0")
     assert await probe(create_health_app(dead, lambda: True)) == (200, 503)
     await dead.aclose()
+
+
+async def test_not_ready_while_the_worker_cannot_take_work(redis_client):
+    blocked = create_health_app(redis_client, lambda: True, lambda: "ResponseError: NOGROUP")
+    assert await probe(blocked) == (200, 503)
+    assert await probe(create_health_app(redis_client, lambda: True, lambda: None)) == (200, 200)

@@ -89,6 +89,12 @@ def _doorbell(entry_id: Any, fields: Mapping[bytes, bytes]) -> Doorbell:
                     turn_id=text(turn) if turn else None, fields=fields)
 
 
+def _missing_group(exc: ResponseError) -> bool:
+    """NOGROUP: the group or its stream does not exist (also raised from inside a script)."""
+    message = str(exc)
+    return "NOGROUP" in message or "no such key" in message.lower()
+
+
 def stream_entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes]]]:
     """Stream entries of a one-stream XREAD/XREADGROUP reply (RESP2 list or RESP3 map)."""
     if not reply:
@@ -131,24 +137,37 @@ class Doorbells:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def _recreate(self, operation: str) -> None:
+        """The group (or the whole stream) vanished under an operation: Redis restarted empty,
+        was flushed, or failed over to a replica that never had it. Every pending doorbell went
+        with it, so nothing is left to reclaim; recreate the group and carry on."""
+        log.warning("jobs_group_missing_recreating", operation=operation)
+        self._cursor = "0-0"
+        await self.ensure_group()
+
     async def read(self, count: int, block_ms: int) -> list[Doorbell]:
         """New doorbells, blocking up to ``block_ms``."""
         try:
             reply = await self._client.xreadgroup(
                 self._group, self._consumer, {self._key: ">"}, count=count, block=block_ms)
         except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
+            if not _missing_group(exc):
                 raise
-            log.warning("jobs_group_missing_recreating")
-            await self.ensure_group()
+            await self._recreate("read")
             return []
         return [_doorbell(i, f) for i, f in stream_entries(reply)]
 
     async def reclaim(self, count: int, min_idle_ms: int) -> list[Doorbell]:
         """Doorbells idle for ``min_idle_ms`` in any consumer (a dead or stopping worker's)."""
-        reply = await self._client.xautoclaim(
-            self._key, self._group, self._consumer, min_idle_ms, start_id=self._cursor,
-            count=count)
+        try:
+            reply = await self._client.xautoclaim(
+                self._key, self._group, self._consumer, min_idle_ms, start_id=self._cursor,
+                count=count)
+        except ResponseError as exc:
+            if not _missing_group(exc):
+                raise
+            await self._recreate("reclaim")
+            return []
         self._cursor = text(reply[0])
         claimed = [_doorbell(i, f) for i, f in reply[1] if f is not None]
         for deleted in reply[2] if len(reply) > 2 else []:
@@ -157,25 +176,50 @@ class Doorbells:
         return claimed
 
     async def touch(self, entry_ids: list[str]) -> set[str]:
-        """Renew the idle time of doorbells this worker runs; returns the ones it lost."""
+        """Renew the idle time of doorbells this worker runs; returns the ones it lost (all of
+        them when the group vanished)."""
         if not entry_ids:
             return set()
-        lost = await self._touch(keys=[self._key], args=[self._group, self._consumer, *entry_ids])
+        try:
+            lost = await self._touch(keys=[self._key],
+                                     args=[self._group, self._consumer, *entry_ids])
+        except ResponseError as exc:
+            if not _missing_group(exc):
+                raise
+            await self._recreate("touch")
+            return set(entry_ids)
         return {text(i) for i in lost or []}
 
     async def ack(self, entry_id: str) -> bool:
         """Acknowledge and delete a doorbell, if it is still this worker's."""
-        return bool(int(await self._ack(keys=[self._key],
-                                        args=[self._group, self._consumer, entry_id])))
+        try:
+            return bool(int(await self._ack(keys=[self._key],
+                                            args=[self._group, self._consumer, entry_id])))
+        except ResponseError as exc:
+            if not _missing_group(exc):
+                raise
+            await self._recreate("ack")
+            return False
 
     async def hand_back(self, entry_id: str, idle_ms: int) -> bool:
         """Make a doorbell this worker holds claimable by any other worker right away."""
         args: ScriptArgs = [self._group, self._consumer, entry_id, idle_ms]
-        return bool(int(await self._hand_back(keys=[self._key], args=args)))
+        try:
+            return bool(int(await self._hand_back(keys=[self._key], args=args)))
+        except ResponseError as exc:
+            if not _missing_group(exc):
+                raise
+            await self._recreate("hand_back")
+            return False
 
     async def forget_consumer(self) -> None:
         """Remove this consumer from the group when it holds nothing (clean shutdown)."""
-        consumers = await self._client.xinfo_consumers(self._key, self._group)
+        try:
+            consumers = await self._client.xinfo_consumers(self._key, self._group)
+        except ResponseError as exc:
+            if not _missing_group(exc):
+                raise
+            return  # nothing to forget: the group is gone
         for info in consumers:
             if text(info.get("name", "")) == self._consumer and int(info.get("pending", 0)) == 0:
                 await self._client.xgroup_delconsumer(self._key, self._group, self._consumer)

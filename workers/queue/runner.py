@@ -20,6 +20,8 @@ dead letters after ``job_max_attempts`` and the conversation goes on with its ne
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -88,6 +90,7 @@ class ConversationRunner:
         self._lost = asyncio.Event()
         self._stop_now = False  # running turns must be handed back now, not finished
         self._turn: Turn | None = None
+        self.releasing = False  # letting go of the runner lease: the queue looked empty
 
     @property
     def owner(self) -> str:
@@ -120,12 +123,16 @@ class ConversationRunner:
                     return RunnerExit.HANDED_BACK
                 head = await self._s.store.head(self.conversation_id)
                 if head is None:
+                    # From here the lease may be gone at any moment by this runner's own doing:
+                    # the heartbeat must not mistake that for the conversation being lost.
+                    self.releasing = True
                     released = await self._s.store.release_if_empty(
                         self.conversation_id, owner=self.owner, doorbell=self.doorbell)
                     if released is Released.RELEASED:
                         return RunnerExit.DONE
                     if released is Released.LOST:
                         return RunnerExit.LOST
+                    self.releasing = False
                     continue  # a turn was queued between the two reads
                 with bound_contextvars(turn_id=head.turn_id):
                     if not await self._run_head(head):
@@ -173,15 +180,24 @@ class ConversationRunner:
         try:
             result = await self._speak(job, claim, lease)
         except _Stop:
-            if not self._lost.is_set():
-                await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
-            return False
+            return await self._hand_back(head, claim)
         except AttemptFenced:
             return not self._lost.is_set()  # dropped by an interrupt, or taken over
         except (ValueError, TypeError) as exc:  # the producer refuses the job's arguments
             return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
         except (RelayError, RedisError, OSError, ConversationBusy) as exc:
+            if self._must_stop() or self._s.stopping.is_set():
+                # The turn was abandoned under a step in flight (graceful stop, lost lease):
+                # that step's error is the hand-back's doing, not a failure of the turn.
+                return await self._hand_back(head, claim)
             return await self._failed(head, claim, exc)
+        except asyncio.CancelledError:
+            # The worker's stop bound ran out with this attempt still busy: a hand-back too.
+            if not self._lost.is_set():
+                with suppress(RedisError, OSError):
+                    await asyncio.shield(self._s.store.hand_back(
+                        self.conversation_id, head.turn_id, claim.epoch))
+            raise
         kept = await self._finish(head, claim)
         if result is not None:
             # Not kept: another worker took the turn over while this attempt was paused; what
@@ -189,6 +205,12 @@ class ConversationRunner:
             log.info("job_done" if kept else "attempt_taken_over", status=result.status,
                      error=result.error, epoch=claim.epoch, attempt=claim.attempts)
         return kept
+
+    async def _hand_back(self, head: QueuedTurn, claim: Claim) -> bool:
+        """The attempt ends unfinished and uncounted; the next worker continues the turn."""
+        if not self._lost.is_set():
+            await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
+        return False
 
     async def _speak(self, job: TurnJob, claim: Claim, lease: str | None) -> TurnResult | None:
         attempt = await self._attempt_for(job, claim, lease)
@@ -237,11 +259,9 @@ class ConversationRunner:
         clip = job.pcm or b""
         skip = attempt.delivered.audio_bytes if attempt.delivered else 0
         turn = await self._open(job, attempt)
-        try:
+        async with self._holding(turn):
             await turn.prefeed(clip[:skip])
             return await turn.speak_rest(clip[skip:])
-        finally:
-            self._turn = None
 
     async def _speak_streamed(self, job: TurnJob, attempt: Attempt) -> TurnResult | None:
         await self._keep_input(job)
@@ -249,9 +269,22 @@ class ConversationRunner:
         if first is None:
             return None
         turn = await self._open(job, attempt)
-        try:
+        async with self._holding(turn):
             await self._pump(job, turn, first, attempt)
             return await turn.end()
+
+    @asynccontextmanager
+    async def _holding(self, turn: Turn) -> AsyncIterator[None]:
+        """Whatever ends the attempt, the turn lets go of everything it holds (the producer's
+        conversation lock and lease, its Motion Server session, its frames writer). The turn's
+        own steps do that on their failures; the input reads of a streamed turn run between
+        them, so a Redis error or a cancellation while blocked on input must do it here."""
+        try:
+            yield
+        except BaseException:
+            with suppress(RedisError, OSError, RelayError):
+                await asyncio.shield(turn.stop_after_failure())
+            raise
         finally:
             self._turn = None
 

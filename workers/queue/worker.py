@@ -42,6 +42,11 @@ from workers.speech.producer import Producer
 
 log = structlog.get_logger(__name__)
 
+# After the stop grace, abandoning the running turns and handing their conversations back gets
+# this long; a worker's stop is bounded by ``producer_stop_s`` + HAND_BACK_S whatever its turns
+# are waiting for (docs/operations.md "Graceful stop").
+HAND_BACK_S = 5.0
+_CANCEL_WAIT_S = 1.0
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 2.0
 # A handed-back doorbell looks this idle, so any worker's next XAUTOCLAIM takes it.
@@ -77,6 +82,7 @@ class ProducerWorker:
         self._slot_freed = asyncio.Event()
         self._loop_done = asyncio.Event()
         self._next_reclaim = 0.0
+        self._blocked: str | None = "not started"
         beat = min(settings.job_claim_idle_s, settings.conversation_lease_s) / 3
         self._heartbeat = Periodic("jobs-heartbeat", beat, self.heartbeat)
 
@@ -93,17 +99,28 @@ class ProducerWorker:
             self._heartbeat.start()
             log.info("worker_started", consumer=self._doorbells.consumer,
                      concurrency=self._settings.producer_concurrency)
+            self._blocked = None
             delay = _BACKOFF_FIRST_S
             while not self._stopping.is_set():
                 try:
                     await self._take_work()
                     delay = _BACKOFF_FIRST_S
+                    self._blocked = None
                 except (RedisError, OSError) as exc:
+                    self._blocked = f"{type(exc).__name__}: {exc}"
                     log.warning("jobs_read_failed", error=str(exc), retry_in_s=delay)
                     await self._sleep_unless_stopping(delay)
                     delay = min(delay * 2, _BACKOFF_MAX_S)
+        except BaseException as exc:
+            self._blocked = f"job loop ended: {type(exc).__name__}"
+            raise
         finally:
             self._loop_done.set()
+
+    def blocked(self) -> str | None:
+        """Why this worker cannot take work now (for ``/readyz``), or None while it can: its
+        job loop runs and its last round of reading the jobs group succeeded."""
+        return self._blocked
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop taking work; let running turns finish for ``timeout_s`` (``producer_stop_s``),
@@ -118,15 +135,37 @@ class ProducerWorker:
             await asyncio.wait_for(self._loop_done.wait(), self._settings.jobs_block_ms / 1000 + 1)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - loop.time()))
-        for runner in list(self._runners.values()):
-            with suppress(RedisError, OSError):
-                await runner.stop_now()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks))
+        await self._hand_back_all()
         await self._heartbeat.close()
-        with suppress(RedisError, OSError):
-            await self._doorbells.forget_consumer()
+        with suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._doorbells.forget_consumer(), HAND_BACK_S)
         log.info("worker_stopped", consumer=self._doorbells.consumer)
+
+    async def _hand_back_all(self) -> None:
+        """Abandon every turn still running and let the runners hand their conversations back,
+        for up to HAND_BACK_S in all; runners still busy then (blocked on a Redis that does not
+        answer) are cancelled: their doorbells go idle and another worker takes them over after
+        ``job_claim_idle_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HAND_BACK_S
+        stops = [asyncio.create_task(self._stop_runner(r)) for r in self._runners.values()]
+        if stops:
+            await asyncio.wait(stops, timeout=HAND_BACK_S)
+        busy: set[asyncio.Task[None]] = set(self._tasks)
+        if busy:
+            _, busy = await asyncio.wait(busy, timeout=max(0.0, deadline - loop.time()))
+        for task in (*stops, *busy):
+            task.cancel()
+        if busy:
+            log.warning("runners_cancelled_at_stop", runners=len(busy))
+            await asyncio.wait({*stops, *busy}, timeout=_CANCEL_WAIT_S)
+
+    async def _stop_runner(self, runner: ConversationRunner) -> None:
+        try:
+            await runner.stop_now()
+        except (RedisError, OSError) as exc:
+            log.warning("runner_stop_failed", conversation_id=runner.conversation_id,
+                        error=str(exc))
 
     # Taking work.
 
@@ -231,6 +270,7 @@ class ProducerWorker:
     async def _settle(self, runner: ConversationRunner, exit_: RunnerExit) -> None:
         """Acknowledge or hand back the runner's doorbell: never leave it pending and renewed
         with nobody running the conversation."""
+        runner.releasing = True
         try:
             if exit_ is RunnerExit.DONE:
                 await self._doorbells.ack(runner.doorbell)
@@ -248,7 +288,7 @@ class ProducerWorker:
 
     async def heartbeat(self) -> None:
         """Renew every runner lease and doorbell held here; stop the conversations lost."""
-        runners = list(self._runners.values())
+        runners = [r for r in self._runners.values() if not r.releasing]
         if not runners:
             return
         lost = await self._doorbells.touch([r.doorbell for r in runners])
@@ -256,7 +296,10 @@ class ProducerWorker:
             self._store.renew(r.conversation_id, owner=self._producer.owner, doorbell=r.doorbell)
             for r in runners))
         for runner, kept in zip(runners, renewed, strict=True):
-            if (runner.doorbell in lost or not kept) and runner.doorbell in self._runners:
+            # A runner that released its lease (or acknowledged its doorbell) while this round
+            # was in flight finished its queue: that is not a loss.
+            gone = runner.doorbell in lost or not kept
+            if gone and self._runners.get(runner.doorbell) is runner and not runner.releasing:
                 log.warning("conversation_lost", conversation_id=runner.conversation_id)
                 await runner.lose()
 

@@ -41,7 +41,7 @@ from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.speech.control import ControlListener
 from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
 from workers.speech.frames import FramesPipe, PipeOutcome
-from workers.speech.leases import ConversationLeases, SessionLeases
+from workers.speech.leases import ConversationBusy, ConversationLeases, SessionLeases
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
@@ -86,11 +86,18 @@ class _KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
-    async def acquire(self, key: str) -> None:
+    async def acquire(self, key: str, timeout_s: float) -> None:
+        """Take the key's lock, waiting at most ``timeout_s`` (then ConversationBusy): a turn
+        that never lets go must not hold up the conversation's later turns for ever."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
-            await lock.acquire()
+            async with asyncio.timeout(timeout_s):
+                await lock.acquire()
+        except TimeoutError:
+            self._forget(key)
+            raise ConversationBusy(f"conversation {key} is busy with a turn of this producer") \
+                from None
         except BaseException:
             self._forget(key)
             raise
@@ -258,10 +265,13 @@ class Producer:
         if not self._running:
             raise ProducerClosed("producer is not running")
         conversation_id = spec.conversation_id
-        await self._locks.acquire(conversation_id)
+        wait_s = self._settings.conversation_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        await self._locks.acquire(conversation_id, wait_s)
         try:
             await self._conversation_leases.acquire(
-                conversation_id, wait_s=self._settings.conversation_wait_s,
+                conversation_id, wait_s=max(0.0, deadline - loop.time()),
                 take_from=attempt.take_over_from if attempt else "",
             )
         except BaseException:
