@@ -234,7 +234,7 @@ class Settings:
     # Client tokens.
     token_secret: str = setting("", text(f"at least {MIN_SECRET_LEN} characters", _secret,
                                          secret=True))
-    token_ttl_s: int = setting(3600, integer(1, MONTH))
+    token_ttl_s: int = setting(3600, integer(1, WEEK))  # relay.tokens.MAX_TTL_S
 
     # Edge.
     edge_host: str = setting("127.0.0.1", HOST)
