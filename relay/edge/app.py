@@ -17,6 +17,7 @@ from redis.exceptions import (
     ClusterDownError,
     MasterDownError,
     ReadOnlyError,
+    RedisClusterException,
     ResponseError,
     TryAgainError,
 )
@@ -182,7 +183,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "draining"}, status=503)
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), 2.0)
-    except (TimeoutError, OSError, redis.RedisError) as exc:
+    except (TimeoutError, OSError, redis.RedisError, RedisClusterException) as exc:
+        # RedisClusterException: a cluster client with no node reachable (not a RedisError).
         return web.json_response({"status": "redis_unavailable", "error": str(exc)}, status=503)
     supervised = request.app[HUB_TASK]
     if not isinstance(supervised, _Supervised) or not supervised.alive:

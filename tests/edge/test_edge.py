@@ -137,14 +137,17 @@ async def test_resume_outside_retention_says_so(settings, redis_client, keys):
         await log.append(conv, "t1", wire.audio("t1", seq, b"x", end=False))
     async with running_edge(settings, "edge-c") as url:
         client = RelayClient(url, conv, token(conv), last_id=first)
-        task = asyncio.create_task(collect(client, is_turn_end))
+        task = asyncio.create_task(collect(client, lambda ms: any(
+            m.turn == "t2" and m.kind == "turn_end" for m in ms)))
         await wait_joined(client)
         welcome = client.welcomes[0]
         assert welcome.get("recovered") is False
-        assert welcome.get("start") == "turn"
+        # t1's turn_start was trimmed too: nothing of t1, delivery starts at the next turn.
+        assert welcome.get("start") == "next_turn"
         await log.end_turn(conv, "t1", status=wire.STATUS_COMPLETE)
+        await write_turn(log, conv, "t2", [b"y" * 10])
         received = await task
-        assert received[-1].kind == "turn_end"
+        assert received[0].kind == "turn_start" and {m.turn for m in received} == {"t2"}
         await client.close()
 
 
