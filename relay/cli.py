@@ -112,6 +112,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="sign with this private key (RS256, ES256 or EdDSA by key type) "
                        "instead of the shared secret")
 
+    watch = sub.add_parser("watch", help="show one conversation's stream as it happens: "
+                           "turns, kinds, seq, sizes, gaps, interrupts")
+    watch.add_argument("conversation_id")
+    watch.add_argument("--edge", default=None, metavar="URL",
+                       help="watch through this edge (ws://host:port) as a client sees it; "
+                       "default: read the stream from Redis (REDIS_URL)")
+    watch.add_argument("--token", default=None,
+                       help="client token for --edge (default: minted with this deployment's keys)")
+    watch.add_argument("--from-start", action="store_true",
+                       help="from the stream: begin with the oldest retained entry, not new ones")
+    watch.add_argument("--turns", type=_positive_int, default=None, metavar="N",
+                       help="stop after N turns have ended")
+
     check = sub.add_parser("check", help="exit 0 when this role's dependencies are reachable")
     check.add_argument("--role", choices=["edge", "producer"], default="edge")
 
@@ -246,6 +259,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         return bench_main(args.bench_args)
     if args.command in ("enqueue", "jobs"):
         return asyncio.run(_jobs_command(args, settings))
+    if args.command == "watch":
+        from relay.dev.watch import run_watch
+
+        return asyncio.run(run_watch(settings, args.conversation_id, edge=args.edge,
+                                     token=args.token, from_start=args.from_start,
+                                     max_turns=args.turns))
     if args.command == "check":
         from relay.health import check
 
