@@ -333,6 +333,10 @@ class Settings:
     edge_max_per_address: int = setting(256, integer(1, 1_000_000, zero="no cap"))
     edge_max_per_conversation: int = setting(64, integer(1, 1_000_000, zero="no cap"))
 
+    # Web demo page (issue 14): the edge also serves the demo page and the web client at /demo/.
+    # Off in production; `relay run` turns it on for its edges.
+    web_demo: bool = setting(False, flag())
+
     # Logs.
     log_json: bool = setting(True, flag())
     log_level: str = setting("info", one_of(*LOG_LEVELS))
