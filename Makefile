@@ -1,17 +1,31 @@
-# Two commands matter: `make run` and `make test`. Everything installs into .venv from PyPI.
+# Two commands matter: `make run` and `make test`. Everything installs into .venv from PyPI, at
+# the exact versions (and hashes) of uv.lock as exported to requirements/dev.txt.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := run
-.PHONY: run demo test test-fast install lint clean scale bench bench-quick faults web-deps
+.PHONY: run demo test test-fast install lint clean scale bench bench-quick faults web-deps lock
 
-$(STAMP): pyproject.toml
+# --no-deps: the lock lists every package already (pip would otherwise trip over extras that a
+# dependency asks for, such as redis[hiredis], in hash-checking mode); `pip check` proves it.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
+
+# After a change of pyproject.toml's dependencies: resolve again, export what the image
+# (requirements/service.txt) and the dev environment (requirements/dev.txt) install.
+lock:
+	$(BIN)/uv lock
+	$(BIN)/uv export --frozen --no-emit-project --no-dev --format requirements-txt \
+		-o requirements/service.txt -q
+	$(BIN)/uv export --frozen --no-emit-project --no-dev --extra dev --format requirements-txt \
+		-o requirements/dev.txt -q
 
 # The web client's one dependency (@msgpack/msgpack, pinned by its package-lock.json), for the
 # demo page and the browser tests; skipped with a note where npm is missing.
@@ -28,10 +42,10 @@ web-deps: $(WEB_STAMP)
 install: $(STAMP) $(WEB_STAMP)
 
 run: $(STAMP) $(WEB_STAMP)
-	$(BIN)/relay run
+	$(BIN)/relay run $(ARGS)
 
 demo: $(STAMP)
-	$(BIN)/relay demo
+	$(BIN)/relay demo $(ARGS)
 
 test: $(STAMP) $(WEB_STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,22 +14,33 @@ import struct
 
 from aiohttp import web
 
+from relay import wire
+
 _BINARY_FIN = 0x80 | 0x2
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
 
+def _header(size: int) -> bytes:
+    if size < 126:
+        return _SHORT.pack(_BINARY_FIN, size)
+    if size < 65536:
+        return _MEDIUM.pack(_BINARY_FIN, 126, size)
+    return _LONG.pack(_BINARY_FIN, 127, size)
+
+
 def binary_frame(payload: bytes) -> bytes:
     """An unmasked, final, binary frame (RFC 6455 section 5.2): what a server sends."""
-    size = len(payload)
-    if size < 126:
-        header = _SHORT.pack(_BINARY_FIN, size)
-    elif size < 65536:
-        header = _MEDIUM.pack(_BINARY_FIN, 126, size)
-    else:
-        header = _LONG.pack(_BINARY_FIN, 127, size)
-    return header + payload
+    return _header(len(payload)) + payload
+
+
+def delivery_frame(entry_id: bytes, stored: bytes | memoryview) -> bytes:
+    """The complete frame of a stream entry, built in one copy of the stored bytes (which may be
+    a slice of a larger live push): WebSocket header, ``wire.delivery_head``, the stored pairs."""
+    head = wire.delivery_head(entry_id, stored[0])
+    body = memoryview(stored)[1:]
+    return b"".join((_header(len(head) + len(body)), head, body))
 
 
 class FrameWriter:
@@ -45,6 +56,15 @@ class FrameWriter:
         self._transport = writer.transport
         self._protocol = writer.protocol
         self._timeout_s = timeout_s
+
+    def writable(self) -> bool:
+        """True when a write would go out without waiting: the transport is open and below its
+        high-water mark."""
+        return not (self._protocol._paused or self._transport.is_closing())  # noqa: SLF001
+
+    def write_now(self, frames: list[bytes]) -> None:
+        """One transport write of ``frames``; only after ``writable()`` said so."""
+        self._transport.write(b"".join(frames) if len(frames) > 1 else frames[0])
 
     async def write(self, frames: list[bytes]) -> None:
         if self._transport.is_closing():

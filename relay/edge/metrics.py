@@ -89,12 +89,12 @@ class EdgeMetrics:
         self.lag = Histogram(
             "relay_edge_delivery_lag_seconds",
             "Time from a live entry's append to Redis (its stream id) to the edge handing it to "
-            "its clients' send queues; observed once per read for the oldest entry read.",
+            "its clients' send queues; observed once per live push for its oldest entry.",
             buckets=_LAG_BUCKETS, registry=r)
         self.read_batch = Histogram(
             "relay_edge_read_batch_entries",
-            "Conversation entries returned by one blocking stream read (0: it timed out or was "
-            "woken).", buckets=_BATCH_BUCKETS, registry=r)
+            "Conversation entries delivered by one live push, or by one page the hub read from "
+            "the stream to fill a gap.", buckets=_BATCH_BUCKETS, registry=r)
         self.read_errors = Counter(
             "relay_edge_read_errors_total",
             "Blocking stream reads that failed, by error type.", ["error"], registry=r)
@@ -136,15 +136,19 @@ class EdgeMetrics:
         self.conversations.set_function(conversations)
         self.read_loops.set_function(read_loops)
 
-    def delivered_live(self, tally: DeliveryTally, entries_read: int) -> None:
-        """Once per read: its tally, its size and the lag of its oldest entry."""
-        self.read_batch.observe(entries_read)
+    def pushed(self, entries: int, oldest_ms: int) -> None:
+        """Once per live push (or history page of the hub) delivered: its size and the lag of
+        its oldest entry (two observations; the counters come in batches, see ``add_live``)."""
+        self.read_batch.observe(entries)
+        self.lag.observe(max(0.0, time.time() - oldest_ms / 1000))
+
+    def add_live(self, tally: DeliveryTally) -> None:
+        """The live messages and bytes counted since the last call (the hub calls it on every
+        keepalive tick and before each scrape)."""
         for kind, count in tally.messages.items():
             if count:
                 self._live_messages[kind].inc(count)
                 self._live_bytes[kind].inc(tally.bytes[kind])
-        if tally.oldest_ms:
-            self.lag.observe(max(0.0, time.time() - tally.oldest_ms / 1000))
 
     def delivered_history(self, tally: DeliveryTally) -> None:
         for kind, count in tally.messages.items():

@@ -75,3 +75,27 @@ def test_roles_refuse_to_start_without_their_settings(redis_url):
     bad_number = relay("edge", RELAY_STREAM_MAXLEN="lots", REDIS_URL=redis_url)
     assert bad_number.returncode == 2
     assert "configuration error: RELAY_STREAM_MAXLEN=lots: not an integer" in bad_number.stderr
+
+
+def test_token_takes_a_key_id_and_a_private_key(tmp_path):
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    with_kid = relay("token", "conv-7", "--kid", "k2", RELAY_TOKEN_SECRET=TEST_SECRET,
+                     RELAY_TOKEN_KID="k2")
+    assert with_kid.returncode == 0, with_kid.stderr
+    assert jwt.get_unverified_header(with_kid.stdout.strip())["kid"] == "k2"
+    unknown = relay("token", "conv-7", "--kid", "k9", RELAY_TOKEN_SECRET=TEST_SECRET)
+    assert unknown.returncode == 2 and "no secret for kid 'k9'" in unknown.stderr
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = tmp_path / "signing.pem"
+    pem.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    signed = relay("token", "conv-7", "--kid", "ed-1", "--key-file", str(pem))
+    assert signed.returncode == 0, signed.stderr
+    claims = jwt.decode(signed.stdout.strip(), private.public_key(), algorithms=["EdDSA"])
+    assert claims["conv"] == "conv-7"
+    too_long = relay("token", "conv-7", "--ttl", "9999999", RELAY_TOKEN_SECRET=TEST_SECRET)
+    assert too_long.returncode == 2 and "Traceback" not in too_long.stderr
