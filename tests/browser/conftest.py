@@ -3,7 +3,7 @@ driven by Playwright from PyPI with `executable_path`; no browser is ever downlo
 real edge, producer and simulator processes.
 
 Where Chromium, Playwright or the web client's node modules are missing, the tests are skipped
-and the run ends with one line saying so and how to enable them.
+and the run ends with one line saying so and how to enable them (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from workers.queue.submit import TurnQueue
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ENABLE = ("apt-get update && apt-get install -y chromium nodejs npm, then make web-deps "
-          "(Playwright comes with make install)")
 
 
 def missing() -> str | None:
@@ -43,9 +41,6 @@ def missing() -> str | None:
     return None
 
 
-_skipped: list[str] = []
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     reason = missing()
     if reason is None:
@@ -53,14 +48,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.skip(reason=f"browser test: {reason}"))
-            _skipped.append(item.nodeid)
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _skipped:
-        terminalreporter.write_line(
-            f"{len(_skipped)} browser tests skipped ({missing()}); to run them: {ENABLE}")
+            # "[web]": the root conftest sums these skips up in one line with ENABLE.
+            item.add_marker(pytest.mark.skip(reason=f"[web] {reason}"))
 
 
 @dataclass
