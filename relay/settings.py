@@ -179,6 +179,20 @@ def _redis_url(value: str) -> str | None:
     return None
 
 
+def _telemetry(value: str) -> str | None:
+    if value in ("on", "off"):
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        return "must be on, off, or an http(s):// URL without a query"
+    return None
+
+
 def _http_or_ws_url(value: str) -> str | None:
     if not value:
         return None
@@ -336,6 +350,12 @@ class Settings:
     # Open WebSockets per client address, and per conversation, on one edge.
     edge_max_per_address: int = setting(256, integer(1, 1_000_000, zero="no cap"))
     edge_max_per_conversation: int = setting(64, integer(1, 1_000_000, zero="no cap"))
+
+    # Operators can see it (issue 10; docs/operations.md "Spatius SDK telemetry"). The Spatius
+    # SDK's own OTLP metrics and traces about its sessions: "on" sends them to Spatius (the SDK's
+    # default), "off" sends nothing, a URL sends them to that OTLP/HTTP collector instead. Sessions
+    # with the simulator never report anything.
+    spatius_sdk_telemetry: str = setting("on", text("on, off, or an http(s):// URL", _telemetry))
 
     # Web demo page (issue 14): the edge also serves the demo page and the web client at /demo/.
     # Off in production; `relay run` turns it on for its edges.

@@ -29,6 +29,7 @@ from relay.dev.demo import SubmitClip, run_demo
 from relay.dev.embedded import EmbeddedServer, die_with_parent, free_port
 from relay.errors import ConfigError, ListenError
 from relay.keys import Keys
+from relay.logs import redact
 from relay.redis_conn import RedisClient, client_for, wait_until_ready
 from relay.settings import Settings
 
@@ -99,6 +100,7 @@ class LocalStack:
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.sim_url: str | None = None  # base URL of the simulator once started
+        self.metrics_urls: dict[str, str] = {}  # child name -> its Prometheus /metrics
 
     async def _spawn(self, name: str, args: list[str], **extra_env: str) -> Child:
         child = Child(name, args, {**self.env, "RELAY_NODE_ID": name, **extra_env}, self.log_dir)
@@ -115,6 +117,7 @@ class LocalStack:
         self.env["SPATIUS_INGRESS_URL"] = f"ws://127.0.0.1:{port}/v2/driveningress"
         await wait_http(f"{base}/_sim/stats", sim)
         self.sim_url = base
+        self.metrics_urls[sim.name] = f"{base}/metrics"
         return base
 
     async def start_producer(self, name: str, **extra_env: str) -> Child:
@@ -123,12 +126,14 @@ class LocalStack:
         producer = await self._spawn(name, ["producer"], RELAY_PRODUCER_HEALTH_PORT=str(port),
                                      **extra_env)
         await wait_http(f"http://127.0.0.1:{port}/readyz", producer)
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         return producer
 
     async def start_edge(self, name: str, port: int = 0, **extra_env: str) -> tuple[Child, str]:
         port = port or free_port()
         edge = await self._spawn(name, ["edge", "--port", str(port)], **extra_env)
         await wait_http(f"http://127.0.0.1:{port}/readyz", edge)
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         return edge, f"ws://127.0.0.1:{port}"
 
     async def stop(self) -> None:
@@ -180,7 +185,7 @@ async def _run_stack(settings: Settings, options: StackOptions) -> int:
         stack.push_async_callback(client.aclose)
         await wait_until_ready(client)
         stack.callback(_write_env_file(settings, redis_url, secret))
-        _print_banner(redis_url, edges, secret, settings, options)
+        _print_banner(redis_url, edges, secret, settings, options, local.metrics_urls)
         demo_url = await _start_web_demo(stack, client, settings, secret, edges, local.sim_url)
         print(f"  web demo     {demo_url}\n", flush=True)
         report = await run_demo(
@@ -232,7 +237,7 @@ def _check_ports_free(host: str, ports: list[int]) -> None:
 def _start_embedded(stack: AsyncExitStack) -> str:
     server = EmbeddedServer().start()
     stack.callback(server.stop)
-    log.info("embedded_valkey_started", url=server.url)
+    log.info("embedded_valkey_started", url=redact(server.url))
     return server.url
 
 
@@ -302,17 +307,18 @@ def _write_env_file(settings: Settings, redis_url: str, secret: str) -> Callable
 
 
 def _print_banner(redis_url: str, edges: list[str], secret: str, settings: Settings,
-                  options: StackOptions) -> None:
+                  options: StackOptions, metrics_urls: dict[str, str]) -> None:
     motion = "real Spatius Motion Server" if settings.uses_real_motion_server else "simulator"
     lines = [
         "",
         "relay is up",
-        f"  redis        {redis_url}",
+        f"  redis        {redact(redis_url)}",
         f"  motion       {motion}",
         f"  producers    {options.producers} process(es); logs in {RUN_DIR / 'logs'}",
     ]
     lines += [f"  edge         {url}/v1/conversations/<conversation_id>/ws?token=<token>"
               for url in edges]
+    lines += [f"  metrics      {url}  ({name})" for name, url in metrics_urls.items()]
     lines += [
         "",
         f"  in another terminal, first   source {ENV_FILE}   (this stack's settings and relay)",

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import generate_latest
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from relay import wire
 from relay.edge.admission import Admission, EdgeWebSocket, ServerLog, refuse
@@ -196,7 +197,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "draining"}, status=503)
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), 2.0)
-    except (TimeoutError, OSError, redis.RedisError) as exc:
+    except (TimeoutError, OSError, redis.RedisError, RedisClusterException) as exc:
+        # RedisClusterException: a cluster client with no node reachable (not a RedisError).
         return web.json_response({"status": "redis_unavailable", "error": str(exc)}, status=503)
     supervised = request.app[HUB_TASK]
     if not isinstance(supervised, _Supervised) or not supervised.alive:

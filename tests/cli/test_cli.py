@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from relay.dev.embedded import free_port
 from relay.tokens import verify_token
 from tests.conftest import TEST_SECRET
@@ -57,8 +59,12 @@ def test_edge_on_a_taken_port_says_so_by_name(redis_url):
         result = relay("edge", "--port", str(port), REDIS_URL=redis_url,
                        RELAY_TOKEN_SECRET=TEST_SECRET)
     assert result.returncode == 2, result.stderr
-    assert (f"relay: edge cannot listen on 127.0.0.1:{port}: Address already in use "
-            "(change RELAY_EDGE_PORT or --port)") in result.stderr
+    # A role logs JSON lines, its startup error too.
+    errors = [json.loads(line) for line in result.stderr.splitlines()
+              if json.loads(line)["level"] == "error"]
+    assert [e["error"] for e in errors] == [
+        f"edge cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(change RELAY_EDGE_PORT or --port)"]
 
 
 def test_check_producer_probes_motion_server(redis_url):
