@@ -431,6 +431,23 @@ def env_name(field_name: str) -> str:
     return _ENV_NAMES.get(field_name, f"RELAY_{field_name.upper()}")
 
 
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One line per ``RELAY_*`` variable that names no setting: a typo would otherwise be
+    ignored without a word (``RELAY_HEARTBEAT=5`` leaves the 20 s default). Each names the
+    closest setting when one is close. ``RELAY_TEST_*`` belongs to the test suite."""
+    import difflib
+
+    known = [env_name(f.name) for f in fields(Settings)]
+    lines = []
+    for name in sorted(env):
+        if not name.startswith("RELAY_") or name in known or name.startswith("RELAY_TEST_"):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a setting{hint}; it is ignored")
+    return lines
+
+
 def rule_of(field_name: str) -> Rule:
     """The rule a field was declared with; a field declared without one is a bug, caught here."""
     rule = _FIELDS[field_name].metadata.get("rule")
