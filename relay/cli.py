@@ -13,7 +13,7 @@ import structlog
 
 from relay.errors import ConfigError, RelayError
 from relay.logs import configure_logging, redact
-from relay.settings import LOG_LEVELS, Settings
+from relay.settings import LOG_LEVELS, Settings, unknown_variables
 
 
 def _version() -> str:
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(json=json_logs)  # until the settings are read: startup errors too
     try:
         settings = Settings.from_env()
+        for line in unknown_variables(os.environ):
+            _fail(json_logs, "unknown_setting", line, level="warning")
         if args.log_level:
             settings = settings.with_overrides(log_level=args.log_level)
         json_logs = settings.log_json and args.command not in _PLAIN
@@ -183,15 +185,17 @@ def _env_wants_json() -> bool:
         "0", "false", "no", "off"}
 
 
-def _fail(json_logs: bool, event: str, message: str) -> None:
+def _fail(json_logs: bool, event: str, message: str, level: str = "error") -> None:
     """The last word of a command that cannot run: one JSON line for the roles (written here,
-    not through structlog, which may not be configured yet), a plain sentence at a terminal."""
+    not through structlog, which may not be configured yet), a plain sentence at a terminal.
+    Start-up warnings take the same way (``level="warning"``)."""
     if json_logs:
-        line = {"event": event, "level": "error", "error": redact(message),
+        line = {"event": event, "level": level, level: redact(message),
                 "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
         print(json.dumps(line), file=sys.stderr)
     else:
-        print(f"relay: {message}", file=sys.stderr)
+        prefix = "" if level == "error" else f"{level}: "
+        print(f"relay: {prefix}{message}", file=sys.stderr)
 
 
 async def _jobs_command(args: argparse.Namespace, settings: Settings) -> int:
