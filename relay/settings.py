@@ -328,6 +328,8 @@ class Settings:
     sim_first_batch_delay_ms: int = setting(0, integer(0, 60_000))
     # The session handshake is answered after this long.
     sim_handshake_delay_ms: int = setting(0, integer(0, 60_000))
+    # Session tokens fetched ahead, each for one new SDK session (issue 12, workers/speech/tokens).
+    sdk_token_stock: int = setting(2, integer(1, 64, zero="off"))
 
     # Who may connect: token keys, Origin allow-list, request hygiene and connection caps
     # (issue 13; docs/operations.md "Client tokens" and "Edge admission").
