@@ -359,6 +359,10 @@ class Settings:
     # with the simulator never report anything.
     spatius_sdk_telemetry: str = setting("on", text("on, off, or an http(s):// URL", _telemetry))
 
+    # Web demo page (issue 14): the edge also serves the demo page and the web client at /demo/.
+    # Off in production; `relay run` turns it on for its edges.
+    web_demo: bool = setting(False, flag())
+
     # Logs.
     log_json: bool = setting(True, flag())
     log_level: str = setting("info", one_of(*LOG_LEVELS))

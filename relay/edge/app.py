@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
@@ -72,7 +73,28 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    _add_web_demo(app, settings)
     return app
+
+
+def _add_web_demo(app: web.Application, settings: Settings) -> None:
+    """The demo page and the web client as static files at /demo/ (RELAY_WEB_DEMO, for
+    `relay run`). Paths only: the edge imports nothing of the dev tooling."""
+    if not settings.web_demo:
+        return
+    package = Path(__file__).resolve().parent.parent
+    page = package / "dev" / "webdemo" / "page"
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(page / "index.html")
+
+    async def to_index(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(request.rel_url.with_path("/demo/"))
+
+    app.router.add_get("/demo", to_index)
+    app.router.add_get("/demo/", index)
+    app.router.add_static("/demo/lib/", package / "client" / "web")
+    app.router.add_static("/demo/", page)
 
 
 def runner_options(settings: Settings) -> dict[str, Any]:
