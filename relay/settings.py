@@ -333,6 +333,12 @@ class Settings:
     edge_max_per_address: int = setting(256, integer(1, 1_000_000, zero="no cap"))
     edge_max_per_conversation: int = setting(64, integer(1, 1_000_000, zero="no cap"))
 
+    # Recovery from faults (issue 16; docs/operations.md "Slow clients", "Session cap").
+    # What one client's socket may hold written but unread: the kernel send buffer (SO_SNDBUF)
+    # and the transport's high-water mark each get this much, so a slow client reaches its
+    # 4429 close within seconds instead of a heartbeat timeout with no close frame.
+    client_send_buffer_bytes: int = setting(32 * 1024, integer(4096, 64 * 1024 * 1024))
+
     # Logs.
     log_json: bool = setting(True, flag())
     log_level: str = setting("info", one_of(*LOG_LEVELS))

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from relay import streams, wire
 from relay.edge.admission import FRAME_ERRORS
-from relay.edge.framing import FrameWriter, binary_frame
+from relay.edge.framing import FrameWriter, SlowClient, binary_frame
 from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.errors import WireError
 from relay.keys import Keys
@@ -64,10 +64,15 @@ class ClientSession:
         self._metrics = metrics
         self.conversation_id = conversation_id
         self._settings = settings
-        self._queue: deque[tuple[tuple[int, int], bytes]] = deque()
+        # (entry id, frame, when it was queued): the oldest one's age is how far behind the
+        # client is, the measure of a slow client.
+        self._queue: deque[tuple[tuple[int, int], bytes, float]] = deque()
         self._writer: FrameWriter | None = None
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
+        self._closing = asyncio.Event()  # set with the close code: a blocked write gives up
+        self._loop = asyncio.get_running_loop()
+        self._live_since: float | None = None  # history sent: from now lag counts
         self._close_code: int | None = None
         self._close_reason = ""
         self._close_error: bytes | None = None
@@ -82,13 +87,15 @@ class ClientSession:
         if self._close_code is not None:
             return
         limits = self._settings
+        now = self._loop.time()
         if (len(self._queue) >= limits.client_queue_messages
-                or self._queued_bytes + len(frame) > limits.client_queue_bytes):
+                or self._queued_bytes + len(frame) > limits.client_queue_bytes
+                or self._lag(now) > limits.send_timeout_s):
             # Overflow policy: disconnect, never drop. The client resumes from its last position
             # and gets everything still retained, so a slow client costs itself, not the edge.
             self.request_close(wire.CloseCode.SLOW_CONSUMER, "slow_consumer")
             return
-        self._queue.append((entry_id, frame))
+        self._queue.append((entry_id, frame, now))
         self._queued_bytes += len(frame)
         self.peak_queued_bytes = max(self.peak_queued_bytes, self._queued_bytes)
         self._wakeup.set()
@@ -102,6 +109,13 @@ class ClientSession:
     def close_reason(self) -> str:
         return self._close_reason
 
+    def _lag(self, now: float) -> float:
+        """How long the oldest entry not yet written has waited, counted from the end of the
+        history (a joining client may take its time over that)."""
+        if not self._queue or self._live_since is None:
+            return 0.0
+        return now - max(self._queue[0][2], self._live_since)
+
     def on_unavailable(self) -> None:
         self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
 
@@ -112,13 +126,23 @@ class ClientSession:
             if error_message is not None:
                 self._close_error = wire.error(reason, error_message)
             self._wakeup.set()
+            self._closing.set()
 
     # --- delivery ----------------------------------------------------------------------------
 
-    async def _write(self, frames: list[bytes]) -> None:
+    def _frame_writer(self) -> FrameWriter:
         if self._writer is None:
-            self._writer = FrameWriter(self.ws, self._settings.send_timeout_s)
-        await self._writer.write(frames)
+            self._writer = FrameWriter(self.ws, self._settings.send_timeout_s,
+                                       buffer_bytes=self._settings.client_send_buffer_bytes)
+        return self._writer
+
+    async def _write(self, frames: list[bytes]) -> None:
+        """Write frames; a client that reads none of them within the send timeout is closed
+        with 4429 (the session stops writing; ``pump`` sends the close)."""
+        try:
+            await self._frame_writer().write(frames, self._closing)
+        except SlowClient:
+            self.request_close(wire.CloseCode.SLOW_CONSUMER, "slow_consumer")
         self.sent_count += len(frames)
 
     def _fresh(self, entry_id: tuple[int, int]) -> bool:
@@ -161,12 +185,13 @@ class ClientSession:
                 await self._write(frames)
                 if self._metrics is not None:
                     self._metrics.delivered_history(tally)
-            if done:
+            if done or self._close_code is not None:
                 return
             position, inclusive = rows[-1][0], False
 
     async def pump(self) -> None:
         """Drain the live queue, a batch per write, until the session is asked to close."""
+        self._live_since = self._loop.time()
         while True:
             while self._queue and self._close_code is None:
                 await self._write_batch()
@@ -177,19 +202,33 @@ class ClientSession:
             await self._wakeup.wait()
 
     async def _close(self) -> None:
+        """Send the close frame behind what is already written (never waiting for a slow client
+        to drain it first: the buffers are bounded, so it reads its way there), wait a bounded
+        time for the client's answer, and make sure a client that stopped reading does not
+        keep the connection: it is dropped one heartbeat interval later (as the heartbeat would
+        drop a client that answers no ping)."""
         assert self._close_code is not None
         try:
-            if self._close_error is not None:
-                await self.ws.send_bytes(self._close_error)
-            await self.ws.close(code=self._close_code, message=self._close_reason.encode())
-        except ConnectionError:
-            pass  # the client left first
+            async with asyncio.timeout(self._settings.send_timeout_s):
+                if self._close_error is not None:
+                    await self.ws.send_bytes(self._close_error)
+                await self.ws.close(code=self._close_code,
+                                    message=self._close_reason.encode(), drain=False)
+        except (ConnectionError, TimeoutError):
+            pass  # the client left first, or never answered the close
+        writer = self._writer
+        if writer is not None and writer.unsent_bytes:
+            self._loop.call_later(self._settings.heartbeat_s, writer.abort)
 
     async def _write_batch(self) -> None:
+        # Only as much as the transport may hold: the rest stays queued, where its age says how
+        # far behind the client is.
+        room = self._settings.client_send_buffer_bytes - self._frame_writer().unsent_bytes
+        limit = max(1, min(_BATCH_BYTES, room))
         frames: list[bytes] = []
         size = 0
-        while self._queue and len(frames) < _BATCH_FRAMES and size < _BATCH_BYTES:
-            entry_id, frame = self._queue.popleft()
+        while self._queue and len(frames) < _BATCH_FRAMES and size < limit:
+            entry_id, frame, _ = self._queue.popleft()
             self._queued_bytes -= len(frame)
             if self._fresh(entry_id):
                 frames.append(frame)
