@@ -123,6 +123,12 @@ class Keys:
         subscription can wake that read; it shares the bucket's slot."""
         return f"{self.prefix}:{{b{bucket}}}:edge:{node_id}:wake"
 
+    def edge_witness(self, wake_key: str) -> str:
+        """A key only the edge's read loop of that wake stream's slot writes: while it exists,
+        Redis kept what it had (it vanishes when Redis restarts empty, is flushed, or fails over
+        to a replica that lost writes), so the loop knows when to check its streams' history."""
+        return f"{wake_key}:witness"
+
     def jobs(self) -> str:
         """Stream of doorbells ("conversation X has queued turns") consumed by producer workers
         through a consumer group; the turns themselves wait in ``queue``."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import redis.asyncio as redis
 import structlog
@@ -21,7 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from relay import wire
+from relay import streams, wire
 from relay.edge.framing import binary_frame
 from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.edge.routing import Router, Shard, TopologyChanged
@@ -31,6 +31,10 @@ from relay.streams import parse_id
 log = structlog.get_logger(__name__)
 
 _WAKE_MAXLEN = 16
+# The witness key outlives its edge by at most this; a long-running read loop renews it well
+# before (a lapse would only cost one history check that finds nothing).
+_WITNESS_TTL_MS = 24 * 3_600_000
+_WITNESS_RENEW_S = 3600.0
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 2.0
 _READ_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -40,6 +44,8 @@ class Subscriber(Protocol):
     def offer(self, entry_id: tuple[int, int], frame: bytes) -> None: ...
 
     def on_unavailable(self) -> None: ...
+
+    def on_history_lost(self) -> None: ...
 
 
 @dataclass
@@ -176,14 +182,20 @@ class Hub:
         backoff = _FIRST_BACKOFF_S
         down_since: float | None = None
         wake_position = await self._wake_tip(shard)
+        verify = True  # a new loop (start, failover, topology change): check what it missed
+        checked_at = loop.time()
         while not self._stopping:
             try:
+                if verify or loop.time() - checked_at > _WITNESS_RENEW_S:
+                    wake_position = await self._verify_history(shard, wake_position)
+                    verify, checked_at = False, loop.time()
                 wake_position = await self._read_once(shard, wake_position)
             except ResponseError as exc:
                 if _is_redirect(exc):
                     raise TopologyChanged(str(exc)) from exc
                 raise
             except _READ_ERRORS as exc:
+                verify = True  # Redis may come back without what it had (restart, failover)
                 self._shard_ready[shard.name] = False
                 self._read_since.pop(shard.name, None)
                 self._metrics.read_failed(exc)
@@ -217,10 +229,19 @@ class Hub:
                 ids.append(sub.position)
         self._shard_ready[shard.name] = True
         self._read_since[shard.name] = asyncio.get_running_loop().time()
-        # redis-py leaves execute_command unannotated; the raw reply is parsed below.
-        reply = await cast(Any, shard.client).execute_command(
+        # The witness key, checked right after the read returns (same connection, pipelined),
+        # says whether Redis kept its data meanwhile: when it is gone (Redis restarted empty,
+        # was flushed, or a replica without it took over, with or without a connection error)
+        # nothing this read returned is fanned out before every subscription's history is
+        # checked; the next read returns it again for the streams that kept theirs.
+        pipe = shard.client.pipeline(transaction=False)
+        pipe.execute_command(
             "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *keys, *ids)
+        pipe.exists(self._keys.edge_witness(shard.wake_key))
+        reply, witnessed = await pipe.execute()
         self.reads += 1
+        if not witnessed:
+            return await self._verify_history(shard, wake_position)
         tally, read = DeliveryTally(), 0
         for key, entries in reply or ():
             if key == shard.wake_key_bytes:
@@ -253,6 +274,36 @@ class Hub:
                 tally.oldest_ms = parsed[0]
             current = parsed
             sub.position = entry_id
+
+    async def _verify_history(self, shard: Shard, wake_position: str) -> str:
+        """Tell the clients of every stream on the shard that lost entries after the position
+        the hub had read (Redis restarted empty, a failover that lost writes): they are closed
+        with 1012 ``history_lost`` and their resume gets ``recovered: false``, exactly as a
+        client that reconnects with a lost ``last_id``. Returns the wake position to read from
+        (the wake stream is recreated when it was gone)."""
+        lost = 0
+        for conversation_id, sub in list(self._subs.items()):
+            if not shard.covers(sub.bucket) or sub.position == "0-0":
+                continue  # nothing of it was delivered from here yet: nothing can be missing
+            info = await streams.stream_info(shard.client, self._keys, conversation_id)
+            if info.can_resume_after(sub.position):
+                continue
+            lost += 1
+            log.warning("stream_history_lost", conversation_id=conversation_id,
+                        position=sub.position, stream_last_id=info.last_id,
+                        clients=len(sub.subscribers))
+            for subscriber in tuple(sub.subscribers):
+                subscriber.on_history_lost()
+            # Whoever attaches from now on joined the stream as it is now: read on from its tip.
+            sub.position = info.last_id
+        if not await shard.client.exists(shard.wake_key):
+            wake_position = "0-0"  # the wake stream went too: read it from its new start
+        # Set only after the check: a loss from here on is the next read's to notice.
+        await shard.client.set(self._keys.edge_witness(shard.wake_key), b"1",
+                               px=_WITNESS_TTL_MS)
+        if lost:
+            log.info("hub_history_checked", node=shard.name, streams_lost=lost)
+        return wake_position
 
     def _release(self, shard: Shard) -> None:
         for sub in list(self._subs.values()):

@@ -116,6 +116,12 @@ class ClientSession:
             return 0.0
         return now - max(self._queue[0][2], self._live_since)
 
+    def on_history_lost(self) -> None:
+        """Redis lost entries of this stream after what the client got: it reconnects with its
+        last_id and is told ``recovered: false`` (docs/protocol.md), as any resume from a lost
+        position is; nothing more of this connection could be trusted to be whole."""
+        self.request_close(wire.CloseCode.EDGE_RESTARTING, "history_lost")
+
     def on_unavailable(self) -> None:
         self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
 

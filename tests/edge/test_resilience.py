@@ -127,6 +127,9 @@ async def test_edge_survives_a_redis_restart(settings, keys):
                 lambda ms: any(m.turn == "t2" and m.kind == "audio" for m in ms), timeout=30
             )
             assert [m.get("data") for m in received if m.kind == "audio"] == [b"before", b"after"]
+            # The live client was told its history is gone, as a resuming one would be.
+            assert listener.client.close_codes[0] == wire.CloseCode.EDGE_RESTARTING
+            assert [w.get("recovered") for w in listener.client.welcomes] == [None, False]
             await listener.close()
 
             # A client resuming from before the loss is told recovery failed, not given a gap.
