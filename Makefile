@@ -1,27 +1,53 @@
-# Two commands matter: `make run` and `make test`. Everything installs into .venv from PyPI.
+# Two commands matter: `make run` and `make test`. Everything installs into .venv from PyPI, at
+# the exact versions (and hashes) of uv.lock as exported to requirements/dev.txt.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := run
-.PHONY: run demo test test-fast install lint clean scale bench bench-quick faults
+.PHONY: run demo test test-fast install lint clean scale bench bench-quick faults web-deps lock
 
-$(STAMP): pyproject.toml
+# --no-deps: the lock lists every package already (pip would otherwise trip over extras that a
+# dependency asks for, such as redis[hiredis], in hash-checking mode); `pip check` proves it.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $(STAMP)
 
-install: $(STAMP)
+# After a change of pyproject.toml's dependencies: resolve again, export what the image
+# (requirements/service.txt) and the dev environment (requirements/dev.txt) install.
+lock:
+	$(BIN)/uv lock
+	$(BIN)/uv export --frozen --no-emit-project --no-dev --format requirements-txt \
+		-o requirements/service.txt -q
+	$(BIN)/uv export --frozen --no-emit-project --no-dev --extra dev --format requirements-txt \
+		-o requirements/dev.txt -q
 
-run: $(STAMP)
-	$(BIN)/relay run
+# The web client's one dependency (@msgpack/msgpack, pinned by its package-lock.json), for the
+# demo page and the browser tests; skipped with a note where npm is missing.
+WEB := relay/client/web
+WEB_STAMP := $(WEB)/node_modules/.installed
+
+$(WEB_STAMP): $(WEB)/package-lock.json
+	@if command -v npm >/dev/null; then \
+		npm ci --prefix $(WEB) --silent --no-audit --no-fund && touch $(WEB_STAMP); \
+	else echo "npm not found: the web demo and the web client tests are off (apt-get install nodejs npm)"; fi
+
+web-deps: $(WEB_STAMP)
+
+install: $(STAMP) $(WEB_STAMP)
+
+run: $(STAMP) $(WEB_STAMP)
+	$(BIN)/relay run $(ARGS)
 
 demo: $(STAMP)
-	$(BIN)/relay demo
+	$(BIN)/relay demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(WEB_STAMP)
 	$(BIN)/python -m pytest -q
 
 # The gates CI enforces: ruff over everything, mypy --strict over the product and the dev tooling.
@@ -30,7 +56,7 @@ lint: $(STAMP)
 	$(BIN)/mypy relay workers
 
 # While iterating: everything but the multi-process end-to-end tests (`make test` runs them all).
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(WEB_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Bounded load on this machine, loopback only (under 10 minutes): JSON in bench/results/,

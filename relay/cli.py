@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
+from datetime import UTC, datetime
+
+import structlog
 
 from relay.errors import ConfigError, RelayError
-from relay.logs import configure_logging
+from relay.logs import configure_logging, redact
 from relay.settings import LOG_LEVELS, Settings
 
 
@@ -122,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands a person runs at a terminal: readable output. The roles log JSON (RELAY_LOG_JSON).
+_PLAIN = frozenset({"run", "demo", "token", "bench", "enqueue", "jobs", "watch"})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -131,22 +140,45 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "jobs" and args.action != "list" and not args.dead_id:
         args.usage_error(f"{args.action} needs a dead letter id (`relay jobs` lists them)")
+    json_logs = args.command not in _PLAIN and _env_wants_json()
+    configure_logging(json=json_logs)  # until the settings are read: startup errors too
     try:
         settings = Settings.from_env()
         if args.log_level:
             settings = settings.with_overrides(log_level=args.log_level)
-        plain = {"run", "demo", "token", "bench", "enqueue", "jobs"}
-        configure_logging(json=settings.log_json and args.command not in plain,
-                          level=settings.log_level)
+        json_logs = settings.log_json and args.command not in _PLAIN
+        configure_logging(json=json_logs, level=settings.log_level)
         sys.exit(_dispatch(args, settings) or 0)
     except ConfigError as exc:
-        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        _fail(json_logs, "configuration_error", f"configuration error: {exc}")
         sys.exit(2)
     except RelayError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        _fail(json_logs, "relay_error", str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:
+        # A role that dies must say why on the same channel as everything else.
+        if not json_logs:
+            raise
+        structlog.get_logger("relay").critical("fatal_error", error=repr(exc), exc_info=exc)
+        sys.exit(1)
+
+
+def _env_wants_json() -> bool:
+    return os.environ.get("RELAY_LOG_JSON", "true").strip().lower() not in {
+        "0", "false", "no", "off"}
+
+
+def _fail(json_logs: bool, event: str, message: str) -> None:
+    """The last word of a command that cannot run: one JSON line for the roles (written here,
+    not through structlog, which may not be configured yet), a plain sentence at a terminal."""
+    if json_logs:
+        line = {"event": event, "level": "error", "error": redact(message),
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
+        print(json.dumps(line), file=sys.stderr)
+    else:
+        print(f"relay: {message}", file=sys.stderr)
 
 
 async def _jobs_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -4,8 +4,9 @@ Every per-conversation key carries the conversation's *bucket* as its hash tag
 (``relay:{b7}:<conversation>:stream``): a conversation's stream, turn record and locks live in
 one Redis Cluster slot and can be touched by one script. Conversations share a bucket by hash
 (``crc32(id) % buckets``), so on a cluster an edge can read all streams of a bucket with one
-blocking multi-stream XREAD (multi-key commands must stay within one slot): the number of
-blocking reads an edge needs is the bucket count, never the number of conversations. Keys shared
+connection subscribed to that bucket's live channels (a sharded pub/sub command must stay within
+one slot): the number of Redis connections an edge needs for live delivery is the bucket count,
+never the number of conversations. Keys shared
 by the whole deployment (the job queue, the session cap) have tags of their own.
 """
 
@@ -45,6 +46,15 @@ def validate_turn_id(turn_id: str) -> str:
 
 
 DEFAULT_BUCKETS = 16
+
+# Lua: live_channel_of(stream key) is ``Keys.live_channel`` of the stream's conversation, so the
+# scripts that append (relay.streams) can push without a key of their own in every caller's key
+# list. Kept in step with ``Keys.stream`` and ``Keys.live_channel`` by a test.
+LIVE_CHANNEL_OF_STREAM = """
+local function live_channel_of(stream)
+  return string.sub(stream, 1, -7) .. 'live'
+end
+"""
 
 
 class KeySettings(Protocol):
@@ -118,16 +128,15 @@ class Keys:
             return None
         return conversation_id if self.control_channel(conversation_id) == channel else None
 
-    def edge_wake(self, node_id: str, bucket: int = 0) -> str:
-        """Tiny stream an edge includes in its blocking read of a bucket so that a new
-        subscription can wake that read; it shares the bucket's slot."""
-        return f"{self.prefix}:{{b{bucket}}}:edge:{node_id}:wake"
+    def live_channel(self, conversation_id: str) -> str:
+        """Sharded pub/sub channel (SPUBLISH/SSUBSCRIBE) on which every append to the
+        conversation's stream is also pushed to the edges serving it; it shares the stream's
+        slot, so the append script can publish and a cluster sends it only to that shard."""
+        return self._conv(conversation_id, "live")
 
-    def edge_witness(self, wake_key: str) -> str:
-        """A key only the edge's read loop of that wake stream's slot writes: while it exists,
-        Redis kept what it had (it vanishes when Redis restarts empty, is flushed, or fails over
-        to a replica that lost writes), so the loop knows when to check its streams' history."""
-        return f"{wake_key}:witness"
+    def bucket_tag_key(self, bucket: int) -> str:
+        """A name in ``bucket``'s slot, to find the cluster node that owns the bucket."""
+        return f"{self.prefix}:{{b{bucket}}}:slot"
 
     def jobs(self) -> str:
         """Stream of doorbells ("conversation X has queued turns") consumed by producer workers

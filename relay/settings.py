@@ -234,7 +234,7 @@ class Settings:
     # Client tokens.
     token_secret: str = setting("", text(f"at least {MIN_SECRET_LEN} characters", _secret,
                                          secret=True))
-    token_ttl_s: int = setting(3600, integer(1, MONTH))
+    token_ttl_s: int = setting(3600, integer(1, WEEK))  # relay.tokens.MAX_TTL_S
 
     # Edge.
     edge_host: str = setting("127.0.0.1", HOST)
@@ -253,6 +253,10 @@ class Settings:
     drain_delay_s: float = setting(0.0, number(ge=0, le=HOUR))
     # ...then clients get 1012 and have this long to leave.
     drain_timeout_s: float = setting(10.0, number(ge=0, le=HOUR))
+    # Live path by push (issue 11): read_block_ms is the subscriber connection's keepalive, and
+    # read_count the page of a history read. A gap longer than this is not filled by the edge:
+    # its clients get 4429 edge_behind and resume through history.
+    live_fill_max_entries: int = setting(16_384, integer(256, 10_000_000))
 
     # Producer and the Spatius Server SDK.
     spatius_api_key: str = setting("", text("any text", secret=True))

@@ -10,10 +10,17 @@ The turn record therefore also holds the attempt's **epoch**: a takeover bumps i
 (``workers.queue.records``), and every write here checks turn id *and* epoch, so a previous attempt
 that
 is paused rather than dead can never write again. Turns spoken directly (no queue) use epoch 0.
+
+Every script that appends also pushes what it appended, in the same atomic step, to the
+conversation's live channel (``Keys.live_channel``, sharded pub/sub): the edges deliver live
+entries from that push and read the stream only to join, resume or fill a gap (docs/architecture.md
+"Live delivery"). The push names the id of the entry before the first one it carries, so an edge
+can tell that it missed something.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +29,43 @@ from redis.commands.core import AsyncScript
 
 from relay import wire
 from relay.errors import TurnFenced
-from relay.keys import Keys
+from relay.keys import LIVE_CHANNEL_OF_STREAM, Keys
 from relay.lua import ScriptArg, ScriptArgs, register, text
 from relay.redis_conn import RedisClient, answer
 
 ACTIVE = "active"
 ENDED = "ended"
 INTERRUPTED = "interrupted"
+
+# Conversations whose last expiry refresh a ConversationLog remembers (bounded; see _ttl_for).
+_REFRESH_MEMORY = 4096
+
+# Lua: the live push (see the module doc). ``live_begin(stream)`` before the first XADD records the
+# stream's current last id; ``live_add(id, entry)`` after each XADD; ``live_publish(stream)`` sends
+# "<prev> <id1> <len1> <id2> <len2> ...\n<entry1><entry2>..." on the stream's live channel when
+# anything was appended. The previous id is read from the stream itself (not from a record a write
+# path might forget to update), so a push's predecessor is always the true one. A script run again
+# (a retry) appends nothing and so pushes nothing (each script's header says why); and were the
+# same push ever to arrive twice, it would be harmless: edges deliver by position, so entries they
+# already have are skipped (docs/architecture.md "Live delivery").
+LIVE_PUSH = LIVE_CHANNEL_OF_STREAM + """
+local live_head, live_body = {}, {}
+local function live_begin(stream)
+  local tip = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+  live_head[1] = tip[1] and tip[1][1] or '0-0'
+end
+local function live_add(id, entry)
+  live_head[#live_head + 1] = id
+  live_head[#live_head + 1] = tostring(#entry)
+  live_body[#live_body + 1] = entry
+end
+local function live_publish(stream)
+  if #live_body > 0 then
+    redis.call('SPUBLISH', live_channel_of(stream), table.concat(live_head, ' ') .. '\\n' ..
+               table.concat(live_body))
+  end
+end
+"""
 
 # KEYS: stream, turn, guard hash (the turn record itself when there is no guard). ARGV: turn_id,
 # owner, maxlen, ttl_ms, start_entry, expected_previous, interrupt_entry_for_previous, epoch,
@@ -38,8 +75,8 @@ INTERRUPTED = "interrupted"
 # attempt is no longer the one allowed to run), or the turn already ended (a turn with an epoch
 # never opens twice).
 # Run twice (a retried call): the second run finds the turn active at the same epoch and answers
-# {2, start_id}, the first run's start; nothing is written again.
-_OPEN = """
+# {2, start_id}, the first run's start; nothing is written or pushed again.
+_OPEN = LIVE_PUSH + """
 local epoch = ARGV[8]
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[3], ARGV[9]) ~= ARGV[10] then
   return {3}
@@ -52,11 +89,14 @@ if cur[1] == ARGV[1] then
   end
   if epoch ~= '0' then return {3} end
 end
+if cur[2] == 'active' and cur[1] ~= ARGV[6] then return {0} end
+live_begin(KEYS[1])
 if cur[2] == 'active' then
-  if cur[1] ~= ARGV[6] then return {0} end
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7])
+  live_add(redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7]), ARGV[7])
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[5])
+live_add(id, ARGV[5])
+live_publish(KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2],
            'epoch', epoch)
@@ -65,7 +105,8 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1, id}
 """
 
-# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms, new_status ('' keeps it), then
+# KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms ('0': leave the expiry alone, see
+# ``ConversationLog._ttl_for``), new_status ('' keeps it), then
 # (mark, entry) pairs: ``wire.write_mark`` of each entry before it. Returns the id of the last
 # entry appended, or false when the turn (at this epoch) is not the active one.
 # Runs twice (a client retry after a timeout whose first attempt did reach Redis, or a caller
@@ -75,8 +116,9 @@ return {1, id}
 # active. Marks are watermarks in the turn record: ``na``/``nf`` the next audio/frames seq,
 # ``m:<mark>`` for the entries a turn has once; ``last`` the last entry id. Seqs of a kind only
 # grow within a turn (a continued attempt goes on after the delivered ones), so a seq below its
-# watermark is always one already appended, even after the stream trimmed it.
-_APPEND = """
+# watermark is always one already appended, even after the stream trimmed it. A run that appends
+# nothing pushes nothing, so a retried append never reaches the edges twice.
+_APPEND = LIVE_PUSH + """
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch', 'na', 'nf', 'last')
 if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return false end
 local next_seq = {a = tonumber(cur[4] or '0'), f = tonumber(cur[5] or '0')}
@@ -97,15 +139,20 @@ for i = 6, #ARGV, 2 do
 end
 if #fresh == 0 then return cur[6] or '0-0' end
 if cur[2] ~= 'active' then return false end
+live_begin(KEYS[1])
 local last
 for _, entry in ipairs(fresh) do
   last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', entry)
+  live_add(last, entry)
 end
+live_publish(KEYS[1])
 redis.call('HSET', KEYS[2], 'na', next_seq.a, 'nf', next_seq.f, 'last', last)
 for mark in pairs(flags) do redis.call('HSET', KEYS[2], 'm:' .. mark, '1') end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if ARGV[4] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 return last
 """
 
@@ -113,13 +160,16 @@ return last
 # appends ``entry`` and marks the turn interrupted when ``expected_turn`` at ``expected_epoch`` is
 # the active turn: 1; 0 when no turn is active; -1 when another turn or attempt is active now (the
 # caller read a stale record: retry). Scripts that interrupt and do more in the same atomic step
-# (``InterruptExtension``) start from it.
-INTERRUPT_ACTIVE = """
+# (``InterruptExtension``) start from it. It pushes its entry to the live channel like every append.
+INTERRUPT_ACTIVE = LIVE_PUSH + """
 local function interrupt_active(stream, turn, expected_turn, expected_epoch, maxlen, ttl_ms, entry)
   local cur = redis.call('HMGET', turn, 'id', 'status', 'epoch')
   if cur[2] ~= 'active' then return 0 end
   if cur[1] ~= expected_turn or (cur[3] or '0') ~= expected_epoch then return -1 end
+  live_begin(stream)
   local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', entry)
+  live_add(id, entry)
+  live_publish(stream)
   redis.call('HSET', turn, 'status', 'interrupted', 'end', id)
   redis.call('PEXPIRE', stream, ttl_ms)
   redis.call('PEXPIRE', turn, ttl_ms)
@@ -223,6 +273,7 @@ class ConversationLog:
         self._keys = keys
         self._maxlen = maxlen
         self._ttl_ms = ttl_s * 1000
+        self._refreshed: dict[str, float] = {}  # conversation -> when its expiry is due again
         self._open = register(client, _OPEN)
         self._append = register(client, _APPEND)
         self._interrupt = register(client, _INTERRUPT)
@@ -320,13 +371,31 @@ class ConversationLog:
         entries: tuple[bytes, ...],
     ) -> str:
         keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
-        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_ms, status]
+        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_for(conversation_id, status),
+                           status]
         for entry in entries:
             args += (wire.write_mark(entry), entry)
         result = await self._append(keys=keys, args=args)
         if result is None:
             raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")
         return text(result)
+
+    def _ttl_for(self, conversation_id: str, status: str) -> int:
+        """The expiry an append sets, or 0 to leave it: refreshing it on every append cost Redis
+        two commands per call for nothing. Opening, ending and interrupting a turn always
+        refresh; an append refreshes when this process last did so for the conversation more than
+        a quarter of the ttl ago. So a stream being written never expires (its expiry stays at
+        least 3/4 of the ttl ahead of every write) and an idle one expires between 3/4 and 1 ttl
+        after its last write, as docs/operations.md says."""
+        now = time.monotonic()
+        if status == "":
+            due = self._refreshed.get(conversation_id)
+            if due is not None and now < due:
+                return 0
+        if len(self._refreshed) >= _REFRESH_MEMORY:
+            self._refreshed.clear()  # forgetting only costs an early refresh
+        self._refreshed[conversation_id] = now + self._ttl_ms / 4000
+        return self._ttl_ms
 
     async def current_turn(self, conversation_id: str) -> TurnState | None:
         return await read_turn(self._client, self._keys, conversation_id)

@@ -527,6 +527,14 @@ def mint_with_settings(settings: Any, conversation_id: str, *, ttl_s: int | None
     common: dict[str, Any] = {"ttl_s": ttl_s or settings.token_ttl_s, "kid": kid,
                               "audience": settings.token_audience or None,
                               "issuer": settings.token_issuer or None}
+    try:
+        return _mint_for(settings, conversation_id, common, kid, key_file)
+    except ValueError as exc:  # a lifetime or id out of range: the caller's input
+        raise ConfigError(str(exc)) from exc
+
+
+def _mint_for(settings: Any, conversation_id: str, common: dict[str, Any], kid: str | None,
+              key_file: str | None) -> str:
     if key_file:
         try:
             with open(key_file, "rb") as source:

@@ -54,6 +54,9 @@ _FIXMAP = 0x80
 
 _V_PAIR = msgpack.packb("v") + msgpack.packb(PROTOCOL_VERSION)
 _ID_KEY = msgpack.packb("id")
+# Per stored pair count: the client message's map header, then ``v``, then the ``id`` key.
+_DELIVERY_HEADS: tuple[bytes, ...] = tuple(bytes((_FIXMAP | (pairs + 2),)) + _V_PAIR + _ID_KEY
+                        for pairs in range(_MAX_STORED_PAIRS + 1))
 
 
 @dataclass(frozen=True)
@@ -115,15 +118,32 @@ def turn_end(turn: str, *, status: str) -> bytes:
 
 
 def delivery(entry_id: str | bytes, stored: bytes) -> bytes:
-    """Client frame for a stream entry: ``v`` and ``id`` spliced in front of the stored pairs."""
-    if not stored or stored[0] & 0xF0 != _FIXMAP:
+    """Client message for a stream entry: ``v`` and ``id`` spliced in front of the stored pairs."""
+    if not stored:
         raise WireError("stored entry is not a msgpack fixmap")
-    pairs = stored[0] & 0x0F
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode("ascii")
-    header = bytes((_FIXMAP | (pairs + 2),))
-    frame: bytes = header + _V_PAIR + _ID_KEY + _packb(entry_id) + stored[1:]
-    return frame
+    raw_id = entry_id.encode("ascii") if isinstance(entry_id, str) else entry_id
+    return delivery_head(raw_id, stored[0]) + stored[1:]
+
+
+def delivery_head(entry_id: bytes, first_byte: int) -> bytes:
+    """What replaces a stored entry's first byte (its fixmap header) to make the client message.
+
+    The edge's hot path joins this, the WebSocket header and the stored entry after its first
+    byte in one copy; the stored pairs are never decoded or re-encoded.
+    """
+    if first_byte & 0xF0 != _FIXMAP:
+        raise WireError("stored entry is not a msgpack fixmap")
+    return _DELIVERY_HEADS[first_byte & 0x0F] + _pack_ascii(entry_id)
+
+
+def _pack_ascii(text: bytes) -> bytes:
+    # A stream id is short ASCII: its msgpack str encoding is a length byte and the bytes, built
+    # here without decoding the id to a Python str for msgpack.packb.
+    if len(text) < 32:
+        return bytes((0xA0 | len(text),)) + text
+    if len(text) < 256:
+        return bytes((0xD9, len(text))) + text
+    raise WireError("stream id too long")
 
 
 def write_mark(stored: bytes) -> str:

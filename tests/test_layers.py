@@ -29,6 +29,7 @@ LAYERS: dict[str, str] = {
     "relay.client": "client",
     "workers": "workers",
     "workers.errors": "speech",
+    "workers.metrics": "speech",  # metric definitions, called from every producer layer
     "workers.speech": "speech",
     "workers.queue": "queue",
     "workers.adapters": "adapters",

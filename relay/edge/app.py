@@ -83,11 +83,13 @@ def runner_options(settings: Settings) -> dict[str, Any]:
 
 def _router(settings: Settings, client: RedisClient, keys: Keys) -> Router:
     if isinstance(client, RedisCluster):
-        return ClusterRouter(client, keys, settings.node_id, block_ms=settings.read_block_ms)
-    # The blocking read holds its connection for up to read_block_ms: it gets its own client.
+        return ClusterRouter(client, keys, block_ms=settings.read_block_ms)
+    # The subscriber connection is made from this client's address and credentials.
     reader = create_client(settings.require_redis(), block_ms=settings.read_block_ms,
                            max_connections=4)
-    return SingleRouter(reader, keys, settings.node_id)
+    if not isinstance(reader, redis.Redis):
+        raise TypeError("a single-server URL gave a cluster client")
+    return SingleRouter(reader)
 
 
 async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
@@ -96,9 +98,10 @@ async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = client
     # Joining clients read history; the semaphore keeps a burst of joins within the pool.
     app[JOINS] = asyncio.Semaphore(max(1, settings.redis_pool_size // 2))
-    hub = Hub(_router(settings, client, app[KEYS]), app[KEYS], block_ms=settings.read_block_ms,
-              count=settings.read_count, unavailable_after_s=settings.redis_unavailable_s,
-              metrics=app[METRICS])
+    hub = Hub(_router(settings, client, app[KEYS]), app[KEYS], client,
+              ping_ms=settings.read_block_ms, page=settings.read_count,
+              fill_max_entries=settings.live_fill_max_entries,
+              unavailable_after_s=settings.redis_unavailable_s, metrics=app[METRICS])
     app[HUB] = hub
     app[METRICS].bind(clients=lambda: len(app[SESSIONS]), conversations=lambda: hub.conversations,
                       read_loops=lambda: hub.ready_loops)
@@ -186,6 +189,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    request.app[HUB].flush_metrics()
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -292,9 +296,7 @@ async def _serve(
     try:
         async with app[JOINS]:
             start, tip = await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
-        position, created = hub.attach(conversation_id, session, tip)
-        if created:
-            await hub.wake(conversation_id)
+        position, _ = hub.attach(conversation_id, session, tip)
         await ws.send_bytes(wire.welcome(
             conversation=conversation_id, edge=settings.node_id, start=start.mode,
             recovered=start.recovered, position=start.position,

@@ -17,22 +17,33 @@ from typing import Any
 
 from aiohttp import web
 
+from relay import wire
+
 _BINARY_FIN = 0x80 | 0x2
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
 
+def _header(size: int) -> bytes:
+    if size < 126:
+        return _SHORT.pack(_BINARY_FIN, size)
+    if size < 65536:
+        return _MEDIUM.pack(_BINARY_FIN, 126, size)
+    return _LONG.pack(_BINARY_FIN, 127, size)
+
+
 def binary_frame(payload: bytes) -> bytes:
     """An unmasked, final, binary frame (RFC 6455 section 5.2): what a server sends."""
-    size = len(payload)
-    if size < 126:
-        header = _SHORT.pack(_BINARY_FIN, size)
-    elif size < 65536:
-        header = _MEDIUM.pack(_BINARY_FIN, 126, size)
-    else:
-        header = _LONG.pack(_BINARY_FIN, 127, size)
-    return header + payload
+    return _header(len(payload)) + payload
+
+
+def delivery_frame(entry_id: bytes, stored: bytes | memoryview) -> bytes:
+    """The complete frame of a stream entry, built in one copy of the stored bytes (which may be
+    a slice of a larger live push): WebSocket header, ``wire.delivery_head``, the stored pairs."""
+    head = wire.delivery_head(entry_id, stored[0])
+    body = memoryview(stored)[1:]
+    return b"".join((_header(len(head) + len(body)), head, body))
 
 
 class SlowClient(Exception):
@@ -43,10 +54,11 @@ class FrameWriter:
     """Writes pre-built frames to one prepared WebSocketResponse's transport.
 
     What the client has not read yet is bounded twice: the kernel's send buffer (SO_SNDBUF) and
-    the transport's own buffer (its high-water mark) each hold at most ``buffer_bytes``, so
-    everything the edge wrote reaches a reading client within seconds, a 4429 close frame
-    included. Above the high-water mark a write waits for the client, at most ``timeout_s``
-    (then SlowClient), or until ``interrupt`` is set (the session is closing).
+    the transport's own buffer (its high-water mark) each hold at most ``buffer_bytes``, so a
+    backlog waits in the session's bounded queue, where it counts, and everything the edge wrote
+    reaches a reading client within seconds, a 4429 close frame included. Above the high-water
+    mark a write waits for the client, at most ``timeout_s`` (then SlowClient), or until
+    ``interrupt`` is set (the session is closing).
     """
 
     def __init__(self, ws: web.WebSocketResponse, timeout_s: float, *,
@@ -73,6 +85,15 @@ class FrameWriter:
         a no-op once the connection is gone."""
         if self._protocol.transport is not None:
             self._transport.abort()
+
+    def writable(self) -> bool:
+        """True when a write would go out without waiting: the transport is open and below its
+        high-water mark."""
+        return not (self._protocol._paused or self._transport.is_closing())  # noqa: SLF001
+
+    def write_now(self, frames: list[bytes]) -> None:
+        """One transport write of ``frames``; only after ``writable()`` said so."""
+        self._transport.write(b"".join(frames) if len(frames) > 1 else frames[0])
 
     async def write(self, frames: list[bytes], interrupt: asyncio.Event | None = None) -> None:
         if self._transport.is_closing():
@@ -103,7 +124,7 @@ def bound_buffers(transport: asyncio.BaseTransport, buffer_bytes: int) -> None:
     """Bound the kernel send buffer and the transport's buffer of one client connection."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):  # not a TCP socket (tests with pipes): nothing to do
+        with contextlib.suppress(OSError):  # not a TCP socket: nothing to bound there
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
     if isinstance(transport, asyncio.WriteTransport):
         transport.set_write_buffer_limits(high=buffer_bytes)

@@ -1,77 +1,143 @@
-"""One blocking read loop per Redis node that serves every conversation an edge's clients watch.
+"""Live delivery by push, with the stream as history: what an edge's clients watch, kept in order.
 
-The hub keeps, per conversation, the stream position it has read up to and the set of attached
-client sessions. Per Redis node (one on a single server, one per primary on a cluster) a single
-``XREAD BLOCK`` over all of that node's streams (plus the edge's wake stream on that node) brings
-new entries; each entry is turned into a client frame once and offered to every attached session,
-so N clients of one conversation on one edge cost one read. Offering never awaits: each session
-has its own bounded queue and writer task, so a slow client cannot hold up the loop.
+Every append script also pushes what it appended to the conversation's live channel (sharded
+pub/sub, ``Keys.live_channel``), naming the id of the entry before the first one it carries
+(``relay.streams``). The hub holds one subscriber connection per shard (one on a single server,
+one per key bucket on a cluster, each on the node owning the bucket's slot) and subscribes it to
+exactly the conversations its clients watch. Per conversation it keeps the position delivered so
+far. A push whose predecessor is at or before that position continues it: each entry is turned
+into a client frame once and offered to every attached session in one call per push. A push whose
+predecessor is after it means entries went by unseen (a subscription just made, a reconnect, a
+connection Redis dropped): the conversation switches to *filling*, buffers further pushes, reads
+the missing entries from the stream in pages, then applies the buffer, so clients still get every
+entry once, in order (docs/architecture.md "Live delivery"). The stream is read only then: to
+join, after a reconnect, or to fill a gap. Offering never awaits: each session has its own bounded
+queue, so a slow client cannot hold up the hub.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-import redis.asyncio as redis
 import structlog
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from relay import streams, wire
-from relay.edge.framing import binary_frame
+from relay import streams
+from relay.edge.framing import delivery_frame
 from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.edge.routing import Router, Shard, TopologyChanged
+from relay.errors import WireError
 from relay.keys import Keys
-from relay.streams import parse_id
+from relay.redis_conn import RedisClient
 
 log = structlog.get_logger(__name__)
 
-_WAKE_MAXLEN = 16
-# The witness key outlives its edge by at most this; a long-running read loop renews it well
-# before (a lapse would only cost one history check that finds nothing).
-_WITNESS_TTL_MS = 24 * 3_600_000
-_WITNESS_RENEW_S = 3600.0
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 2.0
-_READ_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+_LINK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Pushes buffered per conversation while it fills a gap. Overflow policy: drop the buffer and
+# read on from the stream (which holds every entry), so nothing is lost, only re-read.
+_PENDING_MAX = 256
+# Channels per SSUBSCRIBE / SUNSUBSCRIBE command.
+_SUBSCRIBE_CHUNK = 256
+# History reads in flight at once across the hub (joins, reconnects, gaps).
+_FILL_CONCURRENCY = 8
+# A silent subscriber connection is taken for dead after this many keepalive intervals.
+_SILENT_INTERVALS = 3
+# Bytes of a stored entry that tell its kind (for the metrics; see metrics.entry_kind).
+_KIND_PREFIX = 20
+
+Batch = list[tuple[tuple[int, int], bytes]]
 
 
 class Subscriber(Protocol):
-    def offer(self, entry_id: tuple[int, int], frame: bytes) -> None: ...
+    def offer_many(self, batch: Batch) -> None: ...
 
     def on_unavailable(self) -> None: ...
+
+    def on_behind(self) -> None: ...
 
     def on_history_lost(self) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class _Subscription:
-    stream_key: str
+    conversation_id: str
+    channel: bytes
     bucket: int
-    position: str
+    position: str  # the last entry delivered (or the tip the subscription started at)
+    last: tuple[int, int]
     subscribers: set[Subscriber] = field(default_factory=set)
+    # Filling: pushes wait in ``pending`` while the stream is read; set until the first fill
+    # after the channel is confirmed subscribed on the current connection has caught up.
+    filling: bool = True
+    confirmed: asyncio.Event = field(default_factory=asyncio.Event)
+    epoch: int = 0  # bumped when the connection serving the channel is lost
+    pending: deque[bytes] = field(default_factory=deque)
+    overflowed: bool = False
+    fill_task: asyncio.Task[None] | None = None
+    gone: bool = False  # detached (or sent to resume): a fill in progress stops
+    # The next fill first checks that the stream still holds the position (after a lost
+    # connection or a gap: Redis may have restarted empty or failed over without it).
+    check_history: bool = False
+
+    def advance(self, batch: Batch, position: str) -> None:
+        for subscriber in tuple(self.subscribers):
+            subscriber.offer_many(batch)
+        self.last, self.position = batch[-1][0], position
+
+
+@dataclass(eq=False)
+class _Link:
+    """One subscriber connection and what it is (being) subscribed to."""
+
+    shard: Shard
+    conn: AbstractConnection
+    requested: set[bytes] = field(default_factory=set)  # SSUBSCRIBE sent, no SUNSUBSCRIBE since
+    confirmed: set[bytes] = field(default_factory=set)
+    leaving: dict[bytes, int] = field(default_factory=dict)  # SUNSUBSCRIBEs not yet confirmed
+    to_add: set[bytes] = field(default_factory=set)
+    to_drop: set[bytes] = field(default_factory=set)
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    seen: float = 0.0
+
+    def live(self, channel: bytes) -> bool:
+        return channel in self.confirmed and not self.leaving.get(channel)
 
 
 class Hub:
-    def __init__(self, router: Router, keys: Keys, *, block_ms: int, count: int,
-                 unavailable_after_s: float = 10.0, metrics: EdgeMetrics | None = None) -> None:
+    def __init__(self, router: Router, keys: Keys, history: RedisClient, *, ping_ms: int,
+                 page: int, fill_max_entries: int, unavailable_after_s: float = 10.0,
+                 metrics: EdgeMetrics | None = None) -> None:
         self._router = router
         self._metrics = metrics if metrics is not None else EdgeMetrics()
+        # Counted per entry in plain integers, added to the counters once per keepalive tick.
+        self._tally = DeliveryTally()
         self._keys = keys
-        self._block_ms = block_ms
-        self._count = count
+        self._history = history
+        self._ping_s = ping_ms / 1000
+        self._page = page
+        self._fill_max = fill_max_entries
         self._unavailable_after_s = unavailable_after_s
         self._subs: dict[str, _Subscription] = {}
-        self._by_stream: dict[bytes, _Subscription] = {}
+        self._by_channel: dict[bytes, _Subscription] = {}
         self._shards: list[Shard] = []
+        self._links: dict[str, _Link] = {}
         self._shard_ready: dict[str, bool] = {}
-        self._read_since: dict[str, float] = {}  # loop time each shard's current read began
+        self._fills: set[asyncio.Task[None]] = set()
+        self._fill_limit = asyncio.Semaphore(_FILL_CONCURRENCY)
         self._stopping = False
-        self.reads = 0
+        self.pushes = 0  # live pushes received
+        self.history_reads = 0  # stream reads made to join, resume or fill
+        self.gaps = 0  # pushes that did not continue their conversation's position
         self.delivered = 0
 
     @property
@@ -87,31 +153,40 @@ class Hub:
         return sum(self._shard_ready.values())
 
     def stalled(self, now: float) -> list[str]:
-        """Shards whose current read has run far past its block time: a hung connection, or a
-        loop that stopped without saying so (readiness fails on them)."""
-        bound = self._block_ms / 1000 * 2 + 5.0
-        return [name for name, since in self._read_since.items() if now - since > bound]
+        """Shards whose subscriber connection has said nothing, not even to a ping, for far
+        longer than a keepalive interval: a hung connection or a loop that stopped silently."""
+        bound = self._ping_s * _SILENT_INTERVALS + 5.0
+        return [name for name, link in self._links.items() if now - link.seen > bound]
 
     @property
     def redis_connections(self) -> int:
-        """Connections the blocking reads hold (one per shard), for the scale-out measurements."""
+        """Subscriber connections (one per shard), for the scale-out measurements."""
         return len(self._shards)
+
+    # --- sessions ------------------------------------------------------------------------------
 
     def attach(self, conversation_id: str, subscriber: Subscriber, tip: str) -> tuple[str, bool]:
         """Attach and return (position, is_new): entries after it reach the subscriber live.
 
         ``tip`` is the stream's last id as the caller just read it; a new subscription starts
-        there. Runs without awaiting, so no fan-out can slip between choosing the position and
-        joining the subscriber set.
+        there and reads the stream once its channel is subscribed, so nothing appended between
+        that read and the subscription is missed. Runs without awaiting, so no push can slip
+        between choosing the position and joining the subscriber set.
         """
         sub = self._subs.get(conversation_id)
         created = sub is None
         if sub is None:
-            key = self._keys.stream(conversation_id)
-            sub = _Subscription(stream_key=key, bucket=self._keys.bucket(conversation_id),
-                                position=tip)
+            channel = self._keys.live_channel(conversation_id).encode()
+            sub = _Subscription(conversation_id, channel, self._keys.bucket(conversation_id),
+                                tip, streams.parse_id(tip))
             self._subs[conversation_id] = sub
-            self._by_stream[key.encode()] = sub
+            self._by_channel[channel] = sub
+            link = self._link_for(sub)
+            if link is not None:
+                self._want(link, channel)
+                if link.live(channel):
+                    sub.confirmed.set()
+            self._start_fill(sub)
         sub.subscribers.add(subscriber)
         return sub.position, created
 
@@ -121,52 +196,71 @@ class Hub:
             return
         sub.subscribers.discard(subscriber)
         if not sub.subscribers:
-            del self._subs[conversation_id]
-            del self._by_stream[sub.stream_key.encode()]
+            self._drop(sub)
 
-    async def wake(self, conversation_id: str) -> None:
-        """Make the blocking read of the conversation's shard return and include the stream now."""
-        shard = self._router.shard_for(self._keys.bucket(conversation_id), self._shards)
-        if shard is not None:
-            await shard.client.xadd(shard.wake_key, {b"w": b"1"}, maxlen=_WAKE_MAXLEN,
-                                    approximate=False)
+    def _drop(self, sub: _Subscription) -> None:
+        sub.gone = True
+        if self._subs.get(sub.conversation_id) is sub:
+            del self._subs[sub.conversation_id]
+            del self._by_channel[sub.channel]
+            link = self._link_for(sub)
+            if link is not None:
+                self._unwant(link, sub.channel)
+
+    def _link_for(self, sub: _Subscription) -> _Link | None:
+        shard = self._router.shard_for(sub.bucket, self._shards)
+        return self._links.get(shard.name) if shard is not None else None
+
+    @staticmethod
+    def _want(link: _Link, channel: bytes) -> None:
+        if channel in link.to_drop:
+            link.to_drop.discard(channel)  # never unsubscribed: still subscribed
+        elif channel not in link.requested:
+            link.to_add.add(channel)
+            link.dirty.set()
+
+    @staticmethod
+    def _unwant(link: _Link, channel: bytes) -> None:
+        if channel in link.to_add:
+            link.to_add.discard(channel)
+        elif channel in link.requested:
+            link.to_drop.add(channel)
+            link.dirty.set()
+
+    # --- running -------------------------------------------------------------------------------
 
     async def stop(self, task: asyncio.Task[None], timeout_s: float = 2.0) -> None:
-        """End the read loops by waking them (a cancelled blocking read can leave a connection
-        mid-reply), then cancel whatever has not finished in time."""
+        """End the links and fills, then close the router's clients."""
         self._stopping = True
-        for shard in self._shards:
-            with contextlib.suppress(redis.RedisError, OSError, asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    shard.client.xadd(shard.wake_key, {b"w": b"1"}, maxlen=_WAKE_MAXLEN), timeout_s)
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-        if not done:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        task.cancel()
+        await asyncio.wait({task}, timeout=timeout_s)
+        fills = list(self._fills)
+        for fill in fills:
+            fill.cancel()
+        await asyncio.gather(*fills, return_exceptions=True)
         await self._router.close()
 
     async def run(self) -> None:
-        """Discover the nodes, read each in its own loop; start over when the topology changes."""
+        """Discover the nodes, serve each shard's link; start over when the topology changes."""
         backoff = _FIRST_BACKOFF_S
         while not self._stopping:
             try:
                 self._metrics.topology_refreshes.inc()
                 self._shards = await self._router.refresh()
                 self._shard_ready = {s.name: False for s in self._shards}
-                await self._read_shards()
+                await self._serve_shards()
                 backoff = _FIRST_BACKOFF_S
-            except (TopologyChanged, RedisClusterException, redis.RedisError, OSError) as exc:
+            except (TopologyChanged, RedisClusterException, RedisError, OSError) as exc:
                 # Any Redis failure here is an outage or a failover: discovery itself raises
                 # RedisClusterException (not a RedisError) while every cluster node is down.
-                self._shard_ready, self._read_since = {}, {}
+                self._shard_ready = {}
                 self._metrics.read_failed(exc)
                 log.warning("hub_topology_refresh", reason=str(exc), retry_in_s=round(backoff, 2))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
-    async def _read_shards(self) -> None:
-        tasks = [asyncio.create_task(self._read_loop(shard), name=f"hub-{shard.name}")
+    async def _serve_shards(self) -> None:
+        tasks = [asyncio.create_task(self._shard_loop(shard), name=f"hub-{shard.name}")
                  for shard in self._shards]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -177,30 +271,29 @@ class Hub:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _read_loop(self, shard: Shard) -> None:
+    async def _shard_loop(self, shard: Shard) -> None:
         loop = asyncio.get_running_loop()
         backoff = _FIRST_BACKOFF_S
         down_since: float | None = None
-        wake_position = await self._wake_tip(shard)
-        verify = True  # a new loop (start, failover, topology change): check what it missed
-        checked_at = loop.time()
+
+        def up() -> None:
+            nonlocal backoff, down_since
+            if down_since is not None:
+                log.info("hub_link_recovered", node=shard.name)
+            down_since, backoff = None, _FIRST_BACKOFF_S
+
         while not self._stopping:
             try:
-                if verify or loop.time() - checked_at > _WITNESS_RENEW_S:
-                    wake_position = await self._verify_history(shard, wake_position)
-                    verify, checked_at = False, loop.time()
-                wake_position = await self._read_once(shard, wake_position)
+                await self._serve_link(shard, up)
             except ResponseError as exc:
                 if _is_redirect(exc):
                     raise TopologyChanged(str(exc)) from exc
                 raise
-            except _READ_ERRORS as exc:
-                verify = True  # Redis may come back without what it had (restart, failover)
+            except _LINK_ERRORS as exc:
                 self._shard_ready[shard.name] = False
-                self._read_since.pop(shard.name, None)
                 self._metrics.read_failed(exc)
                 down_since = down_since or loop.time()
-                log.warning("hub_read_failed", node=shard.name, error=str(exc),
+                log.warning("hub_link_lost", node=shard.name, error=str(exc),
                             retry_in_s=round(backoff, 2))
                 if loop.time() - down_since > self._unavailable_after_s:
                     # Redis has been gone too long: send clients elsewhere rather than keep them
@@ -209,101 +302,117 @@ class Hub:
                     raise TopologyChanged(f"node {shard.name} unavailable") from exc
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
-                continue
-            if down_since is not None:
-                log.info("hub_read_recovered", node=shard.name)
-            down_since, backoff = None, _FIRST_BACKOFF_S
 
-    async def _wake_tip(self, shard: Shard) -> str:
-        # The hub's clients only ever XREAD for the hub: keep replies as Redis sent them.
-        shard.client.set_response_callback("XREAD", _raw_reply)
-        last = await shard.client.xrevrange(shard.wake_key, count=1)
-        return last[0][0].decode() if last else "0-0"
+    async def _serve_link(self, shard: Shard, on_up: Callable[[], None]) -> None:
+        """Connect, subscribe every watched channel of the shard, dispatch until the connection
+        fails. Whatever ends the link, its conversations refill once a new link confirms them."""
+        conn = _subscriber_connection(shard)
+        await conn.connect()  # type: ignore[no-untyped-call]
+        link = _Link(shard, conn, seen=asyncio.get_running_loop().time())
+        link.to_add = {sub.channel for sub in self._subs.values() if shard.covers(sub.bucket)}
+        link.dirty.set()
+        self._links[shard.name] = link
+        tasks = [asyncio.create_task(self._link_writer(link), name=f"hub-writer-{shard.name}"),
+                 asyncio.create_task(self._link_reader(link), name=f"hub-reader-{shard.name}")]
+        try:
+            self._shard_ready[shard.name] = True
+            on_up()
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            raise RedisConnectionError(f"link to {shard.name} ended")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._links.pop(shard.name, None)
+            self._lost(shard)
+            with contextlib.suppress(*_LINK_ERRORS, RedisError):
+                await conn.disconnect(nowait=True)
 
-    async def _read_once(self, shard: Shard, wake_position: str) -> str:
-        keys: list[str | bytes] = [shard.wake_key]
-        ids = [wake_position]
+    def _lost(self, shard: Shard) -> None:
+        """The shard's connection is gone, and with it any push sent meanwhile: every
+        subscription it served fills from the stream once a new connection confirms it."""
         for sub in self._subs.values():
             if shard.covers(sub.bucket):
-                keys.append(sub.stream_key)
-                ids.append(sub.position)
-        self._shard_ready[shard.name] = True
-        self._read_since[shard.name] = asyncio.get_running_loop().time()
-        # The witness key, checked right after the read returns (same connection, pipelined),
-        # says whether Redis kept its data meanwhile: when it is gone (Redis restarted empty,
-        # was flushed, or a replica without it took over, with or without a connection error)
-        # nothing this read returned is fanned out before every subscription's history is
-        # checked; the next read returns it again for the streams that kept theirs.
-        pipe = shard.client.pipeline(transaction=False)
-        pipe.execute_command(
-            "XREAD", "COUNT", self._count, "BLOCK", self._block_ms, "STREAMS", *keys, *ids)
-        pipe.exists(self._keys.edge_witness(shard.wake_key))
-        reply, witnessed = await pipe.execute()
-        self.reads += 1
-        if not witnessed:
-            return await self._verify_history(shard, wake_position)
-        tally, read = DeliveryTally(), 0
-        for key, entries in reply or ():
-            if key == shard.wake_key_bytes:
-                wake_position = entries[-1][0].decode()
-                continue
-            target = self._by_stream.get(key)
-            if target is not None and entries:
-                read += len(entries)
-                self._fan_out(target, entries, tally)
-        self._metrics.delivered_live(tally, read)
-        return wake_position
+                sub.epoch += 1
+                sub.confirmed.clear()
+                sub.filling = True
+                sub.check_history = True
+                sub.pending.clear()
+                self._start_fill(sub)
 
-    def _fan_out(self, sub: _Subscription, entries: list[list[Any]], tally: DeliveryTally) -> None:
-        # Entries arrive raw ([id, [field, value]]): the hub's clients skip redis-py's dict per
-        # entry (see _raw_reply). A subscription dropped and re-created while this read was in
-        # flight starts at a newer tip; entries it already covers are skipped so nobody gets one
-        # twice.
-        current = parse_id(sub.position)
-        for raw_id, fields in entries:
-            entry_id = raw_id.decode()
-            parsed = parse_id(entry_id)
-            if parsed <= current or len(fields) < 2:
-                continue
-            frame = binary_frame(wire.delivery(entry_id, fields[1]))
-            for subscriber in tuple(sub.subscribers):
-                subscriber.offer(parsed, frame)
-            self.delivered += len(sub.subscribers)
-            tally.add(fields[1], len(sub.subscribers), len(frame))
-            if not tally.oldest_ms or parsed[0] < tally.oldest_ms:
-                tally.oldest_ms = parsed[0]
-            current = parsed
-            sub.position = entry_id
+    async def _link_writer(self, link: _Link) -> None:
+        """The only writer of the connection: (un)subscribes as clients come and go, pings it so
+        a silent connection is noticed, and gives up when nothing came back for too long."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can hold up a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._ping_s):
+                    await link.dirty.wait()
+            link.dirty.clear()
+            self.flush_metrics()
+            if link.to_add:
+                adding, link.to_add = list(link.to_add), set()
+                link.requested.update(adding)
+                for start in range(0, len(adding), _SUBSCRIBE_CHUNK):
+                    await link.conn.send_command("SSUBSCRIBE",
+                                                 *adding[start:start + _SUBSCRIBE_CHUNK])
+            if link.to_drop:
+                dropping, link.to_drop = list(link.to_drop), set()
+                link.requested.difference_update(dropping)
+                for channel in dropping:
+                    link.leaving[channel] = link.leaving.get(channel, 0) + 1
+                for start in range(0, len(dropping), _SUBSCRIBE_CHUNK):
+                    await link.conn.send_command("SUNSUBSCRIBE",
+                                                 *dropping[start:start + _SUBSCRIBE_CHUNK])
+            if loop.time() - link.seen > self._ping_s * _SILENT_INTERVALS:
+                raise RedisTimeoutError(f"no reply from {link.shard.name} for "
+                                        f"{loop.time() - link.seen:.1f} s")
+            if link.requested:
+                await link.conn.send_command("PING")
+            else:
+                link.seen = loop.time()  # nothing subscribed: nothing to say (RESP2 pub/sub)
 
-    async def _verify_history(self, shard: Shard, wake_position: str) -> str:
-        """Tell the clients of every stream on the shard that lost entries after the position
-        the hub had read (Redis restarted empty, a failover that lost writes): they are closed
-        with 1012 ``history_lost`` and their resume gets ``recovered: false``, exactly as a
-        client that reconnects with a lost ``last_id``. Returns the wake position to read from
-        (the wake stream is recreated when it was gone)."""
-        lost = 0
-        for conversation_id, sub in list(self._subs.items()):
-            if not shard.covers(sub.bucket) or sub.position == "0-0":
-                continue  # nothing of it was delivered from here yet: nothing can be missing
-            info = await streams.stream_info(shard.client, self._keys, conversation_id)
-            if info.can_resume_after(sub.position):
-                continue
-            lost += 1
-            log.warning("stream_history_lost", conversation_id=conversation_id,
-                        position=sub.position, stream_last_id=info.last_id,
-                        clients=len(sub.subscribers))
-            for subscriber in tuple(sub.subscribers):
-                subscriber.on_history_lost()
-            # Whoever attaches from now on joined the stream as it is now: read on from its tip.
-            sub.position = info.last_id
-        if not await shard.client.exists(shard.wake_key):
-            wake_position = "0-0"  # the wake stream went too: read it from its new start
-        # Set only after the check: a loss from here on is the next read's to notice.
-        await shard.client.set(self._keys.edge_witness(shard.wake_key), b"1",
-                               px=_WITNESS_TTL_MS)
-        if lost:
-            log.info("hub_history_checked", node=shard.name, streams_lost=lost)
-        return wake_position
+    async def _link_reader(self, link: _Link) -> None:
+        loop = asyncio.get_running_loop()
+        conn, on_push = link.conn, self._on_push
+        while True:
+            reply = await conn.read_response(disconnect_on_error=True)
+            link.seen = loop.time()
+            kind = reply[0]
+            if kind == b"smessage":
+                on_push(reply[1], reply[2])
+            elif kind == b"ssubscribe":
+                self._on_subscribed(link, reply[1])
+            elif kind == b"sunsubscribe":
+                self._on_unsubscribed(link, reply[1])
+
+    def _on_subscribed(self, link: _Link, channel: bytes) -> None:
+        link.confirmed.add(channel)
+        sub = self._by_channel.get(channel)
+        if sub is not None and link.live(channel):
+            sub.confirmed.set()
+
+    def _on_unsubscribed(self, link: _Link, channel: bytes) -> None:
+        link.confirmed.discard(channel)
+        leaving = link.leaving.get(channel, 0)
+        if leaving:
+            if leaving == 1:
+                del link.leaving[channel]
+            else:
+                link.leaving[channel] = leaving - 1
+            sub = self._by_channel.get(channel)
+            if sub is not None and link.live(channel):
+                sub.confirmed.set()
+            return
+        # Not asked for: the slot moved to another node (cluster resharding or failover).
+        raise TopologyChanged(f"{link.shard.name} unsubscribed {channel!r}")
+
+    def flush_metrics(self) -> None:
+        tally, self._tally = self._tally, DeliveryTally()
+        self._metrics.add_live(tally)
 
     def _release(self, shard: Shard) -> None:
         for sub in list(self._subs.values()):
@@ -311,9 +420,198 @@ class Hub:
                 for subscriber in tuple(sub.subscribers):
                     subscriber.on_unavailable()
 
+    # --- the hot path ----------------------------------------------------------------------------
 
-def _raw_reply(response: Any, **options: Any) -> Any:
-    return response
+    def _on_push(self, channel: bytes, data: bytes) -> None:
+        self.pushes += 1
+        sub = self._by_channel.get(channel)
+        if sub is None:
+            return  # unsubscribed a moment ago
+        if sub.filling:
+            self._buffer(sub, data)
+        elif not self._apply(sub, data):
+            self.gaps += 1
+            sub.filling = True
+            sub.check_history = True
+            self._buffer(sub, data)
+            self._start_fill(sub)
+
+    @staticmethod
+    def _buffer(sub: _Subscription, data: bytes) -> None:
+        if len(sub.pending) < _PENDING_MAX:
+            sub.pending.append(data)
+        else:
+            sub.pending.clear()
+            sub.overflowed = True
+
+    def _apply(self, sub: _Subscription, data: bytes) -> bool:
+        """Deliver the entries of a push after the position; False when it does not continue the
+        position (entries were missed: fill first). A push the hub cannot read counts as a gap,
+        and the fill delivers its entries from the stream."""
+        try:
+            newline = data.index(b"\n")
+            head = data[:newline].split(b" ")
+            previous = streams.parse_id(head[0])
+            if previous > sub.last:
+                return False
+            if previous < sub.last < streams.parse_id(head[1]) and sub.position != "0-0":
+                # The stream says nothing lies between its tip and this push's first entry, yet
+                # the entry delivered last lies there: the stream lost it (a flush, a restart or
+                # failover that kept the connection).
+                self._history_lost(sub, head[0].decode())
+                return True
+            view = memoryview(data)
+            offset = newline + 1
+            last, batch = sub.last, []
+            raw_id = b""
+            copies, tally = len(sub.subscribers), self._tally
+            for index in range(1, len(head), 2):
+                size = int(head[index + 1])
+                parsed = streams.parse_id(head[index])
+                if parsed > last:
+                    raw_id = head[index]
+                    frame = delivery_frame(raw_id, view[offset:offset + size])
+                    batch.append((parsed, frame))
+                    tally.add(data[offset:offset + _KIND_PREFIX], copies, len(frame))
+                    last = parsed
+                offset += size
+        except (ValueError, IndexError, WireError):
+            log.error("hub_bad_push", conversation_id=sub.conversation_id)
+            return False
+        if batch:
+            self._metrics.pushed(len(batch), batch[0][0][0])
+            sub.advance(batch, raw_id.decode())
+            self.delivered += len(batch) * copies
+        return True
+
+    # --- filling from the stream --------------------------------------------------------------
+
+    def _start_fill(self, sub: _Subscription) -> None:
+        if sub.fill_task is None and not self._stopping:
+            task = asyncio.create_task(self._fill(sub), name="hub-fill")
+            sub.fill_task = task
+            self._fills.add(task)
+            task.add_done_callback(self._fill_done)
+
+    def _fill_done(self, task: asyncio.Task[None]) -> None:
+        self._fills.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub_fill_failed", error=repr(task.exception()))
+
+    async def _fill(self, sub: _Subscription) -> None:
+        """Read the stream after the position until caught up, then apply the buffered pushes;
+        repeat while they still leave a gap or the connection changed meanwhile."""
+        backoff = _FIRST_BACKOFF_S
+        try:
+            while not sub.gone:
+                await sub.confirmed.wait()
+                epoch = sub.epoch
+                try:
+                    if sub.check_history and not await self._history_kept(sub):
+                        return
+                    caught_up = await self._read_gap(sub)
+                except (RedisError, OSError) as exc:
+                    log.warning("hub_fill_retry", conversation_id=sub.conversation_id,
+                                error=str(exc), retry_in_s=round(backoff, 2))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                    continue
+                if sub.gone:
+                    return
+                if not caught_up:
+                    self._send_to_resume(sub)
+                    return
+                if epoch == sub.epoch and sub.confirmed.is_set() and self._drain(sub):
+                    sub.filling = False
+                    return
+        finally:
+            sub.fill_task = None
+
+    async def _read_gap(self, sub: _Subscription) -> bool:
+        """Pages of the stream after the position, delivered as read; False past the cap."""
+        read = 0
+        while True:
+            async with self._fill_limit:
+                rows = await streams.read_after(self._history, self._keys, sub.conversation_id,
+                                                sub.position, count=self._page)
+            self.history_reads += 1
+            if sub.gone:
+                return True
+            batch = []
+            copies, tally = len(sub.subscribers), self._tally
+            for entry_id, stored in rows:
+                parsed = streams.parse_id(entry_id)
+                if parsed > sub.last:
+                    frame = delivery_frame(entry_id.encode(), stored)
+                    batch.append((parsed, frame))
+                    tally.add(stored, copies, len(frame))
+            if batch:
+                self._metrics.pushed(len(batch), batch[0][0][0])
+                sub.advance(batch, rows[-1][0])
+                self.delivered += len(batch) * len(sub.subscribers)
+            read += len(rows)
+            if len(rows) < self._page:
+                return True
+            if read >= self._fill_max:
+                return False
+
+    def _drain(self, sub: _Subscription) -> bool:
+        """Apply the buffered pushes; False when one leaves a gap (or some were dropped)."""
+        if sub.overflowed:
+            sub.overflowed = False
+            return False
+        while sub.pending and not sub.gone:
+            data = sub.pending.popleft()
+            if not self._apply(sub, data):
+                return False  # the next read covers it (and what is left is filtered then)
+        return True
+
+    async def _history_kept(self, sub: _Subscription) -> bool:
+        """False (and the clients told) when the stream no longer holds every entry after the
+        position delivered: a fill would otherwise hand them a later turn in the middle of the
+        one they were playing."""
+        if sub.position != "0-0":
+            async with self._fill_limit:
+                info = await streams.stream_info(self._history, self._keys, sub.conversation_id)
+            self.history_reads += 1
+            if not info.can_resume_after(sub.position):
+                self._history_lost(sub, info.last_id)
+                return False
+        sub.check_history = False
+        return True
+
+    def _history_lost(self, sub: _Subscription, stream_last_id: str) -> None:
+        """Redis lost entries of the stream after what the clients got (restarted empty,
+        flushed, a failover that lost writes): they are told exactly as a client resuming from a
+        lost position is (closed with 1012 ``history_lost``; their resume gets ``recovered:
+        false``), and a new subscription starts for whoever joins next."""
+        log.warning("stream_history_lost", conversation_id=sub.conversation_id,
+                    position=sub.position, stream_last_id=stream_last_id,
+                    clients=len(sub.subscribers))
+        subscribers = tuple(sub.subscribers)
+        self._drop(sub)
+        for subscriber in subscribers:
+            subscriber.on_history_lost()
+
+    def _send_to_resume(self, sub: _Subscription) -> None:
+        """Too far behind to catch up here: clients resume through history on their own, and a
+        new subscription starts for whoever joins next."""
+        log.warning("hub_fill_capped", conversation_id=sub.conversation_id,
+                    cap=self._fill_max, clients=len(sub.subscribers))
+        subscribers = tuple(sub.subscribers)
+        self._drop(sub)
+        for subscriber in subscribers:
+            subscriber.on_behind()
+
+
+def _subscriber_connection(shard: Shard) -> AbstractConnection:
+    """A connection of its own, with the shard client's address and credentials. It waits for
+    pushes indefinitely (the hub's pings notice a dead one) and never runs a health check of its
+    own, which would read a reply meant for the subscriber loop."""
+    pool = shard.client.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": None, "health_check_interval": 0}
+    connection: AbstractConnection = pool.connection_class(**kwargs)
+    return connection
 
 
 def _is_redirect(exc: ResponseError) -> bool:

@@ -31,6 +31,14 @@ _CLOSE_CODES = frozenset({
     1000, 1001, 1002, 1005, 1006, 1009, 1011, 1012, 4400, 4401, 4402, 4403, 4429, 4430, 4503,
 })
 
+# Label values created at start, so every series exists (at 0) before its first event: a query
+# or alert on a series that is absent returns nothing instead of 0.
+_READ_ERROR_KINDS = ("connection", "timeout", "cluster", "redirect", "other")
+_STARTS = ("resume", "turn", "live")
+_RESUME_OUTCOMES = ("recovered", "lost")
+_REFUSAL_CODES = ("1012", "4400", "4401", "4402", "4403")
+_DISCONNECT_CODES = ("1000", "1001", "1005", "1006", "1011", "1012", "4429", "4503")
+
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -48,6 +56,21 @@ def close_code_label(code: int | None) -> str:
     if code is None:
         return "none"
     return str(code) if code in _CLOSE_CODES else "other"
+
+
+def _read_error_kind(exc: BaseException) -> str:
+    # By name, not by class: this module stays free of redis imports, and the hub's own
+    # TopologyChanged means a redirect (MOVED, failover) or a node gone too long.
+    name = type(exc).__name__
+    if name in ("ConnectionError", "ConnectionRefusedError", "ConnectionResetError", "OSError"):
+        return "connection"
+    if name == "TimeoutError":
+        return "timeout"
+    if name.startswith("RedisCluster") or name in ("ClusterDownError", "SlotNotCoveredError"):
+        return "cluster"
+    if name in ("TopologyChanged", "MovedError", "AskError", "TryAgainError"):
+        return "redirect"
+    return "other"
 
 
 class DeliveryTally:
@@ -89,15 +112,17 @@ class EdgeMetrics:
         self.lag = Histogram(
             "relay_edge_delivery_lag_seconds",
             "Time from a live entry's append to Redis (its stream id) to the edge handing it to "
-            "its clients' send queues; observed once per read for the oldest entry read.",
+            "its clients' send queues; observed once per live push for its oldest entry.",
             buckets=_LAG_BUCKETS, registry=r)
         self.read_batch = Histogram(
             "relay_edge_read_batch_entries",
-            "Conversation entries returned by one blocking stream read (0: it timed out or was "
-            "woken).", buckets=_BATCH_BUCKETS, registry=r)
+            "Conversation entries delivered by one live push, or by one page the hub read from "
+            "the stream to fill a gap.", buckets=_BATCH_BUCKETS, registry=r)
         self.read_errors = Counter(
             "relay_edge_read_errors_total",
-            "Blocking stream reads that failed, by error type.", ["error"], registry=r)
+            "Blocking stream reads and node discoveries that failed, by kind (connection, "
+            "timeout, cluster: no node answered discovery, redirect: the slot moved, other).",
+            ["error"], registry=r)
         self.topology_refreshes = Counter(
             "relay_edge_topology_refreshes_total",
             "Times the read loops re-discovered the Redis nodes (start, failover, outage).",
@@ -124,6 +149,11 @@ class EdgeMetrics:
             "relay_edge_disconnects_total",
             "Admitted clients that left, by close code (1012 drain, 4429 slow client, 4503 "
             "Redis unavailable; 1000/1001/1005/1006 from the client side).", ["code"], registry=r)
+        for values, counter in ((_READ_ERROR_KINDS, self.read_errors), (_STARTS, self.joins),
+                                (_RESUME_OUTCOMES, self.resumes), (_REFUSAL_CODES, self.refused),
+                                (_DISCONNECT_CODES, self.disconnects)):
+            for label in values:
+                counter.labels(label)
         # Children bound once: labels() costs a dict lookup and a lock.
         self._live_messages = {k: self.messages.labels(k, "live") for k in _KINDS}
         self._live_bytes = {k: self.bytes.labels(k, "live") for k in _KINDS}
@@ -136,15 +166,19 @@ class EdgeMetrics:
         self.conversations.set_function(conversations)
         self.read_loops.set_function(read_loops)
 
-    def delivered_live(self, tally: DeliveryTally, entries_read: int) -> None:
-        """Once per read: its tally, its size and the lag of its oldest entry."""
-        self.read_batch.observe(entries_read)
+    def pushed(self, entries: int, oldest_ms: int) -> None:
+        """Once per live push (or history page of the hub) delivered: its size and the lag of
+        its oldest entry (two observations; the counters come in batches, see ``add_live``)."""
+        self.read_batch.observe(entries)
+        self.lag.observe(max(0.0, time.time() - oldest_ms / 1000))
+
+    def add_live(self, tally: DeliveryTally) -> None:
+        """The live messages and bytes counted since the last call (the hub calls it on every
+        keepalive tick and before each scrape)."""
         for kind, count in tally.messages.items():
             if count:
                 self._live_messages[kind].inc(count)
                 self._live_bytes[kind].inc(tally.bytes[kind])
-        if tally.oldest_ms:
-            self.lag.observe(max(0.0, time.time() - tally.oldest_ms / 1000))
 
     def delivered_history(self, tally: DeliveryTally) -> None:
         for kind, count in tally.messages.items():
@@ -153,7 +187,7 @@ class EdgeMetrics:
                 self._history_bytes[kind].inc(tally.bytes[kind])
 
     def read_failed(self, exc: BaseException) -> None:
-        self.read_errors.labels(type(exc).__name__).inc()
+        self.read_errors.labels(_read_error_kind(exc)).inc()
 
     def joined(self, start: str, recovered: bool | None) -> None:
         self.joins.labels(start).inc()

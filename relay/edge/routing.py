@@ -1,10 +1,10 @@
-"""Which blocking read serves which conversation stream.
+"""Which subscriber connection serves which conversation's live channel.
 
-On a single server one shard reads every stream the edge watches in one multi-stream XREAD. On a
-Redis Cluster a multi-key command must stay within one slot, so there is one shard per key
-bucket (see ``relay.keys``): each reads that bucket's streams, on the node that owns the bucket's
-slot, through a connection of its own. Either way the number of blocking reads (and of Redis
-connections they hold) is fixed by configuration, never by the number of clients.
+On a single server one shard subscribes to every live channel the edge watches. On a Redis
+Cluster a sharded pub/sub command must stay within one slot, so there is one shard per key
+bucket (see ``relay.keys``): each subscribes to that bucket's channels, on the node that owns the
+bucket's slot, through a connection of its own. Either way the number of subscriber connections
+is fixed by configuration, never by the number of clients or conversations.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 
 from relay.keys import Keys
-from relay.redis_conn import RedisClient, node_client
+from relay.redis_conn import node_client
 
 
 class TopologyChanged(Exception):
@@ -26,13 +26,8 @@ class TopologyChanged(Exception):
 @dataclass(eq=False)
 class Shard:
     name: str
-    client: RedisClient  # a plain client of one server or one cluster node
-    wake_key: str
+    client: redis.Redis  # its address and credentials make the shard's subscriber connection
     bucket: int | None  # None: every bucket
-
-    @property
-    def wake_key_bytes(self) -> bytes:
-        return self.wake_key.encode()
 
     def covers(self, bucket: int) -> bool:
         return self.bucket is None or self.bucket == bucket
@@ -49,8 +44,8 @@ class Router(Protocol):
 class SingleRouter:
     """One server: every stream on the one shard, read through the given client."""
 
-    def __init__(self, client: RedisClient, keys: Keys, node_id: str) -> None:
-        self._shard = Shard("redis", client, keys.edge_wake(node_id), bucket=None)
+    def __init__(self, client: redis.Redis) -> None:
+        self._shard = Shard("redis", client, bucket=None)
 
     async def refresh(self) -> list[Shard]:
         return [self._shard]
@@ -65,10 +60,9 @@ class SingleRouter:
 class ClusterRouter:
     """Redis Cluster: a shard per bucket, on the primary that owns the bucket's slot."""
 
-    def __init__(self, cluster: RedisCluster, keys: Keys, node_id: str, *, block_ms: int) -> None:
+    def __init__(self, cluster: RedisCluster, keys: Keys, *, block_ms: int) -> None:
         self._cluster = cluster
         self._keys = keys
-        self._node_id = node_id
         self._block_ms = block_ms
         self._clients: list[redis.Redis] = []
 
@@ -77,14 +71,14 @@ class ClusterRouter:
         await self._cluster.nodes_manager.initialize()
         shards = []
         for bucket in range(self._keys.buckets):
-            wake_key = self._keys.edge_wake(self._node_id, bucket)
-            node = self._cluster.get_node_from_key(wake_key)
+            key = self._keys.bucket_tag_key(bucket)
+            node = self._cluster.get_node_from_key(key)
             if node is None:
-                raise TopologyChanged(f"no node serves {wake_key}")
+                raise TopologyChanged(f"no node serves {key}")
             client = node_client(node.host, int(node.port), block_ms=self._block_ms,
                                  like=self._cluster)
             self._clients.append(client)
-            shards.append(Shard(f"{node.name}/b{bucket}", client, wake_key, bucket))
+            shards.append(Shard(f"{node.name}/b{bucket}", client, bucket))
         return shards
 
     def shard_for(self, bucket: int, shards: list[Shard]) -> Shard | None:

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from relay import streams, wire
 from relay.edge.admission import FRAME_ERRORS
-from relay.edge.framing import FrameWriter, SlowClient, binary_frame
+from relay.edge.framing import FrameWriter, SlowClient, delivery_frame
 from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.errors import WireError
 from relay.keys import Keys
@@ -64,39 +64,49 @@ class ClientSession:
         self._metrics = metrics
         self.conversation_id = conversation_id
         self._settings = settings
-        # (entry id, frame, when it was queued): the oldest one's age is how far behind the
-        # client is, the measure of a slow client.
-        self._queue: deque[tuple[tuple[int, int], bytes, float]] = deque()
+        self._queue: deque[tuple[tuple[int, int], bytes]] = deque()
         self._writer: FrameWriter | None = None
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
         self._closing = asyncio.Event()  # set with the close code: a blocked write gives up
         self._loop = asyncio.get_running_loop()
-        self._live_since: float | None = None  # history sent: from now lag counts
         self._close_code: int | None = None
         self._close_reason = ""
         self._close_error: bytes | None = None
         self._sent = (0, -1)  # id of the last frame written to the socket
+        self._direct = False  # live and caught up: offers may write straight to the socket
         self.sent_count = 0
         self.peak_queued_bytes = 0
 
     # --- called by the hub, never awaits -------------------------------------------------------
 
-    def offer(self, entry_id: tuple[int, int], frame: bytes) -> None:
-        """Queue a complete WebSocket frame of the stream entry ``entry_id`` (parsed id)."""
+    def offer_many(self, batch: list[tuple[tuple[int, int], bytes]]) -> None:
+        """Take complete WebSocket frames of stream entries (parsed id, frame), in stream order:
+        one call per live push or history page, however many entries it carries.
+
+        Once the session is live and nothing is queued, the frames are written to the socket
+        right here (one write, no task switch); otherwise, or when the socket is not taking
+        more, they wait in the bounded queue for ``pump``.
+        """
         if self._close_code is not None:
             return
+        writer = self._writer
+        if self._direct and not self._queue and writer is not None and writer.writable():
+            frames = [frame for entry_id, frame in batch if self._fresh(entry_id)]
+            if frames:
+                writer.write_now(frames)
+                self.sent_count += len(frames)
+            return
+        size = sum(len(frame) for _, frame in batch)
         limits = self._settings
-        now = self._loop.time()
-        if (len(self._queue) >= limits.client_queue_messages
-                or self._queued_bytes + len(frame) > limits.client_queue_bytes
-                or self._lag(now) > limits.send_timeout_s):
+        if (len(self._queue) + len(batch) > limits.client_queue_messages
+                or self._queued_bytes + size > limits.client_queue_bytes):
             # Overflow policy: disconnect, never drop. The client resumes from its last position
             # and gets everything still retained, so a slow client costs itself, not the edge.
             self.request_close(wire.CloseCode.SLOW_CONSUMER, "slow_consumer")
             return
-        self._queue.append((entry_id, frame, now))
-        self._queued_bytes += len(frame)
+        self._queue.extend(batch)
+        self._queued_bytes += size
         self.peak_queued_bytes = max(self.peak_queued_bytes, self._queued_bytes)
         self._wakeup.set()
 
@@ -109,13 +119,6 @@ class ClientSession:
     def close_reason(self) -> str:
         return self._close_reason
 
-    def _lag(self, now: float) -> float:
-        """How long the oldest entry not yet written has waited, counted from the end of the
-        history (a joining client may take its time over that)."""
-        if not self._queue or self._live_since is None:
-            return 0.0
-        return now - max(self._queue[0][2], self._live_since)
-
     def on_history_lost(self) -> None:
         """Redis lost entries of this stream after what the client got: it reconnects with its
         last_id and is told ``recovered: false`` (docs/protocol.md), as any resume from a lost
@@ -124,6 +127,11 @@ class ClientSession:
 
     def on_unavailable(self) -> None:
         self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
+
+    def on_behind(self) -> None:
+        """The edge fell too far behind this conversation's live push to fill the gap itself:
+        the client resumes (here or elsewhere) from its own position, through history."""
+        self.request_close(wire.CloseCode.SLOW_CONSUMER, "edge_behind")
 
     def request_close(self, code: int, reason: str, error_message: str | None = None) -> None:
         """Close after the current write; with ``error_message``, send error{reason} first."""
@@ -185,7 +193,7 @@ class ClientSession:
                     done = True
                     break
                 if self._fresh(parsed):
-                    frames.append(binary_frame(wire.delivery(entry_id, stored)))
+                    frames.append(delivery_frame(entry_id.encode(), stored))
                     tally.add(stored, 1, len(frames[-1]))
             if frames:
                 await self._write(frames)
@@ -196,15 +204,18 @@ class ClientSession:
             position, inclusive = rows[-1][0], False
 
     async def pump(self) -> None:
-        """Drain the live queue, a batch per write, until the session is asked to close."""
-        self._live_since = self._loop.time()
+        """Drain the live queue, a batch per write, until the session is asked to close. While
+        the queue is empty, offers write directly (see ``offer_many``)."""
+        self._frame_writer()
         while True:
+            self._direct = False
             while self._queue and self._close_code is None:
                 await self._write_batch()
             if self._close_code is not None:
                 await self._close()
                 return
             self._wakeup.clear()
+            self._direct = True
             await self._wakeup.wait()
 
     async def _close(self) -> None:
@@ -227,14 +238,14 @@ class ClientSession:
             self._loop.call_later(self._settings.heartbeat_s, writer.abort)
 
     async def _write_batch(self) -> None:
-        # Only as much as the transport may hold: the rest stays queued, where its age says how
-        # far behind the client is.
+        # Only as much as the transport may hold: a backlog stays in the queue, where its
+        # bounds count it, instead of in buffers the edge cannot see into.
         room = self._settings.client_send_buffer_bytes - self._frame_writer().unsent_bytes
         limit = max(1, min(_BATCH_BYTES, room))
         frames: list[bytes] = []
         size = 0
         while self._queue and len(frames) < _BATCH_FRAMES and size < limit:
-            entry_id, frame, _ = self._queue.popleft()
+            entry_id, frame = self._queue.popleft()
             self._queued_bytes -= len(frame)
             if self._fresh(entry_id):
                 frames.append(frame)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from relay.dev.embedded import free_port
 from relay.tokens import verify_token
 from tests.conftest import TEST_SECRET
@@ -57,8 +59,12 @@ def test_edge_on_a_taken_port_says_so_by_name(redis_url):
         result = relay("edge", "--port", str(port), REDIS_URL=redis_url,
                        RELAY_TOKEN_SECRET=TEST_SECRET)
     assert result.returncode == 2, result.stderr
-    assert (f"relay: edge cannot listen on 127.0.0.1:{port}: Address already in use "
-            "(change RELAY_EDGE_PORT or --port)") in result.stderr
+    # A role logs JSON lines, its startup error too.
+    errors = [json.loads(line) for line in result.stderr.splitlines()
+              if json.loads(line)["level"] == "error"]
+    assert [e["error"] for e in errors] == [
+        f"edge cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(change RELAY_EDGE_PORT or --port)"]
 
 
 def test_check_producer_probes_motion_server(redis_url):
@@ -75,3 +81,27 @@ def test_roles_refuse_to_start_without_their_settings(redis_url):
     bad_number = relay("edge", RELAY_STREAM_MAXLEN="lots", REDIS_URL=redis_url)
     assert bad_number.returncode == 2
     assert "configuration error: RELAY_STREAM_MAXLEN=lots: not an integer" in bad_number.stderr
+
+
+def test_token_takes_a_key_id_and_a_private_key(tmp_path):
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    with_kid = relay("token", "conv-7", "--kid", "k2", RELAY_TOKEN_SECRET=TEST_SECRET,
+                     RELAY_TOKEN_KID="k2")
+    assert with_kid.returncode == 0, with_kid.stderr
+    assert jwt.get_unverified_header(with_kid.stdout.strip())["kid"] == "k2"
+    unknown = relay("token", "conv-7", "--kid", "k9", RELAY_TOKEN_SECRET=TEST_SECRET)
+    assert unknown.returncode == 2 and "no secret for kid 'k9'" in unknown.stderr
+    private = ed25519.Ed25519PrivateKey.generate()
+    pem = tmp_path / "signing.pem"
+    pem.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    signed = relay("token", "conv-7", "--kid", "ed-1", "--key-file", str(pem))
+    assert signed.returncode == 0, signed.stderr
+    claims = jwt.decode(signed.stdout.strip(), private.public_key(), algorithms=["EdDSA"])
+    assert claims["conv"] == "conv-7"
+    too_long = relay("token", "conv-7", "--ttl", "9999999", RELAY_TOKEN_SECRET=TEST_SECRET)
+    assert too_long.returncode == 2 and "Traceback" not in too_long.stderr

@@ -1,6 +1,6 @@
 """Every setting is checked against its documented range at start-up: a bad value stops the
-process with exit 2 and ``relay: configuration error: NAME=value: why``, never a traceback."""
-
+process with exit 2 and ``configuration error: NAME=value: why`` (a JSON line from a role, a
+sentence from a terminal command), never a traceback."""
 from __future__ import annotations
 
 import io
@@ -19,6 +19,7 @@ import relay.cli
 from relay.errors import ConfigError
 from relay.settings import SettingError, Settings, env_name, rule_of
 from tests.conftest import TEST_SECRET
+from tests.helpers.cli import error_of
 
 ROOT = Path(__file__).resolve().parents[2]
 FIELDS = list(fields(Settings))
@@ -102,7 +103,7 @@ def test_nothing_non_finite_or_negative_passes():
 ])
 def test_other_settings_are_refused_by_name(monkeypatch, env, message):
     code, err = run_cli(monkeypatch, env, "check")
-    assert code == 2 and err.startswith(f"relay: configuration error: {message}"), err
+    assert code == 2 and error_of(err).startswith(f"configuration error: {message}"), err
     assert "hunter2" not in err and "short-pw" not in err
 
 
@@ -130,6 +131,7 @@ def test_roles_stop_at_start_up(redis_url, role, env):
                             capture_output=True, text=True, timeout=30)
     (name, raw), = env.items()
     assert result.returncode == 2, result.stderr
-    assert re.match(rf"relay: configuration error: {name}={re.escape(raw)}: \S",
-                    result.stderr), result.stderr
+    # A role's stderr is JSON lines, its configuration errors too.
+    assert re.match(rf"configuration error: {name}={re.escape(raw)}: \S",
+                    error_of(result.stderr)), result.stderr
     assert "Traceback" not in result.stderr

@@ -86,9 +86,10 @@ def test_keys_share_a_slot_per_conversation():
     keys = Keys("p", buckets=16)
     tag = f"{{b{keys.bucket('c-1')}}}"
     tagged = {keys.stream("c-1"), keys.turn("c-1"), keys.conversation_lock("c-1"),
-              keys.turn_input("c-1", "t-1"), keys.control_channel("c-1")}
+              keys.turn_input("c-1", "t-1"), keys.control_channel("c-1"),
+              keys.live_channel("c-1")}
     assert all(key.startswith(f"p:{tag}:c-1:") for key in tagged)
-    assert keys.edge_wake("edge-1", keys.bucket("c-1")).startswith(f"p:{tag}:")
+    assert keys.bucket_tag_key(keys.bucket("c-1")).startswith(f"p:{tag}:")
     assert {keys.bucket(f"c-{n}") for n in range(200)} == set(range(16))
     with pytest.raises(InvalidConversationId):
         keys.stream("bad{id}")
@@ -111,3 +112,13 @@ def test_settings_from_env():
                 {"RELAY_PER_TURN_SESSIONS": "maybe"}, {"RELAY_KEY_PREFIX": "a{b}"}):
         with pytest.raises(ConfigError):
             Settings.from_env(env)
+
+
+async def test_lua_live_channel_of_stream_matches_keys(redis_client):
+    from relay.keys import LIVE_CHANNEL_OF_STREAM
+
+    keys = Keys("p.x:y", buckets=16)
+    script = LIVE_CHANNEL_OF_STREAM + "return live_channel_of(KEYS[1])"
+    for conv in ("c-1", "conv:7.a", "x" * 128):
+        got = await redis_client.eval(script, 1, keys.stream(conv))
+        assert got.decode() == keys.live_channel(conv)

@@ -1,6 +1,7 @@
 """A client that reads slower than its conversation speaks gets the documented 4429 close: the edge
-bounds what it wrote but the client has not read, so the close frame reaches the client, before
-any heartbeat timeout, and nothing on the edge logs a traceback or a refused message for it."""
+bounds what it wrote but the client has not read, so the backlog overflows its queue and the close
+frame reaches the client before any heartbeat timeout; nothing on the edge logs a traceback or a
+refused message for it."""
 
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ async def read_slowly(ws: RawWebSocket, timeout_s: float) -> tuple[list[wire.Mes
 
 async def test_a_client_reading_slower_than_the_stream_gets_4429(settings, redis_client, keys,
                                                                   caplog):
-    # Default queue bounds (16 MiB): the client is cut off because it falls behind, not because
-    # its queue overflowed, and it gets the close frame although it reads at 20 KB/s.
-    limits = settings.with_overrides(send_timeout_s=2.0)  # heartbeat: the default 20 s
+    # The queue of the fault run that found the bug (256 messages / 64 KiB): the backlog must
+    # wait there, where it counts, not in socket buffers, and the close frame must reach a
+    # client reading at 20 KB/s before the heartbeat (the default 20 s) gives up on it.
+    limits = settings.with_overrides(client_queue_messages=256, client_queue_bytes=64 * 1024)
     log = ConversationLog(redis_client, keys, maxlen=100_000, ttl_s=300)
     conv = "slow-reader"
     caplog.set_level(logging.ERROR)
@@ -89,7 +91,7 @@ async def test_a_client_reading_slower_than_the_stream_gets_4429(settings, redis
     assert code == wire.CloseCode.SLOW_CONSUMER
     ids = [m.id for m in got if m.id]
     assert ids == truth[:len(ids)]  # in order, nothing skipped before the close
-    assert took < 15  # the lag bound (2 s) plus reading the bounded backlog at 20 KB/s
+    assert took < 12  # the queue fills in ~2 s, then the bounded backlog is read at 20 KB/s
     names = [e["event"] for e in events]
     assert "client_message_refused" not in names
     left = [e for e in events if e["event"] == "client_left" and e.get("code") == 4429]

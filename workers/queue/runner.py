@@ -374,6 +374,7 @@ class ConversationRunner:
                                 job=head.job)
         log.warning("turn_dead_lettered", reason=reason, error=error,
                     attempts=claim.attempts - 1, opened=claim.opened)
+        self._s.producer.metrics.turn_dead_lettered(reason)
         if claim.opened:
             await self._end_for_clients(head.turn_id, claim.epoch, REASON_FAILED)
         return await self._finish(head, claim)
@@ -390,6 +391,7 @@ class ConversationRunner:
     async def _failed(self, head: QueuedTurn, claim: Claim, exc: BaseException) -> bool:
         error = f"{type(exc).__name__}: {exc}"
         log.error("job_attempt_failed", error=error, attempt=claim.attempts)
+        self._s.producer.metrics.attempt_failed()
         recorded = await self._s.store.record_failure(self.conversation_id, head.turn_id,
                                                       claim.epoch, error)
         try:

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 from relay.keys import Keys
 from relay.redis_conn import RedisClient
 from relay.settings import Settings
-from relay.streams import ConversationLog
+from relay.streams import ConversationLog, stream_info
 from workers.queue.deadletters import REASON_MALFORMED, DeadLetters
 from workers.queue.doorbells import Doorbell, Doorbells
 from workers.queue.records import JobStore, RunnerTake
@@ -85,6 +85,10 @@ class ProducerWorker:
         self._blocked: str | None = "not started"
         beat = min(settings.job_claim_idle_s, settings.conversation_lease_s) / 3
         self._heartbeat = Periodic("jobs-heartbeat", beat, self.heartbeat)
+        self._keys = keys
+        producer.metrics.bind_worker(conversations=lambda: len(self._runners),
+                                     concurrency=settings.producer_concurrency,
+                                     sampler=self.sample_queue)
 
     @property
     def running_turns(self) -> int:
@@ -109,6 +113,7 @@ class ProducerWorker:
                 except (RedisError, OSError) as exc:
                     self._blocked = f"{type(exc).__name__}: {exc}"
                     log.warning("jobs_read_failed", error=str(exc), retry_in_s=delay)
+                    self._producer.metrics.jobs_read_errors.inc()
                     await self._sleep_unless_stopping(delay)
                     delay = min(delay * 2, _BACKOFF_MAX_S)
         except BaseException as exc:
@@ -233,11 +238,38 @@ class ProducerWorker:
             await self._doorbells.ack(bell.entry_id)
             return
         if take is RunnerTake.TAKEN_OVER:
+            silence_s = await self._silence_s(conversation_id)
             log.info("conversation_taken_over", conversation_id=conversation_id,
-                     previous_owner=holder)
+                     previous_owner=holder, silent_for_s=silence_s)
+            self._producer.metrics.taken_over(silence_s)
         runner = ConversationRunner(self._services, conversation_id, bell.entry_id,
                                     take_over_from=holder if take is RunnerTake.TAKEN_OVER else "")
         self._start(runner)
+
+    async def _silence_s(self, conversation_id: str) -> float | None:
+        """How long the conversation's stream has had no new entry (its clients' wait so far)."""
+        try:
+            info = await stream_info(self._client, self._keys, conversation_id)
+            now_s, now_us = await self._client.time()
+        except (RedisError, OSError):
+            return None
+        if not info.exists:
+            return None
+        last_ms = int(info.last_id.split("-")[0])
+        return round(max(0.0, float(now_s) + float(now_us) / 1e6 - last_ms / 1000), 3)
+
+    async def sample_queue(self) -> dict[str, float]:
+        """Queue-wide figures for the metrics, read when Prometheus scrapes."""
+        figures: dict[str, float] = {}
+        for group in await self._client.xinfo_groups(self._keys.jobs()):
+            name = group.get("name")
+            if (name.decode() if isinstance(name, bytes) else name) == self._keys.jobs_group():
+                figures["doorbells_pending"] = float(group.get("pending") or 0)
+                figures["doorbells_waiting"] = float(group.get("lag") or 0)
+        figures["dead_letters"] = float(await self._dead.count())
+        used, waiting = await self._producer.session_usage()
+        figures["slots_used"], figures["slot_waiters"] = float(used), float(waiting)
+        return figures
 
     async def _bury_malformed(self, bell: Doorbell) -> None:
         log.warning("doorbell_malformed", doorbell=bell.entry_id)

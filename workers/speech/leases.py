@@ -78,6 +78,11 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
 
+# KEYS: lease set. Slots held now (unexpired members); read-only.
+_USED = NOW_MS + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+
 # A waiter polls at least every _MAX_POLL_S; its mark outlives a few polls, no more.
 _WAITER_TTL_MS = int(_MAX_POLL_S * 3000)
 
@@ -181,6 +186,7 @@ class SessionLeases:
         self._acquire = register(client, _ACQUIRE)
         self._renew = register(client, _RENEW)
         self._demand = register(client, _DEMAND)
+        self._used = register(client, _USED)
         self._room = register(client, _ROOM)
         self._renewer = Periodic("sdk-lease-renewer", lease_s / 3, self.renew)
 
@@ -237,6 +243,10 @@ class SessionLeases:
     async def demand(self) -> int:
         """Turns on any producer waiting for a slot now; holders close idle sessions for them."""
         return int(await self._demand(keys=[self._waiters_key]))
+
+    async def used(self) -> int:
+        """Slots held across all producers now (for the metrics)."""
+        return int(await self._used(keys=[self._key]))
 
     async def release(self, lease_id: str) -> None:
         self._held.discard(lease_id)

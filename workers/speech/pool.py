@@ -9,6 +9,7 @@ import spatius
 import structlog
 from redis.exceptions import RedisError
 
+from workers.metrics import ProducerMetrics
 from workers.speech.endpoints import MotionEndpoints
 from workers.speech.leases import SessionLeases
 from workers.speech.periodic import Periodic
@@ -41,7 +42,9 @@ class SessionPool:
         idle_s: float,
         per_turn: bool,
         open_timeout_s: float,
+        metrics: ProducerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._endpoints = endpoints
         self._leases = leases
         self._idle_s = idle_s
@@ -94,7 +97,8 @@ class SessionPool:
         if lease_id is None:
             raise MotionUnavailable(REASON_CAPACITY, "no Motion Server session slot free")
         session = MotionSession(self._endpoints, conversation_id=conversation_id,
-                                avatar_id=avatar_id, sample_rate=sample_rate, lease_id=lease_id)
+                                avatar_id=avatar_id, sample_rate=sample_rate, lease_id=lease_id,
+                                metrics=self._metrics)
         await self._open(session)
         self._sessions[conversation_id] = session
         log.info("motion_session_opened", conversation_id=conversation_id, open=len(self))
@@ -106,6 +110,8 @@ class SessionPool:
         except (spatius.AvatarSDKError, ValueError, OSError, TimeoutError) as exc:
             await self._dispose(session)
             log.warning("motion_session_open_failed", error=describe_error(exc))
+            if self._metrics is not None:
+                self._metrics.motion_error("open_failed")
             raise MotionUnavailable(REASON_MOTION_ERROR, describe_error(exc)) from exc
         except BaseException:
             await self._dispose(session)  # cancelled while opening: free the slot at once

@@ -38,6 +38,7 @@ from relay.redis_conn import RedisClient
 from relay.settings import Settings
 from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
+from workers.metrics import ProducerMetrics
 from workers.speech.control import ControlListener
 from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
 from workers.speech.frames import FramesPipe, PipeOutcome
@@ -121,15 +122,18 @@ class Producer:
 
     :param console_url: simulator (or explicit Spatius) console endpoint; overrides the settings.
     :param ingress_url: simulator (or explicit Spatius) ingress endpoint; overrides the settings.
+    :param metrics: where the producer counts (``producer.metrics``); a fresh registry if None.
     """
 
     def __init__(
         self, settings: Settings, client: RedisClient, *,
         console_url: str | None = None, ingress_url: str | None = None,
+        metrics: ProducerMetrics | None = None,
     ) -> None:
         if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:
             raise ValueError("frames_timeout_s and session_idle_s must be positive")
         self._settings = settings
+        self.metrics = metrics if metrics is not None else ProducerMetrics()
         self._keys = Keys.of(settings)
         self._endpoints = MotionEndpoints.from_settings(
             settings, console_url=console_url, ingress_url=ingress_url
@@ -148,11 +152,13 @@ class Producer:
         self._pool = SessionPool(
             self._endpoints, self._session_leases, idle_s=settings.session_idle_s,
             per_turn=settings.per_turn_sessions, open_timeout_s=settings.frames_timeout_s,
+            metrics=self.metrics,
         )
         self._services = TurnServices(
             log=self._log, pool=self._pool, frames_timeout_s=settings.frames_timeout_s,
             chunk_ms=settings.chunk_ms,
             spawn=self._spawn, closed=self._turn_closed, interrupt=self._interrupt_own_turn,
+            metrics=self.metrics,
         )
         self._control = ControlListener(client, self._keys, self._on_interrupt_message)
         self._locks = _KeyedLocks()
@@ -161,6 +167,9 @@ class Producer:
         self._no_turns.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
+        self.metrics.bind_producer(active_turns=lambda: len(self._active),
+                                   sessions_open=lambda: len(self._pool),
+                                   cap=settings.max_sdk_sessions)
 
     @property
     def owner(self) -> str:
@@ -336,6 +345,10 @@ class Producer:
         with suppress(TurnFenced):
             await self._log.interrupt_turn(turn.conversation_id, turn.turn_id,
                                            epoch=turn.epoch, reason=reason)
+
+    async def session_usage(self) -> tuple[int, int]:
+        """(slots held, turns waiting for one) across all producers, for the metrics."""
+        return await self._session_leases.used(), await self._session_leases.demand()
 
     async def session_room(self) -> int:
         """Motion Server session slots free across all producers (none is taken)."""

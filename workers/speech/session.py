@@ -20,6 +20,7 @@ import structlog
 from spatius.proto.generated import message_pb2
 
 from relay.errors import RelayError
+from workers.metrics import ProducerMetrics
 from workers.speech.endpoints import MotionEndpoints
 
 log = structlog.get_logger(__name__)
@@ -78,7 +79,9 @@ class MotionSession:
         avatar_id: str,
         sample_rate: int,
         lease_id: str,
+        metrics: ProducerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self.conversation_id = conversation_id
         self.avatar_id = avatar_id
         self.sample_rate = sample_rate
@@ -220,6 +223,9 @@ class MotionSession:
             return
         reason = _reason_of(error)
         self.broken = self.broken or reason
+        if self._metrics is not None:
+            closed = reason == REASON_MOTION_CLOSED
+            self._metrics.motion_error("connection_closed" if closed else "session_error")
         log.warning("motion_session_error", conversation_id=self.conversation_id,
                     error=describe_error(error), in_turn=self._sink is not None)
         if self._sink is not None:
@@ -229,6 +235,8 @@ class MotionSession:
         if self._closing:
             return
         self.broken = self.broken or REASON_MOTION_CLOSED
+        if self._metrics is not None:
+            self._metrics.motion_error("connection_closed")
         if self._sink is not None:
             self._sink.fail(REASON_MOTION_CLOSED, "Motion Server closed the session")
 

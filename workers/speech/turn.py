@@ -35,6 +35,7 @@ from relay import wire
 from relay.errors import RelayError, TurnFenced
 from relay.streams import ConversationLog
 from workers.errors import ProducerError
+from workers.metrics import ProducerMetrics
 from workers.speech.frames import REASON_STALL, FramesPipe, PipeOutcome
 from workers.speech.pcm import chunk_size, pcm_seconds, validate_pcm
 from workers.speech.pool import SessionPool
@@ -91,6 +92,7 @@ class TurnServices:
     spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
     closed: Callable[[Turn], Awaitable[None]]  # releases the conversation; called exactly once
     interrupt: Callable[[Turn, str], Awaitable[None]]  # interrupts this turn in the stream
+    metrics: ProducerMetrics | None = None
 
 
 class Turn:
@@ -497,6 +499,8 @@ class Turn:
 
     def _log_finished(self, result: TurnResult) -> None:
         elapsed = asyncio.get_running_loop().time() - self._started_at
+        if self._services.metrics is not None:
+            self._services.metrics.turn_finished(result.status, self._pipe.reason, elapsed)
         log.info("turn_finished", status=result.status, audio_entries=self._audio_seq,
                  audio_bytes=result.audio_bytes, frames_messages=result.frames_messages,
                  frames_dropped=self._pipe.dropped, reason=self._pipe.reason,

@@ -8,6 +8,7 @@ Endpoints, each documented in the module that serves it
   ``POST /v1/console/session-tokens``                 ``console``
   ``GET /v2/driveningress/websocket?id=<avatar_id>``  ``ingress`` (handshake) and ``session``
   ``POST|GET|DELETE /_sim/faults``, ``GET /_sim/stats``  ``control``; fault rules in ``faults``
+  ``GET /metrics``                                    ``metrics`` (Prometheus)
 
 Deliberate simplifications: PCM only (Ogg Opus is refused), session tokens are reusable until they
 expire (the SDK's prewarm cache relies on that), and a request id that ended, failed or was
@@ -34,6 +35,7 @@ from relay.dev.motion_sim.control import (
 from relay.dev.motion_sim.faults import FaultKind, FaultRule
 from relay.dev.motion_sim.ingress import HANDSHAKE_TIMEOUT_S, SAMPLE_RATES, handle_ingress
 from relay.dev.motion_sim.messages import MAX_CLOSE_REASON_BYTES, new_id
+from relay.dev.motion_sim.metrics import install as install_metrics
 from relay.dev.motion_sim.session import (
     MAX_ACTIVE_REQUESTS,
     MAX_PENDING_KEYFRAMES,
@@ -83,6 +85,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/_sim/faults", handle_list_faults)
     app.router.add_delete("/_sim/faults", handle_clear_faults)
     app.router.add_get("/_sim/stats", handle_stats)
+    install_metrics(app)  # GET /metrics
     app.on_shutdown.append(_close_sockets)
     return app
 

@@ -1,0 +1,253 @@
+"""The live path by push: gaps filled from the stream, a killed subscriber connection, the race
+at join, one push per append (none for a retry), the fill cap, and sharded pub/sub on a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from relay import streams, wire
+from relay.client import RelayClient
+from relay.edge.hub import Hub
+from relay.edge.routing import ClusterRouter, SingleRouter
+from relay.keys import Keys
+from relay.redis_conn import client_for, create_client
+from relay.streams import ConversationLog, read_after
+from relay.tokens import mint_token
+from tests.conftest import TEST_SECRET
+from tests.helpers.edge import Listener, running_edge
+from tests.helpers.polling import eventually
+
+
+def token(conversation_id: str) -> str:
+    return mint_token(TEST_SECRET, conversation_id, ttl_s=300)
+
+
+class Recorder:
+    """A hub subscriber that keeps what it was offered, decoded."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.calls = 0
+        self.behind = False
+        self.unavailable = False
+
+    def offer_many(self, batch: list[tuple[tuple[int, int], bytes]]) -> None:
+        self.calls += 1
+        for _, frame in batch:
+            payload = frame[2:] if frame[1] < 126 else frame[4:] if frame[1] == 126 else frame[10:]
+            message = wire.decode_server(payload)
+            assert message.id is not None
+            self.ids.append(message.id)
+
+    def on_unavailable(self) -> None:
+        self.unavailable = True
+
+    def on_behind(self) -> None:
+        self.behind = True
+
+
+@contextlib.asynccontextmanager
+async def running_hub(redis_url: str, keys: Keys, *, fill_max: int = 16_384, page: int = 512):
+    client = create_client(redis_url, block_ms=1000)
+    reader = create_client(redis_url, block_ms=1000, max_connections=4)
+    hub = Hub(SingleRouter(reader), keys, client, ping_ms=200, page=page,
+              fill_max_entries=fill_max, unavailable_after_s=30.0)
+    task: asyncio.Task[None] | None = None
+
+    def start() -> None:
+        nonlocal task
+        task = asyncio.create_task(hub.run())
+
+    try:
+        yield hub, start
+    finally:
+        if task is None:
+            start()
+        assert task is not None
+        await hub.stop(task)
+        await client.aclose()
+
+
+async def truth(redis_client, keys, conv) -> list[str]:
+    return [i for i, _ in await read_after(redis_client, keys, conv, "0-0", count=100_000)]
+
+
+async def test_a_missed_push_is_filled_from_the_stream_before_delivery(
+        settings, redis_client, keys):
+    # Entries that reach the stream without a push (as when a push is lost) show up as a gap at
+    # the next push: the edge reads them from the stream first, so the client still gets every
+    # entry once, in order.
+    log = ConversationLog(redis_client, keys, maxlen=10_000, ttl_s=300)
+    conv = "gap-conv"
+    async with running_edge(settings, "edge-gap") as url:
+        listener = Listener(RelayClient(url, conv, token(conv)))
+        await listener.joined()
+        await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
+        await log.append(conv, "t1", wire.audio("t1", 0, b"pushed", end=False))
+        await listener.wait_for(lambda ms: len(ms) == 2)
+        for seq in range(1, 4):  # behind the push's back
+            entry = wire.audio("t1", seq, b"q", end=False)
+            await redis_client.xadd(keys.stream(conv), {"d": entry})
+        await log.append(conv, "t1", wire.audio("t1", 4, b"pushed", end=True))
+        await log.end_turn(conv, "t1", status=wire.STATUS_COMPLETE)
+        received = await listener.wait_for(lambda ms: ms and ms[-1].kind == "turn_end")
+        assert [m.id for m in received] == await truth(redis_client, keys, conv)
+        assert [m.get("seq") for m in received if m.kind == "audio"] == [0, 1, 2, 3, 4]
+        await listener.close()
+
+
+async def test_killing_the_pubsub_connection_mid_load_loses_and_repeats_nothing(
+        settings, redis_client, keys):
+    log = ConversationLog(redis_client, keys, maxlen=100_000, ttl_s=300)
+    convs = [f"kill-{n}" for n in range(4)]
+    async with running_edge(settings, "edge-kill") as url:
+        listeners = [Listener(RelayClient(url, c, token(c))) for c in convs]
+        for listener in listeners:
+            await listener.joined()
+
+        async def speak(conv: str) -> None:
+            await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
+            for seq in range(300):
+                await log.append(conv, "t1", wire.audio("t1", seq, b"x" * 320, end=False))
+                if seq % 20 == 0:
+                    await asyncio.sleep(0.005)
+            await log.end_turn(conv, "t1", status=wire.STATUS_COMPLETE)
+
+        writers = asyncio.gather(*(speak(c) for c in convs))
+        killed = 0
+        for _ in range(3):
+            await asyncio.sleep(0.15)
+            killed += await redis_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await writers
+        assert killed >= 1, "no subscriber connection to kill"
+        for conv, listener in zip(convs, listeners, strict=True):
+            received = await listener.wait_for(lambda ms: ms and ms[-1].kind == "turn_end")
+            assert [m.id for m in received] == await truth(redis_client, keys, conv)
+            assert listener.client.close_codes == []  # clients never noticed
+            await listener.close()
+
+
+async def test_entries_appended_while_subscribing_are_read_at_join(redis_url, redis_client, keys):
+    # The subscription is made before the hub has any connection: the push of the only entry
+    # appended meanwhile reaches nobody, and no push follows. The join read delivers it.
+    log = ConversationLog(redis_client, keys, maxlen=1000, ttl_s=300)
+    conv = "race-conv"
+    info = await streams.stream_info(redis_client, keys, conv)
+    async with running_hub(redis_url, keys) as (hub, start):
+        recorder = Recorder()
+        position, created = hub.attach(conv, recorder, info.last_id)
+        assert created and position == "0-0"
+        start_id = await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
+        start()
+        await eventually(lambda: recorder.ids, what="the join read")
+        assert recorder.ids == [start_id]
+        # From here on delivery is by push: one more entry arrives without a stream read.
+        reads = hub.history_reads
+        await eventually(lambda: hub.ready, what="hub ready")
+        await log.append(conv, "t1", wire.audio("t1", 0, b"a", end=False))
+        await eventually(lambda: len(recorder.ids) == 2, what="the push")
+        assert recorder.ids == await truth(redis_client, keys, conv)
+        assert hub.history_reads == reads
+        hub.detach(conv, recorder)
+
+
+async def test_one_append_is_one_push_and_a_retried_append_pushes_nothing(
+        redis_url, redis_client, keys):
+    log = ConversationLog(redis_client, keys, maxlen=1000, ttl_s=300)
+    conv = "push-conv"
+    async with running_hub(redis_url, keys) as (hub, start):
+        start()
+        await eventually(lambda: hub.ready, what="hub ready")
+        recorder = Recorder()
+        hub.attach(conv, recorder, "0-0")
+        await eventually(lambda: hub.history_reads >= 1, what="the join read")
+        await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
+        await eventually(lambda: len(recorder.ids) == 1, what="turn_start")
+        pushes = hub.pushes
+        batch = [wire.audio("t1", seq, b"a", end=False) for seq in range(3)]
+        first = await log.append(conv, "t1", *batch)
+        again = await log.append(conv, "t1", *batch)  # a retry: appends nothing
+        await log.end_turn(conv, "t1", status=wire.STATUS_COMPLETE)
+        await eventually(lambda: len(recorder.ids) == 5, what="five entries")
+        assert again == first
+        assert hub.pushes - pushes == 2  # the batch and turn_end; the retry pushed nothing
+        assert recorder.ids == await truth(redis_client, keys, conv)
+        assert hub.gaps == 0
+        hub.detach(conv, recorder)
+
+
+async def test_a_gap_beyond_the_cap_sends_clients_to_resume(redis_url, redis_client, keys):
+    log = ConversationLog(redis_client, keys, maxlen=10_000, ttl_s=300)
+    conv = "cap-conv"
+    await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
+    for start_seq in range(0, 600, 200):
+        await log.append(conv, "t1", *[wire.audio("t1", s, b"a", end=False)
+                                       for s in range(start_seq, start_seq + 200)])
+    async with running_hub(redis_url, keys, fill_max=256, page=64) as (hub, start):
+        recorder = Recorder()
+        hub.attach(conv, recorder, "0-0")  # 601 entries behind
+        start()
+        await eventually(lambda: recorder.behind, what="on_behind")
+        assert 256 <= len(recorder.ids) < 601
+        assert recorder.ids == (await truth(redis_client, keys, conv))[:len(recorder.ids)]
+        assert hub.conversations == 0  # the next joiner starts a fresh subscription
+
+
+async def test_cluster_pushes_reach_only_the_shard_that_owns_the_conversation(
+        cluster_url, key_prefix):
+    settings_keys = Keys(key_prefix)
+    cluster = client_for_cluster(cluster_url)
+    log = ConversationLog(cluster, settings_keys, maxlen=1000, ttl_s=300)
+    convs = [f"shard-{n}" for n in range(6)]
+    assert len({settings_keys.bucket(c) for c in convs}) > 1
+    hub = Hub(ClusterRouter(cluster, settings_keys, block_ms=1000), settings_keys, cluster,
+              ping_ms=200, page=512, fill_max_entries=16_384)
+    task = asyncio.create_task(hub.run())
+    try:
+        await eventually(lambda: hub.ready, timeout_s=10, what="cluster hub ready")
+        recorders = {c: Recorder() for c in convs}
+        for conv, recorder in recorders.items():
+            hub.attach(conv, recorder, "0-0")
+        await eventually(lambda: hub.history_reads >= len(convs), what="join reads")
+        for conv in convs:
+            await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
+            await log.append(conv, "t1", wire.audio("t1", 0, b"a", end=True))
+        await eventually(lambda: all(len(r.ids) == 2 for r in recorders.values()),
+                         what="delivery on every shard")
+        # Each channel has its subscriber on the node owning its slot, and only there.
+        nodes = cluster.get_primaries()
+        for conv in convs:
+            channel = settings_keys.live_channel(conv)
+            owner = cluster.get_node_from_key(channel)
+            counts = {}
+            for node in nodes:
+                reply = await cluster.execute_command("PUBSUB", "SHARDNUMSUB", channel,
+                                                      target_nodes=node)
+                counts[node.name] = int(reply[1]) if isinstance(reply, list) else 0
+            assert counts[owner.name] == 1
+            assert sum(counts.values()) == 1
+            rows = await read_after(cluster, settings_keys, conv, "0-0", count=10)
+            assert recorders[conv].ids == [i for i, _ in rows]
+        assert hub.gaps == 0
+    finally:
+        await hub.stop(task)
+        await cluster.aclose()
+
+
+def client_for_cluster(url: str):
+    from relay.settings import Settings
+
+    return client_for(Settings(redis_url=url, redis_cluster=True), block_ms=1000)
+
+
+@pytest.mark.parametrize("size", [5, 200, 70_000])
+def test_delivery_frame_is_the_spliced_message_in_one_websocket_frame(size):
+    from relay.edge.framing import binary_frame, delivery_frame
+
+    stored = wire.audio("t", 1, b"z" * size, end=False)
+    frame = delivery_frame(b"1700000000000-3", memoryview(b"xx" + stored)[2:])
+    assert frame == binary_frame(wire.delivery("1700000000000-3", stored))
+    assert wire.decode_server(wire.delivery(b"1700000000000-3", stored)).id == "1700000000000-3"
