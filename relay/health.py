@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 
 import redis.asyncio as redis
 import structlog
+from redis.exceptions import RedisClusterException
 
 from relay.redis_conn import client_for
 from relay.settings import Settings
@@ -32,7 +33,8 @@ async def _check_redis(settings: Settings) -> list[str]:
     client = client_for(settings)
     try:
         await asyncio.wait_for(client.ping(), 3.0)
-    except (TimeoutError, OSError, redis.RedisError) as exc:
+    except (TimeoutError, OSError, redis.RedisError, RedisClusterException) as exc:
+        # RedisClusterException: a cluster client with no node reachable (not a RedisError).
         return [f"redis: {exc}"]
     finally:
         await client.aclose()

@@ -179,6 +179,20 @@ def _redis_url(value: str) -> str | None:
     return None
 
 
+def _telemetry(value: str) -> str | None:
+    if value in ("on", "off"):
+        return None
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        return "must be on, off, or an http(s):// URL without a query"
+    return None
+
+
 def _http_or_ws_url(value: str) -> str | None:
     if not value:
         return None
@@ -337,6 +351,12 @@ class Settings:
     edge_max_per_address: int = setting(256, integer(1, 1_000_000, zero="no cap"))
     edge_max_per_conversation: int = setting(64, integer(1, 1_000_000, zero="no cap"))
 
+    # Operators can see it (issue 10; docs/operations.md "Spatius SDK telemetry"). The Spatius
+    # SDK's own OTLP metrics and traces about its sessions: "on" sends them to Spatius (the SDK's
+    # default), "off" sends nothing, a URL sends them to that OTLP/HTTP collector instead. Sessions
+    # with the simulator never report anything.
+    spatius_sdk_telemetry: str = setting("on", text("on, off, or an http(s):// URL", _telemetry))
+
     # Recovery from faults (issue 16; docs/operations.md "Slow clients", "Session cap").
     # What one client's socket may hold written but unread: the kernel send buffer (SO_SNDBUF)
     # and the transport's high-water mark each get this much, so a slow client reaches its
@@ -415,6 +435,23 @@ _ENV_NAMES = {
 
 def env_name(field_name: str) -> str:
     return _ENV_NAMES.get(field_name, f"RELAY_{field_name.upper()}")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One line per ``RELAY_*`` variable that names no setting: a typo would otherwise be
+    ignored without a word (``RELAY_HEARTBEAT=5`` leaves the 20 s default). Each names the
+    closest setting when one is close. ``RELAY_TEST_*`` belongs to the test suite."""
+    import difflib
+
+    known = [env_name(f.name) for f in fields(Settings)]
+    lines = []
+    for name in sorted(env):
+        if not name.startswith("RELAY_") or name in known or name.startswith("RELAY_TEST_"):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a setting{hint}; it is ignored")
+    return lines
 
 
 def rule_of(field_name: str) -> Rule:

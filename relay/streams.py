@@ -20,9 +20,10 @@ can tell that it missed something.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as redis
 from redis.commands.core import AsyncScript
@@ -41,10 +42,15 @@ INTERRUPTED = "interrupted"
 _REFRESH_MEMORY = 4096
 
 # Lua: the live push (see the module doc). ``live_begin(stream)`` before the first XADD records the
-# stream's current last id; ``live_add(id, entry)`` after each XADD; ``live_publish(stream)`` sends
+# stream's current last id, read from the stream itself; ``live_after(id)`` records a last id the
+# caller already knows; ``live_add(id, entry)`` after each XADD; ``live_publish(stream)`` sends
 # "<prev> <id1> <len1> <id2> <len2> ...\n<entry1><entry2>..." on the stream's live channel when
-# anything was appended. The previous id is read from the stream itself (not from a record a write
-# path might forget to update), so a push's predecessor is always the true one. A script run again
+# anything was appended. The predecessor must be the stream's true last entry: an edge that sees
+# a push naming its own position as predecessor delivers it without reading the stream. Opening
+# and interrupting read it from the stream (XREVRANGE); the append script, the hot path, takes it
+# from the turn record (``last``, else ``start``): only the scripts of this module write
+# conversation streams, and while a turn is active every write to its stream is an append of that
+# turn, which records ``last`` (tests/core/test_streams.py checks every push). A script run again
 # (a retry) appends nothing and so pushes nothing (each script's header says why); and were the
 # same push ever to arrive twice, it would be harmless: edges deliver by position, so entries they
 # already have are skipped (docs/architecture.md "Live delivery").
@@ -53,6 +59,9 @@ local live_head, live_body = {}, {}
 local function live_begin(stream)
   local tip = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
   live_head[1] = tip[1] and tip[1][1] or '0-0'
+end
+local function live_after(id)
+  live_head[1] = id
 end
 local function live_add(id, entry)
   live_head[#live_head + 1] = id
@@ -119,7 +128,7 @@ return {1, id}
 # watermark is always one already appended, even after the stream trimmed it. A run that appends
 # nothing pushes nothing, so a retried append never reaches the edges twice.
 _APPEND = LIVE_PUSH + """
-local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch', 'na', 'nf', 'last')
+local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch', 'na', 'nf', 'last', 'start')
 if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return false end
 local next_seq = {a = tonumber(cur[4] or '0'), f = tonumber(cur[5] or '0')}
 local fresh, flags = {}, {}
@@ -139,7 +148,7 @@ for i = 6, #ARGV, 2 do
 end
 if #fresh == 0 then return cur[6] or '0-0' end
 if cur[2] ~= 'active' then return false end
-live_begin(KEYS[1])
+live_after(cur[6] or cur[7] or '0-0')
 local last
 for _, entry in ipairs(fresh) do
   last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', entry)
@@ -256,12 +265,30 @@ def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+# A position a client sends: ASCII digits, both parts present. Python's int() alone would also
+# take spaces, "_" and non-ASCII digits, and an empty sequence, none of which Redis accepts.
+_POSITION = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)
+_U64_MAX = 2**64 - 1
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """A stream position from outside (a client's ``last_id``), strictly: ``<ms>-<seq>``, each
+    part ASCII digits within 64 bits, as Redis stream ids are. Raises ValueError otherwise."""
+    if not isinstance(text, str) or not _POSITION.fullmatch(text):
+        raise ValueError("a position is <ms>-<seq> in ASCII digits")
+    ms, _, seq = text.partition("-")
+    parsed = int(ms), int(seq)
+    if parsed[0] > _U64_MAX or parsed[1] > _U64_MAX:
+        raise ValueError("each part of a position fits in 64 bits")
+    return parsed
+
+
 def valid_id(entry_id: str) -> bool:
     try:
-        ms, seq = parse_id(entry_id)
+        parse_position(entry_id)
     except ValueError:
         return False
-    return ms >= 0 and seq >= 0 and entry_id.count("-") == 1
+    return True
 
 
 
@@ -366,15 +393,34 @@ class ConversationLog:
         channel = self._keys.control_channel(conversation_id)
         await self._client.execute_command("PUBLISH", channel, turn_id.encode())
 
+    def append_call(self, conversation_id: str, turn_id: str, *entries: bytes,
+                    epoch: int = 0) -> list[ScriptArg]:
+        """The ``EVALSHA`` command ``append`` sends, for a load generator that pipelines it over
+        a connection of its own (``relay bench``); the reply is the last id, or nil when fenced.
+        The script must be loaded first (``load_scripts``)."""
+        keys, args = self._append_args(conversation_id, turn_id, epoch, "", entries)
+        return ["EVALSHA", self._append.sha, len(keys), *keys, *args]
+
+    async def load_scripts(self) -> None:
+        for script in (self._open, self._append, self._interrupt):
+            await cast(Any, self._client).script_load(script.script)
+
+    def _append_args(
+        self, conversation_id: str, turn_id: str, epoch: int, status: str,
+        entries: tuple[bytes, ...],
+    ) -> tuple[list[str], list[ScriptArg]]:
+        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
+        args: list[ScriptArg] = [turn_id, epoch, self._maxlen,
+                                 self._ttl_for(conversation_id, status), status]
+        for entry in entries:
+            args += (wire.write_mark(entry), entry)
+        return keys, args
+
     async def _write(
         self, conversation_id: str, turn_id: str, epoch: int, status: str,
         entries: tuple[bytes, ...],
     ) -> str:
-        keys = [self._keys.stream(conversation_id), self._keys.turn(conversation_id)]
-        args: list[Any] = [turn_id, epoch, self._maxlen, self._ttl_for(conversation_id, status),
-                           status]
-        for entry in entries:
-            args += (wire.write_mark(entry), entry)
+        keys, args = self._append_args(conversation_id, turn_id, epoch, status, entries)
         result = await self._append(keys=keys, args=args)
         if result is None:
             raise TurnFenced(f"turn {turn_id} of {conversation_id} is no longer active")

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import redis.asyncio as redis
 from aiohttp import web
 from prometheus_client import generate_latest
+from redis.exceptions import RedisClusterException
 
 from relay.redis_conn import RedisClient
 from relay.settings import Settings
@@ -45,7 +46,8 @@ def create_health_app(client: RedisClient, accepting: Callable[[], bool],
             return web.json_response({"status": "jobs_unavailable", "error": reason}, status=503)
         try:
             await asyncio.wait_for(client.ping(), _PING_TIMEOUT_S)
-        except (TimeoutError, OSError, redis.RedisError) as exc:
+        except (TimeoutError, OSError, redis.RedisError, RedisClusterException) as exc:
+            # RedisClusterException: a cluster client with no node reachable (not a RedisError).
             return web.json_response({"status": "redis_unavailable", "error": str(exc)},
                                      status=503)
         return web.json_response({"status": "ready"})

@@ -12,7 +12,8 @@ Tokens expire, also during a connection: the edge then sends ``error{token_expir
 with 4402. Give ``refresh_token`` (or pass ``token`` as a callable, called for every connection)
 and the client fetches a new token and resumes at once with ``last_id``, losing nothing; the
 same happens once on 4401 (a key retired by rotation). Without one, 4401 and 4402 raise
-RelayClientError. The token travels in the ``Authorization`` header, never in the URL.
+RelayClientError. The token travels in the ``Authorization`` header, never in the URL. After
+4430 (too many connections) it waits seconds (2 s, doubling to 30 s), not milliseconds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = structlog.get_logger(__name__)
 _ENDED = (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
 
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
+_CROWDED_FIRST_S = 2.0
+_CROWDED_MAX_S = 30.0
 TokenRefresh = Callable[[], str] | Callable[[], Awaitable[str]]
 
 
@@ -73,6 +76,7 @@ class RelayClient:
             token if callable(token) else None)
         self._stale_token = False  # fetch a new token before the next connection
         self._refreshed_since_welcome = False
+        self._crowded = 0  # 4430 refusals since the last welcome
         self.token_refreshes = 0
         self._position = StreamPosition(last_id)
         self._reconnect = reconnect
@@ -124,7 +128,7 @@ class RelayClient:
             if self._max_attempts and failures >= self._max_attempts:
                 raise RelayClientError(0, "edges unreachable")
             self._edge_index = (self._edge_index + 1) % len(self._edges)
-            await asyncio.sleep(min(self._max_backoff_s, 0.05 * 2 ** min(failures, 6)))
+            await asyncio.sleep(self._backoff_s(failures))
 
     async def _one_connection(self) -> AsyncIterator[wire.Message]:
         if self._session is None:
@@ -151,12 +155,15 @@ class RelayClient:
                 if message.kind == wire.WELCOME:
                     self.welcomes.append(message)
                     self._refreshed_since_welcome = False
+                    self._crowded = 0
                 elif not self._position.accept(message):
                     continue
                 yield message
             self._ws = None
             code = ws.close_code
             self.close_codes.append(code)
+            if code == wire.CloseCode.TOO_MANY_CONNECTIONS:
+                self._crowded += 1
             if (code in wire.CloseCode.REFRESH_TOKEN and self._refresh is not None
                     and not self._refreshed_since_welcome):
                 # One new token per accepted connection: a token refused again right after a
@@ -170,6 +177,15 @@ class RelayClient:
     def last_id(self) -> str | None:
         """The id of the last stream message yielded: what a reconnect sends as ``last_id``."""
         return self._position.last_id
+
+    def _backoff_s(self, failures: int) -> float:
+        """Capped exponential backoff; after 4430 (too many connections) seconds, not
+        milliseconds: the edge is refusing on purpose (docs/protocol.md)."""
+        delay = min(self._max_backoff_s, 0.05 * 2.0 ** min(failures, 6))
+        if self._crowded:
+            crowded = _CROWDED_FIRST_S * 2.0 ** min(self._crowded - 1, 8)
+            delay = max(delay, min(_CROWDED_MAX_S, crowded))
+        return float(delay)
 
     async def _token_now(self) -> str:
         source: TokenSource | None = self._token

@@ -109,7 +109,8 @@ class EmbeddedServer:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedServer:
-        self._dir = tempfile.mkdtemp(prefix="relay-valkey-")
+        # After ``crash`` the directory is kept: a cluster node restarts with its nodes.conf.
+        self._dir = self._dir or tempfile.mkdtemp(prefix="relay-valkey-")
         args = [
             str(server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", self._dir,
@@ -138,6 +139,16 @@ class EmbeddedServer:
             time.sleep(0.05)
         self.stop()
         raise ConfigError(f"valkey-server did not answer on port {self.port} in {timeout_s}s")
+
+    def crash(self) -> None:
+        """SIGKILL the server and keep its directory; ``start`` brings the same node back (its
+        data is gone, as nothing is persisted, but a cluster node keeps its slots)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc is not None and self._proc.stderr is not None:
+            self._proc.stderr.close()
+        self._proc = None
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -197,6 +208,10 @@ class EmbeddedCluster:
             self.stop()
             raise
         return self
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every node reports cluster_state:ok (after nodes were crashed and restarted)."""
+        self._wait_ok(timeout_s)
 
     def _wait_ok(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -13,13 +13,22 @@ import structlog
 from aiohttp import web
 from prometheus_client import generate_latest
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import wire
 from relay.edge.admission import Admission, EdgeWebSocket, ServerLog, refuse
 from relay.edge.hub import Hub
 from relay.edge.metrics import CONTENT_TYPE, EdgeMetrics
 from relay.edge.routing import ClusterRouter, Router, SingleRouter
-from relay.edge.session import ClientSession, choose_start
+from relay.edge.session import ClientSession, StartPoint, choose_start
 from relay.errors import InvalidConversationId, TokenError
 from relay.keys import Keys, validate_conversation_id
 from relay.redis_conn import RedisClient, client_for, create_client
@@ -174,7 +183,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "draining"}, status=503)
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), 2.0)
-    except (TimeoutError, OSError, redis.RedisError) as exc:
+    except (TimeoutError, OSError, redis.RedisError, RedisClusterException) as exc:
+        # RedisClusterException: a cluster client with no node reachable (not a RedisError).
         return web.json_response({"status": "redis_unavailable", "error": str(exc)}, status=503)
     supervised = request.app[HUB_TASK]
     if not isinstance(supervised, _Supervised) or not supervised.alive:
@@ -279,6 +289,29 @@ async def _admit(request: web.Request, ws: web.WebSocketResponse) -> None:
         await _serve(app, ws, conversation_id, last_id, deadline)
 
 
+async def _placed(app: web.Application, conversation_id: str,
+                  last_id: str | None) -> tuple[StartPoint, str]:
+    """Where the client starts; a Redis that does not answer within RELAY_REDIS_UNAVAILABLE_S
+    counts as unavailable, as for the clients already attached."""
+    try:
+        async with asyncio.timeout(app[SETTINGS].redis_unavailable_s), app[JOINS]:
+            return await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
+    except TimeoutError as exc:
+        raise RedisTimeoutError("no answer from Redis while placing the client") from exc
+
+
+# Replies by which Redis says it cannot serve now (busy script, failover in progress): redis-py
+# raises some as their own classes (without the code in the text), others as ResponseError.
+_UNAVAILABLE_ERRORS = (ReadOnlyError, ClusterDownError, TryAgainError, MasterDownError)
+_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
+
+
+def _means_unavailable(exc: redis.RedisError) -> bool:
+    if not isinstance(exc, ResponseError) or isinstance(exc, _UNAVAILABLE_ERRORS):
+        return True  # connection errors, timeouts, loading
+    return str(exc).startswith(_UNAVAILABLE_REPLIES)
+
+
 async def _serve(
     app: web.Application, ws: web.WebSocketResponse, conversation_id: str, last_id: str | None,
     token_deadline: float,
@@ -294,8 +327,7 @@ async def _serve(
         wire.CloseCode.TOKEN_EXPIRED, "token_expired", "the token expired; reconnect with a new "
         "token and last_id")
     try:
-        async with app[JOINS]:
-            start, tip = await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
+        start, tip = await _placed(app, conversation_id, last_id)
         position, _ = hub.attach(conversation_id, session, tip)
         await ws.send_bytes(wire.welcome(
             conversation=conversation_id, edge=settings.node_id, start=start.mode,
@@ -310,9 +342,14 @@ async def _serve(
     except (TimeoutError, ConnectionResetError) as exc:
         log.info("client_lost", error=type(exc).__name__)
     except redis.RedisError as exc:
-        log.warning("client_redis_error", error=str(exc))
+        # Client input never reaches Redis unchecked, so a command Redis refuses is a fault of
+        # the relay (1011), not an outage: only errors that mean "Redis is not serving" are 4503.
+        unavailable = _means_unavailable(exc)
+        log.warning("client_redis_error", error=str(exc), unavailable=unavailable)
+        code, reason = ((wire.CloseCode.UNAVAILABLE, b"redis_unavailable") if unavailable
+                        else (wire.CloseCode.INTERNAL_ERROR, b"internal_error"))
         with contextlib.suppress(ConnectionError):
-            await ws.close(code=wire.CloseCode.UNAVAILABLE, message=b"redis_unavailable")
+            await ws.close(code=code, message=reason)
     finally:
         expiry.cancel()
         hub.detach(conversation_id, session)

@@ -36,8 +36,8 @@ _CLOSE_CODES = frozenset({
 _READ_ERROR_KINDS = ("connection", "timeout", "cluster", "redirect", "other")
 _STARTS = ("resume", "turn", "live")
 _RESUME_OUTCOMES = ("recovered", "lost")
-_REFUSAL_CODES = ("1012", "4400", "4401", "4402", "4403")
-_DISCONNECT_CODES = ("1000", "1001", "1005", "1006", "1011", "1012", "4429", "4503")
+_REFUSAL_CODES = ("1012", "4400", "4401", "4402", "4403", "4430")
+_DISCONNECT_CODES = ("1000", "1001", "1005", "1006", "1011", "1012", "4402", "4429", "4503")
 
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -169,3 +169,45 @@ async def test_open_turn_checks_the_callers_guard(log, redis_client, keys):
                                 guard=guard)
     state = await read_turn(redis_client, keys, "c-guard")
     assert state is not None and state.start_id == start and state.epoch == 1
+
+
+async def test_every_push_names_the_true_predecessor_and_carries_each_entry_once(
+        log, redis_url, redis_client, keys):
+    # The live push contract edges rely on (docs/architecture.md "Live delivery"): pushes,
+    # concatenated, are the stream; each names as predecessor the entry just before its first.
+    from redis.asyncio.connection import Connection
+
+    conv = "push-contract"
+    listener = Connection(**redis_client.connection_pool.connection_kwargs)
+    await listener.connect()
+    await listener.send_command("SSUBSCRIBE", keys.live_channel(conv))
+    assert (await listener.read_response())[0] == b"ssubscribe"
+    await log.open_turn(conv, "t1", sample_rate=16000, owner="p")
+    batch = [wire.audio("t1", seq, b"a", end=False) for seq in range(3)]
+    await log.append(conv, "t1", *batch)
+    await log.append(conv, "t1", *batch)  # a retry: appends and pushes nothing
+    await log.append(conv, "t1", wire.frames("t1", 0, b"env", last=False))
+    await log.open_turn(conv, "t2", sample_rate=16000, owner="p")  # supersedes t1: 2 entries
+    await log.append(conv, "t2", wire.audio("t2", 0, b"b", end=False))
+    await log.interrupt(conv, reason="barge_in")
+    await log.open_turn(conv, "t3", sample_rate=16000, owner="p")
+    await log.end_turn(conv, "t3", status=wire.STATUS_COMPLETE)
+    rows = await read_after(redis_client, keys, conv, "0-0", count=100)
+
+    pushed: list[tuple[str, bytes]] = []
+    pushes = 0
+    while len(pushed) < len(rows):
+        kind, _, data = await asyncio.wait_for(listener.read_response(), 5)
+        assert kind == b"smessage"
+        pushes += 1
+        head, _, body = data.partition(b"\n")
+        fields = head.decode().split(" ")
+        assert fields[0] == (pushed[-1][0] if pushed else "0-0")
+        offset = 0
+        for entry_id, size in zip(fields[1::2], fields[2::2], strict=True):
+            pushed.append((entry_id, body[offset:offset + int(size)]))
+            offset += int(size)
+        assert offset == len(body)
+    assert pushed == rows
+    assert pushes == 8  # one per script call that appended; the retry pushed nothing
+    await listener.disconnect()

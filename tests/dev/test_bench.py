@@ -44,5 +44,18 @@ def test_quick_bench_delivers_every_message_once_in_order(tmp_path):
         assert figures["mismatched_conversations"] == 0 and figures["missing_receivers"] == 0
         assert figures["baseline_correct"], name
     assert "edge_rss_kb_per_client" in result["edge_path"]
+    edge = result["edge_path"]
+    # The peers ran the same step; the naive edge loses nothing either (socket.io may, having
+    # no resume, so only its delivery is checked).
+    assert set(edge["peers"]) == {"naive", "socketio"}
+    naive = edge["peers"]["naive"]
+    assert (naive["lost"], naive["duplicated"], naive["reordered"]) == (0, 0, 0)
+    assert edge["peers"]["socketio"]["delivered_msgs_per_s"] > 0
+    assert edge["naive_edge_cpu_ratio"] is not None and edge["redis_cpu_us_per_msg"] is not None
+    # The edge's pub/sub connection was killed mid-load and it refilled: nothing lost.
+    kill = edge["pubsub_kill_step"]
+    assert kill["pubsub_connections_killed"] >= 1
+    assert (kill["lost"], kill["duplicated"], kill["reordered"]) == (0, 0, 0)
+    assert kill["undelivered_at_deadline"] == 0
     assert "producer_cpu_us_per_msg" in result["full_path"]
     assert run.returncode == 0, run.stdout[-3000:]

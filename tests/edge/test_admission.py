@@ -166,3 +166,19 @@ async def test_refresh_is_tried_once_then_the_error_surfaces(settings):
         await client.close()
     assert caught.value.close_code == wire.CloseCode.TOKEN_EXPIRED
     assert len(fetched) == 2 and client.token_refreshes == 1
+
+
+async def test_client_backs_off_for_seconds_after_4430(settings):
+    conv = "c-crowded"
+    capped = settings.with_overrides(edge_max_per_conversation=1)
+    async with running_edge(capped, "edge-crowded") as url, aiohttp.ClientSession() as http:
+        holder = await http.ws_connect(f"{url}/v1/conversations/{conv}/ws?token={token(conv)}")
+        assert wire.decode_server((await holder.receive(timeout=5)).data).kind == "welcome"
+        client = RelayClient(url, conv, token(conv), max_backoff_s=0.1)
+        listener = Listener(client)
+        await asyncio.sleep(0.5)  # refused once, now waiting its 2 s
+        assert client.close_codes == [wire.CloseCode.TOO_MANY_CONNECTIONS]
+        await holder.close()
+        await listener.joined(timeout=5)  # the retry after the wait gets in
+        assert client.connections == 2
+        await listener.close()

@@ -76,27 +76,34 @@ async def truth(redis_client, keys, conv) -> list[str]:
 
 
 async def test_a_missed_push_is_filled_from_the_stream_before_delivery(
-        settings, redis_client, keys):
-    # Entries that reach the stream without a push (as when a push is lost) show up as a gap at
-    # the next push: the edge reads them from the stream first, so the client still gets every
-    # entry once, in order.
+        redis_url, redis_client, keys):
+    # Two pushes go by unseen (the hub is made deaf to the channel for them, as when pushes
+    # are lost): the next push names a predecessor past the hub's position, so the hub reads
+    # the two missed appends from the stream before delivering it, once each, in order.
     log = ConversationLog(redis_client, keys, maxlen=10_000, ttl_s=300)
     conv = "gap-conv"
-    async with running_edge(settings, "edge-gap") as url:
-        listener = Listener(RelayClient(url, conv, token(conv)))
-        await listener.joined()
+    async with running_hub(redis_url, keys) as (hub, start):
+        start()
+        await eventually(lambda: hub.ready, what="hub ready")
+        recorder = Recorder()
+        hub.attach(conv, recorder, "0-0")
+        await eventually(lambda: hub.history_reads >= 1, what="the join read")
         await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
-        await log.append(conv, "t1", wire.audio("t1", 0, b"pushed", end=False))
-        await listener.wait_for(lambda ms: len(ms) == 2)
-        for seq in range(1, 4):  # behind the push's back
-            entry = wire.audio("t1", seq, b"q", end=False)
-            await redis_client.xadd(keys.stream(conv), {"d": entry})
-        await log.append(conv, "t1", wire.audio("t1", 4, b"pushed", end=True))
+        await eventually(lambda: len(recorder.ids) == 1, what="turn_start")
+        channel = keys.live_channel(conv).encode()
+        subscription = hub._by_channel.pop(channel)  # deaf: its pushes are dropped
+        await log.append(conv, "t1", wire.audio("t1", 0, b"a", end=False))
+        await log.append(conv, "t1", wire.audio("t1", 1, b"b", end=False),
+                         wire.frames("t1", 0, b"env", last=False))
+        await eventually(lambda: hub.pushes >= 3, what="the unseen pushes")
+        hub._by_channel[channel] = subscription
+        reads = hub.history_reads
+        await log.append(conv, "t1", wire.audio("t1", 2, b"c", end=True))
         await log.end_turn(conv, "t1", status=wire.STATUS_COMPLETE)
-        received = await listener.wait_for(lambda ms: ms and ms[-1].kind == "turn_end")
-        assert [m.id for m in received] == await truth(redis_client, keys, conv)
-        assert [m.get("seq") for m in received if m.kind == "audio"] == [0, 1, 2, 3, 4]
-        await listener.close()
+        await eventually(lambda: len(recorder.ids) == 6, what="every entry")
+        assert recorder.ids == await truth(redis_client, keys, conv)
+        assert hub.gaps == 1 and hub.history_reads > reads
+        hub.detach(conv, recorder)
 
 
 async def test_killing_the_pubsub_connection_mid_load_loses_and_repeats_nothing(

@@ -63,6 +63,22 @@ class MotionEndpoints:
         )
 
 
+def configure_sdk_telemetry(setting: str, *, simulated: bool) -> str:
+    """Apply RELAY_SPATIUS_SDK_TELEMETRY (on, off, or a collector URL) to the SDK's process-wide
+    OTLP exporter before any session starts; returns what was applied. Simulator sessions are
+    never reported: they would only pollute the vendor's figures."""
+    if simulated or setting == "off":
+        disable_sdk_telemetry()
+        return "off"
+    if setting == "on":
+        return "on"  # the SDK's built-in endpoint
+    try:
+        spatius.configure_telemetry(setting)
+    except RuntimeError:
+        log.warning("sdk_telemetry_already_configured")
+    return "collector"
+
+
 def disable_sdk_telemetry() -> None:
     """Keep the SDK from exporting metrics and traces to Spatius about simulator sessions."""
     try:

@@ -40,7 +40,7 @@ from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.metrics import ProducerMetrics
 from workers.speech.control import ControlListener
-from workers.speech.endpoints import MotionEndpoints, disable_sdk_telemetry
+from workers.speech.endpoints import MotionEndpoints, configure_sdk_telemetry
 from workers.speech.frames import FramesPipe, PipeOutcome
 from workers.speech.leases import ConversationBusy, ConversationLeases, SessionLeases
 from workers.speech.pcm import validate_pcm, validate_sample_rate
@@ -192,14 +192,15 @@ class Producer:
         await self.close()
 
     async def start(self) -> None:
-        if self._endpoints.simulated:
-            disable_sdk_telemetry()
+        telemetry = configure_sdk_telemetry(self._settings.spatius_sdk_telemetry,
+                                            simulated=self._endpoints.simulated)
         await self._control.start()
         self._session_leases.start()
         self._conversation_leases.start()
         self._pool.start()
         self._running = True
-        log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated)
+        log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated,
+                 sdk_telemetry=telemetry)
 
     async def close(self) -> None:
         """Take no new turns, give running ones CLOSE_WAIT_S, then close sessions and leases."""

@@ -102,11 +102,19 @@ class ClientProcess:
         self.receipts = Receipts()
         base = config["edge"].rstrip("/")
         secret = config["secret"]
-        self.connections = [
-            Connection(f"{base}/v1/conversations/{c}/ws?token={mint_token(secret, c)}", c,
-                       self.receipts)
-            for c in config["conversations"]
-        ]
+        self.connections: list[Any] = []
+        if config.get("protocol") == "socketio":
+            from relay.dev.bench.sio import SioConnection
+
+            http = base.replace("ws://", "http://")
+            self.connections = [SioConnection(http, c, self.receipts)
+                                for c in config["conversations"]]
+        else:
+            self.connections = [
+                Connection(f"{base}/v1/conversations/{c}/ws?token={mint_token(secret, c)}", c,
+                           self.receipts)
+                for c in config["conversations"]
+            ]
 
     async def run(self, link: ParentLink) -> None:
         raise_nofile()

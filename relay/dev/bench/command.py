@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turn-seconds", type=float, default=None)
     parser.add_argument("--client-processes", type=int, default=None)
     parser.add_argument("--bisect", type=int, default=None)
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip the naive-edge and python-socketio runs at each edge step")
+    parser.add_argument("--kill-at", type=int, default=None,
+                        help="conversations of the step that kills the edge's pub/sub "
+                             "connection mid-load (0 = skip it)")
     parser.add_argument("--profile-seconds", type=float, default=None,
                         help="py-spy the edge and the producer this long (0 = off)")
     parser.add_argument("--out", type=Path, default=None, help="bench/results/latest.json")
@@ -53,7 +58,9 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         changes["edge_steps"] = _ints(args.edge_steps)
     if args.full_steps:
         changes["full_steps"] = _ints(args.full_steps)
-    for name in ("edge_target", "full_target", "client_processes", "bisect"):
+    if args.no_peers:
+        changes["peers"] = False
+    for name in ("edge_target", "full_target", "client_processes", "bisect", "kill_at"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.duration is not None:

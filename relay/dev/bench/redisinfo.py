@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from relay.dev.bench.procstat import tcp_local_ports
@@ -15,13 +15,17 @@ class RedisSnapshot:
     calls: dict[str, int]  # per command, from INFO commandstats (script-internal calls included)
     used_memory: int
     cpu_s: float
+    usec: dict[str, int] = field(default_factory=dict)  # per command: Redis time spent in it
 
     def delta(self, later: RedisSnapshot) -> dict[str, Any]:
         calls = {name: later.calls.get(name, 0) - self.calls.get(name, 0)
                  for name in set(later.calls) | set(self.calls)}
+        usec = {name: later.usec.get(name, 0) - self.usec.get(name, 0)
+                for name in set(later.usec) | set(self.usec)}
         return {
             "commands": later.total_commands - self.total_commands,
             "calls": {k: v for k, v in sorted(calls.items()) if v},
+            "usec": {k: v for k, v in sorted(usec.items()) if v},
             "memory_bytes": later.used_memory - self.used_memory,
             "cpu_s": round(later.cpu_s - self.cpu_s, 3),
         }
@@ -34,9 +38,11 @@ async def snapshot(client: RedisClient) -> RedisSnapshot:
     cpu = await client.info("cpu")
     calls = {name.removeprefix("cmdstat_"): int(value["calls"])
              for name, value in commandstats.items() if isinstance(value, dict)}
+    usec = {name.removeprefix("cmdstat_"): int(value["usec"])
+            for name, value in commandstats.items() if isinstance(value, dict)}
     return RedisSnapshot(
         total_commands=int(stats["total_commands_processed"]),
-        calls=calls,
+        calls=calls, usec=usec,
         used_memory=int(memory["used_memory"]),
         cpu_s=float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
     )

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from relay.dev.bench import measure
 from relay.dev.bench.options import SATURATION_P99_MS, BenchOptions
 from relay.dev.bench.procstat import git_commit, machine
-from relay.dev.bench.steps import Bench
+from relay.dev.bench.steps import Bench, redis_cpu_per_msg
 from relay.dev.embedded import EmbeddedServer
 from relay.errors import RelayError
 
@@ -28,7 +28,11 @@ TARGETS = {
     "edge_conversations": 2000, "edge_p99_ms": 50.0, "edge_throughput_ratio": 0.5,
     "full_conversations": 500, "redis_cmds_per_delivered_msg": 0.1,
     "edge_rss_kb_per_client": 50.0,
+    # Live path by push (issue 11), at every edge step:
+    "edge_cpu_us_per_msg": 20.0, "redis_cpu_us_per_msg": 10.0,
+    "edge_read_cmds_per_msg": 0.1, "largest_p99_step_vs_best_peer": 3.0,
 }
+PEERS = ("naive", "socketio")
 
 
 def raise_nofile() -> int:
@@ -69,6 +73,8 @@ async def _path(bench: Bench, kind: str, options: BenchOptions) -> dict[str, Any
     steps = options.edge_steps if kind == "edge" else options.full_steps
     target = options.edge_target if kind == "edge" else options.full_target
 
+    saturated_peers: set[str] = set()
+
     async def step(n: int) -> dict[str, Any]:
         try:
             relay = await relay_step(n)
@@ -79,12 +85,23 @@ async def _path(bench: Bench, kind: str, options: BenchOptions) -> dict[str, Any
             log.error("bench_step_failed", path=kind, conversations=n, error=str(exc))
             return {"conversations": n, "passes": False, "error": str(exc),
                     "cpu": {"machine_busy_pct": None, "core_pct": {}}}
-        return combine(relay, baseline)
+        figures = combine(relay, baseline)
+        if kind == "edge" and options.peers:
+            figures["peers"] = await _peers(bench, n, saturated_peers)
+            figures.update(peer_ratios(figures))
+        return figures
 
-    results, saturation = await search(step, steps, target, options.bisect)
+    results, saturation = await search(step, steps, target, options.bisect,
+                                       every_step=kind == "edge")
+    if kind == "edge" and options.kill_at:
+        results_kill = await _kill_step(bench, options.kill_at)
+    else:
+        results_kill = None
     headline = dict(results[target])
     headline["saturation"] = saturation
     headline["steps"] = [_step_row(results[n]) for n in sorted(results)]
+    if results_kill is not None:
+        headline["pubsub_kill_step"] = _step_row(results_kill)
     if options.profile_s:
         # Profile where it hurts: the first count that saturated (else the target).
         at = saturation["first_failing_conversations"] or target
@@ -94,6 +111,59 @@ async def _path(bench: Bench, kind: str, options: BenchOptions) -> dict[str, Any
                                "summary": profiled.get("profile"),
                                "p99_ms_while_profiled": profiled.get("p99_ms")}
     return headline
+
+
+async def _peers(bench: Bench, n: int, saturated: set[str]) -> dict[str, Any]:
+    """The same step through each peer, until a peer saturates (it is not run above that)."""
+    peers: dict[str, Any] = {}
+    for peer in PEERS:
+        if peer in saturated:
+            peers[peer] = {"skipped": "saturated at a smaller step"}
+            continue
+        try:
+            figures = await bench.peer_step(n, peer)
+        except (RelayError, RedisError, OSError) as exc:
+            log.error("bench_peer_failed", peer=peer, conversations=n, error=str(exc))
+            figures = {"error": str(exc)}
+        figures["redis_cpu_us_per_msg"] = redis_cpu_per_msg(figures)
+        figures["passes"] = "error" not in figures and passes(figures)
+        if not figures["passes"]:
+            saturated.add(peer)
+        peers[peer] = {k: figures.get(k) for k in _PEER_KEYS}
+    return peers
+
+
+async def _kill_step(bench: Bench, n: int) -> dict[str, Any]:
+    """The edge step again, with its pub/sub connection killed twice mid-load."""
+    try:
+        relay = await bench.edge_step(n, kill_pubsub=True)
+        baseline = await bench.baseline_step(n)
+    except (RelayError, RedisError, OSError) as exc:
+        log.error("bench_kill_step_failed", conversations=n, error=str(exc))
+        return {"conversations": n, "passes": False, "error": str(exc),
+                "cpu": {"machine_busy_pct": None, "core_pct": {}}}
+    return combine(relay, baseline)
+
+
+_PEER_KEYS = (
+    "conversations", "offered_msgs_per_s", "delivered_msgs_per_s", "p50_ms", "p99_ms", "max_ms",
+    "lost", "duplicated", "reordered", "undelivered_at_deadline", "seq_gaps", "edge_cpu_us_per_msg",
+    "redis_cpu_us_per_msg", "edge_redis_cmds_per_delivered_msg", "reconnects", "connect_errors",
+    "passes", "error", "cpu",
+)
+
+
+def peer_ratios(figures: dict[str, Any]) -> dict[str, Any]:
+    """The relay's edge against each peer at the same step: CPU per message and p99 (peer /
+    relay: above 1 means the relay is cheaper or faster)."""
+    ratios: dict[str, Any] = {}
+    for peer, theirs in figures.get("peers", {}).items():
+        ratios[f"{peer}_edge_cpu_ratio"] = _ratio(theirs.get("edge_cpu_us_per_msg"),
+                                                  figures.get("edge_cpu_us_per_msg"))
+        ratios[f"{peer}_redis_cpu_ratio"] = _ratio(theirs.get("redis_cpu_us_per_msg"),
+                                                   figures.get("redis_cpu_us_per_msg"))
+        ratios[f"{peer}_p99_ratio"] = _ratio(theirs.get("p99_ms"), figures.get("p99_ms"))
+    return ratios
 
 
 async def _profiled(relay_step: Callable[..., Awaitable[dict[str, Any]]], n: int,
@@ -127,6 +197,7 @@ def combine(relay: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
             "duplicated", "reordered", "reader_cpu_us_per_msg", "reader_redis_cmds_per_msg",
             "xread_calls", "cpu", "redis")},
         "baseline_correct": measure.correct(baseline),
+        "redis_cpu_us_per_msg": redis_cpu_per_msg(relay),
     })
     figures["passes"] = passes(figures)
     return figures
@@ -147,13 +218,14 @@ def passes(figures: dict[str, Any]) -> bool:
             and measure.correct(figures) and "error" not in figures)
 
 
-async def search(step: StepFn, steps: tuple[int, ...], target: int, bisect: int
-                 ) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
-    """Ascending steps until one saturates; always measure ``target``; then bisect the edge."""
+async def search(step: StepFn, steps: tuple[int, ...], target: int, bisect: int,
+                 every_step: bool = False) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
+    """Ascending steps until one saturates (``every_step``: all of them, for a cost curve);
+    always measure ``target``; then bisect the edge."""
     results: dict[int, dict[str, Any]] = {}
     for n in sorted(set(steps)):
         results[n] = await step(n)
-        if not results[n]["passes"]:
+        if not results[n]["passes"] and not every_step:
             break
     if target not in results:
         results[target] = await step(target)
@@ -198,6 +270,11 @@ _ROW_KEYS = (
     "producer_redis_cmds_per_delivered_msg", "baseline_reader_redis_cmds_per_msg",
     "edge_rss_kb_per_client",
     "redis_memory_bytes_per_conversation", "reconnects", "audio_only_turns", "passes",
+    "redis_cpu_us_per_msg", "append_script_us_per_call", "append_script_us_per_entry",
+    "append_script_calls_per_entry", "append_script_inner_calls_per_entry", "peers",
+    "naive_edge_cpu_ratio", "socketio_edge_cpu_ratio", "naive_redis_cpu_ratio",
+    "socketio_redis_cpu_ratio", "naive_p99_ratio", "socketio_p99_ratio",
+    "pubsub_connections_killed",
 )
 
 
@@ -228,6 +305,7 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
             "target": TARGETS["edge_rss_kb_per_client"], "measured": rss,
             "met": _le(rss, TARGETS["edge_rss_kb_per_client"])}
         verdicts["edge_redis_cmds_le_0.1_per_msg"] = _cmds_verdict(edge)
+        verdicts.update(live_path_verdicts(edge))
     if full:
         verdicts["full_500_conversations_one_producer"] = {
             "target": TARGETS["full_conversations"], "conversations": full["conversations"],
@@ -236,6 +314,56 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
             "met": full["conversations"] >= TARGETS["full_conversations"] and full["passes"]}
         verdicts["full_redis_cmds_le_0.1_per_msg"] = _cmds_verdict(full)
     return verdicts
+
+
+def live_path_verdicts(edge: dict[str, Any]) -> dict[str, Any]:
+    """Issue 11's targets, each over every edge step (and the pub/sub kill step)."""
+    steps = edge["steps"]
+
+    def every(key: str, limit: float) -> dict[str, Any]:
+        measured = {row["conversations"]: row.get(key) for row in steps}
+        return {"target": limit, "measured": measured,
+                "met": all(_le(v, limit) for v in measured.values())}
+
+    verdicts = {
+        "edge_cpu_le_20us_per_msg_every_step": every("edge_cpu_us_per_msg",
+                                                     TARGETS["edge_cpu_us_per_msg"]),
+        "redis_cpu_le_10us_per_msg_every_step": every("redis_cpu_us_per_msg",
+                                                      TARGETS["redis_cpu_us_per_msg"]),
+        "edge_read_cmds_le_0.1_per_msg_every_step": every(
+            "edge_redis_cmds_per_delivered_msg", TARGETS["edge_read_cmds_per_msg"]),
+        "edge_p99_le_50ms_every_step": every("p99_ms", TARGETS["edge_p99_ms"]),
+        "zero_lost_dup_reordered_every_step": {
+            "met": all(measure.correct(row) and not row.get("error") for row in steps)},
+    }
+    kill = edge.get("pubsub_kill_step")
+    if kill is not None:
+        verdicts["zero_lost_dup_reordered_with_pubsub_killed"] = {
+            "conversations": kill["conversations"],
+            "killed": kill.get("pubsub_connections_killed"),
+            "lost": kill.get("lost"), "duplicated": kill.get("duplicated"),
+            "reordered": kill.get("reordered"),
+            "met": measure.correct(kill) and bool(kill.get("pubsub_connections_killed"))
+            and not kill.get("error")}
+    verdicts["largest_p99_le_50ms_step_3x_best_peer"] = _largest_step_verdict(steps)
+    return verdicts
+
+
+def _largest_step_verdict(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    def largest(rows: list[dict[str, Any]]) -> int:
+        good = [r["conversations"] for r in rows
+                if _le(r.get("p99_ms"), TARGETS["edge_p99_ms"]) and measure.correct(r)
+                and not r.get("error")]
+        return max(good, default=0)
+
+    relay = largest(steps)
+    peers = {peer: largest([row["peers"][peer] for row in steps
+                            if "peers" in row and "conversations" in row["peers"].get(peer, {})])
+             for peer in PEERS}
+    best = max(peers.values(), default=0)
+    return {"relay_largest_step": relay, "peers_largest_step": peers,
+            "target_ratio": TARGETS["largest_p99_step_vs_best_peer"],
+            "met": relay >= TARGETS["largest_p99_step_vs_best_peer"] * max(best, 1)}
 
 
 def _le(value: float | None, limit: float) -> bool:

@@ -45,23 +45,26 @@ class Bench:
 
     # --- steps -------------------------------------------------------------------------------
 
-    async def edge_step(self, n: int, *, profile_s: float = 0.0) -> dict[str, Any]:
-        """Writer -> Redis -> one ``relay edge`` -> WebSocket clients in several processes."""
-        name = f"edge-{n}" + ("-profile" if profile_s else "")
+    async def edge_step(self, n: int, *, profile_s: float = 0.0, kill_pubsub: bool = False
+                        ) -> dict[str, Any]:
+        """Writer -> Redis -> one ``relay edge`` -> WebSocket clients in several processes.
+        With ``kill_pubsub`` the edge's live subscriber connection is killed (``CLIENT KILL TYPE
+        pubsub``) a third and again two thirds into the load: it must refill from the streams."""
+        name = f"edge-{n}" + ("-profile" if profile_s else "") + ("-kill" if kill_pubsub else "")
         conversations, stack = await self._fresh(name, f"e{n}", n)
         children: list[BenchChild] = []
         try:
             edge, url = await stack.start_edge("edge-1")
             figures = await self._edge_run(name, conversations, stack, edge, url, children,
-                                           profile_s)
+                                           profile_s, kill_pubsub)
         finally:
             await _stop_all(children)
             await stack.stop()
         return figures
 
     async def _edge_run(self, name: str, conversations: list[str], stack: LocalStack,
-                        edge: Child, url: str, children: list[BenchChild], profile_s: float
-                        ) -> dict[str, Any]:
+                        edge: Child, url: str, children: list[BenchChild], profile_s: float,
+                        kill_pubsub: bool = False) -> dict[str, Any]:
         edge_pid = _pid(edge)
         await asyncio.sleep(1.0)
         rss_base = rss_kb(edge_pid)
@@ -71,11 +74,13 @@ class Bench:
         rss_idle = rss_kb(edge_pid)
         writer = BenchChild(f"{name}-writer", "relay.dev.bench.writer", self._log_dir)
         children.append(writer)
-        await writer.start(self._writer_config(f"e{len(conversations)}", conversations, "relay"))
+        prefix = f"e{len(conversations)}"
+        await writer.start(self._writer_config(prefix, conversations, "relay"))
         pids = {"edge": edge_pid, "writer": writer.pid, **_pids("clients", clients)}
-        run = await self._load(writer, pids, profile=(edge_pid, profile_s, name))
+        run = await self._load(writer, pids, profile=(edge_pid, profile_s, name),
+                               kill_pubsub=kill_pubsub)
         rss_load = rss_kb(edge_pid)
-        truth = _truth(conversations, run["report"]["truth"])
+        truth = await self._stream_truth(prefix, conversations)
         reports = await self._finish(clients, {c: t[2] for c, t in truth.items()})
         figures = measure.receivers(reports, _counts(truth), run["window"])
         figures.update(self._common(conversations, run, before_clients))
@@ -87,6 +92,44 @@ class Bench:
             (rss_load - rss_base) / len(conversations), 1)
         figures["generator_cpu_us_per_msg"] = _per_msg(
             sum(v for k, v in run["cpu"]["cpu_s"].items() if k != "edge"), figures)
+        figures.update(_write_path(run))
+        if kill_pubsub:
+            figures["pubsub_connections_killed"] = run["killed"]
+        return figures
+
+    async def peer_step(self, n: int, kind: str) -> dict[str, Any]:
+        """The same writer schedule and clients through a peer instead of the relay's edge:
+        ``naive`` (one XREAD per client, ``relay.dev.bench.naive``) or ``socketio``
+        (python-socketio's AsyncRedisManager, ``relay.dev.bench.sio``)."""
+        name, prefix = f"{kind}-{n}", f"{kind[0]}{n}"
+        await self._client.flushall()
+        conversations = [f"c{i}" for i in range(n)]
+        children: list[BenchChild] = []
+        try:
+            module = "relay.dev.bench.naive" if kind == "naive" else "relay.dev.bench.sio"
+            server = BenchChild(f"{name}-server", module, self._log_dir)
+            children.append(server)
+            await server.start({"redis_url": self._url, "prefix": prefix,
+                                "channel": f"sio-{prefix}"})
+            port = (await server.expect("ready", _READY_TIMEOUT_S))["port"]
+            before = await snapshot(self._client)
+            clients = await self._start_clients(name, f"ws://127.0.0.1:{port}", conversations,
+                                                children, protocol=kind)
+            writer = BenchChild(f"{name}-writer", "relay.dev.bench.writer", self._log_dir)
+            children.append(writer)
+            config = self._writer_config(prefix, conversations,
+                                         "bare" if kind == "naive" else "socketio")
+            await writer.start({**config, "channel": f"sio-{prefix}"})
+            pids = {"edge": server.pid, "writer": writer.pid, **_pids("clients", clients)}
+            run = await self._load(writer, pids)
+            truth = _truth(conversations, run["report"]["truth"])
+            reports = await self._finish(clients, {c: t[2] for c, t in truth.items()})
+        finally:
+            await _stop_all(children)
+        figures = measure.receivers(reports, _counts(truth), run["window"])
+        figures.update(self._common(conversations, run, before))
+        figures["edge_cpu_us_per_msg"] = _per_msg(run["cpu"]["cpu_s"]["edge"], figures)
+        figures["edge_redis_cmds_per_delivered_msg"] = _cmds_per_msg(run, "edge", figures)
         return figures
 
     async def full_step(self, n: int, *, profile_s: float = 0.0) -> dict[str, Any]:
@@ -191,7 +234,8 @@ class Bench:
                 "gap_s": shape.gap_s, "maxlen": self.options.maxlen, "mode": mode}
 
     async def _start_clients(self, name: str, url: str, conversations: list[str],
-                             children: list[BenchChild]) -> list[BenchChild]:
+                             children: list[BenchChild], protocol: str = "relay"
+                             ) -> list[BenchChild]:
         count = max(1, min(self.options.client_processes, len(conversations)))
         clients = []
         for index in range(count):
@@ -199,7 +243,8 @@ class Bench:
             children.append(child)
             clients.append(child)
             await child.start({"edge": url, "conversations": conversations[index::count],
-                               "secret": self._secret, "connect_concurrency": 32})
+                               "secret": self._secret, "connect_concurrency": 32,
+                               "protocol": protocol})
         for child in clients:
             ready = await child.expect("ready", _READY_TIMEOUT_S)
             if ready["connected"] != ready["wanted"]:
@@ -208,7 +253,8 @@ class Bench:
         return clients
 
     async def _load(self, source: BenchChild, pids: dict[str, int],
-                    profile: tuple[int, float, str] | None = None) -> dict[str, Any]:
+                    profile: tuple[int, float, str] | None = None, kill_pubsub: bool = False
+                    ) -> dict[str, Any]:
         """Run the writer or feeder to its end; CPU and Redis counters over exactly that time."""
         started = await source.expect("started", _READY_TIMEOUT_S)
         t0 = float(started["t0"])
@@ -216,7 +262,9 @@ class Bench:
         cpu0, redis0 = measure.cpu_snap(pids), await snapshot(self._client)
         cmds0 = await commands_by_process(self._client, pids)
         profiler = self._profiler(profile)
+        killer = asyncio.create_task(self._kill_pubsub()) if kill_pubsub else None
         report = await source.expect("report", self.options.duration_s + 120)
+        killed = await killer if killer is not None else 0
         cpu1, redis1 = measure.cpu_snap(pids), await snapshot(self._client)
         cmds1 = await commands_by_process(self._client, pids)
         t1 = float(report["t1"])
@@ -224,10 +272,18 @@ class Bench:
                       if not name.startswith("clients")}
         result = {"report": report, "window": (t0, t1), "cpu": measure.cpu_delta(cpu0, cpu1),
                   "redis": {**redis0.delta(redis1), "commands_by_process": by_process},
-                  "redis_after": redis1}
+                  "redis_after": redis1, "killed": killed}
         if profiler is not None:
             result["profile"] = await profiler
         return result
+
+    async def _kill_pubsub(self) -> int:
+        """Kill every pub/sub connection (the edge's live subscriber) twice during the load."""
+        killed = 0
+        for _ in range(2):
+            await asyncio.sleep(self.options.duration_s / 3)
+            killed += int(await self._client.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+        return killed
 
     def _profiler(self, profile: tuple[int, float, str] | None) -> asyncio.Task[Any] | None:
         if profile is None or not profile[1]:
@@ -251,6 +307,7 @@ class Bench:
         return {
             "conversations": len(conversations),
             "window_s": round(t1 - t0, 2),
+            "redis_cpu_s": redis_delta["cpu_s"],
             # What the schedule asked for in this window (ramp-up included); the writer's or the
             # producer's actual appends may lag behind it.
             "offered_msgs_per_s": round(report.get("offered", 0) / (t1 - t0), 1),
@@ -355,3 +412,28 @@ def _cmds_per_msg(run: dict[str, Any], name: str, figures: dict[str, Any]) -> fl
 async def _stop_all(children: list[BenchChild]) -> None:
     await asyncio.gather(*(c.stop() for c in children), return_exceptions=True)
 
+
+
+def _write_path(run: dict[str, Any]) -> dict[str, Any]:
+    """The append script's Redis cost in the load window (INFO commandstats: usec includes the
+    commands the script ran), per script call and per entry it appended."""
+    usec = run["redis"]["usec"].get("evalsha", 0)
+    calls = run["redis"]["calls"].get("evalsha", 0)
+    entries = run["report"].get("script_entries") or 0
+    inner = {name: count for name, count in run["redis"]["calls"].items()
+             if name in ("xadd", "xrevrange", "spublish", "hmget", "hset", "hexists", "pexpire")}
+    return {
+        "append_script_us_per_call": round(usec / calls, 2) if calls else None,
+        "append_script_us_per_entry": round(usec / entries, 2) if entries else None,
+        "append_script_calls_per_entry": round(calls / entries, 3) if entries else None,
+        "append_script_inner_calls_per_entry": {
+            name: round(count / entries, 3) for name, count in sorted(inner.items())
+        } if entries else {},
+    }
+
+
+def redis_cpu_per_msg(figures: dict[str, Any]) -> float | None:
+    """Redis CPU (user + sys, writes included) per delivered message, in microseconds."""
+    delivered = figures.get("delivered_in_window") or 0
+    cpu = figures.get("redis_cpu_s")
+    return round(cpu / delivered * 1e6, 2) if delivered and cpu is not None else None

@@ -4,11 +4,16 @@ Run as ``python -m relay.dev.bench.writer`` by the bench. Config (first stdin li
 ``prefix``, ``conversations`` (ids), ``duration_s``, ``turn_s``, ``gap_s``, ``maxlen``, ``mode``:
 
 * ``relay``: every turn is opened and ended through ``ConversationLog`` (the fenced Lua scripts,
-  so turn records exist and joiners start at the turn), and its audio and frames entries, built
-  by ``relay.wire`` exactly as a producer builds them, are appended with pipelined
-  ``XADD MAXLEN ~`` (the edge only reads entries; the fencing check is a write-side cost that
-  the full path measures);
-* ``bare``: the same entries, turn_start and turn_end included, all by pipelined XADD.
+  so turn records exist and joiners start at the turn), and each slot's audio and frames
+  entries, built by ``relay.wire`` exactly as a producer builds them, go through the fenced
+  append script in one pipelined ``EVALSHA`` per slot (as the producer batches them): the write
+  path the relay really has, live push included. What it appended is read back from the streams
+  by the bench (the script returns only the last id);
+* ``bare``: the same entries, turn_start and turn_end included, all by pipelined XADD (the
+  bare-loop baseline and the naive per-client-XREAD edge read them);
+* ``socketio``: the same entries emitted through python-socketio's ``AsyncRedisManager``
+  (write-only), each as ``{"id": <ms>-<seq>, "d": <entry>}`` to the conversation's room, with
+  ids made here from the send time (there is no stream).
 
 Reports per conversation the count and id hash of what it appended (the truth receivers are
 checked against), its own Redis command count, and how late it ran against the schedule.
@@ -19,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from typing import Any
 
 import redis.asyncio as redis
 
 from relay import wire
 from relay.dev.bench.child import ParentLink
-from relay.dev.bench.resp import RespPipe, value, xadd_prefix
+from relay.dev.bench.resp import RespPipe, pack, value, xadd_prefix
 from relay.dev.bench.schedule import (
     CHUNK_BYTES,
     CHUNKS_PER_FRAMES,
@@ -69,11 +75,20 @@ class Truth:
         self.last[conv] = reply.decode()
 
 
+def _arg(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
 class Writer:
     def __init__(self, config: dict[str, Any]) -> None:
         self._cfg = config
         self._ids: list[str] = config["conversations"]
-        self._relay = config["mode"] == "relay"
+        self._mode = config["mode"]
+        self._relay = self._mode == "relay"
+        self._sio: Any = None
+        self._sio_seq = [0] * len(self._ids)
+        self._sio_last_ms = [0] * len(self._ids)
+        self.script_entries = 0
         self._shape = ConversationShape(config["turn_s"], config["gap_s"])
         keys = Keys(config["prefix"])
         maxlen = int(config["maxlen"])
@@ -89,6 +104,13 @@ class Writer:
 
     async def run(self, link: type[ParentLink]) -> None:
         await self._pipe.connect()
+        if self._relay:
+            await self._log.load_scripts()
+        if self._mode == "socketio":
+            import socketio
+
+            self._sio = socketio.AsyncRedisManager(self._cfg["redis_url"],
+                                                   channel=self._cfg["channel"], write_only=True)
         t1 = await drive(self._shape, len(self._ids), self._cfg["duration_s"], link, self._write)
         link.emit("report", t1=t1, **self._report())
         await self._pipe.close()
@@ -99,19 +121,61 @@ class Writer:
         opening = [s for s in slots if s.index == 0]
         if self._relay and opening:
             await asyncio.gather(*(self._open(s) for s in opening))
+        if self._mode == "socketio":
+            await self._emit(slots, timeline)
+            return
         commands: list[bytes] = []
         owners: list[int] = []
         ending: list[Slot] = []
         for slot in slots:
-            for entry in self._entries(slot, timeline.is_last(slot)):
-                commands.append(self._prefixes[slot.conversation] + value(entry))
+            entries = self._entries(slot, timeline.is_last(slot))
+            if self._relay:
+                call = self._log.append_call(self._ids[slot.conversation], slot.turn_id(),
+                                             *entries)
+                commands.append(pack(*(_arg(a) for a in call)))
                 owners.append(slot.conversation)
+                self.script_entries += len(entries)
+            else:
+                for entry in entries:
+                    commands.append(self._prefixes[slot.conversation] + value(entry))
+                    owners.append(slot.conversation)
             if timeline.is_last(slot):
                 ending.append(slot)
         for conv, reply in zip(owners, await self._pipe.send(commands), strict=True):
-            self._truth.add(conv, reply)
+            if self._relay:
+                self._truth.errors += not isinstance(reply, bytes)
+            else:
+                self._truth.add(conv, reply)
         if self._relay and ending:
             await asyncio.gather(*(self._end(s) for s in ending))
+
+    async def _emit(self, slots: list[Slot], timeline: Timeline) -> None:
+        """socketio mode: each conversation's entries emitted in order, the conversations
+        concurrently (emits in flight together may take different connections and overtake)."""
+        per_conversation: dict[int, list[bytes]] = {}
+        for slot in slots:
+            entries = self._entries(slot, timeline.is_last(slot))
+            per_conversation.setdefault(slot.conversation, []).extend(entries)
+        await asyncio.gather(*(self._emit_in_order(conv, entries)
+                               for conv, entries in per_conversation.items()))
+
+    async def _emit_in_order(self, conv: int, entries: list[bytes]) -> None:
+        for entry in entries:
+            entry_id = self._next_id(conv)
+            self._truth.add(conv, entry_id)
+            self.redis_py_calls += 1
+            await self._sio.emit("m", {"id": entry_id.decode(), "d": entry},
+                                 room=self._ids[conv])
+
+    def _next_id(self, conv: int) -> bytes:
+        """An id like a stream's: send time in ms, then a sequence within that ms."""
+        now = int(time.time() * 1000)
+        if now <= self._sio_last_ms[conv]:
+            now, self._sio_seq[conv] = self._sio_last_ms[conv], self._sio_seq[conv] + 1
+        else:
+            self._sio_seq[conv] = 0
+        self._sio_last_ms[conv] = now
+        return f"{now}-{self._sio_seq[conv]}".encode()
 
     def _entries(self, slot: Slot, last: bool) -> list[bytes]:
         turn = slot.turn_id()
@@ -131,6 +195,7 @@ class Writer:
         start_id = await self._log.open_turn(self._ids[conv], slot.turn_id(),
                                              sample_rate=SAMPLE_RATE, owner=_OWNER)
         self.redis_py_calls += 2  # HGETALL of the turn record + EVALSHA
+        self.script_entries += 1
         self._truth.add(conv, start_id.encode())
 
     async def _end(self, slot: Slot) -> None:
@@ -138,14 +203,16 @@ class Writer:
         end_id = await self._log.end_turn(self._ids[conv], slot.turn_id(),
                                           status=wire.STATUS_COMPLETE)
         self.redis_py_calls += 1
+        self.script_entries += 1
         self._truth.add(conv, end_id.encode())
 
     def _report(self) -> dict[str, Any]:
         lags = sorted(self._lags) or [0.0]
         truth = self._truth
+        appended = self.script_entries if self._relay else sum(truth.count)
         return {
-            "appended": sum(truth.count), "errors": truth.errors,
-            "offered": sum(truth.count) + truth.errors,
+            "appended": appended, "errors": truth.errors,
+            "offered": appended + truth.errors, "script_entries": self.script_entries,
             "commands": self._pipe.commands + self.redis_py_calls,
             "lag_p99_ms": round(lags[int(0.99 * (len(lags) - 1))], 1),
             "lag_max_ms": round(lags[-1], 1),
