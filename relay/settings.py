@@ -328,6 +328,8 @@ class Settings:
     sim_first_batch_delay_ms: int = setting(0, integer(0, 60_000))
     # The session handshake is answered after this long.
     sim_handshake_delay_ms: int = setting(0, integer(0, 60_000))
+    # Session tokens fetched ahead, each for one new SDK session (issue 12, workers/speech/tokens).
+    sdk_token_stock: int = setting(2, integer(1, 64, zero="off"))
 
     # Who may connect: token keys, Origin allow-list, request hygiene and connection caps
     # (issue 13; docs/operations.md "Client tokens" and "Edge admission").
@@ -356,6 +358,10 @@ class Settings:
     # default), "off" sends nothing, a URL sends them to that OTLP/HTTP collector instead. Sessions
     # with the simulator never report anything.
     spatius_sdk_telemetry: str = setting("on", text("on, off, or an http(s):// URL", _telemetry))
+
+    # Web demo page (issue 14): the edge also serves the demo page and the web client at /demo/.
+    # Off in production; `relay run` turns it on for its edges.
+    web_demo: bool = setting(False, flag())
 
     # Recovery from faults (issue 16; docs/operations.md "Slow clients", "Session cap").
     # What one client's socket may hold written but unread: the kernel send buffer (SO_SNDBUF)

@@ -71,7 +71,8 @@ end
 
 # KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms, then the six expiry parameters.
 # Returns 1 when admitted, 0 when full; a refused caller is recorded as a waiter until
-# waiter_ttl_ms passes. Run twice: the member is admitted once (ZADD of the same member).
+# waiter_ttl_ms passes. Run twice: the member already holds its slot, so the second run renews it
+# and answers 1 (a slot is per member, never taken twice).
 _ACQUIRE = NOW_MS + EXPIRE_LEASES + """
 local p = {ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]}
 expire_leases(KEYS[1], now, p)
@@ -88,7 +89,8 @@ return 1
 
 # KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms, then the six expiry parameters.
 # Free slots now, taking none; when there are none the caller is recorded as a waiter, so idle
-# sessions anywhere yield to it.
+# sessions anywhere yield to it. Run twice: the same answer; the waiter mark is refreshed, not
+# added twice.
 _ROOM = NOW_MS + EXPIRE_LEASES + """
 expire_leases(KEYS[1], now, {ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]})
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
@@ -101,7 +103,7 @@ redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 2)
 return 0
 """
 
-# KEYS: waiter set. Returns how many turns are waiting for a slot right now.
+# KEYS: waiter set. Returns how many turns are waiting for a slot right now. Run twice: a read.
 _DEMAND = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
@@ -117,6 +119,7 @@ _WAITER_TTL_MS = int(_MAX_POLL_S * 3000)
 
 # KEYS: lease set. ARGV: cap, the six expiry parameters, members... Extends live members;
 # re-admits members that were freed while there is room. Returns the members that are lost.
+# Run twice: extends the same members again.
 _RENEW = NOW_MS + EXPIRE_LEASES + """
 expire_leases(KEYS[1], now, {ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
 local lost = {}
@@ -135,6 +138,7 @@ return lost
 FENCE_CLOSE_S = 2.0
 
 # KEYS: lock. ARGV: owner token, lease_ms. 1 when the caller still owns it and it was extended.
+# Run twice: extends it again.
 _RENEW_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -144,6 +148,7 @@ return 0
 
 # KEYS: lock. ARGV: owner token, lease_ms, previous owner. Takes the lock when it is free or held
 # by the previous owner (a producer whose turn attempt was fenced by a takeover). 1 when taken.
+# Run twice: the second run finds the caller's own token and answers 1 again.
 _TAKE_LOCK = """
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[3] and v ~= ARGV[1] then return 0 end
@@ -152,6 +157,7 @@ return 1
 """
 
 # KEYS: lock. ARGV: owner token. Deletes the lock only when the caller owns it.
+# Run twice: the second run finds it gone (or someone else's) and does nothing.
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
