@@ -326,3 +326,19 @@ async def test_late_join_after_the_turn_start_was_trimmed_starts_at_the_next_tur
     assert {m.turn for m in received} == {"next"}
     assert received[0].kind == "turn_start"
     await client.close()
+
+
+def test_only_outages_are_reported_as_redis_unavailable():
+    from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from relay.edge.app import _means_unavailable
+
+    assert _means_unavailable(RedisConnectionError("refused"))
+    assert _means_unavailable(BusyLoadingError("loading the dataset"))
+    assert _means_unavailable(ReadOnlyError("replica"))
+    assert _means_unavailable(ResponseError("BUSY Redis is busy running a script"))
+    # A command Redis refuses is the relay's fault (or, before strict parsing, the client's):
+    # never sent to another edge as an outage.
+    assert not _means_unavailable(ResponseError("ERR Invalid stream ID specified as stream"))
+    assert not _means_unavailable(ResponseError("WRONGTYPE Operation against a key"))

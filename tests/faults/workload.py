@@ -37,13 +37,16 @@ class Workload:
     turns: list[PlannedTurn] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, conversations: list[str], turns: int, rng: random.Random) -> Workload:
+    def plan(cls, conversations: list[str], turns: int, rng: random.Random,
+             round_: int = 0) -> Workload:
+        """``round_`` > 0: a later round of turns for the same conversations (other turn ids)."""
         planned = []
+        tag = f"-r{round_}" if round_ else ""
         for c, conv in enumerate(conversations):
             for n in range(turns):
                 kind = "stream" if (c + n) % 2 else "clip"
                 pcm = speech_like_pcm(rng.uniform(1.5, 3.5), RATE, seed=rng.randrange(1 << 30))
-                planned.append(PlannedTurn(conv, f"{conv}-t{n}", kind, pcm))
+                planned.append(PlannedTurn(conv, f"{conv}{tag}-t{n}", kind, pcm))
         return cls(planned)
 
     def clips(self) -> dict[str, bytes]:
@@ -70,11 +73,14 @@ async def _retry(what: str, step, deadline_s: float = 120.0):  # type: ignore[no
 
 
 async def _feed(feed: StreamedInput, pcm: bytes) -> None:
-    """A TTS engine feeding at about real time; a chunk whose write failed is flushed, never
-    sent twice (see StreamedInput)."""
+    """A TTS engine feeding at about real time. A chunk whose send raised is kept by the feed:
+    it is retried with flush(), never sent again (that would be a second chunk; see
+    StreamedInput)."""
     for start in range(0, len(pcm), CHUNK):
-        chunk = pcm[start:start + CHUNK]
-        await _retry("send", lambda c=chunk: feed.send(c))
+        try:
+            await feed.send(pcm[start:start + CHUNK])
+        except (RedisError, OSError):
+            await _retry("flush", feed.flush)
         await asyncio.sleep(0.035)
     await _retry("end", feed.end)
 

@@ -151,6 +151,8 @@ export interface CloseInfo {
   edge: string | null;
   /** Whether the connection had been welcomed before it closed. */
   welcomed: boolean;
+  /** The edge's `error` message sent just before this close, if any. */
+  edgeError: { code: string; message: string } | null;
 }
 
 export type ClientState = "idle" | "connecting" | "open" | "refreshing" | "waiting" | "stopped" | "failed";
@@ -214,5 +216,7 @@ export declare class RelayClient {
   readonly closed: Promise<ClosedResult>;
   start(): this;
   stop(): void;
+  /** Drop the current connection and resume at once on the next edge. */
+  reconnect(): void;
   ping(nonce?: unknown): void;
 }

@@ -281,6 +281,17 @@ export class RelayClient {
     this._finish("stopped", { code: 1000, reason: "client stop" });
   }
 
+  /** Drop the current connection and resume at once on the next edge (a "retry now" button). */
+  reconnect() {
+    const ws = this._ws;
+    if (!ws || this._isFinished()) return;
+    this._ws = null;
+    this._stopLiveness();
+    ws.close(1000, "client reconnect");
+    this._emit("close", { code: 1006, reason: "client reconnect", action: CloseAction.RECONNECT, edge: this.edge, welcomed: true });
+    this._retry({ code: 1006, reason: "client reconnect", rotate: true, immediate: true });
+  }
+
   /** Send a protocol ping; the edge answers with a pong (used for liveness). */
   ping(nonce = Date.now()) {
     if (this._ws && this._ws.readyState === 1) this._ws.send(encode({ v: PROTOCOL_VERSION, kind: "ping", nonce }));
@@ -342,6 +353,7 @@ export class RelayClient {
     this._ws = ws;
     this.edge = edge;
     let welcomed = false;
+    let edgeError = null;
     const deadline = this._timer(() => { if (!welcomed) ws.close(); }, this._connectTimeoutMs);
     ws.onmessage = (event) => {
       if (this._ws !== ws) return;
@@ -367,7 +379,8 @@ export class RelayClient {
       } else if (message.kind === "pong") {
         return;
       } else if (message.kind === "error") {
-        this._emit("error", new RelayError(`edge error ${message.code}: ${message.message}`, { code: message.code }));
+        // The edge explains the close that follows; the close code decides what happens.
+        edgeError = { code: message.code, message: message.message };
         return;
       }
       this._deliver(ws, message);
@@ -378,7 +391,7 @@ export class RelayClient {
       this._stopLiveness();
       clearTimeout(deadline);
       this._timers.delete(deadline);
-      this._onClosed(event.code, event.reason ?? "", welcomed);
+      this._onClosed(event.code, event.reason ?? "", welcomed, edgeError);
     };
     ws.onerror = () => {}; // always followed by close, which decides what to do
   }
@@ -425,12 +438,12 @@ export class RelayClient {
     }
   }
 
-  _onClosed(code, reason, welcomed) {
+  _onClosed(code, reason, welcomed, edgeError = null) {
     const action = closeAction(code);
-    this._emit("close", { code, reason, action, edge: this.edge, welcomed });
+    this._emit("close", { code, reason, action, edge: this.edge, welcomed, edgeError });
     if (this._isFinished()) return;
     if (action === CloseAction.STOP) return this._finish("stopped", { code, reason });
-    if (action === CloseAction.FAIL) return this._fail(code, reason);
+    if (action === CloseAction.FAIL) return this._fail(code, edgeError ? `${reason}: ${edgeError.message}` : reason);
     if (action === CloseAction.REFRESH_TOKEN) return this._refresh(code, reason, welcomed);
     return this._retry({ code, reason, rotate: true, crowded: action === CloseAction.BACK_OFF });
   }
