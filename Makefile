@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements/dev.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/dev.txt
 	$(BIN)/pip install --quiet --no-deps -e .
-	$(BIN)/pip check
+	@$(BIN)/pip check || { echo "the lock does not satisfy pyproject.toml: run make lock"; exit 1; }
 	touch $(STAMP)
 
 # After a change of pyproject.toml's dependencies: resolve again, export what the image

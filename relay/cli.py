@@ -13,7 +13,7 @@ import structlog
 
 from relay.errors import ConfigError, RelayError
 from relay.logs import configure_logging, redact
-from relay.settings import LOG_LEVELS, Settings
+from relay.settings import LOG_LEVELS, Settings, unknown_variables
 
 
 def _version() -> str:
@@ -112,6 +112,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="sign with this private key (RS256, ES256 or EdDSA by key type) "
                        "instead of the shared secret")
 
+    watch = sub.add_parser("watch", help="show one conversation's stream as it happens: "
+                           "turns, kinds, seq, sizes, gaps, interrupts")
+    watch.add_argument("conversation_id")
+    watch.add_argument("--edge", default=None, metavar="URL",
+                       help="watch through this edge (ws://host:port) as a client sees it; "
+                       "default: read the stream from Redis (REDIS_URL)")
+    watch.add_argument("--token", default=None,
+                       help="client token for --edge (default: minted with this deployment's keys)")
+    watch.add_argument("--from-start", action="store_true",
+                       help="from the stream: begin with the oldest retained entry, not new ones")
+    watch.add_argument("--turns", type=_positive_int, default=None, metavar="N",
+                       help="stop after N turns have ended")
+
     check = sub.add_parser("check", help="exit 0 when this role's dependencies are reachable")
     check.add_argument("--role", choices=["edge", "producer"], default="edge")
 
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(json=json_logs)  # until the settings are read: startup errors too
     try:
         settings = Settings.from_env()
+        for line in unknown_variables(os.environ):
+            _fail(json_logs, "unknown_setting", line, level="warning")
         if args.log_level:
             settings = settings.with_overrides(log_level=args.log_level)
         json_logs = settings.log_json and args.command not in _PLAIN
@@ -170,15 +185,17 @@ def _env_wants_json() -> bool:
         "0", "false", "no", "off"}
 
 
-def _fail(json_logs: bool, event: str, message: str) -> None:
+def _fail(json_logs: bool, event: str, message: str, level: str = "error") -> None:
     """The last word of a command that cannot run: one JSON line for the roles (written here,
-    not through structlog, which may not be configured yet), a plain sentence at a terminal."""
+    not through structlog, which may not be configured yet), a plain sentence at a terminal.
+    Start-up warnings take the same way (``level="warning"``)."""
     if json_logs:
-        line = {"event": event, "level": "error", "error": redact(message),
+        line = {"event": event, "level": level, level: redact(message),
                 "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
         print(json.dumps(line), file=sys.stderr)
     else:
-        print(f"relay: {message}", file=sys.stderr)
+        prefix = "" if level == "error" else f"{level}: "
+        print(f"relay: {prefix}{message}", file=sys.stderr)
 
 
 async def _jobs_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -242,6 +259,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int | None:
         return bench_main(args.bench_args)
     if args.command in ("enqueue", "jobs"):
         return asyncio.run(_jobs_command(args, settings))
+    if args.command == "watch":
+        from relay.dev.watch import run_watch
+
+        return asyncio.run(run_watch(settings, args.conversation_id, edge=args.edge,
+                                     token=args.token, from_start=args.from_start,
+                                     max_turns=args.turns))
     if args.command == "check":
         from relay.health import check
 

@@ -181,3 +181,9 @@ class Keys:
     def dead_letters(self) -> str:
         """Stream of turns that will not be played: attempts used up, deadline passed, malformed."""
         return f"{self.prefix}:jobs:dead"
+
+    def dead_letters_index(self) -> str:
+        """Sorted set of the turns already dead-lettered (``<conversation>/<turn>``), so a turn is
+        buried once. Its hash tag is the dead letters' whole key name, which puts it in their
+        slot: one script writes both."""
+        return f"{{{self.dead_letters()}}}:index"

@@ -35,11 +35,33 @@ async def answer(reply: Awaitable[_T] | _T) -> _T:
         return await cast(Awaitable[_T], reply)
     return reply
 
-# Blocking reads (XREAD BLOCK) must finish well inside the socket timeout, or redis-py reports a
-# timeout for a read that is merely waiting; the margin covers a busy event loop.
-_SOCKET_TIMEOUT_MARGIN_S = 10.0
+# Timeouts and retries, per use (docs/operations.md, "Redis timeouts and retries"):
+# - Commands and scripts: a reply within _COMMAND_TIMEOUT_S, else the command is sent again, up to
+#   _RETRIES times (50 ms backoff doubling to 1 s). A retry may run a command whose first attempt
+#   did reach Redis (it was in Redis's socket buffer when the client gave up), so every write the
+#   relay sends is idempotent by construction; each Lua script's header says what a second run
+#   does. The caller sees the error after at most about 3 x 5 s.
+# - Blocking reads (XREAD/XREADGROUP BLOCK): the socket timeout is the BLOCK time plus
+#   _BLOCK_MARGIN_S, so a read that is merely waiting never times out. Producers' clients retry
+#   them like commands (a repeated read returns the same entries; a repeated XREADGROUP may leave
+#   a doorbell pending until it is claimed as idle, never lose it).
+# - The edge's hub reads (``retries=0``): no retries; the hub bounds each read itself and counts
+#   an outage from its first failed or stalled read (RELAY_REDIS_UNAVAILABLE_S).
+_COMMAND_TIMEOUT_S = 5.0
+_BLOCK_MARGIN_S = 3.0
+_RETRIES = 2
+_CONNECT_TIMEOUT_S = 5.0
 # A caller waits this long for a free pooled connection before the command fails.
 _POOL_WAIT_S = 10.0
+
+
+def socket_timeout_s(block_ms: int) -> float:
+    """The socket timeout of a client whose longest BLOCK argument is ``block_ms``."""
+    return max(_COMMAND_TIMEOUT_S, block_ms / 1000 + _BLOCK_MARGIN_S)
+
+
+def _retry(retries: int) -> Retry:
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=retries)
 
 
 class BoundedRedisCluster(RedisCluster):
@@ -60,24 +82,28 @@ class BoundedRedisCluster(RedisCluster):
 
 
 def create_client(
-    url: str, *, block_ms: int = 0, max_connections: int = 64, cluster: bool = False
+    url: str, *, block_ms: int = 0, max_connections: int = 64, cluster: bool = False,
+    retries: int = _RETRIES,
 ) -> RedisClient:
-    """A client for ``url``; ``block_ms`` is the longest BLOCK argument this client will send.
+    """A client for ``url``; ``block_ms`` is the longest BLOCK argument this client will send,
+    ``retries`` how often a command that failed on a connection error or timeout is sent again.
 
     The pool is bounded: with a single server, callers wait for a free connection instead of
     opening more, so the number of connections never grows with the number of clients served.
     """
-    socket_timeout = block_ms / 1000 + _SOCKET_TIMEOUT_MARGIN_S
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=3)
+    socket_timeout = socket_timeout_s(block_ms)
+    retry = _retry(retries)
     if cluster:
         return BoundedRedisCluster.from_url(
             url, decode_responses=False, socket_timeout=socket_timeout,
-            socket_connect_timeout=5.0, max_connections=max_connections, retry=retry,
+            socket_connect_timeout=_CONNECT_TIMEOUT_S, max_connections=max_connections,
+            retry=retry,
         )
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=_POOL_WAIT_S, decode_responses=False,
-        socket_timeout=socket_timeout, socket_connect_timeout=5.0, health_check_interval=30,
-        retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_timeout=socket_timeout, socket_connect_timeout=_CONNECT_TIMEOUT_S,
+        health_check_interval=30, retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return redis.Redis(connection_pool=pool)
 
@@ -91,13 +117,14 @@ def client_for(settings: Settings, *, block_ms: int = 0, max_connections: int | 
 
 
 def node_client(host: str, port: int, *, block_ms: int, like: RedisClient) -> redis.Redis:
-    """A plain client for one node of a cluster (blocking reads address one node at a time)."""
+    """A plain client for one node of a cluster (blocking reads address one node at a time), with
+    no retries: its users (the hub's reads, pub/sub) loop and count failures themselves."""
     kwargs = like.get_connection_kwargs() if isinstance(like, RedisCluster) else {}
     return redis.Redis(
         host=host, port=port, username=kwargs.get("username"), password=kwargs.get("password"),
         ssl=bool(kwargs.get("ssl", False)), decode_responses=False,
-        socket_timeout=block_ms / 1000 + _SOCKET_TIMEOUT_MARGIN_S, socket_connect_timeout=5.0,
-        max_connections=4,
+        socket_timeout=socket_timeout_s(block_ms), socket_connect_timeout=_CONNECT_TIMEOUT_S,
+        max_connections=4, retry=_retry(0),
     )
 
 

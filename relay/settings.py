@@ -328,6 +328,8 @@ class Settings:
     sim_first_batch_delay_ms: int = setting(0, integer(0, 60_000))
     # The session handshake is answered after this long.
     sim_handshake_delay_ms: int = setting(0, integer(0, 60_000))
+    # Session tokens fetched ahead, each for one new SDK session (issue 12, workers/speech/tokens).
+    sdk_token_stock: int = setting(2, integer(1, 64, zero="off"))
 
     # Who may connect: token keys, Origin allow-list, request hygiene and connection caps
     # (issue 13; docs/operations.md "Client tokens" and "Edge admission").
@@ -356,6 +358,10 @@ class Settings:
     # default), "off" sends nothing, a URL sends them to that OTLP/HTTP collector instead. Sessions
     # with the simulator never report anything.
     spatius_sdk_telemetry: str = setting("on", text("on, off, or an http(s):// URL", _telemetry))
+
+    # Web demo page (issue 14): the edge also serves the demo page and the web client at /demo/.
+    # Off in production; `relay run` turns it on for its edges.
+    web_demo: bool = setting(False, flag())
 
     # Logs.
     log_json: bool = setting(True, flag())
@@ -429,6 +435,23 @@ _ENV_NAMES = {
 
 def env_name(field_name: str) -> str:
     return _ENV_NAMES.get(field_name, f"RELAY_{field_name.upper()}")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One line per ``RELAY_*`` variable that names no setting: a typo would otherwise be
+    ignored without a word (``RELAY_HEARTBEAT=5`` leaves the 20 s default). Each names the
+    closest setting when one is close. ``RELAY_TEST_*`` belongs to the test suite."""
+    import difflib
+
+    known = [env_name(f.name) for f in fields(Settings)]
+    lines = []
+    for name in sorted(env):
+        if not name.startswith("RELAY_") or name in known or name.startswith("RELAY_TEST_"):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not a setting{hint}; it is ignored")
+    return lines
 
 
 def rule_of(field_name: str) -> Rule:

@@ -20,6 +20,7 @@ can tell that it missed something.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -264,12 +265,30 @@ def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+# A position a client sends: ASCII digits, both parts present. Python's int() alone would also
+# take spaces, "_" and non-ASCII digits, and an empty sequence, none of which Redis accepts.
+_POSITION = re.compile(r"[0-9]{1,20}-[0-9]{1,20}", re.ASCII)
+_U64_MAX = 2**64 - 1
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """A stream position from outside (a client's ``last_id``), strictly: ``<ms>-<seq>``, each
+    part ASCII digits within 64 bits, as Redis stream ids are. Raises ValueError otherwise."""
+    if not isinstance(text, str) or not _POSITION.fullmatch(text):
+        raise ValueError("a position is <ms>-<seq> in ASCII digits")
+    ms, _, seq = text.partition("-")
+    parsed = int(ms), int(seq)
+    if parsed[0] > _U64_MAX or parsed[1] > _U64_MAX:
+        raise ValueError("each part of a position fits in 64 bits")
+    return parsed
+
+
 def valid_id(entry_id: str) -> bool:
     try:
-        ms, seq = parse_id(entry_id)
+        parse_position(entry_id)
     except ValueError:
         return False
-    return ms >= 0 and seq >= 0 and entry_id.count("-") == 1
+    return True
 
 
 

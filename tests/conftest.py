@@ -141,3 +141,21 @@ async def run_worker(
         await worker.stop(timeout_s=2)
         await task
 
+
+
+WEB_TESTS_ENABLE = ("apt-get update && apt-get install -y chromium nodejs npm, then make web-deps "
+                    "(Playwright comes with make install)")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line for the web client and browser tests skipped for want of Chromium or Node."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        text = str(report.longrepr[2]) if isinstance(report.longrepr, tuple) else ""
+        if "[web] " in text:
+            reason = text.split("[web] ", 1)[1]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        why = "; ".join(f"{count} for {reason}" for reason, count in reasons.items())
+        terminalreporter.write_line(f"web client and browser tests skipped ({why}); to run them: "
+                                    f"{WEB_TESTS_ENABLE}")

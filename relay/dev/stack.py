@@ -179,12 +179,15 @@ async def _run_stack(settings: Settings, options: StackOptions) -> int:
             await local.start_producer(f"producer-{index + 1}")
         edges = []
         for index, port in enumerate(edge_ports):
-            edges.append((await local.start_edge(f"edge-{index + 1}", port))[1])
+            edges.append((await local.start_edge(f"edge-{index + 1}", port,
+                                                 RELAY_WEB_DEMO="true"))[1])
         client = client_for(settings.with_overrides(redis_url=redis_url))
         stack.push_async_callback(client.aclose)
         await wait_until_ready(client)
         stack.callback(_write_env_file(settings, redis_url, secret))
         _print_banner(redis_url, edges, secret, settings, options, local.metrics_urls)
+        demo_url = await _start_web_demo(stack, client, settings, secret, edges, local.sim_url)
+        print(f"  web demo     {demo_url}\n", flush=True)
         report = await run_demo(
             client, Keys.of(settings), secret, edges,
             _submitter(client, settings),
@@ -196,6 +199,23 @@ async def _run_stack(settings: Settings, options: StackOptions) -> int:
             return await _serve_until_stopped(local.children)
         return 0 if report.ok else 1
     return 1
+
+
+async def _start_web_demo(stack: AsyncExitStack, client: RedisClient, settings: Settings,
+                          secret: str, edges: list[str], sim_url: str | None) -> str:
+    """The demo page's control service (tokens, turns); returns the page's URL to open."""
+    from relay.dev.webdemo import DemoControl, page_url, start_control
+    from workers.queue.submit import TurnQueue
+
+    queue = TurnQueue.from_settings(settings, client)
+
+    async def submit(conversation_id: str, pcm: bytes, sample_rate: int) -> str:
+        return await queue.submit_clip(conversation_id, pcm, sample_rate=sample_rate)
+
+    control = DemoControl(secret, submit, queue.interrupt, settings.sample_rate, sim_url)
+    runner, control_url = await start_control(control)
+    stack.push_async_callback(runner.cleanup)
+    return page_url(edges, control_url)
 
 
 def _check_ports_free(host: str, ports: list[int]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
@@ -13,14 +14,22 @@ import structlog
 from aiohttp import web
 from prometheus_client import generate_latest
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import (
+    ClusterDownError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import wire
 from relay.edge.admission import Admission, EdgeWebSocket, ServerLog, refuse
 from relay.edge.hub import Hub
 from relay.edge.metrics import CONTENT_TYPE, EdgeMetrics
 from relay.edge.routing import ClusterRouter, Router, SingleRouter
-from relay.edge.session import ClientSession, choose_start
+from relay.edge.session import ClientSession, StartPoint, choose_start
 from relay.errors import InvalidConversationId, TokenError
 from relay.keys import Keys, validate_conversation_id
 from relay.redis_conn import RedisClient, client_for, create_client
@@ -64,7 +73,28 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    _add_web_demo(app, settings)
     return app
+
+
+def _add_web_demo(app: web.Application, settings: Settings) -> None:
+    """The demo page and the web client as static files at /demo/ (RELAY_WEB_DEMO, for
+    `relay run`). Paths only: the edge imports nothing of the dev tooling."""
+    if not settings.web_demo:
+        return
+    package = Path(__file__).resolve().parent.parent
+    page = package / "dev" / "webdemo" / "page"
+
+    async def index(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(page / "index.html")
+
+    async def to_index(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(request.rel_url.with_path("/demo/"))
+
+    app.router.add_get("/demo", to_index)
+    app.router.add_get("/demo/", index)
+    app.router.add_static("/demo/lib/", package / "client" / "web")
+    app.router.add_static("/demo/", page)
 
 
 def runner_options(settings: Settings) -> dict[str, Any]:
@@ -281,6 +311,29 @@ async def _admit(request: web.Request, ws: web.WebSocketResponse) -> None:
         await _serve(app, ws, conversation_id, last_id, deadline)
 
 
+async def _placed(app: web.Application, conversation_id: str,
+                  last_id: str | None) -> tuple[StartPoint, str]:
+    """Where the client starts; a Redis that does not answer within RELAY_REDIS_UNAVAILABLE_S
+    counts as unavailable, as for the clients already attached."""
+    try:
+        async with asyncio.timeout(app[SETTINGS].redis_unavailable_s), app[JOINS]:
+            return await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
+    except TimeoutError as exc:
+        raise RedisTimeoutError("no answer from Redis while placing the client") from exc
+
+
+# Replies by which Redis says it cannot serve now (busy script, failover in progress): redis-py
+# raises some as their own classes (without the code in the text), others as ResponseError.
+_UNAVAILABLE_ERRORS = (ReadOnlyError, ClusterDownError, TryAgainError, MasterDownError)
+_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
+
+
+def _means_unavailable(exc: redis.RedisError | RedisClusterException) -> bool:
+    if not isinstance(exc, ResponseError) or isinstance(exc, _UNAVAILABLE_ERRORS):
+        return True  # connection errors, timeouts, loading
+    return str(exc).startswith(_UNAVAILABLE_REPLIES)
+
+
 async def _serve(
     app: web.Application, ws: web.WebSocketResponse, conversation_id: str, last_id: str | None,
     token_deadline: float,
@@ -296,8 +349,7 @@ async def _serve(
         wire.CloseCode.TOKEN_EXPIRED, "token_expired", "the token expired; reconnect with a new "
         "token and last_id")
     try:
-        async with app[JOINS]:
-            start, tip = await choose_start(app[REDIS], app[KEYS], conversation_id, last_id)
+        start, tip = await _placed(app, conversation_id, last_id)
         position, _ = hub.attach(conversation_id, session, tip)
         await ws.send_bytes(wire.welcome(
             conversation=conversation_id, edge=settings.node_id, start=start.mode,
@@ -311,10 +363,17 @@ async def _serve(
         await session.pump()
     except (TimeoutError, ConnectionResetError) as exc:
         log.info("client_lost", error=type(exc).__name__)
-    except redis.RedisError as exc:
-        log.warning("client_redis_error", error=str(exc))
+    except (redis.RedisError, RedisClusterException) as exc:
+        # Client input never reaches Redis unchecked, so a command Redis refuses is a fault of
+        # the relay (1011), not an outage: only errors that mean "Redis is not serving" are 4503
+        # (RedisClusterException: no cluster node reachable).
+        unavailable = _means_unavailable(exc)
+        log.warning("client_redis_error", error=str(exc), unavailable=unavailable)
+        code, reason = ((wire.CloseCode.UNAVAILABLE, "redis_unavailable") if unavailable
+                        else (wire.CloseCode.INTERNAL_ERROR, "internal_error"))
+        session.request_close(code, reason)  # what client_left and the metrics report
         with contextlib.suppress(ConnectionError):
-            await ws.close(code=wire.CloseCode.UNAVAILABLE, message=b"redis_unavailable")
+            await ws.close(code=code, message=reason.encode())
     finally:
         expiry.cancel()
         hub.detach(conversation_id, session)

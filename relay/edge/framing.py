@@ -43,6 +43,12 @@ def delivery_frame(entry_id: bytes, stored: bytes | memoryview) -> bytes:
     return b"".join((_header(len(head) + len(body)), head, body))
 
 
+def frame_payload(frame: bytes) -> bytes:
+    """The payload of a frame made by ``binary_frame``."""
+    size = frame[1] & 0x7F
+    return frame[2 if size < 126 else 4 if size == 126 else 10:]
+
+
 class FrameWriter:
     """Writes pre-built frames to one prepared WebSocketResponse's transport."""
 

@@ -103,6 +103,13 @@ class _Link:
     to_drop: set[bytes] = field(default_factory=set)
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     seen: float = 0.0
+    on_up: Callable[[], None] | None = None  # called once, when Redis first answers
+
+    def heard(self, now: float) -> None:
+        self.seen = now
+        if self.on_up is not None:
+            on_up, self.on_up = self.on_up, None
+            on_up()
 
     def live(self, channel: bytes) -> bool:
         return channel in self.confirmed and not self.leaving.get(channel)
@@ -126,6 +133,7 @@ class Hub:
         self._by_channel: dict[bytes, _Subscription] = {}
         self._shards: list[Shard] = []
         self._links: dict[str, _Link] = {}
+        self._heard: dict[str, float] = {}  # when Redis last answered on a shard's lost link
         self._shard_ready: dict[str, bool] = {}
         self._fills: set[asyncio.Task[None]] = set()
         self._fill_limit = asyncio.Semaphore(_FILL_CONCURRENCY)
@@ -267,51 +275,64 @@ class Hub:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _shard_loop(self, shard: Shard) -> None:
+        """Serve the shard's link, again and again. An outage counts from the last time Redis
+        answered on the link (the first failed or stalled read), and once one is counting every
+        attempt is bounded by the time left: a frozen Redis accepts connections and answers
+        nothing, so clients get 4503 ``unavailable_after_s`` after it froze, not later."""
         loop = asyncio.get_running_loop()
         backoff = _FIRST_BACKOFF_S
         down_since: float | None = None
+        bound: asyncio.Timeout | None = None
 
-        def up() -> None:
+        def up() -> None:  # Redis answered on the new link
             nonlocal backoff, down_since
+            self._shard_ready[shard.name] = True
+            if bound is not None:
+                bound.reschedule(None)
             if down_since is not None:
                 log.info("hub_link_recovered", node=shard.name)
             down_since, backoff = None, _FIRST_BACKOFF_S
 
         while not self._stopping:
+            deadline = None if down_since is None else down_since + self._unavailable_after_s
             try:
-                await self._serve_link(shard, up)
+                async with asyncio.timeout_at(deadline) as bound:
+                    await self._serve_link(shard, up)
             except ResponseError as exc:
                 if _is_redirect(exc):
                     raise TopologyChanged(str(exc)) from exc
                 raise
-            except _LINK_ERRORS as exc:
+            except _LINK_ERRORS as exc:  # TimeoutError (the bound) is an OSError
                 self._shard_ready[shard.name] = False
                 self._metrics.read_failed(exc)
-                down_since = down_since or loop.time()
-                log.warning("hub_link_lost", node=shard.name, error=str(exc),
+                heard = self._heard.pop(shard.name, None)
+                if down_since is None:
+                    down_since = min(loop.time(), heard if heard is not None else loop.time())
+                log.warning("hub_link_lost", node=shard.name, error=str(exc) or "no answer",
                             retry_in_s=round(backoff, 2))
-                if loop.time() - down_since > self._unavailable_after_s:
+                left = down_since + self._unavailable_after_s - loop.time()
+                if left <= 0:
                     # Redis has been gone too long: send clients elsewhere rather than keep them
                     # half-alive, and look again at the topology (a replica may have taken over).
                     self._release(shard)
                     raise TopologyChanged(f"node {shard.name} unavailable") from exc
-                await asyncio.sleep(backoff)
+                await asyncio.sleep(min(backoff, left))
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     async def _serve_link(self, shard: Shard, on_up: Callable[[], None]) -> None:
         """Connect, subscribe every watched channel of the shard, dispatch until the connection
-        fails. Whatever ends the link, its conversations refill once a new link confirms them."""
+        fails; ``on_up`` runs once Redis first answers on it (a frozen Redis still accepts the
+        connection). Whatever ends the link, its conversations refill once a new link confirms
+        them."""
         conn = _subscriber_connection(shard)
         await conn.connect()  # type: ignore[no-untyped-call]
-        link = _Link(shard, conn, seen=asyncio.get_running_loop().time())
+        link = _Link(shard, conn, seen=asyncio.get_running_loop().time(), on_up=on_up)
         link.to_add = {sub.channel for sub in self._subs.values() if shard.covers(sub.bucket)}
         link.dirty.set()
         self._links[shard.name] = link
         tasks = [asyncio.create_task(self._link_writer(link), name=f"hub-writer-{shard.name}"),
                  asyncio.create_task(self._link_reader(link), name=f"hub-reader-{shard.name}")]
         try:
-            self._shard_ready[shard.name] = True
-            on_up()
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
@@ -321,6 +342,7 @@ class Hub:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._links.pop(shard.name, None)
+            self._heard[shard.name] = link.seen
             self._lost(shard)
             with contextlib.suppress(*_LINK_ERRORS, RedisError):
                 await conn.disconnect(nowait=True)
@@ -367,14 +389,14 @@ class Hub:
             if link.requested:
                 await link.conn.send_command("PING")
             else:
-                link.seen = loop.time()  # nothing subscribed: nothing to say (RESP2 pub/sub)
+                link.heard(loop.time())  # nothing subscribed: nothing to say (RESP2 pub/sub)
 
     async def _link_reader(self, link: _Link) -> None:
         loop = asyncio.get_running_loop()
         conn, on_push = link.conn, self._on_push
         while True:
             reply = await conn.read_response(disconnect_on_error=True)
-            link.seen = loop.time()
+            link.heard(loop.time())
             kind = reply[0]
             if kind == b"smessage":
                 on_push(reply[1], reply[2])

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from relay import streams, wire
 from relay.edge.admission import FRAME_ERRORS
-from relay.edge.framing import FrameWriter, delivery_frame
+from relay.edge.framing import FrameWriter, delivery_frame, frame_payload
 from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.errors import WireError
 from relay.keys import Keys
@@ -32,8 +32,15 @@ class StartPoint:
 
     position: str
     inclusive: bool
-    mode: str  # "resume" | "turn" | "live"
+    mode: str  # "resume" | "turn" | "next_turn" | "live"
     recovered: bool | None
+
+
+# A client that joins while a turn plays starts at that turn's turn_start ("turn"): the SDK needs
+# a turn's first audio before its frames. When that start is no longer retained (a turn longer
+# than the history), delivery starts at the next turn_start instead ("next_turn"): nothing of the
+# current turn is sent, so the client never gets frames before audio nor a turn without a start.
+NEXT_TURN = "next_turn"
 
 
 async def choose_start(
@@ -51,6 +58,9 @@ async def choose_start(
     recovered = None if last_id is None else False
     turn = await streams.read_turn(client, keys, conversation_id)
     if turn is not None and turn.status == streams.ACTIVE and info.exists:
+        if info.first_id is not None and (
+                streams.parse_id(turn.start_id) < streams.parse_id(info.first_id)):
+            return StartPoint(info.last_id, False, NEXT_TURN, recovered), info.last_id
         return StartPoint(turn.start_id, True, "turn", recovered), info.last_id
     return StartPoint(info.last_id, False, "live", recovered), info.last_id
 
@@ -72,6 +82,7 @@ class ClientSession:
         self._close_reason = ""
         self._close_error: bytes | None = None
         self._sent = (0, -1)  # id of the last frame written to the socket
+        self._awaiting_turn_start = False  # "next_turn": entries before a turn_start are skipped
         self._direct = False  # live and caught up: offers may write straight to the socket
         self.sent_count = 0
         self.peak_queued_bytes = 0
@@ -90,7 +101,10 @@ class ClientSession:
             return
         writer = self._writer
         if self._direct and not self._queue and writer is not None and writer.writable():
-            frames = [frame for entry_id, frame in batch if self._fresh(entry_id)]
+            if self._awaiting_turn_start:
+                frames = [frame for entry_id, frame in batch if self._admit(entry_id, frame)]
+            else:
+                frames = [frame for entry_id, frame in batch if self._fresh(entry_id)]
             if frames:
                 writer.write_now(frames)
                 self.sent_count += len(frames)
@@ -158,7 +172,9 @@ class ClientSession:
         ``limiter`` bounds concurrent history reads across the edge; it is held for each read,
         never while sending, so a slow client cannot starve the others' joins.
         """
-        if start.mode == "live":
+        if start.mode == NEXT_TURN:
+            self._awaiting_turn_start = True  # the live queue is filtered (_write_batch)
+        if start.mode in ("live", NEXT_TURN):
             return
         stop = streams.parse_id(until)
         position, inclusive = start.position, start.inclusive
@@ -169,11 +185,17 @@ class ClientSession:
                                     count=_CATCH_UP_PAGE)
             frames, done = [], len(rows) < _CATCH_UP_PAGE
             tally = DeliveryTally()
+            if start.mode == "turn" and position == start.position and (
+                    not rows or rows[0][0] != start.position):
+                self._awaiting_turn_start = True  # the turn's start was trimmed meanwhile
             for entry_id, stored in rows:
                 parsed = streams.parse_id(entry_id)
                 if parsed > stop:
                     done = True
                     break
+                if self._awaiting_turn_start and not self._starts_turn(stored):
+                    self._fresh(parsed)  # skipped for good: never sent later either
+                    continue
                 if self._fresh(parsed):
                     frames.append(delivery_frame(entry_id.encode(), stored))
                     tally.add(stored, 1, len(frames[-1]))
@@ -210,13 +232,29 @@ class ClientSession:
         except ConnectionError:
             pass  # the client left first
 
+    def _starts_turn(self, stored: bytes) -> bool:
+        """True for a turn_start entry (a delivery frame's payload works too), and from then on
+        nothing is skipped. Decodes the entry: only clients awaiting a turn_start get here."""
+        if wire.stored_kind(stored)[0] != wire.TURN_START:
+            return False
+        self._awaiting_turn_start = False
+        return True
+
+    def _admit(self, entry_id: tuple[int, int], frame: bytes) -> bool:
+        """``_fresh``, and for a "next_turn" client nothing before the next turn_start (an entry
+        skipped counts as sent: it never goes out later)."""
+        if self._awaiting_turn_start and not self._starts_turn(frame_payload(frame)):
+            self._fresh(entry_id)
+            return False
+        return self._fresh(entry_id)
+
     async def _write_batch(self) -> None:
         frames: list[bytes] = []
         size = 0
         while self._queue and len(frames) < _BATCH_FRAMES and size < _BATCH_BYTES:
             entry_id, frame = self._queue.popleft()
             self._queued_bytes -= len(frame)
-            if self._fresh(entry_id):
+            if self._admit(entry_id, frame):
                 frames.append(frame)
                 size += len(frame)
         if frames:

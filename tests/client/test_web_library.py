@@ -13,9 +13,9 @@ WEB = Path(__file__).resolve().parents[2] / "relay" / "client" / "web"
 NODE = shutil.which("node")
 
 pytestmark = [
-    pytest.mark.skipif(NODE is None, reason="needs node >= 20 (apt-get install nodejs)"),
+    pytest.mark.skipif(NODE is None, reason="[web] no node on PATH"),
     pytest.mark.skipif(not (WEB / "node_modules" / "@msgpack" / "msgpack").is_dir(),
-                       reason="needs the web client's dependencies (make web-deps)"),
+                       reason="[web] the web client's node modules are missing"),
 ]
 
 

@@ -135,3 +135,13 @@ def test_roles_stop_at_start_up(redis_url, role, env):
     assert re.match(rf"configuration error: {name}={re.escape(raw)}: \S",
                     error_of(result.stderr)), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_misspelt_variable_is_named_not_silently_ignored(monkeypatch):
+    code, err = run_cli(monkeypatch, {"RELAY_HEARTBEAT": "5", "RELAY_TOKEN_SECRET": TEST_SECRET,
+                                      "RELAY_WHATEVER_ELSE": "1"}, "token", "conv-1")
+    assert code == 0
+    assert ("relay: warning: RELAY_HEARTBEAT is not a setting (did you mean RELAY_HEARTBEAT_S?); "
+            "it is ignored") in err
+    assert "relay: warning: RELAY_WHATEVER_ELSE is not a setting; it is ignored" in err
+    assert "RELAY_TOKEN_SECRET" not in err

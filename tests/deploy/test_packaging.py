@@ -94,6 +94,19 @@ def test_clean_install_has_no_dev_tooling_and_submits_without_the_sdk(clean_venv
     assert re.fullmatch(r"relay \d+\.\d+\.\d+\S*\n", version.stdout)
 
 
+def compose_probe(venv: Path, service: str, port: int) -> subprocess.CompletedProcess[str]:
+    """deploy/compose.yml's healthcheck of a service, run with the installed interpreter against
+    the port this test gave the role (the file uses the role's default port)."""
+    import yaml
+
+    test = yaml.safe_load((ROOT / "deploy/compose.yml").read_text())["services"][service][
+        "healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"]
+    code = re.sub(r"'127\.0\.0\.1',\d+", f"'127.0.0.1',{port}", test[-1])
+    return subprocess.run([str(venv / "bin" / "python"), *test[2:-1], code],
+                          capture_output=True, text=True, timeout=10)
+
+
 async def wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
     async with aiohttp.ClientSession() as http:
         async def ready() -> bool:
@@ -126,6 +139,9 @@ async def test_installed_roles_deliver_a_turn(clean_venv, redis_url, key_prefix,
                     relay, *args, env=env, stdout=out, stderr=out, cwd=tmp_path)
         await wait_ready(f"http://127.0.0.1:{health_port}/readyz", procs["producer"])
         await wait_ready(f"http://127.0.0.1:{edge_port}/readyz", procs["edge"])
+        # The compose healthchecks, as Docker runs them in the container, answer "healthy".
+        for service, port in (("edge-sim", edge_port), ("producer-sim", health_port)):
+            assert compose_probe(clean_venv, service, port).returncode == 0, service
 
         conv = "wheel-conv"
         client = RelayClient(f"ws://127.0.0.1:{edge_port}", conv, mint_token(TEST_SECRET, conv))
@@ -148,5 +164,6 @@ async def test_installed_roles_deliver_a_turn(clean_venv, redis_url, key_prefix,
             if proc.returncode is None:
                 proc.terminate()
         codes = {name: await asyncio.wait_for(p.wait(), 40) for name, p in procs.items()}
+    assert compose_probe(clean_venv, "edge-sim", edge_port).returncode != 0  # and "unhealthy"
     assert codes == {"motion-sim": 0, "producer": 0, "edge": 0}, [
         (logs / f"{n}.log").read_text()[-2000:] for n in codes]

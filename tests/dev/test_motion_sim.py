@@ -655,4 +655,5 @@ async def test_http_fault_and_stats_api(start_sim: StartSim) -> None:
     assert set(stats) == {
         "tokens_issued", "sessions_opened", "sessions_open", "sessions_peak", "audio_bytes",
         "keyframes_sent", "messages_sent", "requests_ended", "interrupts", "faults_fired",
+        "token_reuses",
     }  # fmt: skip

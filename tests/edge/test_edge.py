@@ -137,14 +137,17 @@ async def test_resume_outside_retention_says_so(settings, redis_client, keys):
         await log.append(conv, "t1", wire.audio("t1", seq, b"x", end=False))
     async with running_edge(settings, "edge-c") as url:
         client = RelayClient(url, conv, token(conv), last_id=first)
-        task = asyncio.create_task(collect(client, is_turn_end))
+        task = asyncio.create_task(collect(client, lambda ms: any(
+            m.turn == "t2" and m.kind == "turn_end" for m in ms)))
         await wait_joined(client)
         welcome = client.welcomes[0]
         assert welcome.get("recovered") is False
-        assert welcome.get("start") == "turn"
+        # t1's turn_start was trimmed too: nothing of t1, delivery starts at the next turn.
+        assert welcome.get("start") == "next_turn"
         await log.end_turn(conv, "t1", status=wire.STATUS_COMPLETE)
+        await write_turn(log, conv, "t2", [b"y" * 10])
         received = await task
-        assert received[-1].kind == "turn_end"
+        assert received[0].kind == "turn_start" and {m.turn for m in received} == {"t2"}
         await client.close()
 
 
@@ -260,3 +263,82 @@ async def test_health_and_readiness(edges):
                     return
             await asyncio.sleep(0.05)
     raise AssertionError("edge never became ready")
+
+
+# Each of these passed the old check (Python's int() takes spaces, "_", non-ASCII digits and an
+# empty sequence) and then failed inside XRANGE, which the client saw as Redis being down.
+BAD_POSITIONS = ["{tip} ", " 1-0", "1-", "-1", "1796_113742569-0", "١٢٣-0", "1-0-0", "1",
+                 "18446744073709551616-0", "1-18446744073709551616", "+1-0", "0x1-0", "1-0\n"]
+
+
+@pytest.mark.parametrize("position", BAD_POSITIONS)
+async def test_malformed_last_id_is_refused_before_redis(edges, log, redis_client, keys,
+                                                        position):
+    conv = "conv-badpos"
+    await write_turn(log, conv, "t1", [b"a" * 10])
+    tip = (await stream_ids(redis_client, keys, conv))[-1]
+    position = position.format(tip=tip)
+    url = f"{edges[0]}/v1/conversations/{conv}/ws?token={token(conv)}"
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            url, params={"last_id": position}) as ws:
+        first = wire.decode_server((await ws.receive(timeout=5)).data)
+        assert (first.kind, first.get("code")) == ("error", "bad_last_id")
+        closing = await ws.receive(timeout=5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4400
+
+
+async def test_largest_valid_last_id_is_accepted(edges, log):
+    conv = "conv-maxpos"
+    await write_turn(log, conv, "t1", [b"a" * 10])
+    url = f"{edges[0]}/v1/conversations/{conv}/ws?token={token(conv)}"
+    top = f"{2**64 - 1}-{2**64 - 1}"
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+            url, params={"last_id": top}) as ws:
+        welcome = wire.decode_server((await ws.receive(timeout=5)).data)
+        # Beyond the stream's tip: a position this stream never reached (recreated after a loss).
+        assert (welcome.kind, welcome.get("recovered")) == ("welcome", False)
+
+
+async def test_late_join_after_the_turn_start_was_trimmed_starts_at_the_next_turn(
+        edges, redis_client, keys):
+    """A turn longer than the retained history: a client joining mid-turn is told
+    ``start: next_turn`` and gets nothing of that turn (no frames before audio, no turn without
+    its start), then the next turn whole."""
+    short = ConversationLog(redis_client, keys, maxlen=50, ttl_s=300)
+    conv = "conv-longturn"
+    await short.open_turn(conv, "long", sample_rate=16000, owner="test")
+    for seq in range(0, 400, 40):  # frames last in every batch: the oldest kept may be frames
+        await short.append(conv, "long", *[wire.audio("long", s, b"x" * 20, end=False)
+                                           for s in range(seq, seq + 40)],
+                           wire.frames("long", seq // 40, b"env", last=False))
+    rows = await read_after(redis_client, keys, conv, "0-0", count=1000)
+    assert wire.stored_kind(rows[0][1])[0] != "turn_start"  # the start is gone
+    client = RelayClient(edges[0], conv, token(conv))
+    watch = asyncio.ensure_future(collect(client, lambda ms: any(
+        m.turn == "next" and m.kind == "turn_end" for m in ms)))
+    await wait_joined(client)
+    assert client.welcomes[0].get("start") == "next_turn"
+    await short.append(conv, "long", wire.audio("long", 400, b"y", end=True),
+                       wire.frames("long", 10, b"env", last=True))
+    await short.end_turn(conv, "long", status=wire.STATUS_COMPLETE)
+    await write_turn(short, conv, "next", [b"z" * 20] * 4)
+    received = await watch
+    assert {m.turn for m in received} == {"next"}
+    assert received[0].kind == "turn_start"
+    await client.close()
+
+
+def test_only_outages_are_reported_as_redis_unavailable():
+    from redis.exceptions import BusyLoadingError, ReadOnlyError, ResponseError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from relay.edge.app import _means_unavailable
+
+    assert _means_unavailable(RedisConnectionError("refused"))
+    assert _means_unavailable(BusyLoadingError("loading the dataset"))
+    assert _means_unavailable(ReadOnlyError("replica"))
+    assert _means_unavailable(ResponseError("BUSY Redis is busy running a script"))
+    # A command Redis refuses is the relay's fault (or, before strict parsing, the client's):
+    # never sent to another edge as an outage.
+    assert not _means_unavailable(ResponseError("ERR Invalid stream ID specified as stream"))
+    assert not _means_unavailable(ResponseError("WRONGTYPE Operation against a key"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 import aiohttp
@@ -150,6 +151,49 @@ async def test_clients_move_when_redis_stays_down(settings, keys):
             assert client.close_codes[-1] == wire.CloseCode.UNAVAILABLE
     finally:
         server.stop()
+
+
+async def test_frozen_redis_moves_clients_within_the_unavailable_bound(settings):
+    """RELAY_REDIS_UNAVAILABLE_S counts from the first stalled read: with Redis frozen (SIGSTOP:
+    connections open, no answers), attached clients get 4503 within the bound +-2 s, and so does
+    a client that tries to join meanwhile (it was ~90 s: socket timeouts with retries first)."""
+    bound = 4.0
+    server = EmbeddedServer().start()
+    try:
+        local = settings.with_overrides(redis_url=server.url, redis_unavailable_s=bound)
+        async with running_edge(local, "edge-frozen") as url:
+            conv = "frozen-conv"
+            attached = RelayClient(url, conv, token(conv), reconnect=False)
+            listener = Listener(attached)
+            await listener.joined()
+            loop = asyncio.get_running_loop()
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGSTOP)
+            frozen_at = loop.time()
+            try:
+                await asyncio.sleep(1.0)
+                joiner = RelayClient(url, conv, token(conv), reconnect=False)
+                joined_at = loop.time()
+                joining = asyncio.ensure_future(collect_codes(joiner))
+                await asyncio.wait_for(listener._task, bound + 5)
+                attached_s = loop.time() - frozen_at
+                await asyncio.wait_for(joining, bound + 5)
+                joiner_s = loop.time() - joined_at
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            print(f"4503 after {attached_s:.2f} s (attached), {joiner_s:.2f} s (joining)")
+            assert attached.close_codes[-1] == wire.CloseCode.UNAVAILABLE
+            assert joiner.close_codes[-1] == wire.CloseCode.UNAVAILABLE
+            assert bound - 2 <= attached_s <= bound + 2
+            assert joiner_s <= bound + 2
+            await joiner.close()
+    finally:
+        server.stop()
+
+
+async def collect_codes(client: RelayClient) -> None:
+    async for _ in client.messages():
+        pass
 
 
 @pytest.mark.slow  # edge processes

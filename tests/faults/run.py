@@ -171,6 +171,12 @@ async def run_all(names: list[str], options: RunOptions) -> list[ScenarioResult]
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    import structlog
+
+    # The suite's own process logs only warnings; the roles log to their files.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     parser = argparse.ArgumentParser(prog="python -m tests.faults")
     parser.add_argument("--short", action="store_true", help="only the faults make test runs")
     parser.add_argument("--conversations", type=int, default=30)

@@ -70,11 +70,14 @@ async def _retry(what: str, step, deadline_s: float = 120.0):  # type: ignore[no
 
 
 async def _feed(feed: StreamedInput, pcm: bytes) -> None:
-    """A TTS engine feeding at about real time; a chunk whose write failed is flushed, never
-    sent twice (see StreamedInput)."""
+    """A TTS engine feeding at about real time. A chunk whose send raised is kept by the feed:
+    it is retried with flush(), never sent again (that would be a second chunk; see
+    StreamedInput)."""
     for start in range(0, len(pcm), CHUNK):
-        chunk = pcm[start:start + CHUNK]
-        await _retry("send", lambda c=chunk: feed.send(c))
+        try:
+            await feed.send(pcm[start:start + CHUNK])
+        except (RedisError, OSError):
+            await _retry("flush", feed.flush)
         await asyncio.sleep(0.035)
     await _retry("end", feed.end)
 

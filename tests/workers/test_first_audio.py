@@ -13,6 +13,7 @@ import redis.asyncio as redis
 from relay import wire
 from relay.dev.motion_sim import SimConfig
 from relay.keys import Keys
+from tests.helpers.polling import eventually
 from tests.helpers.producer import (
     RATE,
     SimHandle,
@@ -139,3 +140,35 @@ async def test_queued_first_turn_audio_before_the_session(
     assert slow_sim.sim.stats.sessions_opened == 0
     messages = await wait_turn_end(redis_client, keys, "conv-queued-early", turn_id)
     assert_complete(messages, turn_id, clip)
+
+
+# --- session tokens fetched ahead -----------------------------------------------------------------
+
+
+async def test_sessions_use_stocked_tokens_once_each(make_producer, redis_client, keys, sim):
+    producer = await make_producer(sdk_token_stock=2)
+
+    async def stocked() -> bool:
+        return sim.sim.stats.tokens_issued == 2  # fetched at start, before any turn
+
+    await eventually(stocked, timeout_s=5, what="the token stock filled")
+    results = [await producer.speak(f"conv-token-{n}", tone(0.2, freq=200.0 + 40 * n))
+               for n in range(4)]
+    assert [r.status for r in results] == [wire.STATUS_COMPLETE] * 4
+    stats = sim.sim.stats
+    assert stats.sessions_opened == 4
+    assert stats.token_reuses == 0  # the docs call tokens single-use: none backed two sessions
+
+    async def refilled() -> bool:
+        return stats.tokens_issued == 4 + 2  # one per session, and the stock topped up again
+
+    await eventually(refilled, timeout_s=5, what="the token stock refilled")
+    await asyncio.sleep(0.3)
+    assert stats.tokens_issued == 6  # no session fetched a token of its own
+
+
+async def test_without_a_stock_each_session_fetches_its_own(make_producer, sim):
+    producer = await make_producer(sdk_token_stock=0)
+    for n in range(2):
+        assert (await producer.speak(f"conv-own-{n}", tone(0.2))).status == wire.STATUS_COMPLETE
+    assert sim.sim.stats.tokens_issued == 2 and sim.sim.stats.token_reuses == 0

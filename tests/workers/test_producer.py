@@ -359,3 +359,26 @@ async def test_conversation_lease(redis_client, keys):
     await other.acquire("conv-lock", wait_s=2)  # the crashed holder's lease expired
     await crashed.release("conv-lock")  # not the owner any more: must not delete other's lock
     assert await redis_client.get(keys.conversation_lock("conv-lock")) == b"other"
+
+
+async def test_motion_stopping_mid_turn_goes_audio_only_after_the_frames_timeout(
+        make_producer, redis_client, keys, sim):
+    """RELAY_FRAMES_TIMEOUT_S is the documented bound: audio goes on at real time while the
+    Motion Server stops answering; audio_only{stall} follows the last frames after about the
+    timeout (it was twice that: first the timeout's worth of unanswered audio, then the wait)."""
+    timeout_s = 1.0
+    producer = await make_producer(frames_timeout_s=timeout_s)
+    sim.fault(kind="stall", after_keyframes=5)
+    clip = tone(3.0, freq=240.0)
+    turn = await producer.open_turn("conv-stall-bound")
+    for start in range(0, len(clip), 1280):  # a TTS engine at real time
+        assert await turn.send(clip[start:start + 1280])
+        await asyncio.sleep(0.04)
+    result = await turn.end()
+    assert result.status == wire.STATUS_AUDIO_ONLY and result.error.startswith("stall")
+    mine = of_turn(await stream_messages(redis_client, keys, "conv-stall-bound"), turn.turn_id)
+    last_frames = max(int(m.id.split("-")[0]) for m in mine if m.kind == wire.FRAMES)
+    marker = next(int(m.id.split("-")[0]) for m in mine if m.kind == wire.AUDIO_ONLY)
+    waited_s = (marker - last_frames) / 1000
+    print(f"audio_only {waited_s:.2f} s after the last frames (timeout {timeout_s} s)")
+    assert timeout_s - 0.1 <= waited_s <= timeout_s + 0.5

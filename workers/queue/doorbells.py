@@ -33,6 +33,7 @@ TURN_FIELD = b"turn"
 
 # KEYS: jobs. ARGV: group, consumer, ids... Resets the idle time of the ids still pending for the
 # consumer (JUSTID: the delivery counter stays); returns the ids that are no longer its own.
+# Run twice: resets the same idle times again; the same answer.
 _TOUCH = """
 local lost = {}
 for i = 3, #ARGV do
@@ -47,6 +48,7 @@ return lost
 """
 
 # KEYS: jobs. ARGV: group, consumer, id. XACK + XDEL when the id is pending for the consumer.
+# Run twice: the id is no longer pending, so the second run does nothing.
 _ACK_MINE = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #p == 0 then return 0 end
@@ -57,6 +59,7 @@ return 1
 
 # KEYS: jobs. ARGV: group, consumer, id, idle_ms. Makes the consumer's pending id look idle for
 # idle_ms, so the next XAUTOCLAIM of any worker takes it at once.
+# Run twice: sets the same idle time again (or finds the id claimed meanwhile and leaves it).
 _HAND_BACK = """
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
 if #p == 0 then return 0 end

@@ -7,7 +7,9 @@ slot, atomic together with the turn record the fenced stream writes check (``rel
   of ``workers.queue``, and ``deadline``: unix ms, from the server clock at submit).
 * ``Keys.queue_state(c)``: hash. ``a:<turn>`` attempts started (present while the turn is queued:
   submits are idempotent per turn id), ``err:<turn>`` the last attempt's error, ``epoch`` a counter
-  that never repeats, and ``run`` = ``<turn>/<epoch>``: the one attempt allowed to run now.
+  that never repeats, and ``run`` = ``<turn>/<epoch>``: the one attempt allowed to run now;
+  ``claim``, ``claimed_from`` and ``stepped`` only let a retried claim or step-back answer as its
+  first run did (every script here says what a second run does: redis-py retries commands).
 * ``Keys.queue_runner(c)``: ``<owner>|<doorbell id>`` with an expiry: the worker running the
   queue, and the doorbell in the jobs group that backs it (``workers.queue.doorbells``). Whoever
   ends up
@@ -20,6 +22,7 @@ reads what was already delivered.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
@@ -87,6 +90,8 @@ return {hit, dropped}
 # KEYS: queue, state, done. ARGV: turn, job, deadline_in_ms (0: none), max_queued, ttl_ms.
 # Returns {1, entry id}, {0} when the turn is already queued, {2} when it already left the queue
 # (played, dead or dropped), {-1} when the queue is full.
+# Run twice: the second run finds the turn queued ({0}) or, if it ran meanwhile, done ({2});
+# nothing is queued twice.
 _SUBMIT = NOW_MS + """
 if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return {0} end
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {2} end
@@ -103,23 +108,38 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return {1, id}
 """
 
-# KEYS: state, turn record, queue. ARGV: turn, owner, max_attempts, ttl_ms, deadline_ms (0: none).
-# Counts the attempt, makes it the one allowed to run, and fences any earlier attempt of an
-# active turn. Returns {kind, epoch, attempts, start id, previous owner, status}.
+# KEYS: state, turn record, queue. ARGV: turn, owner, max_attempts, ttl_ms, deadline_ms (0: none),
+# claim id (unique per call). Counts the attempt, makes it the one allowed to run, and fences any
+# earlier attempt of an active turn. Returns {kind, epoch, attempts, start id, previous owner,
+# status}.
+# Run twice: the claim id is kept in the state (``claim``), and a second run with the same id
+# counts nothing and bumps no epoch: it answers the first run's epoch and attempts (a retried
+# claim would otherwise burn an attempt and send a turn to the dead letters early).
 _CLAIM = NOW_MS + """
 local a_key = 'a:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[1], a_key) == 0 then return {'gone', 0, 0, '', '', ''} end
-local attempts = redis.call('HINCRBY', KEYS[1], a_key, 1)
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'run', ARGV[1] .. '/' .. epoch)
+local attempts, epoch
+local again = redis.call('HGET', KEYS[1], 'claim') == ARGV[6]
+if again then
+  attempts = tonumber(redis.call('HGET', KEYS[1], a_key))
+  epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+else
+  attempts = redis.call('HINCRBY', KEYS[1], a_key, 1)
+  epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+end
+redis.call('HSET', KEYS[1], 'run', ARGV[1] .. '/' .. epoch, 'claim', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start', 'owner')
 local over = attempts > tonumber(ARGV[3])
 if cur[1] == ARGV[1] then
   if cur[2] ~= 'active' then return {'finished', epoch, attempts, cur[3], '', cur[2]} end
+  -- the owner before the first run (a second run would see the caller itself)
+  local previous = cur[4] or ''
+  if again then previous = redis.call('HGET', KEYS[1], 'claimed_from') or '' end
+  redis.call('HSET', KEYS[1], 'claimed_from', previous)
   redis.call('HSET', KEYS[2], 'epoch', epoch, 'owner', ARGV[2])
-  return {over and 'dead' or 'resume', epoch, attempts, cur[3], cur[4] or '', 'active'}
+  return {over and 'dead' or 'resume', epoch, attempts, cur[3], previous, 'active'}
 end
 if over then return {'dead', epoch, attempts, '', '', ''} end
 local deadline = tonumber(ARGV[5])
@@ -129,6 +149,8 @@ return {'fresh', epoch, attempts, '', '', ''}
 
 # KEYS: queue, state, done. ARGV: turn, epoch, queue entry id, ttl_ms. Removes a finished turn.
 # Returns 1, or 0 when it was dropped meanwhile (interrupt), or -1 when another attempt runs it.
+# Run twice: the second run finds the turn no longer queued and answers 0, which callers treat
+# as the turn having left the queue (as it has); nothing changes.
 _FINISH = NOW_MS + REMEMBER_DONE + """
 local a_key = 'a:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[2], a_key) == 0 then return 0 end
@@ -141,9 +163,16 @@ return 1
 
 # KEYS: state. ARGV: turn, epoch, error ('' for a hand-back: the attempt is not counted).
 # Ends this attempt without finishing the turn. Returns 1, or 0 when it was no longer running.
+# Run twice: the attempt is remembered in ``stepped``, so the second run answers 1 again without
+# counting a hand-back twice (which would give the turn an attempt it never had).
 _STEP_BACK = """
-if redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] .. '/' .. ARGV[2] then return 0 end
+local attempt = ARGV[1] .. '/' .. ARGV[2]
+if redis.call('HGET', KEYS[1], 'run') ~= attempt then
+  if redis.call('HGET', KEYS[1], 'stepped') == attempt then return 1 end
+  return 0
+end
 redis.call('HDEL', KEYS[1], 'run')
+redis.call('HSET', KEYS[1], 'stepped', attempt)
 if ARGV[3] == '' then
   redis.call('HINCRBY', KEYS[1], 'a:' .. ARGV[1], -1)
 else
@@ -163,9 +192,15 @@ end
 # KEYS: runner. ARGV: owner, doorbell, lease_ms. Returns {1, ''} taken, {2, previous owner} taken
 # over (the caller now owns the doorbell that backed it), {3, owner} held by the caller under
 # another doorbell, {0, holder} held by another worker.
+# Run twice: the second run finds the caller's own value, renews it and answers {1, ''} (taken),
+# not "taken over" from the caller itself.
 _TAKE = _SPLIT + """
 local v = redis.call('GET', KEYS[1])
 local value = ARGV[1] .. '|' .. ARGV[2]
+if v == value then
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+  return {1, ''}
+end
 if not v then
   redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
   return {1, ''}
@@ -180,20 +215,26 @@ return {0, holder}
 """
 
 # KEYS: runner. ARGV: value, lease_ms. 1 when extended, 0 when the lease is someone else's now.
+# Run twice: extends the same lease again.
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
 # KEYS: runner, queue. ARGV: value. 1 released (queue empty), 0 kept (turns wait), -1 lost.
+# Run twice: the second run finds no lease and an empty queue, and answers 1 again (a runner
+# told "lost" would go on as if another worker ran the conversation).
 _RELEASE_IF_EMPTY = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local v = redis.call('GET', KEYS[1])
+if not v and redis.call('XLEN', KEYS[2]) == 0 then return 1 end
+if v ~= ARGV[1] then return -1 end
 if redis.call('XLEN', KEYS[2]) > 0 then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
 
 # KEYS: runner. ARGV: value. Drops the lease if the caller still holds it.
+# Run twice: the second run finds no lease of the caller's and does nothing.
 _GIVE_UP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -314,8 +355,9 @@ class JobStore:
     async def claim(self, conversation_id: str, turn: QueuedTurn, *, owner: str) -> Claim:
         keys = [self._keys.queue_state(conversation_id), self._keys.turn(conversation_id),
                 self._keys.queue(conversation_id)]
+        # A fresh id per call: redis-py's retries of this call resend it (see _CLAIM).
         args: ScriptArgs = [turn.turn_id, owner, self._max_attempts, self._ttl_ms,
-                            turn.deadline_ms]
+                            turn.deadline_ms, uuid.uuid4().hex]
         kind, epoch, attempts, start, previous, status = await self._claim(keys=keys, args=args)
         return Claim(kind=ClaimKind(text(kind)), epoch=int(epoch), attempts=int(attempts),
                      start_id=text(start), previous_owner=text(previous),

@@ -182,8 +182,13 @@ class ProducerWorker:
         bells = await self._reclaim(min(free, room))
         if not bells:
             bells = await self._doorbells.read(min(free, room), self._settings.jobs_block_ms)
-        for bell in bells:
-            await self._dispatch(bell)
+        # Side by side: each one is a Redis round trip before its conversation's turn can start,
+        # and when many conversations start together the last would wait for all the others.
+        outcomes = await asyncio.gather(*(self._dispatch(bell) for bell in bells),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the read loop backs off and retries (the doorbells stay pending)
 
     async def _free_slots(self) -> int:
         """Wait for at least one free slot; 0 once stopping."""

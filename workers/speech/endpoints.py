@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import spatius
 import structlog
+from spatius.net import get_ssl_context
 
 from relay.errors import ConfigError
 from relay.settings import Settings
@@ -61,6 +62,29 @@ class MotionEndpoints:
             simulated=True,
             api_key=settings.spatius_api_key or SIM_API_KEY,
         )
+
+
+async def prewarm_sdk(endpoints: MotionEndpoints) -> None:
+    """The SDK's once-per-process setup, done at producer start instead of in the first turn.
+
+    * The SDK's shared TLS context (CA bundle loaded: about 20 ms of blocked event loop here):
+      every token fetch's connector takes it, even for plain-http simulator URLs, so without this
+      the first session open of a process stalls every turn running beside it.
+    * Against the real Motion Server, ``spatius.prewarm``: the region of ``auto`` resolved and
+      cached (bootstrap API), and one throwaway TLS connection to the console and the ingress
+      host each (DNS, network path, TLS session tickets), so later handshakes are shorter.
+      No session token is prefetched: the docs say tokens are single-use, and the SDK's cache
+      would hand one token to every session. Nothing here opens a session or counts against the
+      session cap or billing (metering starts at a confirmed session).
+    """
+    get_ssl_context()
+    if endpoints.simulated:
+        return  # no region to resolve, no TLS to warm (the simulator speaks plain http)
+    result = await spatius.prewarm(
+        app_id=endpoints.app_id, region=endpoints.region,
+        console_endpoint_url=endpoints.console_url, ingress_endpoint_url=endpoints.ingress_url,
+        warm_tls=True, prefetch_session_token=False)
+    log.info("sdk_prewarmed", region=result.region, tls_warmed=len(result.tls_warmed))
 
 
 def configure_sdk_telemetry(setting: str, *, simulated: bool) -> str:

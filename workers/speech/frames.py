@@ -29,6 +29,9 @@ FRAMES_QUEUE_MAX = 256
 # script call; the rest wait for the next call. Bounds one call's size, buffers nothing more.
 FRAMES_BATCH_MAX = 32
 REASON_STALL = "stall"
+# Unanswered audio beyond this means frames are owed: the server answers every 200 ms of audio
+# (a batch of keyframes); a second leaves room for its processing time.
+OWED_AUDIO_S = 1.0
 REASON_FRAMES_BACKLOG = "frames_backlog"
 
 
@@ -47,9 +50,12 @@ class FramesPipe:
     task is the only one that appends ``frames`` and ``audio_only`` entries, which is what keeps
     every frames entry of the turn ahead of its audio_only marker.
 
-    Stall rule: the Motion Server owes frames once the audio end was sent, or once more than
-    ``stall_s`` seconds of audio went unanswered; owing and silent for ``stall_s`` is a stall.
-    (A TTS pause mid-turn is not a stall: the server holds back a batch until it has the audio.)
+    Stall rule (RELAY_FRAMES_TIMEOUT_S is ``stall_s``): the Motion Server owes frames once the
+    audio end was sent, or once ``OWED_AUDIO_S`` of audio (at most ``stall_s``) went unanswered.
+    Owing, and no frames for ``stall_s`` since the first unanswered audio was sent (or since the
+    last frames, if later), is a stall: so motion that stops mid-turn turns audio-only
+    ``stall_s`` after its last frames, not later. (A TTS pause mid-turn is not a stall: the server
+    holds back less than a batch until it has the audio, and that owes nothing.)
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class FramesPipe:
         self._task: asyncio.Task[None] | None = None
         self._end_sent = False
         self._unanswered_s = 0.0
+        self._unanswered_since: float | None = None  # first audio sent after the last frames
         self._owed_since: float | None = None
         self._progress_at = 0.0
         self.outcome: PipeOutcome | None = None
@@ -118,6 +125,7 @@ class FramesPipe:
         self._items.append((envelope, is_last))
         self._progress_at = self._loop.time()
         self._unanswered_s = 0.0
+        self._unanswered_since = None
         if not self._end_sent:
             self._owed_since = None
         self._wake.set()
@@ -133,11 +141,15 @@ class FramesPipe:
         self._finish(PipeOutcome.STOPPED)
 
     def audio_sent(self, seconds: float, *, end: bool) -> None:
+        now = self._loop.time()
+        if self._unanswered_since is None and (seconds > 0 or end):
+            self._unanswered_since = now
         self._unanswered_s += seconds
         self._end_sent = self._end_sent or end
-        owes = self._end_sent or self._unanswered_s >= self._stall_s
+        owes = self._end_sent or self._unanswered_s >= min(OWED_AUDIO_S, self._stall_s)
         if owes and self._owed_since is None:
-            self._owed_since = self._loop.time()
+            self._owed_since = self._unanswered_since if self._unanswered_since is not None \
+                else now
         self._wake.set()
 
     def no_motion_needed(self) -> None:

@@ -44,6 +44,8 @@ if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) 
 
 # KEYS: lease set, waiter set. ARGV: cap, lease_ms, member, waiter_ttl_ms. Returns 1 when
 # admitted, 0 when full; a refused caller is recorded as a waiter until waiter_ttl_ms passes.
+# Run twice: the member already holds its slot, so the second run renews it and answers 1 (a slot
+# is per member, never taken twice).
 _ACQUIRE = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZSCORE', KEYS[1], ARGV[3]) == false
@@ -60,6 +62,7 @@ return 1
 
 # KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms. Free slots now, taking none; when
 # there are none the caller is recorded as a waiter, so idle sessions anywhere yield to it.
+# Run twice: the same answer; the waiter mark is refreshed, not added twice.
 _ROOM = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
@@ -72,7 +75,7 @@ redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 2)
 return 0
 """
 
-# KEYS: waiter set. Returns how many turns are waiting for a slot right now.
+# KEYS: waiter set. Returns how many turns are waiting for a slot right now. Run twice: a read.
 _DEMAND = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
@@ -88,6 +91,7 @@ _WAITER_TTL_MS = int(_MAX_POLL_S * 3000)
 
 # KEYS: lease set. ARGV: cap, lease_ms, members... Extends live members; re-admits members that
 # expired while there is room. Returns the members that are lost.
+# Run twice: extends the same members again.
 _RENEW = NOW_MS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local lost = {}
@@ -104,6 +108,7 @@ return lost
 """
 
 # KEYS: lock. ARGV: owner token, lease_ms. 1 when the caller still owns it and it was extended.
+# Run twice: extends it again.
 _RENEW_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -113,6 +118,7 @@ return 0
 
 # KEYS: lock. ARGV: owner token, lease_ms, previous owner. Takes the lock when it is free or held
 # by the previous owner (a producer whose turn attempt was fenced by a takeover). 1 when taken.
+# Run twice: the second run finds the caller's own token and answers 1 again.
 _TAKE_LOCK = """
 local v = redis.call('GET', KEYS[1])
 if v and v ~= ARGV[3] and v ~= ARGV[1] then return 0 end
@@ -121,6 +127,7 @@ return 1
 """
 
 # KEYS: lock. ARGV: owner token. Deletes the lock only when the caller owns it.
+# Run twice: the second run finds it gone (or someone else's) and does nothing.
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0

@@ -20,6 +20,7 @@ from workers.speech.session import (
     MotionUnavailable,
     describe_error,
 )
+from workers.speech.tokens import TokenStock
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,7 @@ class SessionPool:
     :param idle_s: an unused session is closed after this long (the server bills open time).
     :param per_turn: close every session right after its turn instead of keeping it.
     :param open_timeout_s: longest a session may take to fetch its token and shake hands.
+    :param tokens: session tokens fetched ahead (``workers.speech.tokens``), or None.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class SessionPool:
         idle_s: float,
         per_turn: bool,
         open_timeout_s: float,
+        tokens: TokenStock | None = None,
         metrics: ProducerMetrics | None = None,
     ) -> None:
         self._metrics = metrics
@@ -50,6 +53,7 @@ class SessionPool:
         self._idle_s = idle_s
         self._per_turn = per_turn
         self._open_timeout_s = open_timeout_s
+        self._tokens = tokens
         self._sessions: dict[str, MotionSession] = {}
         # Also the cadence at which waiting turns elsewhere get idle sessions closed for them.
         self._reaper = Periodic("motion-session-reaper", max(0.05, min(idle_s / 4, 1.0)), self.reap)
@@ -106,7 +110,7 @@ class SessionPool:
 
     async def _open(self, session: MotionSession) -> None:
         try:
-            await asyncio.wait_for(session.start(), self._open_timeout_s)
+            await asyncio.wait_for(session.start(self._tokens), self._open_timeout_s)
         except (spatius.AvatarSDKError, ValueError, OSError, TimeoutError) as exc:
             await self._dispose(session)
             log.warning("motion_session_open_failed", error=describe_error(exc))

@@ -40,12 +40,14 @@ from relay.streams import ConversationLog, Guard
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.metrics import ProducerMetrics
 from workers.speech.control import ControlListener
-from workers.speech.endpoints import MotionEndpoints, configure_sdk_telemetry
+from workers.speech.endpoints import MotionEndpoints, configure_sdk_telemetry, prewarm_sdk
 from workers.speech.frames import FramesPipe, PipeOutcome
 from workers.speech.leases import ConversationBusy, ConversationLeases, SessionLeases
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
+from workers.speech.session import SESSION_TOKEN_TTL
+from workers.speech.tokens import TokenStock
 from workers.speech.turn import Turn, TurnResult, TurnServices, TurnSpec
 
 __all__ = [  # FramesPipe, PipeOutcome moved to workers.speech.frames, Turn to workers.speech.turn
@@ -133,6 +135,7 @@ class Producer:
         if settings.frames_timeout_s <= 0 or settings.session_idle_s <= 0:
             raise ValueError("frames_timeout_s and session_idle_s must be positive")
         self._settings = settings
+        self._client = client
         self.metrics = metrics if metrics is not None else ProducerMetrics()
         self._keys = Keys.of(settings)
         self._endpoints = MotionEndpoints.from_settings(
@@ -149,9 +152,12 @@ class Producer:
         self._conversation_leases = ConversationLeases(
             client, self._keys, owner=self._owner, lease_s=settings.conversation_lease_s
         )
+        self._tokens = TokenStock(self._endpoints, size=settings.sdk_token_stock,
+                                  ttl=SESSION_TOKEN_TTL)
         self._pool = SessionPool(
             self._endpoints, self._session_leases, idle_s=settings.session_idle_s,
             per_turn=settings.per_turn_sessions, open_timeout_s=settings.frames_timeout_s,
+            tokens=self._tokens,
             metrics=self.metrics,
         )
         self._services = TurnServices(
@@ -194,6 +200,9 @@ class Producer:
     async def start(self) -> None:
         telemetry = configure_sdk_telemetry(self._settings.spatius_sdk_telemetry,
                                             simulated=self._endpoints.simulated)
+        await prewarm_sdk(self._endpoints)  # never raises; best effort, bounded by the SDK
+        await self._open_connections()
+        self._tokens.start()
         await self._control.start()
         self._session_leases.start()
         self._conversation_leases.start()
@@ -201,6 +210,12 @@ class Producer:
         self._running = True
         log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated,
                  sdk_telemetry=telemetry)
+
+    async def _open_connections(self) -> None:
+        """Open the Redis connections turns will use now, not when many turns start together:
+        each new connection costs a TCP connect and a handshake on the way to a first audio."""
+        count = min(self._settings.redis_pool_size, self._settings.producer_concurrency)
+        await asyncio.gather(*(self._client.ping() for _ in range(count)))
 
     async def close(self) -> None:
         """Take no new turns, give running ones CLOSE_WAIT_S, then close sessions and leases."""
@@ -212,6 +227,7 @@ class Producer:
                 await turn.abort("shutdown")
         await self._control.close()
         await self._pool.close()
+        await self._tokens.close()
         await self._session_leases.close()
         await self._conversation_leases.close()
         if self._tasks:

@@ -22,6 +22,7 @@ from spatius.proto.generated import message_pb2
 from relay.errors import RelayError
 from workers.metrics import ProducerMetrics
 from workers.speech.endpoints import MotionEndpoints
+from workers.speech.tokens import TokenStock, init_with
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +97,7 @@ class MotionSession:
         self._req_id: str | None = None
         self._retired: OrderedDict[str, None] = OrderedDict()
         self._closing = False
+        self._endpoints = endpoints
         self._sdk = spatius.new_avatar_session(
             avatar_id=avatar_id,
             api_key=endpoints.api_key,
@@ -125,15 +127,19 @@ class MotionSession:
     def idle_for(self) -> float:
         return 0.0 if self.in_use else self._loop.time() - self.last_used
 
-    async def start(self) -> None:
-        """Token, WebSocket and handshake; SDK errors propagate (AvatarSDKError, ValueError)."""
+    async def start(self, tokens: TokenStock | None = None) -> None:
+        """Token (from ``tokens`` when it is enabled), WebSocket and handshake; SDK errors
+        propagate (AvatarSDKError, ValueError)."""
         # The SDK's read task (and so every callback) inherits the context it is created in; a
         # fresh one keeps the opening turn's ids off the log lines of later turns.
-        await asyncio.create_task(self._start(), context=contextvars.Context())
+        await asyncio.create_task(self._start(tokens), context=contextvars.Context())
 
-    async def _start(self) -> None:
+    async def _start(self, tokens: TokenStock | None) -> None:
         structlog.contextvars.bind_contextvars(conversation_id=self.conversation_id)
-        await self._sdk.init()
+        if tokens is not None and tokens.enabled:
+            await init_with(await tokens.take(), self._endpoints, self._sdk.init)
+        else:
+            await self._sdk.init()
         await self._sdk.start()
 
     def attach(self, sink: FrameSink) -> None:

@@ -60,6 +60,10 @@ AUDIO_BATCH_MAX_BYTES = 512 * 1024
 # for the session to be ready (or to fail) before it appends more. Bounds what a turn holds for
 # a slow handshake or a long wait at the session cap (about 2 min of 16 kHz audio).
 MOTION_BACKLOG_MAX_BYTES = 4 * 1024 * 1024
+# Getting the session starts once the turn's first audio is appended, or after this long without
+# audio: opening one (token fetch, handshake) takes the event loop for a few ms, and turns of
+# other conversations starting at the same moment must not wait behind it for their first audio.
+MOTION_OPEN_GRACE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ class Turn:
         # Server wait in the backlog (``MOTION_BACKLOG_MAX_BYTES``), and go out in order.
         self._opening: asyncio.Task[None] | None = None
         self._motion_ready = False
+        self._audio_out = asyncio.Event()  # the first audio is appended (or the turn stopped)
         self._backlog: deque[tuple[bytes, bool]] = deque()
         self._backlog_bytes = 0
         self._audio_seq = delivered.next_seq if delivered else 0
@@ -270,9 +275,17 @@ class Turn:
         return await (self.abandon() if self.epoch else self.abort())
 
     async def _speak(self, pcm: bytes) -> TurnResult:
+        """The clip's first chunk goes alone, so the client's first audio waits for no other
+        write; the rest in batches of ``AUDIO_BATCH_MAX`` chunks (one fenced append each, not
+        one per chunk: with many turns starting together, per-chunk appends of the turns ahead
+        would delay every later turn's first audio). The last chunk carries the end."""
         size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
-        for start in range(0, len(pcm), size):
-            if not await self._push(pcm[start : start + size], end=start + size >= len(pcm)):
+        starts = list(range(0, len(pcm), size))
+        per_call = max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
+        groups = [starts[:1]] + [starts[i : i + per_call] for i in range(1, len(starts), per_call)]
+        for group in (g for g in groups if g):
+            chunks = [pcm[start : start + size] for start in group]
+            if not await self._push_many(chunks, end=group[-1] + size >= len(pcm)):
                 break  # interrupted
         return await self._end()
 
@@ -293,6 +306,7 @@ class Turn:
                      conversation_id=self.conversation_id, turn_id=self.turn_id,
                      audio_entries=self._audio_seq, frames_messages=self._pipe.frames_written)
         self._stopped.set()
+        self._audio_out.set()
         self._pipe.stop()
 
     async def begin(self) -> None:
@@ -318,6 +332,8 @@ class Turn:
 
     async def _get_motion(self) -> None:
         pool, spec = self._services.pool, self._spec
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._audio_out.wait(), MOTION_OPEN_GRACE_S)
         started = asyncio.get_running_loop().time()
         try:
             session = await self._until_stopped(pool.checkout(
@@ -389,6 +405,7 @@ class Turn:
         except TurnFenced:
             self.notify_interrupted()
             return False
+        self._audio_out.set()
         self._audio_seq += len(chunks)
         self._audio_bytes += sum(len(chunk) for chunk in chunks)
         self._audio_end_sent = self._audio_end_sent or end
@@ -408,6 +425,7 @@ class Turn:
             self._backlog.append((chunk, end))
             self._backlog_bytes += len(chunk)
             if self._backlog_bytes > MOTION_BACKLOG_MAX_BYTES and self._opening is not None:
+                self._audio_out.set()
                 await asyncio.wait({self._opening})  # policy "motion_backlog": wait for it
             return
         await self._send_motion(chunk, end=end)

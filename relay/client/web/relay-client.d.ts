@@ -214,5 +214,7 @@ export declare class RelayClient {
   readonly closed: Promise<ClosedResult>;
   start(): this;
   stop(): void;
+  /** Drop the current connection and resume at once on the next edge. */
+  reconnect(): void;
   ping(nonce?: unknown): void;
 }

@@ -281,6 +281,17 @@ export class RelayClient {
     this._finish("stopped", { code: 1000, reason: "client stop" });
   }
 
+  /** Drop the current connection and resume at once on the next edge (a "retry now" button). */
+  reconnect() {
+    const ws = this._ws;
+    if (!ws || this._isFinished()) return;
+    this._ws = null;
+    this._stopLiveness();
+    ws.close(1000, "client reconnect");
+    this._emit("close", { code: 1006, reason: "client reconnect", action: CloseAction.RECONNECT, edge: this.edge, welcomed: true });
+    this._retry({ code: 1006, reason: "client reconnect", rotate: true, immediate: true });
+  }
+
   /** Send a protocol ping; the edge answers with a pong (used for liveness). */
   ping(nonce = Date.now()) {
     if (this._ws && this._ws.readyState === 1) this._ws.send(encode({ v: PROTOCOL_VERSION, kind: "ping", nonce }));

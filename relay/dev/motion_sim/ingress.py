@@ -59,6 +59,7 @@ def _check_upgrade(sim: MotionSim, request: web.Request) -> web.Response | None:
     app_id, token = _credentials(request)
     if not app_id or not sim.token_ok(token):
         return _message_response(400, "Invalid session token")
+    sim.token_used(token)
     known = sim.config.known_avatars
     if not avatar_id or (known and avatar_id not in known):
         return _message_response(404, "Avatar not found")

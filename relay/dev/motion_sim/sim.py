@@ -45,6 +45,9 @@ class SimConfig:
 @dataclass
 class SimStats:
     tokens_issued: int = 0
+    # Upgrades with a token an earlier upgrade already used: accepted (like the SDK's own token
+    # cache assumes), but the Spatius docs call tokens single-use, so the relay must keep this 0.
+    token_reuses: int = 0
     sessions_opened: int = 0
     sessions_open: int = 0
     sessions_peak: int = 0
@@ -67,6 +70,7 @@ class MotionSim:
         self.stats = SimStats()
         self._faults: list[ArmedFault] = []
         self._tokens: dict[str, float] = {}  # token -> expiry (unix seconds)
+        self._used: set[str] = set()  # tokens an upgrade was accepted with (bounded like _tokens)
         self._open_per_app: Counter[str] = Counter()
         self._sockets: set[web.WebSocketResponse] = set()
 
@@ -108,6 +112,7 @@ class MotionSim:
         now = time.time()
         # Dropping expired tokens on issue bounds the store by the issue rate times 24 h.
         self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+        self._used &= self._tokens.keys()
         token = secrets.token_urlsafe(32)
         self._tokens[token] = expire_at
         self.stats.tokens_issued += 1
@@ -116,6 +121,11 @@ class MotionSim:
     def token_ok(self, token: str) -> bool:
         expiry = self._tokens.get(token)
         return expiry is not None and expiry > time.time()
+
+    def token_used(self, token: str) -> None:
+        """An upgrade was accepted with ``token``; counts reuses."""
+        self.stats.token_reuses += token in self._used
+        self._used.add(token)
 
     # Sessions.
 
