@@ -328,7 +328,7 @@ _UNAVAILABLE_ERRORS = (ReadOnlyError, ClusterDownError, TryAgainError, MasterDow
 _UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
 
 
-def _means_unavailable(exc: redis.RedisError) -> bool:
+def _means_unavailable(exc: redis.RedisError | RedisClusterException) -> bool:
     if not isinstance(exc, ResponseError) or isinstance(exc, _UNAVAILABLE_ERRORS):
         return True  # connection errors, timeouts, loading
     return str(exc).startswith(_UNAVAILABLE_REPLIES)
@@ -363,15 +363,17 @@ async def _serve(
         await session.pump()
     except (TimeoutError, ConnectionResetError) as exc:
         log.info("client_lost", error=type(exc).__name__)
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         # Client input never reaches Redis unchecked, so a command Redis refuses is a fault of
-        # the relay (1011), not an outage: only errors that mean "Redis is not serving" are 4503.
+        # the relay (1011), not an outage: only errors that mean "Redis is not serving" are 4503
+        # (RedisClusterException: no cluster node reachable).
         unavailable = _means_unavailable(exc)
         log.warning("client_redis_error", error=str(exc), unavailable=unavailable)
-        code, reason = ((wire.CloseCode.UNAVAILABLE, b"redis_unavailable") if unavailable
-                        else (wire.CloseCode.INTERNAL_ERROR, b"internal_error"))
+        code, reason = ((wire.CloseCode.UNAVAILABLE, "redis_unavailable") if unavailable
+                        else (wire.CloseCode.INTERNAL_ERROR, "internal_error"))
+        session.request_close(code, reason)  # what client_left and the metrics report
         with contextlib.suppress(ConnectionError):
-            await ws.close(code=code, message=reason)
+            await ws.close(code=code, message=reason.encode())
     finally:
         expiry.cancel()
         hub.detach(conversation_id, session)

@@ -12,9 +12,12 @@ tally is added to the counters once per read.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from relay import wire
 
@@ -89,6 +92,37 @@ class DeliveryTally:
         self.bytes[kind] += copies * frame_bytes
 
 
+class _LoopHistogram(Collector):
+    """A histogram observed from the event loop only, exposed through the collector API.
+
+    Why not prometheus_client's Histogram: its ``observe`` takes a lock per bucket and per sum,
+    about 1.7 µs, and the hub observes two of them per live push, close to once per message per
+    edge; a bisect and two integer additions cost a fifth of that. Scrapes run on the same
+    loop (the /metrics handler), so nothing needs a lock.
+    """
+
+    def __init__(self, name: str, documentation: str, *, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = buckets
+        self._counts = [0] * (len(buckets) + 1)  # the last one: above every bound (+Inf)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self._bounds, float("inf")), self._counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets,
+                                    sum_value=self._sum)
+
+
 class EdgeMetrics:
     """Every edge metric. ``bind`` attaches the gauges read at scrape time."""
 
@@ -109,12 +143,12 @@ class EdgeMetrics:
             "relay_edge_bytes_delivered_total",
             "WebSocket frame bytes of the stream messages handed to clients, by kind and source.",
             ["kind", "source"], registry=r)
-        self.lag = Histogram(
+        self.lag = _LoopHistogram(
             "relay_edge_delivery_lag_seconds",
             "Time from a live entry's append to Redis (its stream id) to the edge handing it to "
             "its clients' send queues; observed once per live push for its oldest entry.",
             buckets=_LAG_BUCKETS, registry=r)
-        self.read_batch = Histogram(
+        self.read_batch = _LoopHistogram(
             "relay_edge_read_batch_entries",
             "Conversation entries delivered by one live push, or by one page the hub read from "
             "the stream to fill a gap.", buckets=_BATCH_BUCKETS, registry=r)

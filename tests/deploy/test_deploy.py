@@ -239,3 +239,22 @@ def test_dockerignore_keeps_the_context_small():
     copied = {source for line in copies for source in line.split()[:-1]}
     allowed = {line[1:] for line in ignored if line.startswith("!")}
     assert copied and copied <= allowed, copied - allowed
+
+
+def test_compose_prometheus_finds_every_role_in_both_profiles():
+    services = compose()["services"]
+    prometheus = services["prometheus"]
+    assert "@sha256:" in prometheus["image"]
+    (mount,) = prometheus["volumes"]
+    config_dir = DEPLOY / mount.split(":")[0]
+    config = yaml.safe_load((config_dir / "prometheus-compose.yml").read_text())
+    assert (config_dir / config["rule_files"][0]).exists()
+    looked_up = {name for job in config["scrape_configs"] for sd in job["dns_sd_configs"]
+                 for name in sd["names"]}
+    for profile in ("sim", "spatius"):
+        names = set()
+        for name, service in services.items():
+            if profile in service.get("profiles", []):
+                aliases = service.get("networks", {}).get("default", {}).get("aliases", [])
+                names |= {name, *aliases}
+        assert looked_up <= names, (profile, looked_up - names)

@@ -121,6 +121,10 @@ async def test_every_role_reports_traffic_slow_clients_and_logs_only_json(
         queried = queried_metrics()
         assert len(queried) > 30
         assert sorted(queried - exported) == []
+        # ...and every metric a role exports is documented (docs/operations.md, Metrics).
+        docs = (ROOT / "docs/operations.md").read_text()
+        families = {re.sub(r"_(total|bucket|count|sum|created)$", "", name) for name in exported}
+        assert sorted(f for f in families if f not in docs) == []
         await listener.close()
     finally:
         await stack.stop()

@@ -54,6 +54,10 @@ class Fault:
     inject: Callable[[FaultContext], Awaitable[None]]
     loss_allowed: bool = False
     aof: bool = True  # the scenario's Redis keeps an append-only file
+    sdk_cap: int = 96  # RELAY_MAX_SDK_SESSIONS of the scenario's producers
+    # Redis lost the queues: turns submitted before the fault are gone with them and are not
+    # counted as stuck; the run submits a second round after the fault, which must all play.
+    resubmit: bool = False
 
 
 def redis_frozen(seconds: float) -> Callable[[FaultContext], Awaitable[None]]:
@@ -73,6 +77,28 @@ async def redis_restarted_aof(ctx: FaultContext) -> None:
     await ctx.mark_takeover()
     ctx.stack.redis.stop()
     ctx.hit()
+    await asyncio.sleep(1.0)
+    ctx.stack.redis.start()
+
+
+def redis_restarted_aof_down(seconds: float) -> Callable[[FaultContext], Awaitable[None]]:
+    async def inject(ctx: FaultContext) -> None:
+        """Down longer than the Redis clients' own retries: every producer blocked on a streamed
+        turn's input read gets the error (the reproduction of the stalled conversations)."""
+        await ctx.mark_takeover()
+        ctx.stack.redis.stop()
+        await asyncio.sleep(seconds)
+        ctx.stack.redis.start()
+    return inject
+
+
+async def redis_restarted_empty(ctx: FaultContext) -> None:
+    """Redis comes back with nothing: queues, groups and streams gone. Producers must take work
+    again (their group recreated), and every client that lost history must be told."""
+    await ctx.stack.snapshot(ctx.conversations)
+    await ctx.mark_takeover()
+    ctx.stack.redis.stop()
+    ctx.stack.redis.wipe()
     await asyncio.sleep(1.0)
     ctx.stack.redis.start()
 
@@ -153,6 +179,11 @@ FAULTS = [
     Fault("redis_killed", redis_killed, loss_allowed=True),
     Fault("producer_sigkill", producer_killed),
     Fault("producer_sigstop_6s", producer_paused(6.0)),
+    # Past its session leases (5 s here) and its claim idle, with a cap the fleet fills: the
+    # paused producer's open sessions must keep their slots (cap overshoot 0 at the simulator).
+    Fault("producer_sigstop_past_lease_12s", producer_paused(12.0), sdk_cap=8),
+    Fault("redis_restarted_aof_2s", redis_restarted_aof_down(2.0)),
+    Fault("redis_restarted_empty", redis_restarted_empty, loss_allowed=True, resubmit=True),
     Fault("edge_sigkill", edge_killed),
     Fault("edge_sigstop_8s", edge_paused(8.0)),
 ]

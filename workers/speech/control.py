@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from relay.keys import Keys
 from relay.redis_conn import RedisClient, pubsub_client
@@ -26,7 +26,9 @@ class ControlListener:
     fenced write, or when waiting for frames runs into the stall timeout.
     """
 
-    def __init__(self, client: RedisClient, keys: Keys, on_interrupt: Any) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, on_interrupt: Any,
+                 alive_channel: str | None = None) -> None:
+        self._alive_channel = alive_channel
         self._client = pubsub_client(client)
         self._owns_client = self._client is not client
         self._keys = keys
@@ -53,6 +55,9 @@ class ControlListener:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.psubscribe(self._keys.control_pattern())
+            if self._alive_channel is not None:
+                # The same connection proves this process alive to the session-lease scripts.
+                await pubsub.subscribe(self._alive_channel)
         except BaseException:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise
@@ -73,14 +78,19 @@ class ControlListener:
                     log.info("control_channel_resubscribed")
                 message = await self._pubsub.get_message(timeout=1.0)
                 delay = _RECONNECT_FIRST_S
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 log.warning("control_channel_lost", error=str(exc), retry_in_s=delay)
                 await self._drop()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RECONNECT_MAX_S)
                 continue
             if message is not None and message.get("type") == "pmessage":
-                self._dispatch(message["channel"], message["data"])
+                try:
+                    self._dispatch(message["channel"], message["data"])
+                except Exception:
+                    # A bug in one message's handling must not end the listener: without it,
+                    # interrupts would reach this process's turns only through their fences.
+                    log.exception("control_message_failed")
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         conversation_id = self._keys.conversation_of_control(channel.decode(errors="replace"))

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 log = structlog.get_logger(__name__)
 
@@ -15,8 +15,10 @@ log = structlog.get_logger(__name__)
 class Periodic:
     """One owned background task that awaits ``action`` every ``interval_s``.
 
-    Redis errors are logged and the loop goes on (the next round retries); anything else is a bug
-    and ends the task, which is logged at once and re-raised by ``close``.
+    Redis errors are logged and the loop goes on (the next round retries). Anything else is a
+    bug: it is logged at once with its traceback and the loop goes on too, because these tasks
+    renew leases and close idle sessions; one that ended would leave the process half-dead
+    (running, but losing its conversations to other producers). ``failures`` counts them.
     """
 
     def __init__(self, name: str, interval_s: float, action: Callable[[], Awaitable[None]]) -> None:
@@ -24,6 +26,7 @@ class Periodic:
         self._interval_s = interval_s
         self._action = action
         self._task: asyncio.Task[None] | None = None
+        self.failures = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -43,8 +46,13 @@ class Periodic:
             await asyncio.sleep(self._interval_s)
             try:
                 await self._action()
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
+                # RedisClusterException: no cluster node reachable (it is not a RedisError).
                 log.warning("periodic_task_redis_error", task=self._name, error=str(exc))
+            except Exception:
+                self.failures += 1
+                log.exception("periodic_task_failed", task=self._name,
+                              restart_in_s=self._interval_s)
 
     def _report(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
