@@ -87,6 +87,7 @@ def redis_restarted_aof_down(seconds: float) -> Callable[[FaultContext], Awaitab
         turn's input read gets the error (the reproduction of the stalled conversations)."""
         await ctx.mark_takeover()
         ctx.stack.redis.stop()
+        ctx.hit()
         await asyncio.sleep(seconds)
         ctx.stack.redis.start()
     return inject
@@ -98,6 +99,7 @@ async def redis_restarted_empty(ctx: FaultContext) -> None:
     await ctx.stack.snapshot(ctx.conversations)
     await ctx.mark_takeover()
     ctx.stack.redis.stop()
+    ctx.hit()
     ctx.stack.redis.wipe()
     await asyncio.sleep(1.0)
     ctx.stack.redis.start()
