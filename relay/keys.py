@@ -152,6 +152,12 @@ class Keys:
         """Live Motion Server session leases of all producers (member -> expiry in ms)."""
         return f"{self.prefix}:{{sdk}}:sessions"
 
+    def producer_alive(self, owner: str) -> str:
+        """Pub/sub channel a producer process stays subscribed to for as long as it lives: the
+        session-lease scripts tell a crashed producer (no subscriber: its connections closed
+        with it) from one that may only be paused."""
+        return f"{self.prefix}:producer:{owner}:alive"
+
     def sdk_waiters(self) -> str:
         """Sorted set of turns waiting for a session slot (member -> expiry in ms): the demand
         that makes producers close their idle sessions early."""

@@ -363,6 +363,17 @@ class Settings:
     # Off in production; `relay run` turns it on for its edges.
     web_demo: bool = setting(False, flag())
 
+    # Recovery from faults (issue 16; docs/operations.md "Slow clients", "Session cap").
+    # What one client's socket may hold written but unread: the kernel send buffer (SO_SNDBUF)
+    # and the transport's high-water mark each get this much, so a slow client reaches its
+    # 4429 close within seconds instead of a heartbeat timeout with no close frame.
+    client_send_buffer_bytes: int = setting(32 * 1024, integer(4096, 64 * 1024 * 1024))
+    # A producer that stops renewing its session leases while it is still connected to Redis
+    # may be paused with its Motion Server sessions open: its slots stay counted this long past
+    # their expiry, the Motion Server's bound for dropping a peer that went silent (the
+    # simulator drops a session after 60 s without audio).
+    sdk_paused_hold_s: float = setting(60.0, number(ge=0, le=HOUR))
+
     # Logs.
     log_json: bool = setting(True, flag())
     log_level: str = setting("info", one_of(*LOG_LEVELS))

@@ -10,7 +10,10 @@ one call, waiting for the socket only when the transport's buffer is above its h
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import struct
+from typing import Any
 
 from aiohttp import web
 
@@ -49,10 +52,23 @@ def frame_payload(frame: bytes) -> bytes:
     return frame[2 if size < 126 else 4 if size == 126 else 10:]
 
 
-class FrameWriter:
-    """Writes pre-built frames to one prepared WebSocketResponse's transport."""
+class SlowClient(Exception):
+    """The client did not read what was written to it within the send timeout."""
 
-    def __init__(self, ws: web.WebSocketResponse, timeout_s: float) -> None:
+
+class FrameWriter:
+    """Writes pre-built frames to one prepared WebSocketResponse's transport.
+
+    What the client has not read yet is bounded twice: the kernel's send buffer (SO_SNDBUF) and
+    the transport's own buffer (its high-water mark) each hold at most ``buffer_bytes``, so a
+    backlog waits in the session's bounded queue, where it counts, and everything the edge wrote
+    reaches a reading client within seconds, a 4429 close frame included. Above the high-water
+    mark a write waits for the client, at most ``timeout_s`` (then SlowClient), or until
+    ``interrupt`` is set (the session is closing).
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, timeout_s: float, *,
+                 buffer_bytes: int | None = None) -> None:
         # aiohttp keeps its frame writer private; its transport and flow-control protocol are
         # exactly what its own send_bytes uses, so frames written here interleave safely with
         # the welcome, pong and close frames aiohttp sends (all are written whole, in order).
@@ -62,6 +78,19 @@ class FrameWriter:
         self._transport = writer.transport
         self._protocol = writer.protocol
         self._timeout_s = timeout_s
+        if buffer_bytes is not None:
+            bound_buffers(self._transport, buffer_bytes)
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes written here that are still in the transport's buffer."""
+        return self._transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever it still holds (a client that stopped reading);
+        a no-op once the connection is gone."""
+        if self._protocol.transport is not None:
+            self._transport.abort()
 
     def writable(self) -> bool:
         """True when a write would go out without waiting: the transport is open and below its
@@ -72,10 +101,36 @@ class FrameWriter:
         """One transport write of ``frames``; only after ``writable()`` said so."""
         self._transport.write(b"".join(frames) if len(frames) > 1 else frames[0])
 
-    async def write(self, frames: list[bytes]) -> None:
+    async def write(self, frames: list[bytes], interrupt: asyncio.Event | None = None) -> None:
         if self._transport.is_closing():
             raise ConnectionResetError("client connection is closing")
         self._transport.write(b"".join(frames) if len(frames) > 1 else frames[0])
         if self._protocol._paused:  # noqa: SLF001 - set by the transport above its high-water mark
-            async with asyncio.timeout(self._timeout_s):
-                await self._protocol._drain_helper()  # noqa: SLF001
+            await self._wait_for_client(interrupt)
+
+    async def _wait_for_client(self, interrupt: asyncio.Event | None) -> None:
+        drained = asyncio.ensure_future(self._protocol._drain_helper())  # noqa: SLF001
+        waiters: set[asyncio.Future[Any]] = {drained}
+        stop = asyncio.ensure_future(interrupt.wait()) if interrupt is not None else None
+        if stop is not None:
+            waiters.add(stop)
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=self._timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if drained in done:
+            drained.result()  # ConnectionResetError when the client went away meanwhile
+        elif not done:
+            raise SlowClient(f"the client read nothing for {self._timeout_s:g}s")
+
+
+def bound_buffers(transport: asyncio.BaseTransport, buffer_bytes: int) -> None:
+    """Bound the kernel send buffer and the transport's buffer of one client connection."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # not a TCP socket: nothing to bound there
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+    if isinstance(transport, asyncio.WriteTransport):
+        transport.set_write_buffer_limits(high=buffer_bytes)

@@ -65,6 +65,8 @@ class Subscriber(Protocol):
 
     def on_behind(self) -> None: ...
 
+    def on_history_lost(self) -> None: ...
+
 
 @dataclass(eq=False)
 class _Subscription:
@@ -83,6 +85,9 @@ class _Subscription:
     overflowed: bool = False
     fill_task: asyncio.Task[None] | None = None
     gone: bool = False  # detached (or sent to resume): a fill in progress stops
+    # The next fill first checks that the stream still holds the position (after a lost
+    # connection or a gap: Redis may have restarted empty or failed over without it).
+    check_history: bool = False
 
     def advance(self, batch: Batch, position: str) -> None:
         for subscriber in tuple(self.subscribers):
@@ -355,6 +360,7 @@ class Hub:
                 sub.epoch += 1
                 sub.confirmed.clear()
                 sub.filling = True
+                sub.check_history = True
                 sub.pending.clear()
                 self._start_fill(sub)
 
@@ -448,6 +454,7 @@ class Hub:
         elif not self._apply(sub, data):
             self.gaps += 1
             sub.filling = True
+            sub.check_history = True
             self._buffer(sub, data)
             self._start_fill(sub)
 
@@ -466,8 +473,15 @@ class Hub:
         try:
             newline = data.index(b"\n")
             head = data[:newline].split(b" ")
-            if streams.parse_id(head[0]) > sub.last:
+            previous = streams.parse_id(head[0])
+            if previous > sub.last:
                 return False
+            if previous < sub.last < streams.parse_id(head[1]) and sub.position != "0-0":
+                # The stream says nothing lies between its tip and this push's first entry, yet
+                # the entry delivered last lies there: the stream lost it (a flush, a restart or
+                # failover that kept the connection).
+                self._history_lost(sub, head[0].decode())
+                return True
             view = memoryview(data)
             offset = newline + 1
             last, batch = sub.last, []
@@ -515,6 +529,8 @@ class Hub:
                 await sub.confirmed.wait()
                 epoch = sub.epoch
                 try:
+                    if sub.check_history and not await self._history_kept(sub):
+                        return
                     caught_up = await self._read_gap(sub)
                 except (RedisError, OSError) as exc:
                     log.warning("hub_fill_retry", conversation_id=sub.conversation_id,
@@ -566,11 +582,38 @@ class Hub:
         if sub.overflowed:
             sub.overflowed = False
             return False
-        while sub.pending:
+        while sub.pending and not sub.gone:
             data = sub.pending.popleft()
             if not self._apply(sub, data):
                 return False  # the next read covers it (and what is left is filtered then)
         return True
+
+    async def _history_kept(self, sub: _Subscription) -> bool:
+        """False (and the clients told) when the stream no longer holds every entry after the
+        position delivered: a fill would otherwise hand them a later turn in the middle of the
+        one they were playing."""
+        if sub.position != "0-0":
+            async with self._fill_limit:
+                info = await streams.stream_info(self._history, self._keys, sub.conversation_id)
+            self.history_reads += 1
+            if not info.can_resume_after(sub.position):
+                self._history_lost(sub, info.last_id)
+                return False
+        sub.check_history = False
+        return True
+
+    def _history_lost(self, sub: _Subscription, stream_last_id: str) -> None:
+        """Redis lost entries of the stream after what the clients got (restarted empty,
+        flushed, a failover that lost writes): they are told exactly as a client resuming from a
+        lost position is (closed with 1012 ``history_lost``; their resume gets ``recovered:
+        false``), and a new subscription starts for whoever joins next."""
+        log.warning("stream_history_lost", conversation_id=sub.conversation_id,
+                    position=sub.position, stream_last_id=stream_last_id,
+                    clients=len(sub.subscribers))
+        subscribers = tuple(sub.subscribers)
+        self._drop(sub)
+        for subscriber in subscribers:
+            subscriber.on_history_lost()
 
     def _send_to_resume(self, sub: _Subscription) -> None:
         """Too far behind to catch up here: clients resume through history on their own, and a

@@ -11,7 +11,7 @@ from aiohttp import WSMsgType, web
 
 from relay import streams, wire
 from relay.edge.admission import FRAME_ERRORS
-from relay.edge.framing import FrameWriter, delivery_frame, frame_payload
+from relay.edge.framing import FrameWriter, SlowClient, delivery_frame, frame_payload
 from relay.edge.metrics import DeliveryTally, EdgeMetrics
 from relay.errors import WireError
 from relay.keys import Keys
@@ -78,6 +78,8 @@ class ClientSession:
         self._writer: FrameWriter | None = None
         self._queued_bytes = 0
         self._wakeup = asyncio.Event()
+        self._closing = asyncio.Event()  # set with the close code: a blocked write gives up
+        self._loop = asyncio.get_running_loop()
         self._close_code: int | None = None
         self._close_reason = ""
         self._close_error: bytes | None = None
@@ -131,6 +133,12 @@ class ClientSession:
     def close_reason(self) -> str:
         return self._close_reason
 
+    def on_history_lost(self) -> None:
+        """Redis lost entries of this stream after what the client got: it reconnects with its
+        last_id and is told ``recovered: false`` (docs/protocol.md), as any resume from a lost
+        position is; nothing more of this connection could be trusted to be whole."""
+        self.request_close(wire.CloseCode.EDGE_RESTARTING, "history_lost")
+
     def on_unavailable(self) -> None:
         self.request_close(wire.CloseCode.UNAVAILABLE, "redis_unavailable")
 
@@ -146,13 +154,23 @@ class ClientSession:
             if error_message is not None:
                 self._close_error = wire.error(reason, error_message)
             self._wakeup.set()
+            self._closing.set()
 
     # --- delivery ----------------------------------------------------------------------------
 
-    async def _write(self, frames: list[bytes]) -> None:
+    def _frame_writer(self) -> FrameWriter:
         if self._writer is None:
-            self._writer = FrameWriter(self.ws, self._settings.send_timeout_s)
-        await self._writer.write(frames)
+            self._writer = FrameWriter(self.ws, self._settings.send_timeout_s,
+                                       buffer_bytes=self._settings.client_send_buffer_bytes)
+        return self._writer
+
+    async def _write(self, frames: list[bytes]) -> None:
+        """Write frames; a client that reads none of them within the send timeout is closed
+        with 4429 (the session stops writing; ``pump`` sends the close)."""
+        try:
+            await self._frame_writer().write(frames, self._closing)
+        except SlowClient:
+            self.request_close(wire.CloseCode.SLOW_CONSUMER, "slow_consumer")
         self.sent_count += len(frames)
 
     def _fresh(self, entry_id: tuple[int, int]) -> bool:
@@ -203,15 +221,14 @@ class ClientSession:
                 await self._write(frames)
                 if self._metrics is not None:
                     self._metrics.delivered_history(tally)
-            if done:
+            if done or self._close_code is not None:
                 return
             position, inclusive = rows[-1][0], False
 
     async def pump(self) -> None:
         """Drain the live queue, a batch per write, until the session is asked to close. While
         the queue is empty, offers write directly (see ``offer_many``)."""
-        if self._writer is None:
-            self._writer = FrameWriter(self.ws, self._settings.send_timeout_s)
+        self._frame_writer()
         while True:
             self._direct = False
             while self._queue and self._close_code is None:
@@ -224,13 +241,23 @@ class ClientSession:
             await self._wakeup.wait()
 
     async def _close(self) -> None:
+        """Send the close frame behind what is already written (never waiting for a slow client
+        to drain it first: the buffers are bounded, so it reads its way there), wait a bounded
+        time for the client's answer, and make sure a client that stopped reading does not
+        keep the connection: it is dropped one heartbeat interval later (as the heartbeat would
+        drop a client that answers no ping)."""
         assert self._close_code is not None
         try:
-            if self._close_error is not None:
-                await self.ws.send_bytes(self._close_error)
-            await self.ws.close(code=self._close_code, message=self._close_reason.encode())
-        except ConnectionError:
-            pass  # the client left first
+            async with asyncio.timeout(self._settings.send_timeout_s):
+                if self._close_error is not None:
+                    await self.ws.send_bytes(self._close_error)
+                await self.ws.close(code=self._close_code,
+                                    message=self._close_reason.encode(), drain=False)
+        except (ConnectionError, TimeoutError):
+            pass  # the client left first, or never answered the close
+        writer = self._writer
+        if writer is not None and writer.unsent_bytes:
+            self._loop.call_later(self._settings.heartbeat_s, writer.abort)
 
     def _starts_turn(self, stored: bytes) -> bool:
         """True for a turn_start entry (a delivery frame's payload works too), and from then on
@@ -249,9 +276,13 @@ class ClientSession:
         return self._fresh(entry_id)
 
     async def _write_batch(self) -> None:
+        # Only as much as the transport may hold: a backlog stays in the queue, where its
+        # bounds count it, instead of in buffers the edge cannot see into.
+        room = self._settings.client_send_buffer_bytes - self._frame_writer().unsent_bytes
+        limit = max(1, min(_BATCH_BYTES, room))
         frames: list[bytes] = []
         size = 0
-        while self._queue and len(frames) < _BATCH_FRAMES and size < _BATCH_BYTES:
+        while self._queue and len(frames) < _BATCH_FRAMES and size < limit:
             entry_id, frame = self._queue.popleft()
             self._queued_bytes -= len(frame)
             if self._admit(entry_id, frame):

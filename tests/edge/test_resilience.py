@@ -53,7 +53,10 @@ async def test_slow_client_is_cut_off_edge_memory_stays_flat_and_resume_is_exact
     # one comes back with last_id and gets exactly the rest.
     limits = settings.with_overrides(client_queue_messages=256, client_queue_bytes=512 * 1024)
     env = child_env(limits, limits.redis_url, TEST_SECRET)
-    env.update({"RELAY_CLIENT_QUEUE_MESSAGES": "256", "RELAY_CLIENT_QUEUE_BYTES": str(512 * 1024)})
+    env.update({"RELAY_CLIENT_QUEUE_MESSAGES": "256", "RELAY_CLIENT_QUEUE_BYTES": str(512 * 1024),
+                # The stalled client neither reads nor answers pings for the whole burst; the
+                # edge keeps its connection (a bounded backlog) a heartbeat interval past the close.
+                "RELAY_HEARTBEAT_S": "120"})
     stack = LocalStack(env, tmp_path / "logs")
     try:
         edge, url = await stack.start_edge("edge-slow")
@@ -125,6 +128,9 @@ async def test_edge_survives_a_redis_restart(settings, keys):
                 lambda ms: any(m.turn == "t2" and m.kind == "audio" for m in ms), timeout=30
             )
             assert [m.get("data") for m in received if m.kind == "audio"] == [b"before", b"after"]
+            # The live client was told its history is gone, as a resuming one would be.
+            assert listener.client.close_codes[0] == wire.CloseCode.EDGE_RESTARTING
+            assert [w.get("recovered") for w in listener.client.welcomes] == [None, False]
             await listener.close()
 
             # A client resuming from before the loss is told recovery failed, not given a gap.

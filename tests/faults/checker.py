@@ -154,8 +154,12 @@ def _check_turns(verdict: Verdict, who: str, received: list[wire.Message],
         if turn not in clips:
             continue
         first, last = parse_id(mine[0].id or "0-0"), parse_id(mine[-1].id or "0-0")
-        if any(first <= after and (upto is None or after < last) for after, upto in gaps):
-            continue  # a gap was announced inside this turn: it cannot be whole for this client
+        unended = mine[-1].kind not in (wire.TURN_END, wire.INTERRUPT)
+        if any(first <= after and (upto is None or after < last or (after == last and unended))
+               for after, upto in gaps):
+            # A gap was announced inside this turn, or right after the last of it the client
+            # got (Redis lost the rest of it): it cannot be whole for this client.
+            continue
         if mine[0].kind != wire.TURN_START:
             if not any(upto is not None and upto == first for _, upto in gaps):
                 verdict.bad_turns += 1

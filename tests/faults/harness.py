@@ -41,6 +41,7 @@ class StackShape:
     producers: int = 2
     edges: int = 2
     aof: bool = True
+    sdk_cap: int = 96  # RELAY_MAX_SDK_SESSIONS; the simulator counts the peak against it
 
 
 @dataclass
@@ -79,7 +80,8 @@ class FaultStack:
         assert self.local is not None
         self._names += 1
         name = f"producer-{self._names}"
-        self.producers[name] = await self.local.start_producer(name, **PRODUCER_ENV)
+        env = {**PRODUCER_ENV, "RELAY_MAX_SDK_SESSIONS": str(self.shape.sdk_cap)}
+        self.producers[name] = await self.local.start_producer(name, **env)
         return self.producers[name]
 
     async def start_edge(self, name: str | None = None, port: int = 0) -> Child:
@@ -97,6 +99,46 @@ class FaultStack:
     def edge_port(self, name: str) -> int:
         index = list(self.edges).index(name)
         return int(self.edge_urls[index].rsplit(":", 1)[1])
+
+    async def stop_producers(self) -> dict[str, float]:
+        """SIGTERM every live producer at once; seconds each took to exit (killed after the
+        stack's grace, which is above any producer's documented bound)."""
+        if self.redis.paused:
+            self.redis.resume()
+        loop = asyncio.get_running_loop()
+
+        async def timed(child: Child) -> float:
+            if child.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.proc.pid, 18)  # SIGCONT: a paused child cannot stop
+            started = loop.time()
+            await child.stop()
+            return loop.time() - started
+
+        live = {name: child for name, child in self.producers.items() if child.alive}
+        took = await asyncio.gather(*(timed(child) for child in live.values()))
+        return dict(zip(live, took, strict=True))
+
+    async def sim_peak_sessions(self) -> int:
+        """The most Motion Server sessions the simulator had open at once."""
+        assert self.local is not None and self.local.sim_url
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{self.local.sim_url}/_sim/stats") as reply:
+            return int((await reply.json())["sessions_peak"])
+
+    async def stalled(self, conversations: list[str]) -> list[str]:
+        """Conversations that still hold a queued or playing turn."""
+        assert self.client is not None
+        out = []
+        for conv in conversations:
+            with contextlib.suppress(RedisError, OSError):
+                state = await read_turn(self.client, self.keys, conv)
+                if await self.client.xlen(self.keys.queue(conv)) or (
+                        state is not None and state.status == ACTIVE):
+                    out.append(conv)
+        return out
 
     async def stop(self) -> None:
         if self.redis.paused:

@@ -19,10 +19,11 @@ from redis.exceptions import RedisError
 from relay.streams import parse_id
 from tests.faults.checker import Verdict, check, turn_outcomes
 from tests.faults.clients import Fleet
-from tests.faults.harness import SECRET, FaultStack, StackShape
+from tests.faults.harness import PRODUCER_ENV, SECRET, FaultStack, StackShape
 from tests.faults.scenarios import BY_NAME, FAULTS, SHORT, Fault, FaultContext
 from tests.faults.workload import Workload, submit_all
 from workers.queue.deadletters import DeadLetters
+from workers.run import STOP_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,38 @@ class ScenarioResult:
     rss_after_mb: float = 0.0
     settled: bool = True
     duration_s: float = 0.0
+    stalled: list[str] = field(default_factory=list)  # conversations busy at the end
+    stop_s: dict[str, float] = field(default_factory=dict)  # producer -> seconds to exit
+    stop_bound_s: float = 0.0
+    cap_overshoot: int = 0  # simulator's peak sessions above RELAY_MAX_SDK_SESSIONS
+
+    @property
+    def missed_stop_bound(self) -> list[str]:
+        return [name for name, took in self.stop_s.items() if took > self.stop_bound_s]
+
+    @property
+    def stuck(self) -> int:
+        """Submitted turns that never ended (those Redis lost before they ran excepted)."""
+        return self.outcomes.get("missing", 0)
 
     @property
     def ok(self) -> bool:
-        missing = self.outcomes.get("missing", 0) and not self.fault.loss_allowed
-        return self.settled and not missing and self.verdict.ok(
-            loss_allowed=self.fault.loss_allowed)
+        missing = self.stuck and not (self.fault.loss_allowed and not self.fault.resubmit)
+        return (self.settled and not missing and not self.stalled and not self.cap_overshoot
+                and not self.missed_stop_bound
+                and self.verdict.ok(loss_allowed=self.fault.loss_allowed))
+
+
+def _ended(truth: dict[str, list[tuple[str, bytes]]], turn_id: str) -> bool:
+    """The turn has a turn_end or interrupt in the streams."""
+    from relay import wire
+
+    for rows in truth.values():
+        for _, stored in rows:
+            kind, turn = wire.stored_kind(stored)
+            if turn == turn_id and kind in (wire.TURN_END, wire.INTERRUPT):
+                return True
+    return False
 
 
 def _pct(values: list[float], q: float) -> str:
@@ -81,7 +108,7 @@ def _takeovers(hurt: list[tuple[int, str, str]], truth: dict[str, list[tuple[str
 async def run_scenario(fault: Fault, options: RunOptions, workdir: Path) -> ScenarioResult:
     rng = random.Random(options.seed or time.time_ns())
     conversations = [f"{fault.name.replace('_', '-')}-{n}" for n in range(options.conversations)]
-    stack = FaultStack(workdir / fault.name, StackShape(aof=fault.aof))
+    stack = FaultStack(workdir / fault.name, StackShape(aof=fault.aof, sdk_cap=fault.sdk_cap))
     started = time.monotonic()
     await stack.start()
     fleet = Fleet(stack.edge_urls, conversations, SECRET, slow_clients=options.slow_clients,
@@ -97,19 +124,40 @@ async def run_scenario(fault: Fault, options: RunOptions, workdir: Path) -> Scen
         await asyncio.sleep(options.fault_after_s)
         ctx = FaultContext(stack, conversations, rng)
         await fault.inject(ctx)
+        lost_with_redis: set[str] = set()
+        if fault.resubmit:
+            # Redis lost the queued turns: a second round shows the producers take work again.
+            lost_with_redis = {turn.turn_id for turn in workload.turns}
+            again = Workload.plan(conversations, 1, rng, round_=1)
+            drops = tasks.pop()
+            tasks += await submit_all(stack.client, stack.keys, again)
+            tasks.append(drops)
+            workload = Workload(workload.turns + again.turns)
         settled = await stack.settled(conversations, options.settle_timeout_s)
+        stalled = await stack.stalled(conversations)
         await asyncio.gather(*tasks[:-1], return_exceptions=True)
         tasks[-1].cancel()
         await _caught_up(stack, fleet, conversations)
         rss_after = stack.rss_mb()
         await fleet.stop()
+        cap_overshoot = max(0, await stack.sim_peak_sessions() - fault.sdk_cap)
+        stop_s = await stack.stop_producers()
         truth = await stack.truth(conversations)
         dead = {letter.turn_id for letter in await DeadLetters(
             stack.client, stack.keys, maxlen=1000).list(1000)}
         verdict = check(fleet.records(), truth, stack.snapshots, workload.clips(),
                         workload.order())
+        outcomes = turn_outcomes(truth, workload.order(), dead)
+        gone = sum(1 for turns in workload.order().values() for t in turns
+                   if t in lost_with_redis and not _ended(truth, t))
+        if gone:  # lost with Redis before they ran: not stuck, reported apart
+            outcomes["missing"] -= gone
+            outcomes["lost_with_redis"] = gone
+            outcomes += Counter()  # drops a zero count
         return ScenarioResult(
-            fault=fault, verdict=verdict, outcomes=turn_outcomes(truth, workload.order(), dead),
+            fault=fault, verdict=verdict, outcomes=outcomes, stalled=stalled, stop_s=stop_s,
+            stop_bound_s=float(PRODUCER_ENV["RELAY_PRODUCER_STOP_S"]) + STOP_MARGIN_S,
+            cap_overshoot=cap_overshoot,
             drops=fleet.drops,
             resume_s=[x for r in fleet.records() for x in r.resume_latencies()],
             takeover_s=_takeovers(ctx.hurt, truth, {}), rss_before_mb=rss_before,
@@ -136,15 +184,18 @@ async def _caught_up(stack: FaultStack, fleet: Fleet, conversations: list[str],
         await asyncio.sleep(0.3)
 
 
-HEADER = ("fault", "ok", "turns", "outcomes", "msgs", "lost", "dup", "reord", "bad", "gaps",
-          "drops", "resume p50/p99 s", "takeover p50/p99 s", "rss MB before/after", "secs")
+HEADER = ("fault", "ok", "turns", "outcomes", "stuck", "stalled", "stop>bound", "cap over",
+          "msgs", "lost", "dup", "reord", "bad", "gaps", "drops", "resume p50/p99 s",
+          "takeover p50/p99 s", "rss MB before/after", "secs")
 
 
 def row(result: ScenarioResult) -> tuple[str, ...]:
     v = result.verdict
     outcomes = " ".join(f"{k}={n}" for k, n in sorted(result.outcomes.items()))
     return (result.fault.name, "yes" if result.ok else "NO", str(sum(result.outcomes.values())),
-            outcomes, str(v.messages), str(v.lost), str(v.duplicated), str(v.reordered),
+            outcomes, str(result.stuck), str(len(result.stalled)),
+            str(len(result.missed_stop_bound)), str(result.cap_overshoot), str(v.messages),
+            str(v.lost), str(v.duplicated), str(v.reordered),
             str(v.bad_turns + v.corrupt), str(v.announced_gaps), str(result.drops),
             f"{_pct(result.resume_s, 0.5)}/{_pct(result.resume_s, 0.99)}",
             f"{_pct(result.takeover_s, 0.5)}/{_pct(result.takeover_s, 0.99)}",

@@ -4,7 +4,8 @@ the checker may accept afterwards.
 
 Adding a fault: write ``async def my_fault(ctx: FaultContext) -> None`` that injects it (use
 ``ctx.stack`` for processes and Redis, ``ctx.mark_takeover(...)`` before hurting a producer so
-takeover latency is measured, ``ctx.stack.snapshot(...)`` before anything that may lose Redis
+takeover latency is measured, then ``ctx.hit()`` right after the fault strikes,
+``ctx.stack.snapshot(...)`` before anything that may lose Redis
 data), then add ``Fault("my_fault", my_fault)`` to ``FAULTS``; set ``loss_allowed=True`` only
 when Redis itself loses data (then every gap must be announced with ``recovered: false``). Put
 the fault in ``SHORT`` only if it keeps ``make test`` quick. ``make faults`` runs all of them.
@@ -28,16 +29,23 @@ class FaultContext:
     stack: FaultStack
     conversations: list[str]
     rng: random.Random
-    # (fault time in unix ms, conversation, turn id): turns hurt by a producer fault.
+    # (when the fault hit, unix ms; conversation; turn id): turns a fault interrupted.
     hurt: list[tuple[int, str, str]] = field(default_factory=list)
+    _marked: list[tuple[str, str]] = field(default_factory=list)
 
     async def mark_takeover(self, producer_name: str | None = None) -> None:
-        """Remember the turns being played now (by ``producer_name`` only, if given)."""
-        at = int(time.time() * 1000)
+        """Remember the turns being played now (by ``producer_name`` only, if given); call
+        ``hit()`` right after the fault strikes. The table's takeover column is, per such turn,
+        the time from the hit to its next stream entry: how long its clients heard nothing."""
         for conv, turn in (await self.stack.active_turns(self.conversations)).items():
             runner = await self.stack.runner_of(conv)
             if producer_name is None or (runner is not None and runner.name == producer_name):
-                self.hurt.append((at, conv, turn))
+                self._marked.append((conv, turn))
+
+    def hit(self) -> None:
+        at = int(time.time() * 1000)
+        self.hurt += [(at, conv, turn) for conv, turn in self._marked]
+        self._marked.clear()
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,17 @@ class Fault:
     inject: Callable[[FaultContext], Awaitable[None]]
     loss_allowed: bool = False
     aof: bool = True  # the scenario's Redis keeps an append-only file
+    sdk_cap: int = 96  # RELAY_MAX_SDK_SESSIONS of the scenario's producers
+    # Redis lost the queues: turns submitted before the fault are gone with them and are not
+    # counted as stuck; the run submits a second round after the fault, which must all play.
+    resubmit: bool = False
 
 
 def redis_frozen(seconds: float) -> Callable[[FaultContext], Awaitable[None]]:
     async def inject(ctx: FaultContext) -> None:
         await ctx.mark_takeover()
         ctx.stack.redis.pause()
+        ctx.hit()
         try:
             await asyncio.sleep(seconds)
         finally:
@@ -63,6 +76,31 @@ async def redis_restarted_aof(ctx: FaultContext) -> None:
     """A clean restart: the append-only file holds every write, so nothing may be lost."""
     await ctx.mark_takeover()
     ctx.stack.redis.stop()
+    ctx.hit()
+    await asyncio.sleep(1.0)
+    ctx.stack.redis.start()
+
+
+def redis_restarted_aof_down(seconds: float) -> Callable[[FaultContext], Awaitable[None]]:
+    async def inject(ctx: FaultContext) -> None:
+        """Down longer than the Redis clients' own retries: every producer blocked on a streamed
+        turn's input read gets the error (the reproduction of the stalled conversations)."""
+        await ctx.mark_takeover()
+        ctx.stack.redis.stop()
+        ctx.hit()
+        await asyncio.sleep(seconds)
+        ctx.stack.redis.start()
+    return inject
+
+
+async def redis_restarted_empty(ctx: FaultContext) -> None:
+    """Redis comes back with nothing: queues, groups and streams gone. Producers must take work
+    again (their group recreated), and every client that lost history must be told."""
+    await ctx.stack.snapshot(ctx.conversations)
+    await ctx.mark_takeover()
+    ctx.stack.redis.stop()
+    ctx.hit()
+    ctx.stack.redis.wipe()
     await asyncio.sleep(1.0)
     ctx.stack.redis.start()
 
@@ -72,6 +110,7 @@ async def redis_killed(ctx: FaultContext) -> None:
     await ctx.stack.snapshot(ctx.conversations)
     await ctx.mark_takeover()
     ctx.stack.redis.kill()
+    ctx.hit()
     await asyncio.sleep(1.0)
     ctx.stack.redis.start()
 
@@ -91,6 +130,7 @@ async def producer_killed(ctx: FaultContext) -> None:
     name = await _busiest_producer(ctx)
     await ctx.mark_takeover(name)
     ctx.stack.producers[name].kill()
+    ctx.hit()
     await ctx.stack.start_producer()
 
 
@@ -101,6 +141,7 @@ def producer_paused(seconds: float) -> Callable[[FaultContext], Awaitable[None]]
         assert child.proc is not None
         await ctx.mark_takeover(name)
         os.kill(child.proc.pid, signal.SIGSTOP)
+        ctx.hit()
         try:
             await asyncio.sleep(seconds)
         finally:
@@ -140,6 +181,11 @@ FAULTS = [
     Fault("redis_killed", redis_killed, loss_allowed=True),
     Fault("producer_sigkill", producer_killed),
     Fault("producer_sigstop_6s", producer_paused(6.0)),
+    # Past its session leases (5 s here) and its claim idle, with a cap the fleet fills: the
+    # paused producer's open sessions must keep their slots (cap overshoot 0 at the simulator).
+    Fault("producer_sigstop_past_lease_12s", producer_paused(12.0), sdk_cap=8),
+    Fault("redis_restarted_aof_2s", redis_restarted_aof_down(2.0)),
+    Fault("redis_restarted_empty", redis_restarted_empty, loss_allowed=True, resubmit=True),
     Fault("edge_sigkill", edge_killed),
     Fault("edge_sigstop_8s", edge_paused(8.0)),
 ]

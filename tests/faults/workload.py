@@ -37,13 +37,16 @@ class Workload:
     turns: list[PlannedTurn] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, conversations: list[str], turns: int, rng: random.Random) -> Workload:
+    def plan(cls, conversations: list[str], turns: int, rng: random.Random,
+             round_: int = 0) -> Workload:
+        """``round_`` > 0: a later round of turns for the same conversations (other turn ids)."""
         planned = []
+        tag = f"-r{round_}" if round_ else ""
         for c, conv in enumerate(conversations):
             for n in range(turns):
                 kind = "stream" if (c + n) % 2 else "clip"
                 pcm = speech_like_pcm(rng.uniform(1.5, 3.5), RATE, seed=rng.randrange(1 << 30))
-                planned.append(PlannedTurn(conv, f"{conv}-t{n}", kind, pcm))
+                planned.append(PlannedTurn(conv, f"{conv}{tag}-t{n}", kind, pcm))
         return cls(planned)
 
     def clips(self) -> dict[str, bytes]:

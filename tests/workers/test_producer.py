@@ -328,11 +328,13 @@ async def test_envelopes_of_other_requests_are_dropped(settings, sim):
 
 
 async def test_crashed_session_lease_expires(redis_client, keys):
+    # Every producer shares RELAY_SDK_LEASE_S: the scripts judge how long a member went
+    # unrenewed from its expiry and the caller's lease.
     crashed = SessionLeases(redis_client, keys, cap=1, lease_s=0.3, wait_s=0, owner="crashed")
     assert await crashed.acquire() is not None  # never renewed: its process "died"
-    other = SessionLeases(redis_client, keys, cap=1, lease_s=5, wait_s=0, owner="other")
+    other = SessionLeases(redis_client, keys, cap=1, lease_s=0.3, wait_s=0, owner="other")
     assert await other.acquire() is None  # full, and no waiting
-    other_waiting = SessionLeases(redis_client, keys, cap=1, lease_s=5, wait_s=2, owner="other")
+    other_waiting = SessionLeases(redis_client, keys, cap=1, lease_s=0.3, wait_s=2, owner="other")
     assert await other_waiting.acquire() is not None  # admitted once the crashed lease expired
 
 
@@ -342,7 +344,8 @@ async def test_live_session_lease_is_renewed(redis_client, keys):
     try:
         lease = await live.acquire()
         assert lease is not None
-        waiter = SessionLeases(redis_client, keys, cap=1, lease_s=5, wait_s=0.8, owner="waiter")
+        waiter = SessionLeases(redis_client, keys, cap=1, lease_s=0.3, wait_s=0.8,
+                               owner="waiter")
         assert await waiter.acquire() is None  # renewed past several lease lengths
         await live.release(lease)
         assert await waiter.acquire() is not None

@@ -25,6 +25,7 @@ from relay.streams import read_turn
 from tests.helpers.jobs import assert_played_once
 from tests.helpers.producer import RATE, of_turn, tone, wait_turn_end
 from workers.queue.submit import TurnQueue
+from workers.speech.leases import SessionLeases
 
 FAST_CLAIM = {"job_claim_idle_s": 1.0, "conversation_lease_s": 3.0, "jobs_block_ms": 200}
 
@@ -240,3 +241,48 @@ async def test_no_conversation_lost_in_a_fault_free_run(queue: TurnQueue, run_wo
     events = [e["event"] for e in logs]
     assert beats >= 4
     assert "conversation_lost" not in events
+
+
+async def test_a_producer_that_cannot_renew_closes_its_sessions_before_its_lease_ends(
+        valkey, make_producer, sim, redis_client, keys):
+    # Redis out of reach (a partition; here: stopped): the producer cannot renew its session
+    # lease, so it must close the session itself before the slot could go to anyone else.
+    lease_s = 1.5
+    producer = await make_producer(sdk_lease_s=lease_s, session_idle_s=60.0)
+    await producer.speak("conv-fence", tone(0.2))  # the session stays open for the next turn
+    assert sim.sim.stats.sessions_open == 1
+    loop = asyncio.get_running_loop()
+    with capture_logs() as logs:
+        valkey.stop()
+        stopped = loop.time()
+        try:
+            await until(lambda: _no_sessions(sim), timeout_s=10)
+            took = loop.time() - stopped
+        finally:
+            valkey.start()
+    assert any(e["event"] == "sdk_lease_fenced" for e in logs)
+    print(f"session closed {took:.2f}s after Redis went away (lease {lease_s}s)")
+    assert took < lease_s  # the last renewal came at most a third of a lease before the stop
+    assert producer.motion_sessions == 0
+
+
+async def _no_sessions(sim) -> bool:
+    return sim.sim.stats.sessions_open == 0
+
+
+async def test_the_slots_of_a_producer_that_may_be_paused_stay_counted(redis_client, keys):
+    # A producer still connected to Redis (subscribed to its alive channel) that stops renewing
+    # may be frozen with its Motion Server sessions open: its slot must not be handed out when
+    # its lease expires, only once its process is gone (or after the hold).
+    def leases(owner: str, wait_s: float) -> SessionLeases:
+        return SessionLeases(redis_client, keys, cap=1, lease_s=0.3, wait_s=wait_s, owner=owner,
+                             hold_s=30.0)
+
+    alive = redis_client.pubsub()
+    await alive.subscribe(keys.producer_alive("frozen"))
+    try:
+        assert await leases("frozen", 0).acquire() is not None  # and never renewed
+        assert await leases("other", 1.0).acquire() is None  # expired, still counted
+    finally:
+        await alive.aclose()  # the frozen process dies: its connections close with it
+    assert await leases("other", 1.0).acquire() is not None

@@ -26,7 +26,9 @@ class ControlListener:
     fenced write, or when waiting for frames runs into the stall timeout.
     """
 
-    def __init__(self, client: RedisClient, keys: Keys, on_interrupt: Any) -> None:
+    def __init__(self, client: RedisClient, keys: Keys, on_interrupt: Any,
+                 alive_channel: str | None = None) -> None:
+        self._alive_channel = alive_channel
         self._client = pubsub_client(client)
         self._owns_client = self._client is not client
         self._keys = keys
@@ -53,6 +55,9 @@ class ControlListener:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.psubscribe(self._keys.control_pattern())
+            if self._alive_channel is not None:
+                # The same connection proves this process alive to the session-lease scripts.
+                await pubsub.subscribe(self._alive_channel)
         except BaseException:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise

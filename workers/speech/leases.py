@@ -1,8 +1,11 @@
 """Leases in Redis that bound what producers do at once, across every producer process.
 
 * ``SessionLeases`` caps the Motion Server sessions open at once (the Spatius plan's concurrency
-  limit). One sorted set holds a member per open session with its expiry time as the score; a
-  crashed producer stops renewing, so its slots come back after ``lease_s``.
+  limit). One sorted set holds a member per open session with its expiry time as the score. A
+  producer that cannot renew a lease within 2/3 of ``lease_s`` closes its session (the fence);
+  a crashed producer's slots come back once the fence and a close would be over; a producer
+  that may only be paused keeps its slots counted until the Motion Server has dropped its
+  sessions (see ``EXPIRE_LEASES``).
 * ``ConversationLeases`` lets one producer at a time run a conversation's turns, so the turns of a
   conversation never interleave. The stream itself is protected by the fenced writes of
   ``relay.streams``; this lease only keeps honest producers from superseding each other's turns.
@@ -36,35 +39,60 @@ _FIRST_POLL_S = 0.05
 _MAX_POLL_S = 1.0
 
 
-# Keep the sorted set alive while any lease in it could still be valid, never shorten it.
-_KEEP_KEY = """
-local keep = tonumber(ARGV[2]) * 2
-if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
+# Lua: expire_leases(set, now, p) frees the slots nobody can still be using, and only those.
+# ``p`` = {lease_ms, hold_ms, early_ms, alive_head, alive_tail, liveness_known}. A member's score
+# is its last renewal + lease_ms. Its producer's liveness is whether that process is still
+# subscribed to its own alive channel (``Keys.producer_alive``): a crashed process's connections,
+# and so its subscription and its Motion Server sessions, close with it. So:
+# * owner not subscribed, unrenewed for early_ms: freed. A live producer never goes that long
+#   without renewing: it fences (closes) a session whose lease it could not renew for 2/3 of
+#   lease_ms (``SessionLeases.check_fences``), and early_ms leaves the close time on top;
+# * owner still subscribed (or liveness unknown: a cluster, where subscriptions are per node):
+#   it may be paused (SIGSTOP, a frozen VM) with its sessions open on the Motion Server and no
+#   way to close them, so the slot stays counted until hold_ms after the lease expired (the
+#   Motion Server's own dead-peer bound, RELAY_SDK_PAUSED_HOLD_S).
+EXPIRE_LEASES = """
+local function expire_leases(set, now, p)
+  local lease_ms, hold_ms, early_ms = tonumber(p[1]), tonumber(p[2]), tonumber(p[3])
+  local stale = redis.call('ZRANGEBYSCORE', set, '-inf', now + lease_ms - early_ms, 'WITHSCORES')
+  for i = 1, #stale, 2 do
+    local member, score = stale[i], tonumber(stale[i + 1])
+    local alive = 1
+    if p[6] == '1' then
+      local owner = string.match(member, '^(.*):[^:]*$') or member
+      alive = redis.call('PUBSUB', 'NUMSUB', p[4] .. owner .. p[5])[2]
+    end
+    if alive == 0 or now > score + hold_ms then redis.call('ZREM', set, member) end
+  end
+  local keep = (lease_ms + hold_ms) * 2
+  if redis.call('PTTL', set) < keep then redis.call('PEXPIRE', set, keep) end
+end
 """
 
-# KEYS: lease set, waiter set. ARGV: cap, lease_ms, member, waiter_ttl_ms. Returns 1 when
-# admitted, 0 when full; a refused caller is recorded as a waiter until waiter_ttl_ms passes.
-# Run twice: the member already holds its slot, so the second run renews it and answers 1 (a slot
-# is per member, never taken twice).
-_ACQUIRE = NOW_MS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZSCORE', KEYS[1], ARGV[3]) == false
+# KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms, then the six expiry parameters.
+# Returns 1 when admitted, 0 when full; a refused caller is recorded as a waiter until
+# waiter_ttl_ms passes. Run twice: the member already holds its slot, so the second run renews it
+# and answers 1 (a slot is per member, never taken twice).
+_ACQUIRE = NOW_MS + EXPIRE_LEASES + """
+local p = {ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]}
+expire_leases(KEYS[1], now, p)
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false
    and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]) * 2)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]) * 2)
   return 0
 end
-redis.call('ZREM', KEYS[2], ARGV[3])
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-""" + _KEEP_KEY + """
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
 return 1
 """
 
-# KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms. Free slots now, taking none; when
-# there are none the caller is recorded as a waiter, so idle sessions anywhere yield to it.
-# Run twice: the same answer; the waiter mark is refreshed, not added twice.
-_ROOM = NOW_MS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+# KEYS: lease set, waiter set. ARGV: cap, member, waiter_ttl_ms, then the six expiry parameters.
+# Free slots now, taking none; when there are none the caller is recorded as a waiter, so idle
+# sessions anywhere yield to it. Run twice: the same answer; the waiter mark is refreshed, not
+# added twice.
+_ROOM = NOW_MS + EXPIRE_LEASES + """
+expire_leases(KEYS[1], now, {ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]})
 local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
 if free > 0 then
   redis.call('ZREM', KEYS[2], ARGV[2])
@@ -81,21 +109,21 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 return redis.call('ZCARD', KEYS[1])
 """
 
-# KEYS: lease set. Slots held now (unexpired members); read-only.
-_USED = NOW_MS + """
-return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+# KEYS: lease set. Slots counted now (held, or held for a producer that may be paused); read-only.
+_USED = """
+return redis.call('ZCARD', KEYS[1])
 """
 
 # A waiter polls at least every _MAX_POLL_S; its mark outlives a few polls, no more.
 _WAITER_TTL_MS = int(_MAX_POLL_S * 3000)
 
-# KEYS: lease set. ARGV: cap, lease_ms, members... Extends live members; re-admits members that
-# expired while there is room. Returns the members that are lost.
+# KEYS: lease set. ARGV: cap, the six expiry parameters, members... Extends live members;
+# re-admits members that were freed while there is room. Returns the members that are lost.
 # Run twice: extends the same members again.
-_RENEW = NOW_MS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+_RENEW = NOW_MS + EXPIRE_LEASES + """
+expire_leases(KEYS[1], now, {ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
 local lost = {}
-for i = 3, #ARGV do
+for i = 8, #ARGV do
   if redis.call('ZSCORE', KEYS[1], ARGV[i]) ~= false
      or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[i])
@@ -103,9 +131,11 @@ for i = 3, #ARGV do
     table.insert(lost, ARGV[i])
   end
 end
-""" + _KEEP_KEY + """
 return lost
 """
+
+# A fenced session's close is given this long (its lease's early expiry leaves this much).
+FENCE_CLOSE_S = 2.0
 
 # KEYS: lock. ARGV: owner token, lease_ms. 1 when the caller still owns it and it was extended.
 # Run twice: extends it again.
@@ -158,13 +188,18 @@ async def _wait_a_little(event: asyncio.Event, delay_s: float) -> None:
 
 
 class SessionLeases:
-    """Global cap on concurrent Motion Server sessions: acquire, renew and release slots.
+    """Global cap on concurrent Motion Server sessions: acquire, renew, fence and release slots.
 
     :param cap: most sessions open at once across all producers sharing ``keys``.
     :param lease_s: how long a slot outlives its holder's last renewal.
     :param wait_s: longest ``acquire`` waits for a free slot before giving up.
-    :param on_lost: called with a lease id that expired and could not be re-admitted (the cap is
-        full again), so its holder can close the session as soon as it is idle.
+    :param hold_s: how long past its expiry the slot of a producer that may be paused (still
+        subscribed to its alive channel) stays counted: the Motion Server's dead-peer bound.
+    :param liveness_known: the alive channel's subscriptions are visible to the lease scripts
+        (a single server; not a cluster, where they are per node): crashed producers' slots
+        come back early. Without it every expired slot is held ``hold_s`` more.
+    :param on_lost: called with a lease id this process may no longer use (it could not be
+        renewed in time, or was taken while unrenewed): the session it covered must close now.
     """
 
     def __init__(
@@ -176,19 +211,29 @@ class SessionLeases:
         lease_s: float,
         wait_s: float,
         owner: str,
+        hold_s: float = 0.0,
+        liveness_known: bool = True,
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
-        if cap <= 0 or lease_s <= 0 or wait_s < 0:
-            raise ValueError("cap and lease_s must be positive and wait_s not negative")
+        if cap <= 0 or lease_s <= 0 or wait_s < 0 or hold_s < 0:
+            raise ValueError("cap and lease_s must be positive, wait_s and hold_s not negative")
         self._client = client
         self._key = keys.sdk_sessions()
         self._waiters_key = keys.sdk_waiters()
         self._cap = cap
+        self._lease_s = lease_s
         self._lease_ms = int(lease_s * 1000)
         self._wait_s = wait_s
         self._owner = owner
         self._on_lost = on_lost
-        self._held: set[str] = set()
+        # The fence: a lease not renewed for this long is given up here, its session closed, so
+        # it is closed before its slot can be freed for a crashed owner (early_ms) or expire.
+        self._fence_s = lease_s * 2 / 3  # two renewals missed
+        early_ms = min(self._lease_ms, int((self._fence_s + FENCE_CLOSE_S) * 1000))
+        head, _, tail = keys.producer_alive("\0").partition("\0")
+        self._expiry: list[str | int] = [self._lease_ms, int(hold_s * 1000), early_ms, head, tail,
+                                          "1" if liveness_known else "0"]
+        self._held: dict[str, float] = {}  # lease id -> when its last renewal was sent (loop time)
         self._wakeup = _Wakeup()
         self._acquire = register(client, _ACQUIRE)
         self._renew = register(client, _RENEW)
@@ -196,17 +241,27 @@ class SessionLeases:
         self._used = register(client, _USED)
         self._room = register(client, _ROOM)
         self._renewer = Periodic("sdk-lease-renewer", lease_s / 3, self.renew)
+        # Apart from the renewer: a renewal stuck on a Redis that does not answer must not hold
+        # the fence up.
+        self._fencer = Periodic("sdk-lease-fence", min(1.0, lease_s / 6), self._fence_round)
 
     @property
     def held(self) -> frozenset[str]:
         return frozenset(self._held)
 
+    def holds(self, lease_id: str) -> bool:
+        """The lease is this process's and still inside its fence."""
+        renewed = self._held.get(lease_id)
+        return renewed is not None and self._loop_time() - renewed < self._fence_s
+
     def start(self) -> None:
         self._renewer.start()
+        self._fencer.start()
 
     async def close(self) -> None:
         """Stop renewing and release every slot this process still holds."""
         await self._renewer.close()
+        await self._fencer.close()
         for lease_id in list(self._held):
             with suppress(RedisError, OSError):
                 await self.release(lease_id)
@@ -231,12 +286,13 @@ class SessionLeases:
             delay = min(delay * 2, _MAX_POLL_S)
 
     async def _try(self, lease_id: str) -> bool:
+        sent = self._loop_time()
         admitted = await self._acquire(keys=[self._key, self._waiters_key],
-                                       args=[self._cap, self._lease_ms, lease_id, _WAITER_TTL_MS])
+                                       args=[self._cap, lease_id, _WAITER_TTL_MS, *self._expiry])
         if int(admitted) == 1:
             # A cancellation between the script and this line leaks the slot only until it
             # expires after lease_s, since nobody renews it.
-            self._held.add(lease_id)
+            self._held[lease_id] = sent
             return True
         return False
 
@@ -244,7 +300,8 @@ class SessionLeases:
         """Slots free right now across all producers (none is taken). At 0 this producer counts
         as waiting, so idle kept sessions close for it: a worker asks before it takes new work."""
         free = await self._room(keys=[self._key, self._waiters_key],
-                                args=[self._cap, f"{self._owner}:gate", _WAITER_TTL_MS])
+                                args=[self._cap, f"{self._owner}:gate", _WAITER_TTL_MS,
+                                      *self._expiry])
         return max(0, int(free))
 
     async def demand(self) -> int:
@@ -252,27 +309,52 @@ class SessionLeases:
         return int(await self._demand(keys=[self._waiters_key]))
 
     async def used(self) -> int:
-        """Slots held across all producers now (for the metrics)."""
+        """Slots counted across all producers now (for the metrics)."""
         return int(await self._used(keys=[self._key]))
 
     async def release(self, lease_id: str) -> None:
-        self._held.discard(lease_id)
+        self._held.pop(lease_id, None)
         await self._client.zrem(self._key, lease_id)
         self._wakeup.fire()
 
     async def renew(self) -> None:
-        """Extend every held slot; report slots lost while this process could not renew them."""
+        """Extend every held slot still inside its fence; give up the ones lost meanwhile."""
+        self.check_fences()
         if not self._held:
             return
         held = sorted(self._held)
-        lost = await self._renew(keys=[self._key], args=[self._cap, self._lease_ms, *held])
-        for raw in lost or []:
-            lease_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if lease_id in self._held:
-                self._held.discard(lease_id)
-                log.warning("sdk_lease_lost", lease_id=lease_id)
-                if self._on_lost is not None:
-                    self._on_lost(lease_id)
+        sent = self._loop_time()
+        lost = await self._renew(keys=[self._key], args=[self._cap, *self._expiry, *held])
+        gone = {raw.decode() if isinstance(raw, bytes) else str(raw) for raw in lost or []}
+        for lease_id in held:
+            if lease_id not in self._held:
+                continue  # released (or fenced) while the renewal was in flight
+            if lease_id in gone:
+                self._give_up(lease_id, "sdk_lease_lost")
+            else:
+                self._held[lease_id] = sent
+        self.check_fences()  # a renewal that took too long renews nothing in time
+
+    def check_fences(self) -> None:
+        """Give up every lease not renewed within the fence (Redis unreachable, this process
+        paused, a renewal stuck): its session must close before the slot can go to anyone."""
+        now = self._loop_time()
+        for lease_id, renewed in list(self._held.items()):
+            if now - renewed >= self._fence_s:
+                self._give_up(lease_id, "sdk_lease_fenced", unrenewed_s=round(now - renewed, 2))
+
+    async def _fence_round(self) -> None:
+        self.check_fences()
+
+    def _give_up(self, lease_id: str, event: str, **details: object) -> None:
+        self._held.pop(lease_id, None)
+        log.warning(event, lease_id=lease_id, **details)
+        if self._on_lost is not None:
+            self._on_lost(lease_id)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
 
 class ConversationLeases:

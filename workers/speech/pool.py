@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from workers.metrics import ProducerMetrics
 from workers.speech.endpoints import MotionEndpoints
-from workers.speech.leases import SessionLeases
+from workers.speech.leases import FENCE_CLOSE_S, SessionLeases
 from workers.speech.periodic import Periodic
 from workers.speech.session import (
     REASON_CAPACITY,
@@ -55,6 +55,7 @@ class SessionPool:
         self._open_timeout_s = open_timeout_s
         self._tokens = tokens
         self._sessions: dict[str, MotionSession] = {}
+        self._fenced: set[asyncio.Task[None]] = set()  # closes of fenced sessions in flight
         # Also the cadence at which waiting turns elsewhere get idle sessions closed for them.
         self._reaper = Periodic("motion-session-reaper", max(0.05, min(idle_s / 4, 1.0)), self.reap)
 
@@ -66,6 +67,8 @@ class SessionPool:
 
     async def close(self) -> None:
         await self._reaper.close()
+        if self._fenced:
+            await asyncio.wait(set(self._fenced))
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(self._dispose(s) for s in sessions))
 
@@ -96,6 +99,8 @@ class SessionPool:
                     await self._leases.release(lease_id)
                 return existing
             await self._dispose(existing)
+        if lease_id is not None and not self._leases.holds(lease_id):
+            lease_id = None  # the reservation was fenced while it waited: take a fresh slot
         if lease_id is None:
             lease_id = await self._leases.acquire()
         if lease_id is None:
@@ -147,14 +152,23 @@ class SessionPool:
             await asyncio.gather(*(self._dispose(s) for s in doomed))
 
     def lease_lost(self, lease_id: str) -> None:
-        """The cap may be exceeded: close that session as soon as its turn is over."""
-        for session in self._sessions.values():
+        """This process may no longer use the slot (not renewed in time, or taken meanwhile):
+        the session it covered closes now, even mid-turn (the turn goes on audio-only), so the
+        cap holds at the Motion Server before anyone else can be given the slot."""
+        for conversation_id, session in list(self._sessions.items()):
             if session.lease_id == lease_id:
-                session.retire = True
+                del self._sessions[conversation_id]
+                session.fence()
+                task = asyncio.create_task(self._dispose(session, FENCE_CLOSE_S),
+                                           name="motion-session-fenced")
+                self._fenced.add(task)
+                task.add_done_callback(self._fenced.discard)
 
-    async def _dispose(self, session: MotionSession) -> None:
+    async def _dispose(self, session: MotionSession, timeout_s: float | None = None) -> None:
+        if session.closed:
+            return  # fenced and closed already; its turn checks it in afterwards
         try:
-            await session.close()
+            await session.close(timeout_s)
         finally:
             try:
                 await self._leases.release(session.lease_id)

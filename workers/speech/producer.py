@@ -148,6 +148,7 @@ class Producer:
         self._session_leases = SessionLeases(
             client, self._keys, cap=settings.max_sdk_sessions, lease_s=settings.sdk_lease_s,
             wait_s=settings.sdk_wait_s, owner=self._owner, on_lost=self._on_lease_lost,
+            hold_s=settings.sdk_paused_hold_s, liveness_known=not settings.redis_cluster,
         )
         self._conversation_leases = ConversationLeases(
             client, self._keys, owner=self._owner, lease_s=settings.conversation_lease_s
@@ -166,7 +167,8 @@ class Producer:
             spawn=self._spawn, closed=self._turn_closed, interrupt=self._interrupt_own_turn,
             metrics=self.metrics,
         )
-        self._control = ControlListener(client, self._keys, self._on_interrupt_message)
+        self._control = ControlListener(client, self._keys, self._on_interrupt_message,
+                                        alive_channel=self._keys.producer_alive(self._owner))
         self._locks = _KeyedLocks()
         self._active: dict[str, Turn] = {}
         self._no_turns = asyncio.Event()

@@ -186,11 +186,22 @@ class MotionSession:
             log.info("motion_interrupt_failed", error=describe_error(exc))
         self._retire(req_id)
 
-    async def close(self) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def fence(self) -> None:
+        """Its capacity lease is gone: fail the attached turn over to audio-only at once; the
+        pool closes the session."""
+        self.broken = self.broken or REASON_CAPACITY
+        if self._sink is not None:
+            self._sink.fail(REASON_CAPACITY, "the session's capacity lease could not be renewed")
+
+    async def close(self, timeout_s: float | None = None) -> None:
         self._closing = True
         self._sink = None
         try:
-            await asyncio.wait_for(self._sdk.close(), CLOSE_TIMEOUT_S)
+            await asyncio.wait_for(self._sdk.close(), timeout_s or CLOSE_TIMEOUT_S)
         except TimeoutError:
             log.warning("motion_close_timeout", conversation_id=self.conversation_id)
 
