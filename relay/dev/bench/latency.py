@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import secrets
 import time
 from array import array
@@ -38,6 +39,7 @@ import structlog
 
 from relay import wire
 from relay.dev.bench.child import BenchChild
+from relay.dev.bench.procstat import cpu_seconds, machine_busy_seconds
 from relay.dev.embedded import EmbeddedServer
 from relay.dev.stack import LocalStack, child_env
 from relay.errors import RelayError
@@ -194,16 +196,24 @@ async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -
     await client.flushall()
     try:
         await stack.start_sim()
-        await stack.start_producer("producer-1")
-        _, edge = await stack.start_edge("edge-1")
-        return await _measure(options, client, Settings(key_prefix=prefix), edge, secret, n)
+        producer = await stack.start_producer("producer-1")
+        edge_child, edge = await stack.start_edge("edge-1")
+        pids = {"producer": _pid(producer), "edge": _pid(edge_child)}
+        return await _measure(options, client, Settings(key_prefix=prefix), edge, secret, n,
+                              pids)
     finally:
         await stack.stop()
         await client.aclose()
 
 
+def _pid(child: Any) -> int:
+    if child.proc is None:
+        raise RelayError(f"{child.name} is not running")
+    return int(child.proc.pid)
+
+
 async def _measure(options: LatencyOptions, client: Any, settings: Settings, edge: str,
-                   secret: str, n: int) -> dict[str, Any]:
+                   secret: str, n: int, pids: dict[str, int]) -> dict[str, Any]:
     from workers.queue.submit import TurnQueue  # the submit side only; no SDK in this process
 
     queue = TurnQueue.from_settings(settings, client)
@@ -220,6 +230,8 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
             async with asyncio.timeout(_READY_TIMEOUT_S):
                 await asyncio.gather(*(w.welcomed.wait() for w in watchers))
             await _warm_up(queue, client, settings, pcm)
+            cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+            busy_before = machine_busy_seconds()
             for k in range(options.turns):
                 ids = [f"r{k}-{c}" for c in conversations]
                 for turn_id in ids:
@@ -232,7 +244,15 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    return _figures(options, n, rounds, times, sum(w.violations for w in watchers))
+    figures = _figures(options, n, rounds, times, sum(w.violations for w in watchers))
+    # CPU time, unlike wall time, hardly depends on what else the machine runs.
+    turns = max(1, figures["turns"])
+    figures["cpu_ms_per_turn"] = {role: round((cpu_seconds(pid) - cpu_before[role]) * 1000
+                                              / turns, 2) for role, pid in pids.items()}
+    busy, total = machine_busy_seconds()
+    figures["machine_busy_pct"] = round(100 * (busy - busy_before[0])
+                                        / max(1e-9, total - busy_before[1]), 1)
+    return figures
 
 
 async def _warm_up(queue: Any, client: Any, settings: Settings, pcm: bytes) -> None:
@@ -409,6 +429,11 @@ def render(result: dict[str, Any]) -> str:
                 f"{_cell(p['frames_after_sim_ms'])} |")
     lines.append("")
     lines.append("All figures p50 / p99 / max in ms.")
+    for s in result["steps"]:
+        if "cpu_ms_per_turn" in s:
+            cpu = ", ".join(f"{role} {ms:g} ms" for role, ms in s["cpu_ms_per_turn"].items())
+            lines.append(f"- {s['conversations']} conversations: CPU per turn {cpu}; machine "
+                         f"busy {s['machine_busy_pct']:g}% (all processes, all cores)")
     for name, verdict in result["targets"].items():
         mark = "met" if verdict["met"] else "NOT met"
         lines.append(f"- {name}: {verdict['measured']} (target <= {verdict['target']:g}) {mark}")
@@ -416,8 +441,10 @@ def render(result: dict[str, Any]) -> str:
 
 
 def markdown_section(result: dict[str, Any], meta: dict[str, Any]) -> str:
-    head = (f"## Latency run {meta['run_id']} ({meta['date']}, commit {meta['git_commit']})\n\n"
-            f"`{meta['command']}`; {meta['machine']}\n\n")
+    machine = meta["machine"]
+    head = (f"### Latency run {meta['run_id']} ({meta['date']}, commit {meta['git_commit']})\n\n"
+            f"`{meta['command']}`; {machine.get('nproc')} cores ({machine.get('cpu_model')}); "
+            f"load average {meta.get('load_before')} before, {meta.get('load_after')} after\n\n")
     return head + render(result) + "\n"
 
 
@@ -430,12 +457,15 @@ def run_command(options: LatencyOptions, command: str, markdown: Path | None) ->
 
     from relay.dev.bench.procstat import git_commit, machine
 
-    meta = {"run_id": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
-            "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
-            "git_commit": git_commit(), "machine": machine().as_dict()}
+    meta: dict[str, Any] = {
+        "run_id": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
+        "git_commit": git_commit(), "machine": machine().as_dict()}
     log_dir = options.out.parent / "logs" / f"latency-{meta['run_id']}"
     started = time.monotonic()
+    meta["load_before"] = [round(x, 2) for x in os.getloadavg()]  # the machine may be shared
     result: dict[str, Any] = {**meta, "latency": asyncio.run(run_latency(options, log_dir))}
+    result["load_after"] = meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     result["elapsed_s"] = round(time.monotonic() - started, 1)
     options.out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, default=str)
