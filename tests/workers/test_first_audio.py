@@ -172,3 +172,24 @@ async def test_without_a_stock_each_session_fetches_its_own(make_producer, sim):
     for n in range(2):
         assert (await producer.speak(f"conv-own-{n}", tone(0.2))).status == wire.STATUS_COMPLETE
     assert sim.sim.stats.tokens_issued == 2 and sim.sim.stats.token_reuses == 0
+
+
+async def test_session_opens_for_a_turn_still_waiting_for_audio(make_producer, redis_client,
+                                                                 keys, sim):
+    # The open waits for the first audio (of this turn and of the producer's other turns) only
+    # for MOTION_OPEN_GRACE_S; a turn whose TTS is slow gets its session meanwhile, and another
+    # turn that never sends audio does not hold the open back either.
+    producer = await make_producer()
+    idle = await producer.open_turn("conv-no-audio-yet")
+    waiting = await producer.open_turn("conv-slow-tts")
+
+    async def opened() -> bool:
+        return sim.sim.stats.sessions_opened == 2
+
+    await eventually(opened, timeout_s=5, what="both sessions opened before any audio")
+    clip = tone(0.3, freq=410.0)
+    assert await waiting.send(clip)
+    result = await waiting.end()
+    assert_complete(await stream_messages(redis_client, keys, "conv-slow-tts"), result.turn_id,
+                    clip)
+    await idle.abort()

@@ -48,7 +48,7 @@ from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
 from workers.speech.session import SESSION_TOKEN_TTL
 from workers.speech.tokens import TokenStock
-from workers.speech.turn import Turn, TurnResult, TurnServices, TurnSpec
+from workers.speech.turn import FirstAudioGate, Turn, TurnResult, TurnServices, TurnSpec
 
 __all__ = [  # FramesPipe, PipeOutcome moved to workers.speech.frames, Turn to workers.speech.turn
     "Attempt", "FramesPipe", "PipeOutcome", "Producer", "ProducerClosed", "ProducerError",
@@ -165,7 +165,7 @@ class Producer:
             log=self._log, pool=self._pool, frames_timeout_s=settings.frames_timeout_s,
             chunk_ms=settings.chunk_ms,
             spawn=self._spawn, closed=self._turn_closed, interrupt=self._interrupt_own_turn,
-            metrics=self.metrics,
+            metrics=self.metrics, first_audio=FirstAudioGate(),
         )
         self._control = ControlListener(client, self._keys, self._on_interrupt_message,
                                         alive_channel=self._keys.producer_alive(self._owner))

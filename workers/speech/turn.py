@@ -85,6 +85,33 @@ class TurnSpec:
     epoch: int = 0  # the queued attempt's epoch; 0 for turns spoken directly
 
 
+class FirstAudioGate:
+    """The producer's turns that have started but not yet appended their first audio.
+
+    Opening an SDK session takes a few ms of the event loop (token, WebSocket, handshake); with
+    many turns starting together, each session waits until no turn of the producer still waits
+    for its first audio (or ``MOTION_OPEN_GRACE_S`` passed), so first audio always goes first.
+    """
+
+    def __init__(self) -> None:
+        self._waiting = 0
+        self._clear = asyncio.Event()
+        self._clear.set()
+
+    def enter(self) -> None:
+        self._waiting += 1
+        self._clear.clear()
+
+    def leave(self) -> None:
+        self._waiting -= 1
+        if self._waiting <= 0:
+            self._waiting = 0
+            self._clear.set()
+
+    async def wait_clear(self) -> None:
+        await self._clear.wait()
+
+
 @dataclass(frozen=True)
 class TurnServices:
     """What a turn needs from its producer."""
@@ -97,6 +124,7 @@ class TurnServices:
     closed: Callable[[Turn], Awaitable[None]]  # releases the conversation; called exactly once
     interrupt: Callable[[Turn, str], Awaitable[None]]  # interrupts this turn in the stream
     metrics: ProducerMetrics | None = None
+    first_audio: FirstAudioGate | None = None  # shared by the producer's turns
 
 
 class Turn:
@@ -125,6 +153,7 @@ class Turn:
         self._opening: asyncio.Task[None] | None = None
         self._motion_ready = False
         self._audio_out = asyncio.Event()  # the first audio is appended (or the turn stopped)
+        self._in_gate = False  # counted in the producer's FirstAudioGate until _audio_out
         self._backlog: deque[tuple[bytes, bool]] = deque()
         self._backlog_bytes = 0
         self._audio_seq = delivered.next_seq if delivered else 0
@@ -290,6 +319,7 @@ class Turn:
         return await self._end()
 
     async def _end(self) -> TurnResult:
+        self._first_audio_out()  # whatever comes now is the end marker
         if not self._audio_end_sent:
             await self._push(b"", end=True)
         elif not self._motion_end_fed:
@@ -306,7 +336,7 @@ class Turn:
                      conversation_id=self.conversation_id, turn_id=self.turn_id,
                      audio_entries=self._audio_seq, frames_messages=self._pipe.frames_written)
         self._stopped.set()
-        self._audio_out.set()
+        self._first_audio_out()
         self._pipe.stop()
 
     async def begin(self) -> None:
@@ -317,8 +347,20 @@ class Turn:
         if delivered is not None and (delivered.motion_started or delivered.frames_last):
             await self._continue_without_motion(delivered)
             return
+        gate = self._services.first_audio
+        if gate is not None and not self._audio_out.is_set():
+            gate.enter()
+            self._in_gate = True
         self._opening = asyncio.create_task(self._open_motion(),
                                             name=f"motion-open-{self.turn_id}")
+
+    def _first_audio_out(self) -> None:
+        """The turn's first audio is in the stream, or none will come (it ends or stopped)."""
+        self._audio_out.set()
+        gate = self._services.first_audio
+        if self._in_gate and gate is not None:
+            self._in_gate = False
+            gate.leave()
 
     async def _open_motion(self) -> None:
         """Check a session out (or open one), attach the turn, then send it the backlog. Any
@@ -332,8 +374,12 @@ class Turn:
 
     async def _get_motion(self) -> None:
         pool, spec = self._services.pool, self._spec
+        gate = self._services.first_audio
         with suppress(TimeoutError):
-            await asyncio.wait_for(self._audio_out.wait(), MOTION_OPEN_GRACE_S)
+            async with asyncio.timeout(MOTION_OPEN_GRACE_S):
+                await self._audio_out.wait()
+                if gate is not None:
+                    await gate.wait_clear()  # other turns' first audio goes first too
         started = asyncio.get_running_loop().time()
         try:
             session = await self._until_stopped(pool.checkout(
@@ -405,7 +451,7 @@ class Turn:
         except TurnFenced:
             self.notify_interrupted()
             return False
-        self._audio_out.set()
+        self._first_audio_out()
         self._audio_seq += len(chunks)
         self._audio_bytes += sum(len(chunk) for chunk in chunks)
         self._audio_end_sent = self._audio_end_sent or end
@@ -425,7 +471,7 @@ class Turn:
             self._backlog.append((chunk, end))
             self._backlog_bytes += len(chunk)
             if self._backlog_bytes > MOTION_BACKLOG_MAX_BYTES and self._opening is not None:
-                self._audio_out.set()
+                self._first_audio_out()
                 await asyncio.wait({self._opening})  # policy "motion_backlog": wait for it
             return
         await self._send_motion(chunk, end=end)
@@ -480,6 +526,7 @@ class Turn:
         return self._result
 
     async def _release(self) -> None:
+        self._first_audio_out()  # never leave the producer's gate counting this turn
         opening, self._opening = self._opening, None
         if opening is not None and not opening.done():
             opening.cancel()  # a session it opens meanwhile is disposed of by the pool
