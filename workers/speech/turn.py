@@ -64,6 +64,9 @@ MOTION_BACKLOG_MAX_BYTES = 4 * 1024 * 1024
 # audio: opening one (token fetch, handshake) takes the event loop for a few ms, and turns of
 # other conversations starting at the same moment must not wait behind it for their first audio.
 MOTION_OPEN_GRACE_S = 0.05
+# A clip's first call appends this much audio: the client holds it while the rest of the clip
+# waits (at most MOTION_OPEN_GRACE_S) for other turns' first audio.
+FIRST_AUDIO_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -304,19 +307,31 @@ class Turn:
         return await (self.abandon() if self.epoch else self.abort())
 
     async def _speak(self, pcm: bytes) -> TurnResult:
-        """The clip's first chunk goes alone, so the client's first audio waits for no other
-        write; the rest in batches of ``AUDIO_BATCH_MAX`` chunks (one fenced append each, not
-        one per chunk: with many turns starting together, per-chunk appends of the turns ahead
-        would delay every later turn's first audio). The last chunk carries the end."""
+        """The clip's first ``FIRST_AUDIO_S`` go in one call of their own, so the client's first
+        audio waits for no other write; the rest, once no turn of the producer still waits for
+        its first audio (at most ``MOTION_OPEN_GRACE_S``, well inside what the client already
+        holds), in calls of up to ``AUDIO_BATCH_MAX`` chunks (one per chunk would delay every
+        later turn's first audio when many start together). The last chunk carries the end."""
         size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
         starts = list(range(0, len(pcm), size))
+        first = max(1, round(FIRST_AUDIO_S * 1000 / self._services.chunk_ms))
         per_call = max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
-        groups = [starts[:1]] + [starts[i : i + per_call] for i in range(1, len(starts), per_call)]
-        for group in (g for g in groups if g):
+        groups = [starts[:first]] + [starts[i : i + per_call]
+                                     for i in range(first, len(starts), per_call)]
+        for index, group in enumerate(g for g in groups if g):
+            if index == 1:
+                await self._after_first_audio_everywhere()
             chunks = [pcm[start : start + size] for start in group]
             if not await self._push_many(chunks, end=group[-1] + size >= len(pcm)):
                 break  # interrupted
         return await self._end()
+
+    async def _after_first_audio_everywhere(self) -> None:
+        gate = self._services.first_audio
+        if gate is not None:
+            with suppress(TimeoutError):
+                async with asyncio.timeout(MOTION_OPEN_GRACE_S):
+                    await gate.wait_clear()
 
     async def _end(self) -> TurnResult:
         self._first_audio_out()  # whatever comes now is the end marker
