@@ -4,7 +4,8 @@ the checker may accept afterwards.
 
 Adding a fault: write ``async def my_fault(ctx: FaultContext) -> None`` that injects it (use
 ``ctx.stack`` for processes and Redis, ``ctx.mark_takeover(...)`` before hurting a producer so
-takeover latency is measured, ``ctx.stack.snapshot(...)`` before anything that may lose Redis
+takeover latency is measured, then ``ctx.hit()`` right after the fault strikes,
+``ctx.stack.snapshot(...)`` before anything that may lose Redis
 data), then add ``Fault("my_fault", my_fault)`` to ``FAULTS``; set ``loss_allowed=True`` only
 when Redis itself loses data (then every gap must be announced with ``recovered: false``). Put
 the fault in ``SHORT`` only if it keeps ``make test`` quick. ``make faults`` runs all of them.
@@ -28,16 +29,23 @@ class FaultContext:
     stack: FaultStack
     conversations: list[str]
     rng: random.Random
-    # (fault time in unix ms, conversation, turn id): turns hurt by a producer fault.
+    # (when the fault hit, unix ms; conversation; turn id): turns a fault interrupted.
     hurt: list[tuple[int, str, str]] = field(default_factory=list)
+    _marked: list[tuple[str, str]] = field(default_factory=list)
 
     async def mark_takeover(self, producer_name: str | None = None) -> None:
-        """Remember the turns being played now (by ``producer_name`` only, if given)."""
-        at = int(time.time() * 1000)
+        """Remember the turns being played now (by ``producer_name`` only, if given); call
+        ``hit()`` right after the fault strikes. The table's takeover column is, per such turn,
+        the time from the hit to its next stream entry: how long its clients heard nothing."""
         for conv, turn in (await self.stack.active_turns(self.conversations)).items():
             runner = await self.stack.runner_of(conv)
             if producer_name is None or (runner is not None and runner.name == producer_name):
-                self.hurt.append((at, conv, turn))
+                self._marked.append((conv, turn))
+
+    def hit(self) -> None:
+        at = int(time.time() * 1000)
+        self.hurt += [(at, conv, turn) for conv, turn in self._marked]
+        self._marked.clear()
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ def redis_frozen(seconds: float) -> Callable[[FaultContext], Awaitable[None]]:
     async def inject(ctx: FaultContext) -> None:
         await ctx.mark_takeover()
         ctx.stack.redis.pause()
+        ctx.hit()
         try:
             await asyncio.sleep(seconds)
         finally:
@@ -67,6 +76,7 @@ async def redis_restarted_aof(ctx: FaultContext) -> None:
     """A clean restart: the append-only file holds every write, so nothing may be lost."""
     await ctx.mark_takeover()
     ctx.stack.redis.stop()
+    ctx.hit()
     await asyncio.sleep(1.0)
     ctx.stack.redis.start()
 
@@ -77,6 +87,7 @@ def redis_restarted_aof_down(seconds: float) -> Callable[[FaultContext], Awaitab
         turn's input read gets the error (the reproduction of the stalled conversations)."""
         await ctx.mark_takeover()
         ctx.stack.redis.stop()
+        ctx.hit()
         await asyncio.sleep(seconds)
         ctx.stack.redis.start()
     return inject
@@ -88,6 +99,7 @@ async def redis_restarted_empty(ctx: FaultContext) -> None:
     await ctx.stack.snapshot(ctx.conversations)
     await ctx.mark_takeover()
     ctx.stack.redis.stop()
+    ctx.hit()
     ctx.stack.redis.wipe()
     await asyncio.sleep(1.0)
     ctx.stack.redis.start()
@@ -98,6 +110,7 @@ async def redis_killed(ctx: FaultContext) -> None:
     await ctx.stack.snapshot(ctx.conversations)
     await ctx.mark_takeover()
     ctx.stack.redis.kill()
+    ctx.hit()
     await asyncio.sleep(1.0)
     ctx.stack.redis.start()
 
@@ -117,6 +130,7 @@ async def producer_killed(ctx: FaultContext) -> None:
     name = await _busiest_producer(ctx)
     await ctx.mark_takeover(name)
     ctx.stack.producers[name].kill()
+    ctx.hit()
     await ctx.stack.start_producer()
 
 
@@ -127,6 +141,7 @@ def producer_paused(seconds: float) -> Callable[[FaultContext], Awaitable[None]]
         assert child.proc is not None
         await ctx.mark_takeover(name)
         os.kill(child.proc.pid, signal.SIGSTOP)
+        ctx.hit()
         try:
             await asyncio.sleep(seconds)
         finally:

@@ -151,6 +151,8 @@ export interface CloseInfo {
   edge: string | null;
   /** Whether the connection had been welcomed before it closed. */
   welcomed: boolean;
+  /** The edge's `error` message sent just before this close, if any. */
+  edgeError: { code: string; message: string } | null;
 }
 
 export type ClientState = "idle" | "connecting" | "open" | "refreshing" | "waiting" | "stopped" | "failed";

@@ -353,6 +353,7 @@ export class RelayClient {
     this._ws = ws;
     this.edge = edge;
     let welcomed = false;
+    let edgeError = null;
     const deadline = this._timer(() => { if (!welcomed) ws.close(); }, this._connectTimeoutMs);
     ws.onmessage = (event) => {
       if (this._ws !== ws) return;
@@ -378,7 +379,8 @@ export class RelayClient {
       } else if (message.kind === "pong") {
         return;
       } else if (message.kind === "error") {
-        this._emit("error", new RelayError(`edge error ${message.code}: ${message.message}`, { code: message.code }));
+        // The edge explains the close that follows; the close code decides what happens.
+        edgeError = { code: message.code, message: message.message };
         return;
       }
       this._deliver(ws, message);
@@ -389,7 +391,7 @@ export class RelayClient {
       this._stopLiveness();
       clearTimeout(deadline);
       this._timers.delete(deadline);
-      this._onClosed(event.code, event.reason ?? "", welcomed);
+      this._onClosed(event.code, event.reason ?? "", welcomed, edgeError);
     };
     ws.onerror = () => {}; // always followed by close, which decides what to do
   }
@@ -436,12 +438,12 @@ export class RelayClient {
     }
   }
 
-  _onClosed(code, reason, welcomed) {
+  _onClosed(code, reason, welcomed, edgeError = null) {
     const action = closeAction(code);
-    this._emit("close", { code, reason, action, edge: this.edge, welcomed });
+    this._emit("close", { code, reason, action, edge: this.edge, welcomed, edgeError });
     if (this._isFinished()) return;
     if (action === CloseAction.STOP) return this._finish("stopped", { code, reason });
-    if (action === CloseAction.FAIL) return this._fail(code, reason);
+    if (action === CloseAction.FAIL) return this._fail(code, edgeError ? `${reason}: ${edgeError.message}` : reason);
     if (action === CloseAction.REFRESH_TOKEN) return this._refresh(code, reason, welcomed);
     return this._retry({ code, reason, rotate: true, crowded: action === CloseAction.BACK_OFF });
   }

@@ -235,3 +235,26 @@ test("the id before another is the greatest smaller one", async () => {
   assert.equal(idBefore("5-0"), `4-${Number.MAX_SAFE_INTEGER}`);
   assert.equal(compareIds(idBefore("5-0"), "5-0"), -1);
 });
+
+test("an edge error message comes with its close, not as onError", async () => {
+  const errors = [];
+  const closes = [];
+  const c = client({
+    controller: recorder().controller, onError: (e) => errors.push(e.message), onClose: (i) => closes.push(i),
+    refreshToken: () => "t1",
+  }).start();
+  const a = await nextSocket(1);
+  a.welcome();
+  a.deliver({ kind: "error", code: "token_expired", message: "the token expired" });
+  a.drop(4402);
+  const b = await nextSocket(2);
+  assert.deepEqual(errors, []);
+  assert.deepEqual(closes[0].edgeError, { code: "token_expired", message: "the token expired" });
+  b.welcome();
+  b.deliver({ kind: "error", code: "bad_message", message: "unknown kind" });
+  b.drop(4400);
+  const result = await c.closed;
+  assert.equal(result.state, "failed");
+  assert.match(result.reason, /unknown kind/);
+  assert.equal(errors.length, 1);
+});
