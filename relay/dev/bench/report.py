@@ -18,6 +18,8 @@ _COLUMNS = (
     ("send p99", "input_p99_ms", "{:.0f}"),
     ("lost/dup/reo", None, ""),
     ("edge us/msg", "edge_cpu_us_per_msg", "{:.1f}"),
+    ("redis us/msg", "redis_cpu_us_per_msg", "{:.1f}"),
+    ("script us/entry", "append_script_us_per_entry", "{:.1f}"),
     ("prod us/msg", "producer_cpu_us_per_msg", "{:.1f}"),
     ("cmd/msg", "redis_cmds_per_delivered_msg", "{:.3f}"),
     ("edge cmd/msg", "edge_redis_cmds_per_delivered_msg", "{:.3f}"),
@@ -47,6 +49,58 @@ def table_rows(path: dict[str, Any]) -> list[list[str]]:
     return [[_cell(row, key, fmt) for _, key, fmt in _COLUMNS] for row in path["steps"]]
 
 
+_PEER_HEADER = ("conv", "edge us/msg relay", "naive", "socketio", "ratio naive", "ratio sio",
+                "redis us/msg relay", "naive", "socketio", "p99ms relay", "naive", "socketio",
+                "lost/dup/reo relay", "naive", "socketio")
+
+
+def peer_rows(path: dict[str, Any]) -> list[list[str]]:
+    """One row per edge step: the relay's edge and each peer side by side (ratios: peer/relay)."""
+    rows = []
+    for row in path["steps"]:
+        peers = row.get("peers") or {}
+        sides = [row, peers.get("naive") or {}, peers.get("socketio") or {}]
+        cpu, redis_cpu, p99 = ([_peer_cell(side, key, "{:.1f}") for side in sides]
+                               for key in ("edge_cpu_us_per_msg", "redis_cpu_us_per_msg",
+                                           "p99_ms"))
+        correctness = [_cell(side, None, None) if "lost" in side else _peer_cell(side, "", "")
+                       for side in sides]
+        rows.append([str(row["conversations"]), *cpu,
+                     _fmt(row.get("naive_edge_cpu_ratio"), "{:.1f}"),
+                     _fmt(row.get("socketio_edge_cpu_ratio"), "{:.1f}"),
+                     *redis_cpu, *p99, *correctness])
+    return rows
+
+
+def _peer_cell(side: dict[str, Any], key: str, fmt: str) -> str:
+    if "skipped" in side:
+        return "(saturated)"
+    if "error" in side and side["error"]:
+        return "error"
+    return _fmt(side.get(key), fmt)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    return ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
+            *("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)]
+
+
+def _kill_line(path: dict[str, Any]) -> list[str]:
+    kill = path.get("pubsub_kill_step")
+    if not kill:
+        return []
+    return [f"  pub/sub connection killed {kill.get('pubsub_connections_killed')} times "
+            f"mid-load at {kill['conversations']} conversations: lost/dup/reo "
+            f"{_cell(kill, None, None)}, "
+            f"p99 {_fmt(kill.get('p99_ms'), '{:.1f}')} ms, edge "
+            f"{_fmt(kill.get('edge_cpu_us_per_msg'), '{:.1f}')} us/msg"]
+
+
 def render_table(result: dict[str, Any]) -> str:
     lines: list[str] = []
     for title, key in (("edge path", "edge_path"), ("full path", "full_path")):
@@ -60,6 +114,11 @@ def render_table(result: dict[str, Any]) -> str:
         lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
         lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines += _summary(path)
+        if any("peers" in row for row in path["steps"]):
+            lines.append("  peers at each step (ratio = peer / relay, above 1: the relay is "
+                         "cheaper):")
+            lines += ["  " + line for line in _table(_PEER_HEADER, peer_rows(path))]
+        lines += _kill_line(path)
         lines.append("")
     for name, verdict in result.get("targets", {}).items():
         lines.append(f"target {name}: {'met' if verdict.get('met') else 'MISSED'} "
@@ -107,6 +166,13 @@ def markdown_section(result: dict[str, Any]) -> str:
                   "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(path)]
         lines += ["", *(line.strip() for line in _summary(path)), ""]
+        if any("peers" in row for row in path["steps"]):
+            lines += ["Peers at each step (ratio = peer / relay; above 1: the relay is cheaper):",
+                      "", "| " + " | ".join(_PEER_HEADER) + " |", "|" + "---|" * len(_PEER_HEADER)]
+            lines += ["| " + " | ".join(row) + " |" for row in peer_rows(path)]
+            lines.append("")
+        lines += [line.strip() for line in _kill_line(path)]
+        lines.append("")
     for name, verdict in result.get("targets", {}).items():
         lines.append(f"- target {name}: **{'met' if verdict.get('met') else 'missed'}** "
                      f"({_verdict_text(verdict)})")

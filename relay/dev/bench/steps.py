@@ -218,7 +218,9 @@ class Bench:
         await self._client.flushall()
         conversations = [f"c{i}" for i in range(n)]
         env = child_env(Settings(key_prefix=prefix), self._url, self._secret)
-        env.update({"RELAY_LOG_LEVEL": "warning", "RELAY_STREAM_MAXLEN": str(self.options.maxlen)})
+        # Every bench client connects from 127.0.0.1: the per-address admission cap is off.
+        env.update({"RELAY_LOG_LEVEL": "warning", "RELAY_STREAM_MAXLEN": str(self.options.maxlen),
+                    "RELAY_EDGE_MAX_PER_ADDRESS": "0"})
         if full:
             env.update({
                 "RELAY_SIM_REALTIME": "true", "RELAY_SIM_BATCH_KEYFRAMES": "5",
