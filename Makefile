@@ -63,6 +63,7 @@ test-fast: $(STAMP) $(WEB_STAMP)
 # a table on stdout, and the figures appended to docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/relay bench --record docs/benchmarks.md
+	$(BIN)/relay bench --latency --record docs/benchmarks.md
 
 bench-quick: $(STAMP)
 	$(BIN)/relay bench --quick

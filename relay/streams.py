@@ -321,9 +321,11 @@ class ConversationLog:
         turn_key = self._keys.turn(conversation_id)
         keys = [self._keys.stream(conversation_id), turn_key, guard.key if guard else turn_key]
         start = wire.turn_start(turn_id, sample_rate=sample_rate)
-        for _ in range(16):
-            current = await self.current_turn(conversation_id)
-            previous = current.turn_id if current and current.status == ACTIVE else ""
+        previous = ""  # first guess, read from nowhere: the last turn ended (saves a round trip)
+        for attempt in range(16):
+            if attempt:  # the guess was wrong (the script changed nothing): read the record
+                current = await self.current_turn(conversation_id)
+                previous = current.turn_id if current and current.status == ACTIVE else ""
             superseded = wire.interrupt(previous or "-", reason="superseded")
             args: ScriptArgs = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous,
                                 superseded, epoch, guard.field if guard else "",

@@ -409,10 +409,10 @@ class Turn:
         self._audio_seq += len(chunks)
         self._audio_bytes += sum(len(chunk) for chunk in chunks)
         self._audio_end_sent = self._audio_end_sent or end
-        for i, chunk in enumerate(chunks):
-            await self._feed_motion(chunk, end=end and i == last)
-            if self.interrupted:
-                return False
+        # One send for the whole call: all of its audio is in the stream already, and the Motion
+        # Server takes audio in pieces of any size (the reference demos send whole clips). Under
+        # load, one WebSocket message per chunk_ms of audio was most of a turn's producer time.
+        await self._feed_motion(chunks[0] if len(chunks) == 1 else b"".join(chunks), end=end)
         return not self.interrupted
 
     async def _feed_motion(self, chunk: bytes, *, end: bool) -> None:

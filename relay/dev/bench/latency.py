@@ -3,7 +3,9 @@ first sound, next to the bare round trip of one Redis entry to one WebSocket on 
 
 Per step (1, 20, 100 conversations by default) a fresh stack: one simulator in real-time mode
 (optionally with a first-batch delay), one ``relay producer``, one ``relay edge``; one WebSocket
-client per conversation, in this process. Every conversation then plays ``turns`` turns: in each
+client per conversation, in this process. One warm-up turn of an unwatched conversation plays
+first (a new producer process's own first turn is a one-time cost, not a conversation's). Every
+conversation then plays ``turns`` turns: in each
 round all conversations submit at once (``TurnQueue.submit_clip``, a ``clip_s`` clip), and the
 next round starts when every turn of this one ended. Per turn this measures, on one monotonic
 clock: submit -> first ``audio`` at the client, submit -> first ``frames``, first audio -> first
@@ -217,6 +219,7 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
         try:
             async with asyncio.timeout(_READY_TIMEOUT_S):
                 await asyncio.gather(*(w.welcomed.wait() for w in watchers))
+            await _warm_up(queue, client, settings, pcm)
             for k in range(options.turns):
                 ids = [f"r{k}-{c}" for c in conversations]
                 for turn_id in ids:
@@ -230,6 +233,23 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     return _figures(options, n, rounds, times, sum(w.violations for w in watchers))
+
+
+async def _warm_up(queue: Any, client: Any, settings: Settings, pcm: bytes) -> None:
+    """One turn of a conversation nobody watches, played to its end before the rounds: the
+    producer process's own first turn (scripts loaded into Redis, first-use code paths) is a
+    one-time cost of a new process, not what a conversation's first turn costs."""
+    from relay.keys import Keys
+    from relay.streams import ACTIVE, read_turn
+
+    keys = Keys.of(settings)
+    await queue.submit_clip("warm-up", pcm, sample_rate=RATE, turn_id="warm-up")
+    async with asyncio.timeout(_ROUND_TIMEOUT_S):
+        while True:
+            state = await read_turn(client, keys, "warm-up")
+            if state is not None and state.status != ACTIVE:
+                return
+            await asyncio.sleep(0.05)
 
 
 async def _submit(queue: Any, conversation: str, turn_id: str, pcm: bytes,

@@ -1,0 +1,55 @@
+"""``relay bench --latency --quick`` end to end: stack processes, real SDK, real WebSockets.
+
+Asserted: every turn of every step ended complete with its first audio before its first frames,
+and the report carries each figure, its baseline and the target verdicts. The latency figures
+themselves are never asserted (they depend on the machine; the bench prints them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from relay.dev.bench.latency import percentiles
+
+FIGURES = ("submit_to_first_audio_ms", "submit_to_first_append_ms", "submit_to_first_frames_ms",
+           "first_audio_to_first_frames_ms", "frames_after_sim_ms")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_quick_latency_bench_reports_every_turn(tmp_path):
+    out = tmp_path / "latency.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "relay", "bench", "--latency", "--quick", "--out", str(out),
+         "--first-batch-delay-ms", "300"],
+        capture_output=True, text=True, timeout=280,
+    )
+    assert out.exists(), run.stderr[-3000:]
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "x baseline" in run.stdout  # the table, with its ratios
+    result = json.loads(out.read_text())["latency"]
+    assert result["baseline_ms"]["n"] == 50 and result["baseline_ms"]["p50"] > 0
+    assert result["sim_first_batch_ms"] == 300
+    assert [s["conversations"] for s in result["steps"]] == [1, 4]
+    for step in result["steps"]:
+        assert step["audio_before_frames_violations"] == 0
+        for label, turns in (("first", step["conversations"]), ("later", step["conversations"])):
+            part = step[label]
+            assert (part["complete"], part["audio_only"], part["unfinished"]) == (turns, 0, 0)
+            for name in FIGURES:
+                assert part[name]["n"] == turns, (label, name)
+            assert part["submit_to_first_audio_ms"]["p99_ratio"] is not None
+            # The simulator's 300 ms first batch is in every turn's first frames.
+            assert part["submit_to_first_frames_ms"]["p50"] >= 300
+    assert "later_first_audio_p99_ms_at_20" in result["targets"]
+
+
+def test_percentiles_are_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentiles(values) == {"n": 100, "p50": 50.0, "p99": 99.0, "max": 100.0}
+    assert percentiles([3.0]) == {"n": 1, "p50": 3.0, "p99": 3.0, "max": 3.0}
+    assert percentiles([])["p50"] is None
