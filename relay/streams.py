@@ -260,8 +260,10 @@ class StreamInfo:
 
 def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     """Stream ids compare as (milliseconds, sequence) pairs, not as strings."""
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
+    if isinstance(entry_id, bytes):  # the edge's hot path: int() reads ASCII bytes as they are
+        raw_ms, _, raw_seq = entry_id.partition(b"-")
+        return int(raw_ms), int(raw_seq or 0)
+    ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from contextlib import suppress
 
 import structlog
@@ -22,7 +23,7 @@ from relay.redis_conn import RedisClient, client_for
 from relay.settings import Settings
 from workers.health import start_health_server
 from workers.metrics import ProducerMetrics
-from workers.queue.worker import HAND_BACK_S, ProducerWorker
+from workers.queue.worker import ProducerWorker
 from workers.speech.endpoints import MotionEndpoints
 from workers.speech.producer import Producer
 
@@ -31,7 +32,7 @@ log = structlog.get_logger(__name__)
 # A producer exits within RELAY_PRODUCER_STOP_S + STOP_MARGIN_S of SIGTERM whatever its turns
 # are doing and whether Redis answers or not (docs/operations.md "Graceful stop"): the margin
 # covers the hand-back (HAND_BACK_S) and closing sessions and leases.
-STOP_MARGIN_S = HAND_BACK_S + 5.0
+STOP_MARGIN_S = 10.0  # HAND_BACK_S (4 s), then at most ~4 s to close sessions and leases
 _CANCEL_GRACE_S = 2.0
 _REDIS_RETRY_MAX_S = 2.0
 
@@ -82,6 +83,7 @@ async def run_producer(settings: Settings) -> int:
             done, _ = await asyncio.wait({main}, timeout=_CANCEL_GRACE_S)
             if not done:
                 os._exit(1)  # something swallows cancellation: the bound is a promise
+            await _drop_leftovers(1)
             return 1
         main.result()  # surface why it ended, if it failed
     finally:
@@ -91,7 +93,26 @@ async def run_producer(settings: Settings) -> int:
         with suppress(Exception):
             await asyncio.wait_for(client.aclose(), _CANCEL_GRACE_S)
     log.info("producer_stopped")
+    await _drop_leftovers(0)
     return 0
+
+
+async def _drop_leftovers(code: int) -> None:
+    """Tasks still running once the producer is closed (a hand-back shielded from cancellation,
+    waiting on a Redis that does not answer) must not keep the process past its stop bound:
+    they get a moment to end, then the process exits without them."""
+    current = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not current]
+    for task in rest:
+        task.cancel()
+    if not rest:
+        return
+    _, pending = await asyncio.wait(rest, timeout=_CANCEL_GRACE_S)
+    if pending:
+        log.warning("producer_exit_abandoned_tasks", tasks=len(pending))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 async def _start_health(settings: Settings, client: RedisClient, stop: asyncio.Event,

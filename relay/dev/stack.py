@@ -187,7 +187,7 @@ async def _run_stack(settings: Settings, options: StackOptions) -> int:
         stack.callback(_write_env_file(settings, redis_url, secret))
         _print_banner(redis_url, edges, secret, settings, options, local.metrics_urls)
         demo_url = await _start_web_demo(stack, client, settings, secret, edges, local.sim_url)
-        print(f"  web demo     {demo_url}\n", flush=True)
+        print(f"  {'open the web demo':<28} {demo_url}\n", flush=True)
         report = await run_demo(
             client, Keys.of(settings), secret, edges,
             _submitter(client, settings),

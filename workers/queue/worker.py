@@ -45,8 +45,9 @@ log = structlog.get_logger(__name__)
 # After the stop grace, abandoning the running turns and handing their conversations back gets
 # this long; a worker's stop is bounded by ``producer_stop_s`` + HAND_BACK_S whatever its turns
 # are waiting for (docs/operations.md "Graceful stop").
-HAND_BACK_S = 5.0
-_CANCEL_WAIT_S = 1.0
+HAND_BACK_S = 4.0
+_CANCEL_WAIT_S = 0.5
+_FORGET_S = 0.5  # removing this consumer from the group is a courtesy: never worth waiting for
 _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 2.0
 # A handed-back doorbell looks this idle, so any worker's next XAUTOCLAIM takes it.
@@ -143,7 +144,7 @@ class ProducerWorker:
         await self._hand_back_all()
         await self._heartbeat.close()
         with suppress(RedisError, OSError, TimeoutError):
-            await asyncio.wait_for(self._doorbells.forget_consumer(), HAND_BACK_S)
+            await asyncio.wait_for(self._doorbells.forget_consumer(), _FORGET_S)
         log.info("worker_stopped", consumer=self._doorbells.consumer)
 
     async def _hand_back_all(self) -> None:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
+from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
 
 from relay.errors import RelayError
 from relay.keys import Keys
@@ -182,6 +182,26 @@ class _Wakeup:
         self._event = asyncio.Event()
 
 
+# Releasing what a closing producer still holds gets this long in all: the leases expire anyway,
+# and a producer's stop is bounded whether Redis answers or not.
+_CLOSE_RELEASE_S = 1.0
+
+
+async def _release_all(releases: list[Coroutine[Any, Any, None]]) -> None:
+    if not releases:
+        return
+    tasks = [asyncio.ensure_future(release) for release in releases]
+    done, pending = await asyncio.wait(tasks, timeout=_CLOSE_RELEASE_S)
+    for task in pending:
+        task.cancel()
+    for task in done:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.info("lease_release_at_close_failed", error=repr(error))
+    if pending:
+        await asyncio.wait(pending)
+
+
 async def _wait_a_little(event: asyncio.Event, delay_s: float) -> None:
     with suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), delay_s)
@@ -262,9 +282,7 @@ class SessionLeases:
         """Stop renewing and release every slot this process still holds."""
         await self._renewer.close()
         await self._fencer.close()
-        for lease_id in list(self._held):
-            with suppress(RedisError, OSError):
-                await self.release(lease_id)
+        await _release_all([self.release(lease_id) for lease_id in list(self._held)])
 
     async def acquire(self, wait_s: float | None = None) -> str | None:
         """A new lease id, or None when no slot freed up within ``wait_s`` (default: the
@@ -388,9 +406,7 @@ class ConversationLeases:
 
     async def close(self) -> None:
         await self._renewer.close()
-        for conversation_id in list(self._held):
-            with suppress(RedisError, OSError):
-                await self.release(conversation_id)
+        await _release_all([self.release(c) for c in list(self._held)])
 
     async def acquire(self, conversation_id: str, *, wait_s: float, take_from: str = "") -> None:
         """Take the conversation, waiting up to ``wait_s``; raise ConversationBusy after that.

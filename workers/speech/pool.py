@@ -25,6 +25,9 @@ from workers.speech.tokens import TokenStock
 log = structlog.get_logger(__name__)
 
 _MIN_SPARE_IDLE_S = 1.0
+# Bounds that keep a producer's stop bounded when Redis does not answer (slots left expire).
+_RELEASE_S = 1.0
+_CLOSE_ALL_S = 2.0
 
 
 class SessionPool:
@@ -70,7 +73,17 @@ class SessionPool:
         if self._fenced:
             await asyncio.wait(set(self._fenced))
         sessions, self._sessions = list(self._sessions.values()), {}
-        await asyncio.gather(*(self._dispose(s) for s in sessions))
+        if not sessions:
+            return
+        # Bounded whether Redis answers or not (a producer's stop is): slots left behind expire.
+        closing = [asyncio.ensure_future(self._dispose(s)) for s in sessions]
+        _, pending = await asyncio.wait(closing, timeout=_CLOSE_ALL_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(closing)
+        for task in closing:
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("motion_session_close_failed", error=repr(task.exception()))
 
     def has_session(self, conversation_id: str, avatar_id: str, sample_rate: int) -> bool:
         """The conversation keeps a session its next turn can reuse (no new slot needed)."""
@@ -171,7 +184,7 @@ class SessionPool:
             await session.close(timeout_s)
         finally:
             try:
-                await self._leases.release(session.lease_id)
-            except (RedisError, OSError) as exc:
+                await asyncio.wait_for(self._leases.release(session.lease_id), _RELEASE_S)
+            except (RedisError, OSError, TimeoutError) as exc:
                 # Harmless beyond a delay: the slot expires after lease_s without renewals.
                 log.warning("sdk_lease_release_failed", error=str(exc))

@@ -59,6 +59,7 @@ log = structlog.get_logger(__name__)
 
 CLOSE_WAIT_S = 10.0  # Producer.close waits this long for running turns before closing sessions
 _RESERVE_POLL_S = 1.0  # a waiting reservation re-checks whether it should still wait this often
+_LEASE_RELEASE_S = 2.0  # a turn's release of its conversation lease gives up after this
 
 
 @dataclass(frozen=True)
@@ -230,8 +231,8 @@ class Producer:
         await self._control.close()
         await self._pool.close()
         await self._tokens.close()
-        await self._session_leases.close()
-        await self._conversation_leases.close()
+        # Together, each bounded: a stop must not wait on a Redis that does not answer.
+        await asyncio.gather(self._session_leases.close(), self._conversation_leases.close())
         if self._tasks:
             await asyncio.wait(set(self._tasks))
         log.info("producer_closed", owner=self._owner)
@@ -352,10 +353,12 @@ class Producer:
 
     async def _release_conversation(self, conversation_id: str) -> None:
         try:
-            await self._conversation_leases.release(conversation_id)
-        except (RedisError, OSError) as exc:
+            # Bounded: a Redis that does not answer must not hold the turn's end (nor a stop).
+            await asyncio.wait_for(self._conversation_leases.release(conversation_id),
+                                   _LEASE_RELEASE_S)
+        except (RedisError, OSError, TimeoutError) as exc:
             # The lease expires after conversation_lease_s; until then other producers wait.
-            log.warning("conversation_lease_release_failed", error=str(exc))
+            log.warning("conversation_lease_release_failed", error=str(exc) or type(exc).__name__)
         finally:
             self._locks.release(conversation_id)
 
