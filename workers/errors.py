@@ -27,3 +27,7 @@ class QueueFull(QueueError):
 
 class MalformedJob(QueueError):
     """A job entry that does not decode as a job of a known version."""
+
+
+class SendPending(QueueError):
+    """A streamed turn's earlier chunk is not known to be written: ``flush()`` it first."""

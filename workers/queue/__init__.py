@@ -4,7 +4,7 @@ Importing this package gives the submit side only, which needs a Redis client an
 Spatius SDK: ``from workers.queue import TurnQueue``.
 """
 
-from workers.errors import MalformedJob, QueueError, QueueFull
+from workers.errors import MalformedJob, QueueError, QueueFull, SendPending
 from workers.queue.input import StreamedInput
 from workers.queue.jobs import JOB_FIELD, KIND_CLIP, KIND_STREAM, TurnJob, decode_job
 from workers.queue.submit import (
@@ -25,6 +25,7 @@ __all__ = [
     "MalformedJob",
     "QueueError",
     "QueueFull",
+    "SendPending",
     "StreamedInput",
     "Submitted",
     "TurnJob",

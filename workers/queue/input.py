@@ -14,7 +14,7 @@ from types import TracebackType
 from relay.keys import Keys
 from relay.lua import register
 from relay.redis_conn import RedisClient
-from workers.errors import QueueError
+from workers.errors import QueueError, SendPending
 from workers.queue.doorbells import stream_entries
 from workers.queue.jobs import INPUT_AUDIO, INPUT_END, MAX_CHUNK_BYTES
 from workers.speech.pcm import validate_pcm
@@ -37,10 +37,11 @@ class StreamedInput:
     """The feeding end of a queued streamed turn: ``send`` PCM16 chunks, then ``end``.
 
     Exactly once, also across errors: a chunk whose ``send`` raised (Redis unreachable, a
-    timeout) may or may not be in Redis; it is kept and written first by the next ``send``,
-    ``end`` or ``flush``, at most once thanks to its sequence. So after an error, do not send the
-    same chunk again: call ``flush()`` until it returns (or just go on with the next chunk).
-    ``end`` may be retried the same way until it returns.
+    timeout) may or may not be in Redis; it is kept, and ``flush()`` writes it, at most once
+    thanks to its sequence. Until that succeeds, ``send`` refuses new chunks with
+    ``SendPending``: retrying ``send(chunk)`` itself (a retry decorator, a loop) would otherwise
+    queue the same audio a second time. ``end`` flushes first and may be retried until it
+    returns.
 
     As an async context manager it ends the input on exit, whatever happened: the worker then
     finishes the turn with the audio that arrived.
@@ -79,7 +80,9 @@ class StreamedInput:
             raise ValueError(f"chunk of {len(pcm)} bytes exceeds {MAX_CHUNK_BYTES}")
         if self._end_requested:
             raise QueueError("send() after end()")
-        await self.flush()
+        if self._pending is not None:
+            raise SendPending("an earlier send() raised and its chunk may or may not be in Redis: "
+                              "call flush() to write it (at most once), then send the next chunk")
         if pcm:
             await self._write(INPUT_AUDIO, pcm)
 
