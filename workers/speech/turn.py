@@ -372,6 +372,9 @@ class Turn:
     def _first_audio_out(self) -> None:
         """The turn's first audio is in the stream, or none will come (it ends or stopped)."""
         self._audio_out.set()
+        self._leave_gate()
+
+    def _leave_gate(self) -> None:
         gate = self._services.first_audio
         if self._in_gate and gate is not None:
             self._in_gate = False
@@ -395,6 +398,8 @@ class Turn:
                 await self._audio_out.wait()
                 if gate is not None:
                     await gate.wait_clear()  # other turns' first audio goes first too
+        # A turn whose audio is slow to come (streaming TTS) holds the others back no longer.
+        self._leave_gate()
         started = asyncio.get_running_loop().time()
         try:
             session = await self._until_stopped(pool.checkout(
