@@ -192,9 +192,12 @@ class ClientSession:
         """
         if start.mode == NEXT_TURN:
             self._awaiting_turn_start = True  # the live queue is filtered (_write_batch)
-        if start.mode in ("live", NEXT_TURN):
-            return
         stop = streams.parse_id(until)
+        if not start.inclusive and streams.parse_id(start.position) >= stop:
+            return  # nothing was appended between choosing the start and attaching
+        # A "live" or "next_turn" start is the tip read before attaching; entries appended since
+        # (a turn_start among them) were already delivered to the subscription, so they are read
+        # here: without this a client joining as a turn opens would get it without its start.
         position, inclusive = start.position, start.inclusive
         while True:
             reader = streams.read_from if inclusive else streams.read_after
