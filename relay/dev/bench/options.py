@@ -16,7 +16,7 @@ class BenchOptions:
     # Every edge step runs (a cost curve), each with the peers (naive per-client-XREAD edge,
     # python-socketio's Redis manager) until a peer saturates; then one more step with the edge's
     # pub/sub connection killed mid-load (``kill_at`` conversations, 0 = none).
-    edge_steps: tuple[int, ...] = (50, 100, 500, 1000, 2000)
+    edge_steps: tuple[int, ...] = (50, 100, 300, 500, 1000, 2000)
     edge_target: int = 2000
     peers: bool = True
     kill_at: int = 500

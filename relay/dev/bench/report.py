@@ -121,9 +121,15 @@ def render_table(result: dict[str, Any]) -> str:
         lines += _kill_line(path)
         lines.append("")
     for name, verdict in result.get("targets", {}).items():
-        lines.append(f"target {name}: {'met' if verdict.get('met') else 'MISSED'} "
+        lines.append(f"target {name}: {verdict_word(verdict, 'MISSED')} "
                      f"({_verdict_text(verdict)})")
     return "\n".join(lines)
+
+
+def verdict_word(verdict: dict[str, Any], missed: str) -> str:
+    """"met", ``missed``, or "not measured" when the run had nothing to judge by (met: None)."""
+    met = verdict.get("met")
+    return "not measured" if met is None else "met" if met else missed
 
 
 def _summary(path: dict[str, Any]) -> list[str]:
@@ -174,7 +180,7 @@ def markdown_section(result: dict[str, Any]) -> str:
         lines += [line.strip() for line in _kill_line(path)]
         lines.append("")
     for name, verdict in result.get("targets", {}).items():
-        lines.append(f"- target {name}: **{'met' if verdict.get('met') else 'missed'}** "
+        lines.append(f"- target {name}: **{verdict_word(verdict, 'missed')}** "
                      f"({_verdict_text(verdict)})")
     lines.append("")
     return "\n".join(lines)

@@ -305,7 +305,8 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
             "target": TARGETS["edge_rss_kb_per_client"], "measured": rss,
             "met": _le(rss, TARGETS["edge_rss_kb_per_client"])}
         verdicts["edge_redis_cmds_le_0.1_per_msg"] = _cmds_verdict(edge)
-        verdicts.update(live_path_verdicts(edge))
+        rate = result.get("standard_conversation", {}).get("messages_per_s_per_conversation")
+        verdicts.update(live_path_verdicts(edge, rate))
     if full:
         verdicts["full_500_conversations_one_producer"] = {
             "target": TARGETS["full_conversations"], "conversations": full["conversations"],
@@ -316,7 +317,14 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
     return verdicts
 
 
-def live_path_verdicts(edge: dict[str, Any]) -> dict[str, Any]:
+# A step whose load generator appended at least this share of the schedule counts as one the box
+# could generate (issue 11 asks for p99 <= 50 ms "at every step where the box can generate the
+# load"; past that point the latencies measure the writer's and clients' wait for a core).
+GENERATED_SHARE = 0.95
+
+
+def live_path_verdicts(edge: dict[str, Any], rate_per_conversation: float | None = None
+                       ) -> dict[str, Any]:
     """Issue 11's targets, each over every edge step (and the pub/sub kill step)."""
     steps = edge["steps"]
 
@@ -333,6 +341,8 @@ def live_path_verdicts(edge: dict[str, Any]) -> dict[str, Any]:
         "edge_read_cmds_le_0.1_per_msg_every_step": every(
             "edge_redis_cmds_per_delivered_msg", TARGETS["edge_read_cmds_per_msg"]),
         "edge_p99_le_50ms_every_step": every("p99_ms", TARGETS["edge_p99_ms"]),
+        "edge_p99_le_50ms_every_generated_step": _generated_p99_verdict(
+            steps, rate_per_conversation),
         "zero_lost_dup_reordered_every_step": {
             "met": all(measure.correct(row) and not row.get("error") for row in steps)},
     }
@@ -349,6 +359,22 @@ def live_path_verdicts(edge: dict[str, Any]) -> dict[str, Any]:
     return verdicts
 
 
+def _generated_p99_verdict(steps: list[dict[str, Any]], rate: float | None) -> dict[str, Any]:
+    """p99 <= 50 ms at every step where the writer appended >= GENERATED_SHARE of the schedule
+    (``offered``: what it appended per second, against conversations x the standard rate)."""
+    generated: dict[int, Any] = {}
+    skipped: list[int] = []
+    for row in steps:
+        offered, n = row.get("offered_msgs_per_s"), row["conversations"]
+        if rate and offered is not None and offered >= GENERATED_SHARE * rate * n:
+            generated[row["conversations"]] = row.get("p99_ms")
+        else:
+            skipped.append(row["conversations"])
+    limit = TARGETS["edge_p99_ms"]
+    return {"target": limit, "measured": generated, "not_generated": skipped,
+            "met": all(_le(v, limit) for v in generated.values()) if generated else None}
+
+
 def _largest_step_verdict(steps: list[dict[str, Any]]) -> dict[str, Any]:
     def largest(rows: list[dict[str, Any]]) -> int:
         good = [r["conversations"] for r in rows
@@ -357,13 +383,24 @@ def _largest_step_verdict(steps: list[dict[str, Any]]) -> dict[str, Any]:
         return max(good, default=0)
 
     relay = largest(steps)
-    peers = {peer: largest([row["peers"][peer] for row in steps
-                            if "peers" in row and "conversations" in row["peers"].get(peer, {})])
-             for peer in PEERS}
-    best = max(peers.values(), default=0)
-    return {"relay_largest_step": relay, "peers_largest_step": peers,
-            "target_ratio": TARGETS["largest_p99_step_vs_best_peer"],
-            "met": relay >= TARGETS["largest_p99_step_vs_best_peer"] * max(best, 1)}
+    measured = {peer: [row["peers"][peer] for row in steps
+                       if "peers" in row and "conversations" in row["peers"].get(peer, {})]
+                for peer in PEERS}
+    peers = {peer: largest(rows) for peer, rows in measured.items() if rows}
+    ratio = TARGETS["largest_p99_step_vs_best_peer"]
+    verdict: dict[str, Any] = {"relay_largest_step": relay, "peers_largest_step": peers,
+                               "target_ratio": ratio}
+    if not peers:  # --no-peers, or every peer run broke: nothing to compare with
+        verdict["met"] = None
+        return verdict
+    best = max(peers.values())
+    if best == 0:
+        # Every peer failed even the smallest step it ran: all that is known is that its largest
+        # passing step is below that one, so the relay must reach the ratio against it.
+        best = min(row["conversations"] for rows in measured.values() for row in rows)
+        verdict["peers_below_step"] = best
+    verdict["met"] = relay >= ratio * best
+    return verdict
 
 
 def _le(value: float | None, limit: float) -> bool:
