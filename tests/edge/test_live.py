@@ -258,3 +258,42 @@ def test_delivery_frame_is_the_spliced_message_in_one_websocket_frame(size):
     frame = delivery_frame(b"1700000000000-3", memoryview(b"xx" + stored)[2:])
     assert frame == binary_frame(wire.delivery("1700000000000-3", stored))
     assert wire.decode_server(wire.delivery(b"1700000000000-3", stored)).id == "1700000000000-3"
+
+
+async def test_a_turn_opened_between_the_tip_read_and_attaching_reaches_the_joining_client(
+    settings, redis_client, keys, monkeypatch,
+):
+    # The join race, forced: a client joins live while no turn plays; between the edge reading
+    # the stream's tip and attaching the client to the hub (whose subscription, made for a first
+    # client, has already delivered them), a turn opens and its first audio is appended. The
+    # joining client must get that turn from its turn_start, nothing twice and nothing missed.
+    from relay.edge import app as edge_app
+
+    log = ConversationLog(redis_client, keys, maxlen=1000, ttl_s=300)
+    conv = "join-race"
+    choose_start = edge_app.choose_start
+    async with running_edge(settings, "edge-race") as url:
+        first = Listener(RelayClient(url, conv, token(conv)))
+        await first.joined()
+        appended: list[str] = []
+
+        async def tip_then_turn(*args, **kwargs):
+            placed = await choose_start(*args, **kwargs)
+            appended.append(await log.open_turn(conv, "t1", sample_rate=16000, owner="test"))
+            appended.append(await log.append(conv, "t1", wire.audio("t1", 0, b"a", end=False)))
+            # The hub applied the push before the second client attaches: it is not in it.
+            await first.wait_for(lambda got: [m.id for m in got] == appended)
+            return placed
+
+        monkeypatch.setattr(edge_app, "choose_start", tip_then_turn)
+        second = Listener(RelayClient(url, conv, token(conv)))
+        await second.joined()
+        monkeypatch.setattr(edge_app, "choose_start", choose_start)
+        assert second.client.welcomes[0].fields["start"] == "live"
+        await second.wait_for(lambda got: len(got) >= 2, timeout=10)
+        appended.append(await log.append(conv, "t1", wire.audio("t1", 1, b"b", end=True)))
+        got = await second.wait_for(lambda got: len(got) >= 3, timeout=10)
+        assert [m.id for m in got] == appended == await truth(redis_client, keys, conv)
+        assert [m.kind for m in got] == ["turn_start", "audio", "audio"]
+        await first.close()
+        await second.close()
