@@ -79,6 +79,8 @@ class ProducerWorker:
         )
         self._claim_idle_ms = int(settings.job_claim_idle_s * 1000)
         self._runners: dict[str, ConversationRunner] = {}  # by doorbell id
+        self._dispatching = 0  # doorbells read whose take is in flight (each holds a slot)
+        self._dispatch_failure: BaseException | None = None  # raised by the read loop
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._loop_done = asyncio.Event()
@@ -180,21 +182,41 @@ class ProducerWorker:
         room = await self._session_room() if free else 0
         if not free or not room:
             return
+        self._raise_dispatch_failure()
         bells = await self._reclaim(min(free, room))
         if not bells:
             bells = await self._doorbells.read(min(free, room), self._settings.jobs_block_ms)
-        # Side by side: each one is a Redis round trip before its conversation's turn can start,
-        # and when many conversations start together the last would wait for all the others.
-        outcomes = await asyncio.gather(*(self._dispatch(bell) for bell in bells),
-                                        return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome  # the read loop backs off and retries (the doorbells stay pending)
+        # Each doorbell is dispatched in a task of its own and the loop reads on at once: when
+        # many conversations start together, their doorbells arrive over a few ms, and waiting
+        # for one read's dispatch round trips before the next read made each later wave of
+        # turns start a round later. A failed dispatch leaves its doorbell pending (it is
+        # reclaimed after job_claim_idle_s) and makes the loop back off (_raise_dispatch_failure).
+        for bell in bells:
+            self._dispatching += 1
+            task = asyncio.create_task(self._dispatch_counted(bell),
+                                       name=f"dispatch-{bell.entry_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _dispatch_counted(self, bell: Doorbell) -> None:
+        try:
+            await self._dispatch(bell)
+        except (RedisError, OSError) as exc:
+            self._dispatch_failure = exc
+        finally:
+            self._dispatching -= 1
+            self._slot_freed.set()
+
+    def _raise_dispatch_failure(self) -> None:
+        failure, self._dispatch_failure = self._dispatch_failure, None
+        if failure is not None:
+            raise failure  # the read loop backs off and retries (the doorbell stays pending)
 
     async def _free_slots(self) -> int:
-        """Wait for at least one free slot; 0 once stopping."""
+        """Wait for at least one free slot; 0 once stopping. A doorbell being dispatched holds
+        a slot, so the loop never reads more than ``producer_concurrency`` conversations."""
         while not self._stopping.is_set():
-            free = self._settings.producer_concurrency - len(self._runners)
+            free = self._settings.producer_concurrency - len(self._runners) - self._dispatching
             if free > 0:
                 return free
             self._slot_freed.clear()
