@@ -16,7 +16,7 @@ import pytest
 from relay.dev.bench.latency import percentiles
 
 FIGURES = ("submit_to_first_audio_ms", "submit_to_first_append_ms", "submit_to_first_frames_ms",
-           "first_audio_to_first_frames_ms", "frames_after_sim_ms")
+           "first_audio_to_first_frames_ms", "frames_after_sim_ms", "submit_call_ms")
 
 
 @pytest.mark.slow

@@ -174,3 +174,33 @@ async def test_job_round_trip(queue, redis_client, keys):
     with pytest.raises(MalformedJob):
         decode_job({JOB_FIELD: msgpack.packb({"v": 1, "kind": "clip", "conv": "c", "turn": "t",
                                               "rate": RATE, "pcm": b"\x00"})})
+
+
+async def test_every_path_through_a_dispatch_releases_its_first_audio_ticket(
+    queue, run_worker, redis_client, keys,
+):
+    # Each doorbell read counts its turn as waiting for first audio until the turn has begun;
+    # a ticket left behind would make every later turn's session open and bulk audio wait out
+    # the grace. Paths: clip turns, a second doorbell for a conversation already running (the
+    # take says busy), a streamed turn whose input never comes, and an already-played turn id.
+    worker = await run_worker(turn_input_timeout_s=0.3)
+    producer = worker._producer  # noqa: SLF001 - the gate's count is the producer's own state
+    clips = {f"conv-qg-{n}": tone(0.3, freq=200.0 + 50 * n) for n in range(3)}
+    turns = {conv: await queue.submit_clip(conv, clip, sample_rate=RATE)
+             for conv, clip in clips.items()}
+    second = await queue.submit_clip("conv-qg-0", tone(0.2), sample_rate=RATE)
+    silent = await queue.open_streamed("conv-qg-silent", sample_rate=RATE)
+    for conv, turn_id in turns.items():
+        assert_complete(await wait_turn_end(redis_client, keys, conv, turn_id), turn_id,
+                        clips[conv])
+    await wait_turn_end(redis_client, keys, "conv-qg-0", second)
+    assert await queue.submit_clip("conv-qg-1", clips["conv-qg-1"], sample_rate=RATE,
+                                   turn_id=turns["conv-qg-1"]) == turns["conv-qg-1"]
+
+    async def settled() -> bool:
+        return (producer.awaiting_first_audio == 0 and worker.running_turns == 0
+                and not await pending_jobs(redis_client, keys))
+
+    await eventually(settled, timeout_s=5, what="every ticket released, every doorbell settled")
+    assert (await read_turn(redis_client, keys, "conv-qg-silent")) is None  # nothing to play
+    assert silent.turn_id

@@ -47,7 +47,7 @@ from workers.queue.records import Claim, ClaimKind, Finished, JobStore, QueuedTu
 from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
 from workers.speech.resume import read_delivered
-from workers.speech.turn import STATUS_ABANDONED, Turn, TurnResult
+from workers.speech.turn import STATUS_ABANDONED, GateTicket, Turn, TurnResult
 
 log = structlog.get_logger(__name__)
 
@@ -82,8 +82,11 @@ class ConversationRunner:
     """Runs one conversation's queue for as long as this worker holds its runner lease."""
 
     def __init__(self, services: RunnerServices, conversation_id: str, doorbell: str,
-                 take_over_from: str = "") -> None:
+                 take_over_from: str = "", ticket: GateTicket | None = None) -> None:
         self._s = services
+        # The producer counts this runner's first turn as waiting for its first audio until
+        # that turn has begun (it then counts itself) or the runner ends without one.
+        self._ticket = ticket
         self.conversation_id = conversation_id
         self.doorbell = doorbell
         self._take_over_from = take_over_from
@@ -115,6 +118,17 @@ class ConversationRunner:
         return self._lost.is_set() or self._stop_now
 
     async def run(self) -> RunnerExit:
+        try:
+            return await self._run_queue()
+        finally:
+            self._release_ticket()
+
+    def _release_ticket(self) -> None:
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ticket.release()
+
+    async def _run_queue(self) -> RunnerExit:
         with bound_contextvars(conversation_id=self.conversation_id):
             while True:
                 if self._lost.is_set():
@@ -159,7 +173,8 @@ class ConversationRunner:
             return None  # dead-lettered right after the claim; needs no session
         return await self._s.producer.reserve_session(
             self.conversation_id, avatar_id=job.avatar_id, sample_rate=job.sample_rate,
-            keep_waiting=lambda: not (self._s.stopping.is_set() or self._lost.is_set()))
+            keep_waiting=lambda: not (self._s.stopping.is_set() or self._lost.is_set()),
+            on_wait=self._release_ticket)  # at the session cap: others must not wait for it
 
     async def _claimed(self, head: QueuedTurn, lease: str | None) -> bool:
         claim = await self._s.store.claim(self.conversation_id, head, owner=self.owner)
@@ -251,6 +266,7 @@ class ConversationRunner:
             job.conversation_id, sample_rate=job.sample_rate, avatar_id=job.avatar_id,
             turn_id=job.turn_id, attempt=attempt)
         self._turn = turn
+        self._release_ticket()  # the turn has begun: it counts itself until its first audio
         if self._must_stop():  # told to stop while the turn was opening
             await turn.abandon()
         return turn
@@ -264,6 +280,7 @@ class ConversationRunner:
             return await turn.speak_rest(clip[skip:])
 
     async def _speak_streamed(self, job: TurnJob, attempt: Attempt) -> TurnResult | None:
+        self._release_ticket()  # its input may be slow to come: others must not wait for it
         await self._keep_input(job)
         first = await self._first_input(job, attempt)
         if first is None:

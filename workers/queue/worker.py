@@ -39,6 +39,7 @@ from workers.queue.records import JobStore, RunnerTake
 from workers.queue.runner import ConversationRunner, RunnerExit, RunnerServices
 from workers.speech.periodic import Periodic
 from workers.speech.producer import Producer
+from workers.speech.turn import GateTicket
 
 log = structlog.get_logger(__name__)
 
@@ -199,11 +200,16 @@ class ProducerWorker:
             task.add_done_callback(self._tasks.discard)
 
     async def _dispatch_counted(self, bell: Doorbell) -> None:
+        # From here the turn counts as waiting for its first audio; a runner started for it
+        # takes the ticket over (and releases it once its turn has begun), else it ends here.
+        ticket = self._producer.expect_turn()
         try:
-            await self._dispatch(bell)
+            await self._dispatch(bell, ticket)
         except (RedisError, OSError) as exc:
             self._dispatch_failure = exc
         finally:
+            if ticket is not None and bell.entry_id not in self._runners:
+                ticket.release()
             self._dispatching -= 1
             self._slot_freed.set()
 
@@ -247,7 +253,7 @@ class ProducerWorker:
                      conversation_id=bell.conversation_id)
         return bells
 
-    async def _dispatch(self, bell: Doorbell) -> None:
+    async def _dispatch(self, bell: Doorbell, ticket: GateTicket | None = None) -> None:
         if bell.entry_id in self._runners:
             return  # our own doorbell came back through XAUTOCLAIM: it is running here
         conversation_id = bell.conversation_id
@@ -271,7 +277,8 @@ class ProducerWorker:
                      previous_owner=holder, silent_for_s=silence_s)
             self._producer.metrics.taken_over(silence_s)
         runner = ConversationRunner(self._services, conversation_id, bell.entry_id,
-                                    take_over_from=holder if take is RunnerTake.TAKEN_OVER else "")
+                                    take_over_from=holder if take is RunnerTake.TAKEN_OVER else "",
+                                    ticket=ticket)
         self._start(runner)
 
     async def _silence_s(self, conversation_id: str) -> float | None:

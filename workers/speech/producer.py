@@ -48,7 +48,14 @@ from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
 from workers.speech.session import SESSION_TOKEN_TTL
 from workers.speech.tokens import TokenStock
-from workers.speech.turn import FirstAudioGate, Turn, TurnResult, TurnServices, TurnSpec
+from workers.speech.turn import (
+    FirstAudioGate,
+    GateTicket,
+    Turn,
+    TurnResult,
+    TurnServices,
+    TurnSpec,
+)
 
 __all__ = [  # FramesPipe, PipeOutcome moved to workers.speech.frames, Turn to workers.speech.turn
     "Attempt", "FramesPipe", "PipeOutcome", "Producer", "ProducerClosed", "ProducerError",
@@ -184,6 +191,20 @@ class Producer:
     def owner(self) -> str:
         """This producer's identity in leases and turn records."""
         return self._owner
+
+    def expect_turn(self) -> GateTicket | None:
+        """A turn of this producer is about to start (a worker read its job): until the ticket
+        is released, other turns' session opens and the rest of their audio wait for it as for
+        a started turn's first audio (each at most MOTION_OPEN_GRACE_S), so a turn claimed a
+        few ms after others does not queue behind their bulk work."""
+        gate = self._services.first_audio
+        return gate.ticket() if gate is not None else None
+
+    @property
+    def awaiting_first_audio(self) -> int:
+        """Turns of this producer counted as waiting for their first audio (see expect_turn)."""
+        gate = self._services.first_audio
+        return gate.waiting if gate is not None else 0
 
     @property
     def active_turns(self) -> int:
@@ -378,15 +399,21 @@ class Producer:
 
     async def reserve_session(
         self, conversation_id: str, *, avatar_id: str | None, sample_rate: int,
-        keep_waiting: Callable[[], bool],
+        keep_waiting: Callable[[], bool], on_wait: Callable[[], None] | None = None,
     ) -> str | None:
         """Reserve a Motion Server session slot for the conversation's next turn before it
         starts, waiting for as long as ``keep_waiting()`` holds (meanwhile idle sessions
         anywhere close for it). None when the conversation's kept session will do, or when the
-        wait was given up. Give it back with ``release_reservation`` once the turn is over."""
+        wait was given up. Give it back with ``release_reservation`` once the turn is over.
+        ``on_wait`` is called when no slot was free at the first try, before waiting."""
         avatar = avatar_id or self._endpoints.default_avatar_id
         if self._pool.has_session(conversation_id, avatar, sample_rate):
             return None
+        lease_id = await self._session_leases.acquire(wait_s=0)  # one try: the common case
+        if lease_id is not None:
+            return lease_id
+        if on_wait is not None:
+            on_wait()
         while keep_waiting():
             lease_id = await self._session_leases.acquire(wait_s=_RESERVE_POLL_S)
             if lease_id is not None:

@@ -111,8 +111,32 @@ class FirstAudioGate:
             self._waiting = 0
             self._clear.set()
 
+    @property
+    def waiting(self) -> int:
+        """Turns (begun, or expected through a ticket) still waiting for their first audio."""
+        return self._waiting
+
     async def wait_clear(self) -> None:
         await self._clear.wait()
+
+    def ticket(self) -> GateTicket:
+        """Count a turn that is about to start (its job read, not yet claimed) as waiting for
+        its first audio; the caller releases the ticket once the turn has begun (and counts
+        itself) or will not start."""
+        self.enter()
+        return GateTicket(self)
+
+
+class GateTicket:
+    """One expected turn in a FirstAudioGate; ``release`` is idempotent."""
+
+    def __init__(self, gate: FirstAudioGate) -> None:
+        self._gate: FirstAudioGate | None = gate
+
+    def release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.leave()
 
 
 @dataclass(frozen=True)
