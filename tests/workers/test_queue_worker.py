@@ -204,3 +204,44 @@ async def test_every_path_through_a_dispatch_releases_its_first_audio_ticket(
     await eventually(settled, timeout_s=5, what="every ticket released, every doorbell settled")
     assert (await read_turn(redis_client, keys, "conv-qg-silent")) is None  # nothing to play
     assert silent.turn_id
+
+
+@pytest.mark.parametrize("server", ["single", "cluster"])
+async def test_a_submit_writes_its_turn_and_doorbell_or_nothing(server, request, key_prefix):
+    # A single server takes the turn, the back-pressure check and the doorbell in one script
+    # call; a cluster in three calls (the jobs stream is in another slot). Both leave the same
+    # records: one queued turn, a doorbell per accepted submit, nothing for a refused one.
+    from relay.keys import Keys
+    from relay.redis_conn import create_client
+    from workers.queue.records import Enqueued, JobStore
+
+    url = request.getfixturevalue("redis_url" if server == "single" else "cluster_url")
+    client = create_client(url, cluster=server == "cluster")
+    keys = Keys(key_prefix)
+    small = TurnQueue(client, keys, input_ttl_s=60, max_jobs=2, queue_max=1)
+    try:
+        first = await small.offer_clip("c-one", tone(0.1), sample_rate=RATE, turn_id="t-1")
+        again = await small.offer_clip("c-one", tone(0.1), sample_rate=RATE, turn_id="t-1")
+        assert (first.state, again.state) == ("queued", "already_queued")
+        assert await client.xlen(keys.queue("c-one")) == 1
+        assert await client.xlen(keys.jobs()) == 2  # the second submit rang again
+        with pytest.raises(QueueFull, match="already waiting"):  # two doorbells wait
+            await small.submit_clip("c-two", tone(0.1), sample_rate=RATE, turn_id="t-2")
+        assert await client.xlen(keys.queue("c-two")) == 0
+        assert await client.xlen(keys.jobs()) == 2
+        await client.delete(keys.jobs())
+        with pytest.raises(QueueFull, match="maximum of turns"):  # c-one holds queue_max
+            await small.submit_clip("c-one", tone(0.1), sample_rate=RATE, turn_id="t-3")
+        assert await client.xlen(keys.jobs()) == 0
+        assert await client.xlen(keys.queue("c-one")) == 1
+        if server == "single":
+            # The one-step script run twice (a retried call): the turn is queued once, and the
+            # second run rings once more, like a caller's second submit.
+            store = JobStore(client, keys, ttl_s=60, lease_s=1.0)
+            bell = small._doorbells.write_for("c-three", "t-4", max_waiting=10)  # noqa: SLF001
+            runs = [await store.enqueue("c-three", "t-4", b"job", doorbell=bell) for _ in "ab"]
+            assert runs == [Enqueued.QUEUED, Enqueued.ALREADY_QUEUED]
+            assert await client.xlen(keys.queue("c-three")) == 1
+            assert await client.xlen(keys.jobs()) == 2
+    finally:
+        await client.aclose()

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from relay.keys import Keys
 from relay.lua import ScriptArgs, register, text
 from relay.redis_conn import RedisClient
+from workers.queue.records import DoorbellWrite
 
 log = structlog.get_logger(__name__)
 
@@ -131,6 +132,12 @@ class Doorbells:
         """Add a doorbell (the submit side)."""
         fields: dict[Any, Any] = {CONVERSATION_FIELD: conversation_id, TURN_FIELD: turn_id}
         return text(await self._client.xadd(self._key, fields))
+
+    def write_for(self, conversation_id: str, turn_id: str, *, max_waiting: int
+                  ) -> DoorbellWrite:
+        """The doorbell ``ring`` would add, for ``JobStore.enqueue`` to write in its own step."""
+        return DoorbellWrite(key=self._key, max_waiting=max_waiting,
+                             fields=(CONVERSATION_FIELD, conversation_id, TURN_FIELD, turn_id))
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) unless it exists; only BUSYGROUP is benign."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 from relay.keys import Keys
-from relay.lua import NOW_MS, ScriptArgs, register, text
+from relay.lua import NOW_MS, ScriptArg, ScriptArgs, register, text
 from relay.redis_conn import RedisClient, answer
 from relay.streams import INTERRUPT_ACTIVE, Guard, InterruptExtension
 
@@ -92,20 +92,42 @@ return {hit, dropped}
 # (played, dead or dropped), {-1} when the queue is full.
 # Run twice: the second run finds the turn queued ({0}) or, if it ran meanwhile, done ({2});
 # nothing is queued twice.
-_SUBMIT = NOW_MS + """
-if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return {0} end
-if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {2} end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1} end
-local fields = {'turn', ARGV[1], 'job', ARGV[2]}
-if tonumber(ARGV[3]) > 0 then
-  table.insert(fields, 'deadline')
-  table.insert(fields, tostring(now + tonumber(ARGV[3])))
+_SUBMIT_TURN = NOW_MS + """
+local function submit_turn()
+  if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return {0} end
+  if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {2} end
+  if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1} end
+  local fields = {'turn', ARGV[1], 'job', ARGV[2]}
+  if tonumber(ARGV[3]) > 0 then
+    table.insert(fields, 'deadline')
+    table.insert(fields, tostring(now + tonumber(ARGV[3])))
+  end
+  local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
+  redis.call('HSET', KEYS[2], 'a:' .. ARGV[1], 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  return {1, id}
 end
-local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
-redis.call('HSET', KEYS[2], 'a:' .. ARGV[1], 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return {1, id}
+"""
+_SUBMIT = _SUBMIT_TURN + "return submit_turn()\n"
+
+# The same with its doorbell, in one atomic step, where the jobs stream can be named with the
+# conversation's keys (a single server; on a cluster it lives in another slot, and the doorbell is
+# a second call after this one). KEYS: queue, state, done, jobs. ARGV: as _SUBMIT, then the most
+# doorbells that may wait, then the doorbell's field/value pairs. Returns {-2} when that many
+# wait (nothing written), else _SUBMIT's answer; a queued turn, new ({1}) or already queued
+# ({0}), gets its doorbell.
+# Run twice: the turn is not queued again ({0} or {2}, as for _SUBMIT), and an already queued
+# turn gets one more doorbell, exactly as a caller's second submit gets one: a spare doorbell
+# costs one entry (its worker finds the runner busy or the queue already run) and repairs a lost
+# one.
+_SUBMIT_AND_RING = _SUBMIT_TURN + """
+if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[6]) then return {-2} end
+local queued = submit_turn()
+if queued[1] == 0 or queued[1] == 1 then
+  redis.call('XADD', KEYS[4], '*', unpack(ARGV, 7))
+end
+return queued
 """
 
 # KEYS: state, turn record, queue. ARGV: turn, owner, max_attempts, ttl_ms, deadline_ms (0: none),
@@ -283,6 +305,7 @@ class Enqueued(IntEnum):
     QUEUED = 1
     ALREADY_DONE = 2  # the turn id already left the queue: not played again
     FULL = -1  # the conversation holds queue_max turns
+    JOBS_FULL = -2  # max_jobs doorbells wait (``enqueue`` with a doorbell): nothing was written
 
 
 class Finished(IntEnum):
@@ -299,6 +322,17 @@ class Released(IntEnum):
     WAITING = 0  # turns are waiting: keep running
     RELEASED = 1  # the queue is empty and the runner lease is gone
     LOST = -1  # the lease was someone else's
+
+
+@dataclass(frozen=True)
+class DoorbellWrite:
+    """A doorbell ``enqueue`` writes with its turn, laid out by ``workers.queue.doorbells`` (the
+    owner of that stream): the stream's key, how many doorbells may wait there at most (more:
+    the submit is refused), and the entry's field/value pairs."""
+
+    key: str
+    max_waiting: int
+    fields: tuple[ScriptArg, ...]
 
 
 class JobStore:
@@ -323,6 +357,7 @@ class JobStore:
         self._step_back, self._take, self._renew = (
             register(client, _STEP_BACK), register(client, _TAKE), register(client, _RENEW))
         self._release = register(client, _RELEASE_IF_EMPTY)
+        self._submit_and_ring = register(client, _SUBMIT_AND_RING)
         self._give_up = register(client, _GIVE_UP)
         self._interrupt_and_drop = register(client, _INTERRUPT_AND_DROP)
 
@@ -333,12 +368,20 @@ class JobStore:
     # Submitting.
 
     async def enqueue(self, conversation_id: str, turn_id: str, job: bytes,
-                      *, deadline_in_ms: int = 0) -> Enqueued:
-        """Queue a turn (a second submit of the same turn id changes nothing)."""
+                      *, deadline_in_ms: int = 0, doorbell: DoorbellWrite | None = None
+                      ) -> Enqueued:
+        """Queue a turn (a second submit of the same turn id changes nothing). With
+        ``doorbell`` (a single server only: its stream must be nameable in the same script) the
+        doorbell is written in the same atomic step, unless ``doorbell.max_waiting`` wait."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
-        args: ScriptArgs = [turn_id, job, max(0, deadline_in_ms), self._queue_max, self._ttl_ms]
-        result = await self._submit(keys=keys, args=args)
+        args: list[ScriptArg] = [turn_id, job, max(0, deadline_in_ms), self._queue_max,
+                                 self._ttl_ms]
+        if doorbell is None:
+            result = await self._submit(keys=keys, args=args)
+        else:
+            result = await self._submit_and_ring(
+                keys=[*keys, doorbell.key], args=[*args, doorbell.max_waiting, *doorbell.fields])
         return Enqueued(int(result[0]))
 
     # Running a conversation's queue.

@@ -31,6 +31,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from redis.asyncio.cluster import RedisCluster
+
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient
 from relay.settings import Settings
@@ -96,6 +98,10 @@ class TurnQueue:
         # Submitting never leases anything: the lease time only matters to workers.
         self._store = JobStore(client, keys, ttl_s=queue_ttl_s, lease_s=1.0, queue_max=queue_max)
         self._doorbells = Doorbells(client, keys, consumer="submitter")
+        # On a single server the jobs stream can be written in the enqueue script itself; on a
+        # cluster it lives in another slot than the conversation's keys, so the doorbell is a
+        # second call, made after the turn is queued (whoever reads it must find the turn).
+        self._one_step = not isinstance(client, RedisCluster)
 
     @classmethod
     def from_settings(cls, settings: Settings, client: RedisClient) -> TurnQueue:
@@ -185,9 +191,11 @@ class TurnQueue:
     async def _submit(self, job: TurnJob, deadline_s: float | None) -> str:
         if deadline_s is not None and deadline_s <= 0:
             raise ValueError("deadline_s must be positive")
+        deadline_ms = int(deadline_s * 1000) if deadline_s else 0
+        if self._one_step:
+            return await self._submit_in_one_step(job, deadline_ms)
         if await self._client.xlen(self._keys.jobs()) >= self._max_jobs:
             raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
-        deadline_ms = int(deadline_s * 1000) if deadline_s else 0
         queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
                                            deadline_in_ms=deadline_ms)
         if queued is Enqueued.FULL:
@@ -198,6 +206,22 @@ class TurnQueue:
         # Rung after the turn is queued, so whoever reads the doorbell finds the turn. Rung
         # again for a duplicate submit: it costs one entry and repairs a lost doorbell.
         await self._doorbells.ring(job.conversation_id, job.turn_id)
+        return SUBMIT_QUEUED if queued is Enqueued.QUEUED else SUBMIT_ALREADY_QUEUED
+
+    async def _submit_in_one_step(self, job: TurnJob, deadline_ms: int) -> str:
+        """The same checks and writes in one script call: the back-pressure check, the turn and
+        its doorbell (one round trip instead of three; a single server only)."""
+        doorbell = self._doorbells.write_for(job.conversation_id, job.turn_id,
+                                             max_waiting=self._max_jobs)
+        queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
+                                           deadline_in_ms=deadline_ms, doorbell=doorbell)
+        if queued is Enqueued.JOBS_FULL:
+            raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
+        if queued is Enqueued.FULL:
+            raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
+                            "turns queued")
+        if queued is Enqueued.ALREADY_DONE:
+            return SUBMIT_ALREADY_DONE
         return SUBMIT_QUEUED if queued is Enqueued.QUEUED else SUBMIT_ALREADY_QUEUED
 
 
