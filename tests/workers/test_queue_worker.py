@@ -245,3 +245,30 @@ async def test_a_submit_writes_its_turn_and_doorbell_or_nothing(server, request,
             assert await client.xlen(keys.jobs()) == 2
     finally:
         await client.aclose()
+
+
+async def test_a_running_conversations_own_doorbell_coming_back_leaves_no_ticket(
+    queue, run_worker, redis_client, keys,
+):
+    # The worker's reclaim can hand it back its own running doorbell (when its heartbeat was
+    # late): the dispatch finds it running here, starts nothing, and must not keep its ticket.
+    # A late heartbeat cannot be forced from outside, so the doorbell is dispatched directly.
+    from workers.queue.doorbells import Doorbell
+
+    worker = await run_worker(turn_input_timeout_s=10)
+    producer = worker._producer  # noqa: SLF001 - the gate's count is the producer's own state
+    feed = await queue.open_streamed("conv-qown", sample_rate=RATE)
+    clip = tone(0.4)
+    await feed.send(clip[:3200])
+    await eventually(lambda: worker.running_turns == 1 and producer.awaiting_first_audio == 0,
+                     timeout_s=5, what="the turn running, its first audio out")
+    [entry] = await redis_client.xpending_range(keys.jobs(), keys.jobs_group(), "-", "+", 1)
+    bell = Doorbell(entry_id=entry["message_id"].decode(), conversation_id="conv-qown",
+                    turn_id=feed.turn_id, fields={})
+    worker._dispatching += 1  # noqa: SLF001 - as the read loop counts it before dispatching
+    await worker._dispatch_counted(bell)  # noqa: SLF001 - what the reclaim path calls
+    assert worker.running_turns == 1 and producer.awaiting_first_audio == 0
+    await feed.send(clip[3200:])
+    await feed.end()
+    assert_complete(await wait_turn_end(redis_client, keys, "conv-qown", feed.turn_id),
+                    feed.turn_id, clip)

@@ -203,12 +203,13 @@ class ProducerWorker:
         # From here the turn counts as waiting for its first audio; a runner started for it
         # takes the ticket over (and releases it once its turn has begun), else it ends here.
         ticket = self._producer.expect_turn()
+        runner: ConversationRunner | None = None
         try:
-            await self._dispatch(bell, ticket)
-        except (RedisError, OSError) as exc:
+            runner = await self._dispatch(bell, ticket)
+        except Exception as exc:  # Redis errors back off; anything else ends the loop, as before
             self._dispatch_failure = exc
         finally:
-            if ticket is not None and bell.entry_id not in self._runners:
+            if ticket is not None and runner is None:
                 ticket.release()
             self._dispatching -= 1
             self._slot_freed.set()
@@ -253,24 +254,27 @@ class ProducerWorker:
                      conversation_id=bell.conversation_id)
         return bells
 
-    async def _dispatch(self, bell: Doorbell, ticket: GateTicket | None = None) -> None:
+    async def _dispatch(self, bell: Doorbell, ticket: GateTicket | None = None
+                        ) -> ConversationRunner | None:
+        """Take the doorbell's conversation; the runner started for it (which then owns
+        ``ticket``), or None when there is nothing to run here."""
         if bell.entry_id in self._runners:
-            return  # our own doorbell came back through XAUTOCLAIM: it is running here
+            return None  # our own doorbell came back through XAUTOCLAIM: it is running here
         conversation_id = bell.conversation_id
         if conversation_id is None:
             await self._bury_malformed(bell)
-            return
+            return None
         try:
             take, holder = await self._store.take(
                 conversation_id, owner=self._producer.owner, doorbell=bell.entry_id)
         except ValueError:  # an invalid conversation id: no key can be named for it
             await self._bury_malformed(bell)
-            return
+            return None
         if take in (RunnerTake.BUSY, RunnerTake.MINE):
             # The runner (here or elsewhere) holds a doorbell of its own and checks the queue
             # atomically before it lets go, so it will run every turn queued before now.
             await self._doorbells.ack(bell.entry_id)
-            return
+            return None
         if take is RunnerTake.TAKEN_OVER:
             silence_s = await self._silence_s(conversation_id)
             log.info("conversation_taken_over", conversation_id=conversation_id,
@@ -280,6 +284,7 @@ class ProducerWorker:
                                     take_over_from=holder if take is RunnerTake.TAKEN_OVER else "",
                                     ticket=ticket)
         self._start(runner)
+        return runner
 
     async def _silence_s(self, conversation_id: str) -> float | None:
         """How long the conversation's stream has had no new entry (its clients' wait so far)."""
