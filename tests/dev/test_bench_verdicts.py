@@ -60,3 +60,11 @@ def test_p99_counts_only_at_steps_the_writer_could_generate():
     steps[1]["p99_ms"] = 51.0
     assert live_path_verdicts({"steps": steps}, RATE)[
         "edge_p99_le_50ms_every_generated_step"]["met"] is False
+
+
+def test_a_step_that_broke_fails_the_generated_p99_target():
+    broken = {"conversations": 300, "error": "edge-300-writer: no report", "passes": False}
+    verdict = live_path_verdicts({"steps": [_row(50, 3.0), broken]}, RATE)[
+        "edge_p99_le_50ms_every_generated_step"]
+    assert verdict["measured"] == {50: 3.0, 300: None}
+    assert verdict["met"] is False

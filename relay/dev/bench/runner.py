@@ -366,8 +366,10 @@ def _generated_p99_verdict(steps: list[dict[str, Any]], rate: float | None) -> d
     skipped: list[int] = []
     for row in steps:
         offered, n = row.get("offered_msgs_per_s"), row["conversations"]
-        if rate and offered is not None and offered >= GENERATED_SHARE * rate * n:
-            generated[row["conversations"]] = row.get("p99_ms")
+        if row.get("error"):
+            generated[n] = None  # a step that broke is a failed one, not one left out
+        elif rate and offered is not None and offered >= GENERATED_SHARE * rate * n:
+            generated[n] = row.get("p99_ms")
         else:
             skipped.append(row["conversations"])
     limit = TARGETS["edge_p99_ms"]
