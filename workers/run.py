@@ -23,7 +23,7 @@ from relay.redis_conn import RedisClient, client_for
 from relay.settings import Settings
 from workers.health import start_health_server
 from workers.metrics import ProducerMetrics
-from workers.queue.worker import ProducerWorker
+from workers.queue.worker import HAND_BACK_S, ProducerWorker
 from workers.speech.endpoints import MotionEndpoints
 from workers.speech.producer import Producer
 
@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 # A producer exits within RELAY_PRODUCER_STOP_S + STOP_MARGIN_S of SIGTERM whatever its turns
 # are doing and whether Redis answers or not (docs/operations.md "Graceful stop"): the margin
 # covers the hand-back (HAND_BACK_S) and closing sessions and leases.
-STOP_MARGIN_S = 10.0  # HAND_BACK_S (4 s), then at most ~4 s to close sessions and leases
+STOP_MARGIN_S = HAND_BACK_S + 6.0  # then at most ~4 s to close sessions and leases
 _CANCEL_GRACE_S = 2.0
 _REDIS_RETRY_MAX_S = 2.0
 

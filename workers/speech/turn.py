@@ -101,11 +101,11 @@ class FirstAudioGate:
         self._clear = asyncio.Event()
         self._clear.set()
 
-    def enter(self) -> None:
+    def _enter(self) -> None:
         self._waiting += 1
         self._clear.clear()
 
-    def leave(self) -> None:
+    def _leave(self) -> None:
         self._waiting -= 1
         if self._waiting <= 0:
             self._waiting = 0
@@ -120,15 +120,15 @@ class FirstAudioGate:
         await self._clear.wait()
 
     def ticket(self) -> GateTicket:
-        """Count a turn that is about to start (its job read, not yet claimed) as waiting for
-        its first audio; the caller releases the ticket once the turn has begun (and counts
-        itself) or will not start."""
-        self.enter()
+        """Count one turn as waiting for its first audio until the ticket is released: a turn
+        holds one from ``begin`` to its first audio, a worker one from reading the turn's job
+        until the turn has begun (``Producer.expect_turn``)."""
+        self._enter()
         return GateTicket(self)
 
 
 class GateTicket:
-    """One expected turn in a FirstAudioGate; ``release`` is idempotent."""
+    """One turn counted in a FirstAudioGate; ``release`` is idempotent."""
 
     def __init__(self, gate: FirstAudioGate) -> None:
         self._gate: FirstAudioGate | None = gate
@@ -136,7 +136,7 @@ class GateTicket:
     def release(self) -> None:
         gate, self._gate = self._gate, None
         if gate is not None:
-            gate.leave()
+            gate._leave()  # noqa: SLF001 - the gate's own ticket
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,8 @@ class Turn:
         self._opening: asyncio.Task[None] | None = None
         self._motion_ready = False
         self._audio_out = asyncio.Event()  # the first audio is appended (or the turn stopped)
-        self._in_gate = False  # counted in the producer's FirstAudioGate until _audio_out
+        # Held (counted in the producer's FirstAudioGate) from begin until the first audio.
+        self._gate_ticket: GateTicket | None = None
         self._backlog: deque[tuple[bytes, bool]] = deque()
         self._backlog_bytes = 0
         self._audio_seq = delivered.next_seq if delivered else 0
@@ -388,8 +389,7 @@ class Turn:
             return
         gate = self._services.first_audio
         if gate is not None and not self._audio_out.is_set():
-            gate.enter()
-            self._in_gate = True
+            self._gate_ticket = gate.ticket()
         self._opening = asyncio.create_task(self._open_motion(),
                                             name=f"motion-open-{self.turn_id}")
 
@@ -399,10 +399,8 @@ class Turn:
         self._leave_gate()
 
     def _leave_gate(self) -> None:
-        gate = self._services.first_audio
-        if self._in_gate and gate is not None:
-            self._in_gate = False
-            gate.leave()
+        if self._gate_ticket is not None:
+            self._gate_ticket.release()
 
     async def _open_motion(self) -> None:
         """Check a session out (or open one), attach the turn, then send it the backlog. Any

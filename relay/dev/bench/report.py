@@ -107,12 +107,8 @@ def render_table(result: dict[str, Any]) -> str:
         path = result.get(key)
         if not path:
             continue
-        header = [name for name, _, _ in _COLUMNS]
-        rows = table_rows(path)
-        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
         lines.append(f"{title} (each step against the bare loop at the same count)")
-        lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-        lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines += _table([name for name, _, _ in _COLUMNS], table_rows(path))
         lines += _summary(path)
         if any("peers" in row for row in path["steps"]):
             lines.append("  peers at each step (ratio = peer / relay, above 1: the relay is "
