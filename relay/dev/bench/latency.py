@@ -19,6 +19,10 @@ blocked in XREAD (``latency_bare``, its own process, as an edge is), sent as one
 to a client in this process; p50/p99/max of that round trip. Ratios are relay figure / baseline.
 The clients share this process with the submitter, so both the relay figures and the baseline
 include its event loop; turn correctness (complete, audio before frames) is checked on the side.
+
+Beside the baseline, also in the same run: client CPU per Redis command, redis-py's plain client
+against the relay's batching one, at 1, 20 and 100 concurrent callers (``clientcpu``), the cost
+that a turn's chain of commands pays on its way to the first audio.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import msgpack
 import structlog
 
 from relay import wire
+from relay.dev.bench import clientcpu
 from relay.dev.bench.child import BenchChild
 from relay.dev.bench.procstat import cpu_seconds, machine_busy_seconds
 from relay.dev.embedded import EmbeddedServer
@@ -372,6 +377,8 @@ async def run_latency(options: LatencyOptions, log_dir: Path) -> dict[str, Any]:
                               "sim_first_batch_ms": options.sim_first_batch_ms}
     with EmbeddedServer() as server:
         result["baseline_ms"] = await baseline(server.url, options.baseline_samples, log_dir)
+        result["client_cpu_per_command"] = await clientcpu.measure(
+            server.url, chain=10 if options.quick else clientcpu.CHAIN)
         steps = []
         for n in options.counts:
             try:
@@ -446,6 +453,8 @@ def render(result: dict[str, Any]) -> str:
     for name, verdict in result["targets"].items():
         mark = "met" if verdict["met"] else "NOT met"
         lines.append(f"- {name}: {verdict['measured']} (target <= {verdict['target']:g}) {mark}")
+    if result.get("client_cpu_per_command"):
+        lines += clientcpu.render(result["client_cpu_per_command"])
     return "\n".join(lines)
 
 

@@ -1,0 +1,145 @@
+"""The relay's Redis client against a real server: what its batching of concurrent commands into
+pipelines keeps (each caller's reply and error, order, blocking reads apart, cancellation) and
+what it saves (one pipeline for many callers)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from relay.redis_conn import BatchingRedis, create_client
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[redis.Redis]:
+    made = create_client(redis_url, block_ms=2000, max_connections=4)
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every pipeline sent (by any client of the test)."""
+    sizes: list[int] = []
+    execute = Pipeline.execute
+
+    async def counted(self: Pipeline, raise_on_error: bool = True) -> list[Any]:
+        sizes.append(len(self.command_stack))
+        return await execute(self, raise_on_error=raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", counted)
+    return sizes
+
+
+async def busy(client: redis.Redis) -> asyncio.Task[Any]:
+    """A command in flight: commands issued meanwhile are batched (alone, one goes plain)."""
+    task = asyncio.create_task(client.ping())
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_a_single_server_client_batches(client: redis.Redis) -> None:
+    assert isinstance(client, BatchingRedis)
+
+
+async def test_concurrent_callers_share_one_pipeline_and_get_their_own_replies(
+        client: redis.Redis, key_prefix: str, pipelines: list[int]) -> None:
+    names = [f"{key_prefix}:k{i}" for i in range(50)]
+    ping = await busy(client)
+    await asyncio.gather(*(client.set(name, str(i)) for i, name in enumerate(names)))
+    assert pipelines == [50]
+    assert await ping
+    ping = await busy(client)
+    values = await asyncio.gather(*(client.get(name) for name in names))
+    assert values == [str(i).encode() for i in range(50)]
+    assert pipelines == [50, 50]
+    assert await ping
+
+
+async def test_a_command_alone_goes_plain(client: redis.Redis, key_prefix: str,
+                                          pipelines: list[int]) -> None:
+    for i in range(3):
+        await client.set(f"{key_prefix}:alone", i)
+    assert pipelines == []
+    assert await client.get(f"{key_prefix}:alone") == b"2"
+
+
+async def test_one_callers_error_is_its_own(client: redis.Redis, key_prefix: str) -> None:
+    text, count = f"{key_prefix}:text", f"{key_prefix}:count"
+    await client.set(text, "not a number")
+    await busy(client)
+    results = await asyncio.gather(client.incr(count), client.incr(text), client.incr(count),
+                                   return_exceptions=True)
+    assert results[0] == 1 and results[2] == 2
+    assert isinstance(results[1], ResponseError)
+
+
+async def test_a_batch_runs_in_the_order_it_was_issued(
+        client: redis.Redis, key_prefix: str) -> None:
+    name = f"{key_prefix}:list"
+    await busy(client)
+    await asyncio.gather(*(client.rpush(name, i) for i in range(30)))
+    assert await client.lrange(name, 0, -1) == [str(i).encode() for i in range(30)]
+
+
+async def test_scripts_reload_after_a_script_flush(client: redis.Redis, key_prefix: str) -> None:
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    name = f"{key_prefix}:n"
+    assert await script(keys=[name]) == 1
+    await client.script_flush()
+    await busy(client)
+    # Every caller of the batch gets NOSCRIPT, loads the script and runs it once: no run lost.
+    await asyncio.gather(*(script(keys=[name]) for _ in range(10)))
+    assert int(await client.get(name) or 0) == 11
+
+
+async def test_a_blocking_read_does_not_hold_up_other_commands(
+        client: redis.Redis, key_prefix: str, pipelines: list[int]) -> None:
+    stream = f"{key_prefix}:s"
+    read = asyncio.create_task(client.xread({stream: "$"}, block=1500))
+    await asyncio.sleep(0.05)  # the read is in Redis, blocked
+    assert await client.set(f"{key_prefix}:x", "1")
+    assert not read.done()  # the SET was answered while the read still waits
+    await client.xadd(stream, {"f": "v"})
+    reply = await asyncio.wait_for(read, 5)
+    assert reply and reply[0][1][0][1] == {b"f": b"v"}
+    assert all(size == 1 for size in pipelines)  # the XREAD BLOCK never went into one
+
+
+async def test_a_caller_cancelled_before_its_batch_is_sent_is_left_out(
+        client: redis.Redis, key_prefix: str) -> None:
+    name = f"{key_prefix}:cancelled"
+    await busy(client)
+    setter = asyncio.create_task(client.set(name, "1"))
+    await asyncio.sleep(0)  # the setter has queued its command; the batch goes out next turn
+    setter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await setter
+    assert await client.exists(name) == 0
+
+
+async def test_a_connection_failure_reaches_every_caller_of_the_batch(
+        pipelines: list[int]) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = create_client(f"redis://127.0.0.1:{port}", retries=0)
+    try:
+        ping = await busy(client)
+        results = await asyncio.gather(*(client.get(f"k{i}") for i in range(5)),
+                                       return_exceptions=True)
+        with pytest.raises(RedisConnectionError):
+            await ping
+    finally:
+        await client.aclose()
+    assert pipelines == [5]
+    assert all(isinstance(r, RedisConnectionError) for r in results)
+    assert len({id(r) for r in results}) == 5  # each caller raises its own instance
