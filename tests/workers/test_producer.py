@@ -248,6 +248,23 @@ async def test_capacity_falls_back_to_audio_only(make_producer, redis_client, ke
     assert kinds.index(wire.AUDIO_ONLY) > max(i for i, k in enumerate(kinds) if k == wire.AUDIO)
 
 
+async def test_an_idle_kept_session_counts_as_room_for_its_producer_only(make_producer, sim):
+    # A worker reads as many doorbells as its producer can give sessions to: an idle session it
+    # keeps serves its conversation's next turn (or closes for another's), so at the cap the
+    # holder still has room for one turn while any other producer has none.
+    holder = await make_producer(max_sdk_sessions=1, session_idle_s=60.0)
+    other = await make_producer(max_sdk_sessions=1)
+    assert await holder.session_room() == 1 and await other.session_room() == 1
+    await holder.speak("conv-kept", tone(0.2))
+    assert holder.motion_sessions == 1
+    assert await holder.session_room() == 1  # no slot is free, but its idle session is its own
+    result = await holder.speak("conv-kept", tone(0.2))  # the kept session serves it
+    assert result.status == wire.STATUS_COMPLETE
+    assert sim.sim.stats.sessions_opened == 1
+    # Asked last: at 0 a producer counts as waiting, and idle sessions close for waiters.
+    assert await other.session_room() == 0
+
+
 async def test_idle_sessions_yield_to_waiting_turns(make_producer, redis_client, keys, sim):
     # The holder keeps its session for the next turn (idle 60 s), but a turn waiting on another
     # producer needs the only slot: the holder must close its idle session for it.

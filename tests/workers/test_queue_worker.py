@@ -36,6 +36,21 @@ async def test_clip_job_is_spoken(queue, run_worker, redis_client, keys):
     await eventually(settled, timeout_s=2, what="jobs acknowledged")
 
 
+async def test_at_the_cap_a_kept_session_serves_its_conversations_next_job(
+        queue, run_worker, redis_client, keys, sim):
+    # The only slot is held by the session kept for conv-kept. Its next job needs no new slot:
+    # the worker must take it at once, not wait for room and close that session for it.
+    await run_worker(max_sdk_sessions=1, session_idle_s=60.0)
+    first = await queue.submit_clip("conv-kept", tone(0.2), sample_rate=RATE)
+    await wait_turn_end(redis_client, keys, "conv-kept", first)
+    await asyncio.sleep(1.2)  # idle past the reaper's spare time: closable for a waiter now
+    clip = tone(0.3)
+    second = await queue.submit_clip("conv-kept", clip, sample_rate=RATE)
+    messages = await wait_turn_end(redis_client, keys, "conv-kept", second)
+    assert_complete(messages, second, clip)
+    assert sim.sim.stats.sessions_opened == 1
+
+
 async def test_streamed_job(queue, run_worker, redis_client, keys):
     await run_worker()
     clip = tone(0.6, freq=300.0)

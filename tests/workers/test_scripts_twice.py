@@ -10,7 +10,7 @@ import pytest
 
 from relay.lua import text
 from workers.queue.deadletters import DeadLetters
-from workers.queue.records import ClaimKind, JobStore, QueuedTurn
+from workers.queue.records import ClaimKind, JobStore, QueuedTurn, RunnerTake
 
 
 @pytest.fixture
@@ -55,8 +55,9 @@ async def test_step_back_run_twice_hands_back_once(store, keys):
 
 async def test_finish_release_and_take_run_twice(store, keys):
     head = await queued(store, "c3", "t1")
-    assert await store.take("c3", owner="w1", doorbell="1-1") == await store.take(
-        "c3", owner="w1", doorbell="1-1")  # taken, not "taken over" from itself
+    taken = await store.take("c3", owner="w1", doorbell="1-1")
+    assert taken == await store.take("c3", owner="w1", doorbell="1-1")  # not "taken over"
+    assert taken.kind is RunnerTake.TAKEN and taken.head == head  # the head came with it
     claim = await store.claim("c3", head, owner="w1")
     assert int(await store.finish("c3", head, claim.epoch)) == 1
     assert int(await store.finish("c3", head, claim.epoch)) == 0  # left the queue either way
@@ -64,6 +65,20 @@ async def test_finish_release_and_take_run_twice(store, keys):
     first = await store.release_if_empty("c3", owner="w1", doorbell="1-1")
     assert first == await store.release_if_empty("c3", owner="w1", doorbell="1-1")
     assert int(first) == 1
+
+
+async def test_take_brings_the_head_to_the_runner_only(store, keys):
+    empty = await store.take("c4", owner="w1", doorbell="1-1")
+    assert (empty.kind, empty.head) == (RunnerTake.TAKEN, None)  # nothing queued
+    head = await queued(store, "c4", "t1")
+    await queued(store, "c4", "t2")
+    assert (await store.take("c4", owner="w1", doorbell="1-1")).head == head  # oldest first
+    busy = await store.take("c4", owner="w2", doorbell="2-1")
+    assert (busy.kind, busy.holder, busy.head) == (RunnerTake.BUSY, "w1", None)
+    mine = await store.take("c4", owner="w1", doorbell="3-1")
+    assert (mine.kind, mine.head) == (RunnerTake.MINE, None)
+    over = await store.take("c4", owner="w2", doorbell="1-1")  # w2 now owns w1's doorbell
+    assert (over.kind, over.holder, over.head) == (RunnerTake.TAKEN_OVER, "w1", head)
 
 
 async def test_a_turn_is_dead_lettered_once(redis_client, keys):

@@ -211,26 +211,30 @@ local function split(v)
 end
 """
 
-# KEYS: runner. ARGV: owner, doorbell, lease_ms. Returns {1, ''} taken, {2, previous owner} taken
-# over (the caller now owns the doorbell that backed it), {3, owner} held by the caller under
-# another doorbell, {0, holder} held by another worker.
+# KEYS: runner, queue. ARGV: owner, doorbell, lease_ms. Returns {1, ''} taken, {2, previous
+# owner} taken over (the caller now owns the doorbell that backed it), {3, owner} held by the
+# caller under another doorbell, {0, holder} held by another worker. Taken or taken over, the
+# queue's head entry follows ({code, holder, id, {field, value, ...}}): the new runner's first
+# head read comes with its lease, one round trip fewer on the way to a turn's first audio.
 # Run twice: the second run finds the caller's own value, renews it and answers {1, ''} (taken),
-# not "taken over" from the caller itself.
+# not "taken over" from the caller itself, with the head as it is then (reading it writes
+# nothing).
 _TAKE = _SPLIT + """
+local function taken(code, holder)
+  local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
+  if head then return {code, holder, head[1], head[2]} end
+  return {code, holder}
+end
 local v = redis.call('GET', KEYS[1])
 local value = ARGV[1] .. '|' .. ARGV[2]
-if v == value then
+if v == value or not v then
   redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-  return {1, ''}
-end
-if not v then
-  redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-  return {1, ''}
+  return taken(1, '')
 end
 local holder, backing = split(v)
 if backing == ARGV[2] then
   redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-  return {2, holder}
+  return taken(2, holder)
 end
 if holder == ARGV[1] then return {3, holder} end
 return {0, holder}
@@ -297,6 +301,21 @@ class RunnerTake(StrEnum):
     BUSY = "busy"  # another worker runs it and will see every turn queued before now
 
 
+@dataclass(frozen=True)
+class Take:
+    """What ``JobStore.take`` found: the outcome, the holder it names (the previous owner when
+    taken over, the current one when busy), and, when the caller now runs the conversation, the
+    queue's head read in the same step (None: the queue was empty)."""
+
+    kind: RunnerTake
+    holder: str
+    head: QueuedTurn | None = None
+
+    @property
+    def runs(self) -> bool:
+        return self.kind in (RunnerTake.TAKEN, RunnerTake.TAKEN_OVER)
+
+
 
 class Enqueued(IntEnum):
     """What ``_SUBMIT`` answered."""
@@ -333,6 +352,12 @@ class DoorbellWrite:
     key: str
     max_waiting: int
     fields: tuple[ScriptArg, ...]
+
+
+def _queued_turn(entry_id: bytes | str, fields: dict[bytes, bytes]) -> QueuedTurn:
+    return QueuedTurn(entry_id=text(entry_id), turn_id=text(fields.get(b"turn", b"")),
+                      job=fields.get(b"job", b""),
+                      deadline_ms=int(fields.get(b"deadline", b"0") or 0))
 
 
 class JobStore:
@@ -391,9 +416,7 @@ class JobStore:
         if not rows:
             return None
         entry_id, fields = rows[0]
-        return QueuedTurn(entry_id=text(entry_id), turn_id=text(fields.get(b"turn", b"")),
-                          job=fields.get(b"job", b""),
-                          deadline_ms=int(fields.get(b"deadline", b"0") or 0))
+        return _queued_turn(entry_id, fields)
 
     async def claim(self, conversation_id: str, turn: QueuedTurn, *, owner: str) -> Claim:
         keys = [self._keys.queue_state(conversation_id), self._keys.turn(conversation_id),
@@ -459,9 +482,7 @@ class JobStore:
     async def queued(self, conversation_id: str) -> list[QueuedTurn]:
         """Every queued turn of the conversation, oldest first (for operators)."""
         rows = await self._client.xrange(self._keys.queue(conversation_id))
-        return [QueuedTurn(entry_id=text(i), turn_id=text(f.get(b"turn", b"")),
-                           job=f.get(b"job", b""), deadline_ms=int(f.get(b"deadline", b"0") or 0))
-                for i, f in rows]
+        return [_queued_turn(entry_id, fields) for entry_id, fields in rows]
 
     async def attempts(self, conversation_id: str) -> dict[str, int]:
         """Attempts started per turn still in the queue (for operators)."""
@@ -472,13 +493,17 @@ class JobStore:
 
     # The runner lease.
 
-    async def take(self, conversation_id: str, *, owner: str,
-                   doorbell: str) -> tuple[RunnerTake, str]:
-        """Try to become the conversation's runner, backed by ``doorbell``."""
-        keys = [self._keys.queue_runner(conversation_id)]
-        code, holder = await self._take(keys=keys, args=[owner, doorbell, self._lease_ms])
+    async def take(self, conversation_id: str, *, owner: str, doorbell: str) -> Take:
+        """Try to become the conversation's runner, backed by ``doorbell``; when it does, the
+        queue's head comes along (read in the same step)."""
+        keys = [self._keys.queue_runner(conversation_id), self._keys.queue(conversation_id)]
+        reply = await self._take(keys=keys, args=[owner, doorbell, self._lease_ms])
         kinds = {1: RunnerTake.TAKEN, 2: RunnerTake.TAKEN_OVER, 3: RunnerTake.MINE}
-        return kinds.get(int(code), RunnerTake.BUSY), text(holder)
+        head = None
+        if len(reply) == 4:
+            flat = reply[3]
+            head = _queued_turn(reply[2], dict(zip(flat[::2], flat[1::2], strict=True)))
+        return Take(kinds.get(int(reply[0]), RunnerTake.BUSY), text(reply[1]), head)
 
     async def renew(self, conversation_id: str, *, owner: str, doorbell: str) -> bool:
         keys = [self._keys.queue_runner(conversation_id)]

@@ -82,8 +82,12 @@ class ConversationRunner:
     """Runs one conversation's queue for as long as this worker holds its runner lease."""
 
     def __init__(self, services: RunnerServices, conversation_id: str, doorbell: str,
-                 take_over_from: str = "", ticket: GateTicket | None = None) -> None:
+                 take_over_from: str = "", ticket: GateTicket | None = None,
+                 head: QueuedTurn | None = None) -> None:
         self._s = services
+        # The queue's head as read with the runner lease (``JobStore.take``): the first turn
+        # needs no read of its own. Possibly gone by the time it is claimed; the claim says so.
+        self._first_head: QueuedTurn | None = head
         # The producer counts this runner's first turn as waiting for its first audio until
         # that turn has begun (it then counts itself) or the runner ends without one.
         self._ticket = ticket
@@ -135,7 +139,7 @@ class ConversationRunner:
                     return RunnerExit.LOST
                 if self._s.stopping.is_set():
                     return RunnerExit.HANDED_BACK
-                head = await self._s.store.head(self.conversation_id)
+                head = await self._next_head()
                 if head is None:
                     # From here the lease may be gone at any moment by this runner's own doing:
                     # the heartbeat must not mistake that for the conversation being lost.
@@ -151,6 +155,10 @@ class ConversationRunner:
                 with bound_contextvars(turn_id=head.turn_id):
                     if not await self._run_head(head):
                         return RunnerExit.LOST if self._lost.is_set() else RunnerExit.HANDED_BACK
+
+    async def _next_head(self) -> QueuedTurn | None:
+        head, self._first_head = self._first_head, None
+        return head if head is not None else await self._s.store.head(self.conversation_id)
 
     async def _run_head(self, head: QueuedTurn) -> bool:
         """Deal with the head turn; False when this runner must stop."""

@@ -3,10 +3,12 @@
 The loop, while not stopping:
 
 1. wait for a free slot (``producer_concurrency`` conversations at once);
-2. wait until the Motion Server session cap has room (``SessionLeases.room``): a worker does not
-   take work it cannot give a session to, so at the cap turns wait in Redis, and idle sessions
-   anywhere are closed for them; audio-only for capacity stays a last resort, for the rare turn
-   that still finds no slot within ``sdk_wait_s``;
+2. wait until the Motion Server session cap has room (``Producer.session_room``: slots free
+   anywhere, plus this producer's idle kept sessions, which serve their own conversations' next
+   turns or close for others'): a worker does not take work it cannot give a session to, so at
+   the cap turns wait in Redis, and idle sessions anywhere are closed for them; audio-only for
+   capacity stays a last resort, for the rare turn that still finds no slot within
+   ``sdk_wait_s``. It reads at most that many doorbells at once;
 3. take doorbells: first those idle for ``job_claim_idle_s`` (their worker crashed or handed them
    back; XAUTOCLAIM), else new ones (XREADGROUP);
 4. for each, try to become the conversation's runner (``workers.queue.records``); a conversation
@@ -265,24 +267,25 @@ class ProducerWorker:
             await self._bury_malformed(bell)
             return None
         try:
-            take, holder = await self._store.take(
+            take = await self._store.take(
                 conversation_id, owner=self._producer.owner, doorbell=bell.entry_id)
         except ValueError:  # an invalid conversation id: no key can be named for it
             await self._bury_malformed(bell)
             return None
-        if take in (RunnerTake.BUSY, RunnerTake.MINE):
+        if not take.runs:
             # The runner (here or elsewhere) holds a doorbell of its own and checks the queue
             # atomically before it lets go, so it will run every turn queued before now.
             await self._doorbells.ack(bell.entry_id)
             return None
-        if take is RunnerTake.TAKEN_OVER:
+        over = take.kind is RunnerTake.TAKEN_OVER
+        if over:
             silence_s = await self._silence_s(conversation_id)
             log.info("conversation_taken_over", conversation_id=conversation_id,
-                     previous_owner=holder, silent_for_s=silence_s)
+                     previous_owner=take.holder, silent_for_s=silence_s)
             self._producer.metrics.taken_over(silence_s)
         runner = ConversationRunner(self._services, conversation_id, bell.entry_id,
-                                    take_over_from=holder if take is RunnerTake.TAKEN_OVER else "",
-                                    ticket=ticket)
+                                    take_over_from=take.holder if over else "",
+                                    ticket=ticket, head=take.head)
         self._start(runner)
         return runner
 

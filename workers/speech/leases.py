@@ -24,6 +24,7 @@ from contextlib import suppress
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 
 from relay.errors import RelayError
 from relay.keys import Keys
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 # at once, so the cap only delays waiters on other processes.
 _FIRST_POLL_S = 0.05
 _MAX_POLL_S = 1.0
+_GIVE_BACK_S = 1.0  # a cancelled slot take waits this long to give back what it took
 
 
 # Lua: expire_leases(set, now, p) frees the slots nobody can still be using, and only those.
@@ -305,14 +307,32 @@ class SessionLeases:
 
     async def _try(self, lease_id: str) -> bool:
         sent = self._loop_time()
-        admitted = await self._acquire(keys=[self._key, self._waiters_key],
-                                       args=[self._cap, lease_id, _WAITER_TTL_MS, *self._expiry])
+        # Its own task: a cancelled caller must still learn whether the script took the slot
+        # (it may have run, sent before the cancellation came; a batching client sends a command
+        # on the loop's next turn).
+        attempt = asyncio.ensure_future(self._acquire(
+            keys=[self._key, self._waiters_key],
+            args=[self._cap, lease_id, _WAITER_TTL_MS, *self._expiry]))
+        try:
+            admitted = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            await self._give_back_if_taken(attempt, lease_id)
+            raise
         if int(admitted) == 1:
-            # A cancellation between the script and this line leaks the slot only until it
-            # expires after lease_s, since nobody renews it.
             self._held[lease_id] = sent
             return True
         return False
+
+    async def _give_back_if_taken(self, attempt: asyncio.Future[Any], lease_id: str) -> None:
+        """After a cancelled take: a slot the script took all the same is released before the
+        cancellation goes on (within _GIVE_BACK_S; past that, or on a Redis error, it is left to
+        expire after lease_s, since nobody renews it)."""
+        try:
+            async with asyncio.timeout(_GIVE_BACK_S):
+                if int(await asyncio.shield(attempt)) == 1:
+                    await self.release(lease_id)
+        except (RedisError, OSError, TimeoutError):
+            log.warning("sdk_slot_left_to_expire", lease_id=lease_id)
 
     async def room(self) -> int:
         """Slots free right now across all producers (none is taken). At 0 this producer counts

@@ -85,6 +85,11 @@ class SessionPool:
             if not task.cancelled() and task.exception() is not None:
                 log.warning("motion_session_close_failed", error=repr(task.exception()))
 
+    def idle(self) -> int:
+        """Sessions kept and not in use: each can serve its conversation's next turn, or be
+        closed to give its slot to another conversation's."""
+        return sum(not session.in_use for session in self._sessions.values())
+
     def has_session(self, conversation_id: str, avatar_id: str, sample_rate: int) -> bool:
         """The conversation keeps a session its next turn can reuse (no new slot needed)."""
         existing = self._sessions.get(conversation_id)

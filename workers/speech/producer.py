@@ -394,8 +394,10 @@ class Producer:
         return await self._session_leases.used(), await self._session_leases.demand()
 
     async def session_room(self) -> int:
-        """Motion Server session slots free across all producers (none is taken)."""
-        return await self._session_leases.room()
+        """How many more turns this producer can give a Motion Server session now (none is
+        taken): the slots free across all producers, plus its own idle kept sessions (each
+        serves its conversation's next turn without a new slot, or closes for another's)."""
+        return await self._session_leases.room() + self._pool.idle()
 
     async def reserve_session(
         self, conversation_id: str, *, avatar_id: str | None, sample_rate: int,
