@@ -36,6 +36,13 @@ async def test_clip_job_is_spoken(queue, run_worker, redis_client, keys):
     await eventually(settled, timeout_s=2, what="jobs acknowledged")
 
 
+async def runner_released(redis_client, keys) -> None:
+    async def released() -> bool:  # the runner acknowledged its doorbell and let the lease go
+        return not await pending_jobs(redis_client, keys)
+
+    await eventually(released, timeout_s=2, what="runner released")
+
+
 async def test_at_the_cap_a_kept_session_serves_its_conversations_next_job(
         queue, run_worker, redis_client, keys, sim):
     # The only slot is held by the session kept for conv-kept. Its next job needs no new slot:
@@ -43,12 +50,36 @@ async def test_at_the_cap_a_kept_session_serves_its_conversations_next_job(
     await run_worker(max_sdk_sessions=1, session_idle_s=60.0)
     first = await queue.submit_clip("conv-kept", tone(0.2), sample_rate=RATE)
     await wait_turn_end(redis_client, keys, "conv-kept", first)
+    first_epoch = (await read_turn(redis_client, keys, "conv-kept")).epoch
+    await runner_released(redis_client, keys)  # the next job's doorbell finds no runner
     await asyncio.sleep(1.2)  # idle past the reaper's spare time: closable for a waiter now
     clip = tone(0.3)
     second = await queue.submit_clip("conv-kept", clip, sample_rate=RATE)
     messages = await wait_turn_end(redis_client, keys, "conv-kept", second)
     assert_complete(messages, second, clip)
     assert sim.sim.stats.sessions_opened == 1
+    # One claim (made with its runner lease): one epoch after the first turn's.
+    assert (await read_turn(redis_client, keys, "conv-kept")).epoch == first_epoch + 1
+
+
+async def test_a_job_the_kept_session_cannot_serve_gets_a_session_of_its_own(
+        queue, run_worker, redis_client, keys, sim):
+    # Its head is claimed with the runner lease (a session is kept for the conversation), but
+    # at another sample rate that session cannot serve it: the claim is given back uncounted and
+    # the turn takes a slot of its own, plays once, and is counted as one attempt.
+    await run_worker(max_sdk_sessions=4, session_idle_s=60.0)
+    first = await queue.submit_clip("conv-rate", tone(0.2), sample_rate=RATE)
+    await wait_turn_end(redis_client, keys, "conv-rate", first)
+    first_epoch = (await read_turn(redis_client, keys, "conv-rate")).epoch
+    await runner_released(redis_client, keys)
+    clip = tone(0.3, rate=24000)
+    second = await queue.submit_clip("conv-rate", clip, sample_rate=24000)
+    messages = await wait_turn_end(redis_client, keys, "conv-rate", second)
+    assert_complete(messages, second, clip, rate=24000)
+    # The claim made with the lease was given back; the attempt that ran claimed after it.
+    assert (await read_turn(redis_client, keys, "conv-rate")).epoch == first_epoch + 2
+    assert sim.sim.stats.sessions_opened == 2
+    assert not await redis_client.xlen(keys.dead_letters())
 
 
 async def test_streamed_job(queue, run_worker, redis_client, keys):

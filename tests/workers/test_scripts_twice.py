@@ -81,6 +81,21 @@ async def test_take_brings_the_head_to_the_runner_only(store, keys):
     assert (over.kind, over.holder, over.head) == (RunnerTake.TAKEN_OVER, "w1", head)
 
 
+async def test_take_with_claim_run_twice_counts_one_attempt(store, keys, monkeypatch):
+    head = await queued(store, "c5", "t1")
+    monkeypatch.setattr("workers.queue.records.uuid.uuid4", lambda: uuid.UUID(int=7))
+    first = await store.take("c5", owner="w1", doorbell="1-1", claim=True)
+    second = await store.take("c5", owner="w1", doorbell="1-1", claim=True)  # a retry
+    assert first == second and first.head == head
+    assert first.claim is not None and first.claim.kind is ClaimKind.FRESH
+    assert await store.attempts("c5") == {"t1": 1}
+    assert await store.still_running("c5", "t1", first.claim.epoch)
+    # Not taken: nothing is claimed.
+    busy = await store.take("c5", owner="w2", doorbell="2-1", claim=True)
+    assert (busy.kind, busy.claim) == (RunnerTake.BUSY, None)
+    assert await store.attempts("c5") == {"t1": 1}
+
+
 async def test_a_turn_is_dead_lettered_once(redis_client, keys):
     """The known duplicate: a worker dies after burying a turn and before removing it from its
     queue; the next worker buries it again. Now the second burial writes nothing."""

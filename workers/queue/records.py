@@ -25,6 +25,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
+from typing import Any
 
 from relay.keys import Keys
 from relay.lua import NOW_MS, ScriptArg, ScriptArgs, register, text
@@ -130,43 +131,51 @@ end
 return queued
 """
 
-# KEYS: state, turn record, queue. ARGV: turn, owner, max_attempts, ttl_ms, deadline_ms (0: none),
-# claim id (unique per call). Counts the attempt, makes it the one allowed to run, and fences any
+# Lua: claim(state, turn record, queue, turn, owner, max_attempts, ttl_ms, deadline_ms (0: none),
+# claim id (unique per call)) counts the attempt, makes it the one allowed to run, and fences any
 # earlier attempt of an active turn. Returns {kind, epoch, attempts, start id, previous owner,
-# status}.
+# status}. The script must define ``now`` (server ms) first.
 # Run twice: the claim id is kept in the state (``claim``), and a second run with the same id
 # counts nothing and bumps no epoch: it answers the first run's epoch and attempts (a retried
 # claim would otherwise burn an attempt and send a turn to the dead letters early).
-_CLAIM = NOW_MS + """
-local a_key = 'a:' .. ARGV[1]
-if redis.call('HEXISTS', KEYS[1], a_key) == 0 then return {'gone', 0, 0, '', '', ''} end
-local attempts, epoch
-local again = redis.call('HGET', KEYS[1], 'claim') == ARGV[6]
-if again then
-  attempts = tonumber(redis.call('HGET', KEYS[1], a_key))
-  epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
-else
-  attempts = redis.call('HINCRBY', KEYS[1], a_key, 1)
-  epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+CLAIM_TURN = """
+local function claim(state, record, queue, turn, owner, max_attempts, ttl_ms, deadline, claim_id)
+  local a_key = 'a:' .. turn
+  if redis.call('HEXISTS', state, a_key) == 0 then return {'gone', 0, 0, '', '', ''} end
+  local attempts, epoch
+  local again = redis.call('HGET', state, 'claim') == claim_id
+  if again then
+    attempts = tonumber(redis.call('HGET', state, a_key))
+    epoch = tonumber(redis.call('HGET', state, 'epoch'))
+  else
+    attempts = redis.call('HINCRBY', state, a_key, 1)
+    epoch = redis.call('HINCRBY', state, 'epoch', 1)
+  end
+  redis.call('HSET', state, 'run', turn .. '/' .. epoch, 'claim', claim_id)
+  redis.call('PEXPIRE', state, ttl_ms)
+  redis.call('PEXPIRE', queue, ttl_ms)
+  local cur = redis.call('HMGET', record, 'id', 'status', 'start', 'owner')
+  local over = attempts > tonumber(max_attempts)
+  if cur[1] == turn then
+    if cur[2] ~= 'active' then return {'finished', epoch, attempts, cur[3], '', cur[2]} end
+    -- the owner before the first run (a second run would see the caller itself)
+    local previous = cur[4] or ''
+    if again then previous = redis.call('HGET', state, 'claimed_from') or '' end
+    redis.call('HSET', state, 'claimed_from', previous)
+    redis.call('HSET', record, 'epoch', epoch, 'owner', owner)
+    return {over and 'dead' or 'resume', epoch, attempts, cur[3], previous, 'active'}
+  end
+  if over then return {'dead', epoch, attempts, '', '', ''} end
+  deadline = tonumber(deadline)
+  if deadline > 0 and now > deadline then return {'expired', epoch, attempts, '', '', ''} end
+  return {'fresh', epoch, attempts, '', '', ''}
 end
-redis.call('HSET', KEYS[1], 'run', ARGV[1] .. '/' .. epoch, 'claim', ARGV[6])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[3], ARGV[4])
-local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start', 'owner')
-local over = attempts > tonumber(ARGV[3])
-if cur[1] == ARGV[1] then
-  if cur[2] ~= 'active' then return {'finished', epoch, attempts, cur[3], '', cur[2]} end
-  -- the owner before the first run (a second run would see the caller itself)
-  local previous = cur[4] or ''
-  if again then previous = redis.call('HGET', KEYS[1], 'claimed_from') or '' end
-  redis.call('HSET', KEYS[1], 'claimed_from', previous)
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'owner', ARGV[2])
-  return {over and 'dead' or 'resume', epoch, attempts, cur[3], previous, 'active'}
-end
-if over then return {'dead', epoch, attempts, '', '', ''} end
-local deadline = tonumber(ARGV[5])
-if deadline > 0 and now > deadline then return {'expired', epoch, attempts, '', '', ''} end
-return {'fresh', epoch, attempts, '', '', ''}
+"""
+
+# KEYS: state, turn record, queue. ARGV: turn, owner, max_attempts, ttl_ms, deadline_ms, claim id.
+# ``claim`` above, for a head the caller read; run twice: as ``claim``.
+_CLAIM = NOW_MS + CLAIM_TURN + """
+return claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
 
 # KEYS: queue, state, done. ARGV: turn, epoch, queue entry id, ttl_ms. Removes a finished turn.
@@ -211,19 +220,29 @@ local function split(v)
 end
 """
 
-# KEYS: runner, queue. ARGV: owner, doorbell, lease_ms. Returns {1, ''} taken, {2, previous
+# KEYS: runner, queue, state, turn record. ARGV: owner, doorbell, lease_ms, then for a claim of
+# the head (empty: none) max_attempts, ttl_ms, claim id. Returns {1, ''} taken, {2, previous
 # owner} taken over (the caller now owns the doorbell that backed it), {3, owner} held by the
 # caller under another doorbell, {0, holder} held by another worker. Taken or taken over, the
 # queue's head entry follows ({code, holder, id, {field, value, ...}}): the new runner's first
-# head read comes with its lease, one round trip fewer on the way to a turn's first audio.
+# head read comes with its lease, one round trip fewer on the way to a turn's first audio. With
+# the claim arguments a taken (not taken over) head is also claimed, as ``claim`` would, and its
+# answer follows: one more round trip fewer, for a runner whose turn needs no session slot.
 # Run twice: the second run finds the caller's own value, renews it and answers {1, ''} (taken),
 # not "taken over" from the caller itself, with the head as it is then (reading it writes
-# nothing).
-_TAKE = _SPLIT + """
+# nothing) and the claim as its first run answered it (the claim id makes ``claim`` idempotent).
+_TAKE = NOW_MS + CLAIM_TURN + _SPLIT + """
 local function taken(code, holder)
   local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-  if head then return {code, holder, head[1], head[2]} end
-  return {code, holder}
+  if not head then return {code, holder} end
+  if code ~= 1 or ARGV[4] == nil or ARGV[4] == '' then return {code, holder, head[1], head[2]} end
+  local turn, deadline = '', '0'
+  for i = 1, #head[2], 2 do
+    if head[2][i] == 'turn' then turn = head[2][i + 1] end
+    if head[2][i] == 'deadline' then deadline = head[2][i + 1] end
+  end
+  return {code, holder, head[1], head[2],
+          claim(KEYS[3], KEYS[4], KEYS[2], turn, ARGV[1], ARGV[4], ARGV[5], deadline, ARGV[6])}
 end
 local v = redis.call('GET', KEYS[1])
 local value = ARGV[1] .. '|' .. ARGV[2]
@@ -311,6 +330,8 @@ class Take:
     holder: str
     head: QueuedTurn | None = None
 
+    claim: Claim | None = None  # the head's claim, when asked for and the lease was taken
+
     @property
     def runs(self) -> bool:
         return self.kind in (RunnerTake.TAKEN, RunnerTake.TAKEN_OVER)
@@ -352,6 +373,13 @@ class DoorbellWrite:
     key: str
     max_waiting: int
     fields: tuple[ScriptArg, ...]
+
+
+def _claim_of(reply: list[Any]) -> Claim:
+    kind, epoch, attempts, start, previous, status = reply
+    return Claim(kind=ClaimKind(text(kind)), epoch=int(epoch), attempts=int(attempts),
+                 start_id=text(start), previous_owner=text(previous),
+                 opened=text(status) == "active")
 
 
 def _queued_turn(entry_id: bytes | str, fields: dict[bytes, bytes]) -> QueuedTurn:
@@ -424,10 +452,7 @@ class JobStore:
         # A fresh id per call: redis-py's retries of this call resend it (see _CLAIM).
         args: ScriptArgs = [turn.turn_id, owner, self._max_attempts, self._ttl_ms,
                             turn.deadline_ms, uuid.uuid4().hex]
-        kind, epoch, attempts, start, previous, status = await self._claim(keys=keys, args=args)
-        return Claim(kind=ClaimKind(text(kind)), epoch=int(epoch), attempts=int(attempts),
-                     start_id=text(start), previous_owner=text(previous),
-                     opened=text(status) == "active")
+        return _claim_of(await self._claim(keys=keys, args=args))
 
     async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> Finished:
         """Remove a turn that ended."""
@@ -493,17 +518,25 @@ class JobStore:
 
     # The runner lease.
 
-    async def take(self, conversation_id: str, *, owner: str, doorbell: str) -> Take:
+    async def take(self, conversation_id: str, *, owner: str, doorbell: str,
+                   claim: bool = False) -> Take:
         """Try to become the conversation's runner, backed by ``doorbell``; when it does, the
-        queue's head comes along (read in the same step)."""
-        keys = [self._keys.queue_runner(conversation_id), self._keys.queue(conversation_id)]
-        reply = await self._take(keys=keys, args=[owner, doorbell, self._lease_ms])
+        queue's head comes along (read in the same step), and with ``claim`` a taken (not taken
+        over) head is claimed in that step too."""
+        keys = [self._keys.queue_runner(conversation_id), self._keys.queue(conversation_id),
+                self._keys.queue_state(conversation_id), self._keys.turn(conversation_id)]
+        args: list[ScriptArg] = [owner, doorbell, self._lease_ms]
+        if claim:  # a fresh id per call: redis-py's retries of this call resend it (see _CLAIM)
+            args += [self._max_attempts, self._ttl_ms, uuid.uuid4().hex]
+        reply = await self._take(keys=keys, args=args)
         kinds = {1: RunnerTake.TAKEN, 2: RunnerTake.TAKEN_OVER, 3: RunnerTake.MINE}
-        head = None
-        if len(reply) == 4:
+        head = claimed = None
+        if len(reply) >= 4:
             flat = reply[3]
             head = _queued_turn(reply[2], dict(zip(flat[::2], flat[1::2], strict=True)))
-        return Take(kinds.get(int(reply[0]), RunnerTake.BUSY), text(reply[1]), head)
+        if len(reply) == 5:
+            claimed = _claim_of(reply[4])
+        return Take(kinds.get(int(reply[0]), RunnerTake.BUSY), text(reply[1]), head, claimed)
 
     async def renew(self, conversation_id: str, *, owner: str, doorbell: str) -> bool:
         keys = [self._keys.queue_runner(conversation_id)]

@@ -83,11 +83,13 @@ class ConversationRunner:
 
     def __init__(self, services: RunnerServices, conversation_id: str, doorbell: str,
                  take_over_from: str = "", ticket: GateTicket | None = None,
-                 head: QueuedTurn | None = None) -> None:
+                 head: QueuedTurn | None = None, claim: Claim | None = None) -> None:
         self._s = services
         # The queue's head as read with the runner lease (``JobStore.take``): the first turn
         # needs no read of its own. Possibly gone by the time it is claimed; the claim says so.
         self._first_head: QueuedTurn | None = head
+        # ... and claimed with it, when the conversation's session is kept here.
+        self._first_claim = claim if head is not None else None
         # The producer counts this runner's first turn as waiting for its first audio until
         # that turn has begun (it then counts itself) or the runner ends without one.
         self._ticket = ticket
@@ -162,6 +164,19 @@ class ConversationRunner:
 
     async def _run_head(self, head: QueuedTurn) -> bool:
         """Deal with the head turn; False when this runner must stop."""
+        claim, self._first_claim = self._first_claim, None
+        if claim is not None:
+            stopping = self._s.stopping.is_set() or self._lost.is_set()
+            if not stopping and (claim.kind not in (ClaimKind.FRESH, ClaimKind.RESUME)
+                                 or self._kept_for(head)):
+                return await self._claimed(head, None, claim)
+            # Claimed with the lease, but stopping, or the kept session cannot serve this turn
+            # (another avatar or rate): the attempt goes back uncounted, and the turn is taken
+            # the usual way, a slot first (or left to the next runner).
+            if not self._lost.is_set():
+                await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
+            if stopping:
+                return False
         lease = await self._reserve_session(head)
         if self._s.stopping.is_set() or self._lost.is_set():
             await self._s.producer.release_reservation(lease)
@@ -170,6 +185,14 @@ class ConversationRunner:
             return await self._claimed(head, lease)
         finally:
             await self._s.producer.release_reservation(lease)
+
+    def _kept_for(self, head: QueuedTurn) -> bool:
+        try:
+            job = decode_job({b"job": head.job})
+        except MalformedJob:
+            return True  # dead-lettered by the attempt; needs no session
+        return self._s.producer.keeps_session(self.conversation_id, avatar_id=job.avatar_id,
+                                              sample_rate=job.sample_rate)
 
     async def _reserve_session(self, head: QueuedTurn) -> str | None:
         """A Motion Server session slot for the turn, taken before the turn is claimed: at the
@@ -184,8 +207,10 @@ class ConversationRunner:
             keep_waiting=lambda: not (self._s.stopping.is_set() or self._lost.is_set()),
             on_wait=self._release_ticket)  # at the session cap: others must not wait for it
 
-    async def _claimed(self, head: QueuedTurn, lease: str | None) -> bool:
-        claim = await self._s.store.claim(self.conversation_id, head, owner=self.owner)
+    async def _claimed(self, head: QueuedTurn, lease: str | None,
+                       claim: Claim | None = None) -> bool:
+        if claim is None:
+            claim = await self._s.store.claim(self.conversation_id, head, owner=self.owner)
         log.info("turn_claimed", kind=claim.kind, epoch=claim.epoch, attempt=claim.attempts)
         if claim.kind is ClaimKind.GONE:
             return True

@@ -267,8 +267,11 @@ class ProducerWorker:
             await self._bury_malformed(bell)
             return None
         try:
+            # A conversation whose session is kept here needs no slot reserved before its claim
+            # (below), so its head is claimed together with the lease.
             take = await self._store.take(
-                conversation_id, owner=self._producer.owner, doorbell=bell.entry_id)
+                conversation_id, owner=self._producer.owner, doorbell=bell.entry_id,
+                claim=self._producer.keeps_session(conversation_id))
         except ValueError:  # an invalid conversation id: no key can be named for it
             await self._bury_malformed(bell)
             return None
@@ -285,7 +288,7 @@ class ProducerWorker:
             self._producer.metrics.taken_over(silence_s)
         runner = ConversationRunner(self._services, conversation_id, bell.entry_id,
                                     take_over_from=take.holder if over else "",
-                                    ticket=ticket, head=take.head)
+                                    ticket=ticket, head=take.head, claim=take.claim)
         self._start(runner)
         return runner
 

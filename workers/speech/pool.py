@@ -90,6 +90,11 @@ class SessionPool:
         closed to give its slot to another conversation's."""
         return sum(not session.in_use for session in self._sessions.values())
 
+    def keeps(self, conversation_id: str) -> bool:
+        """A session is kept for the conversation (its next turn likely reuses it)."""
+        existing = self._sessions.get(conversation_id)
+        return existing is not None and existing.broken is None and not existing.retire
+
     def has_session(self, conversation_id: str, avatar_id: str, sample_rate: int) -> bool:
         """The conversation keeps a session its next turn can reuse (no new slot needed)."""
         existing = self._sessions.get(conversation_id)

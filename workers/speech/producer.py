@@ -399,6 +399,16 @@ class Producer:
         serves its conversation's next turn without a new slot, or closes for another's)."""
         return await self._session_leases.room() + self._pool.idle()
 
+    def keeps_session(self, conversation_id: str, *, avatar_id: str | None = None,
+                      sample_rate: int | None = None) -> bool:
+        """The conversation's next turn needs no new Motion Server session slot: a session is
+        kept for it here (with ``avatar_id`` and ``sample_rate``: one that turn can reuse)."""
+        if avatar_id is None and sample_rate is None:
+            return self._pool.keeps(conversation_id)
+        avatar = avatar_id or self._endpoints.default_avatar_id
+        return self._pool.has_session(conversation_id, avatar,
+                                      sample_rate or self._settings.sample_rate)
+
     async def reserve_session(
         self, conversation_id: str, *, avatar_id: str | None, sample_rate: int,
         keep_waiting: Callable[[], bool], on_wait: Callable[[], None] | None = None,
@@ -408,8 +418,7 @@ class Producer:
         anywhere close for it). None when the conversation's kept session will do, or when the
         wait was given up. Give it back with ``release_reservation`` once the turn is over.
         ``on_wait`` is called when no slot was free at the first try, before waiting."""
-        avatar = avatar_id or self._endpoints.default_avatar_id
-        if self._pool.has_session(conversation_id, avatar, sample_rate):
+        if self.keeps_session(conversation_id, avatar_id=avatar_id, sample_rate=sample_rate):
             return None
         lease_id = await self._session_leases.acquire(wait_s=0)  # one try: the common case
         if lease_id is not None:
