@@ -35,6 +35,15 @@ class TurnFenced(RelayError):
     superseded or taken over)."""
 
 
+class LockHeld(RelayError):
+    """A turn's opening found the lock it was to take held by another owner (named in
+    ``holder``); nothing was written."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class TokenError(RelayError):
     """A client token was refused. ``close_code`` is the WebSocket close code the edge sends."""
 

@@ -21,6 +21,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Lua: take_lock(key, owner, px, previous) sets ``key`` to ``owner`` for ``px`` ms when it is free,
+# already the caller's, or held by ``previous`` (a holder the caller may take over; '' for none);
+# returns false and the holder otherwise. The producers' conversation lock
+# (``workers.speech.leases``) uses it alone and inside a turn's opening (``relay.streams``).
+# Run twice: the second run finds the caller's own value and sets it again (a renewal).
+TAKE_LOCK = """
+local function take_lock(key, owner, px, previous)
+  local v = redis.call('GET', key)
+  if v and v ~= owner and v ~= previous then return false, v end
+  redis.call('SET', key, owner, 'PX', px)
+  return true, owner
+end
+"""
+
 ScriptArg: TypeAlias = bytes | str | int | float
 ScriptArgs: TypeAlias = Sequence[ScriptArg]
 

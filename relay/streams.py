@@ -29,9 +29,9 @@ import redis.asyncio as redis
 from redis.commands.core import AsyncScript
 
 from relay import wire
-from relay.errors import TurnFenced
+from relay.errors import LockHeld, TurnFenced
 from relay.keys import LIVE_CHANNEL_OF_STREAM, Keys
-from relay.lua import ScriptArg, ScriptArgs, register, text
+from relay.lua import TAKE_LOCK, ScriptArg, ScriptArgs, register, text
 from relay.redis_conn import RedisClient, answer
 
 ACTIVE = "active"
@@ -76,19 +76,26 @@ local function live_publish(stream)
 end
 """
 
-# KEYS: stream, turn, guard hash (the turn record itself when there is no guard). ARGV: turn_id,
-# owner, maxlen, ttl_ms, start_entry, expected_previous, interrupt_entry_for_previous, epoch,
-# guard field ('' for none), guard value. Returns {0} when the active turn changed under the caller
-# (retry), {1, id} on success, {2, start_id} when this attempt already opened the turn (idempotent
-# re-open), {3} when the caller is fenced: its guard no longer holds (for a queued turn: its
-# attempt is no longer the one allowed to run), or the turn already ended (a turn with an epoch
-# never opens twice).
-# Run twice (a retried call): the second run finds the turn active at the same epoch and answers
-# {2, start_id}, the first run's start; nothing is written or pushed again.
-_OPEN = LIVE_PUSH + """
+# KEYS: stream, turn, guard hash (the turn record itself when there is no guard), lock (the turn
+# record when there is none). ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
+# expected_previous, interrupt_entry_for_previous, epoch, guard field ('' for none), guard value,
+# lock owner ('' for none), lock px, lock's previous holder. Returns {0} when the active turn
+# changed under the caller (retry), {1, id} on success, {2, start_id} when this attempt already
+# opened the turn (idempotent re-open), {3} when the caller is fenced: its guard no longer holds
+# (for a queued turn: its attempt is no longer the one allowed to run), or the turn already ended
+# (a turn with an epoch never opens twice), {4, holder} when the lock is another's (nothing
+# written). The lock is taken (``take_lock``) once the guard holds, before anything else.
+# Run twice (a retried call): the second run finds the lock its own (set again) and the turn
+# active at the same epoch, and answers {2, start_id}, the first run's start; nothing is written
+# or pushed again.
+_OPEN = LIVE_PUSH + TAKE_LOCK + """
 local epoch = ARGV[8]
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[3], ARGV[9]) ~= ARGV[10] then
   return {3}
+end
+if ARGV[11] ~= '' then
+  local taken, holder = take_lock(KEYS[4], ARGV[11], ARGV[12], ARGV[13])
+  if not taken then return {4, holder} end
 end
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'start', 'epoch')
 if cur[1] == ARGV[1] then
@@ -206,6 +213,19 @@ class Guard:
 
 
 @dataclass(frozen=True)
+class Lock:
+    """A lock a turn's opening takes in its own atomic step, owned by the caller (the
+    producers' conversation lock, ``workers.speech.leases``): ``key`` (a key of the
+    conversation's bucket) is set to ``owner`` for ``px`` ms unless another owner than
+    ``previous`` holds it."""
+
+    key: str
+    owner: str
+    px: int
+    previous: str = ""
+
+
+@dataclass(frozen=True)
 class InterruptExtension:
     """More work done in the interrupt's own atomic step, by the module that owns those records.
 
@@ -309,17 +329,20 @@ class ConversationLog:
 
     async def open_turn(
         self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0,
-        guard: Guard | None = None,
+        guard: Guard | None = None, lock: Lock | None = None,
     ) -> str:
         """Start a turn; an active turn of the conversation is ended with ``interrupt`` first.
 
         ``epoch`` > 0 opens an attempt of a retried turn, and ``guard`` is the caller's own
         condition for it (the job queue's: this attempt is the one allowed to run): the turn is
         refused (TurnFenced) when the guard does not hold, or when it was already opened at
-        another epoch.
+        another epoch. ``lock`` is taken in the same step (LockHeld, and nothing written, when
+        another owner holds it).
         """
         turn_key = self._keys.turn(conversation_id)
-        keys = [self._keys.stream(conversation_id), turn_key, guard.key if guard else turn_key]
+        keys = [self._keys.stream(conversation_id), turn_key, guard.key if guard else turn_key,
+                lock.key if lock else turn_key]
+        locking: list[ScriptArg] = [lock.owner, lock.px, lock.previous] if lock else ["", 0, ""]
         start = wire.turn_start(turn_id, sample_rate=sample_rate)
         previous = ""  # first guess, read from nowhere: the last turn ended (saves a round trip)
         for attempt in range(16):
@@ -329,11 +352,13 @@ class ConversationLog:
             superseded = wire.interrupt(previous or "-", reason="superseded")
             args: ScriptArgs = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous,
                                 superseded, epoch, guard.field if guard else "",
-                                guard.value if guard else ""]
+                                guard.value if guard else "", *locking]
             result = await self._open(keys=keys, args=args)
             code = int(result[0])
             if code == 3:
                 raise TurnFenced(f"attempt {epoch} of turn {turn_id} may not open it")
+            if code == 4:
+                raise LockHeld(f"the lock of {conversation_id} is held", holder=text(result[1]))
             if code != 0:
                 return text(result[1])
         raise TurnFenced(f"turn record of {conversation_id} kept changing; could not open turn")

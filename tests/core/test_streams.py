@@ -13,8 +13,16 @@ from redis.backoff import ConstantBackoff
 
 from relay import wire
 from relay.dev.embedded import EmbeddedServer
-from relay.errors import TurnFenced
-from relay.streams import ACTIVE, ConversationLog, Guard, read_after, read_turn, stream_info
+from relay.errors import LockHeld, TurnFenced
+from relay.streams import (
+    ACTIVE,
+    ConversationLog,
+    Guard,
+    Lock,
+    read_after,
+    read_turn,
+    stream_info,
+)
 
 
 @pytest.fixture
@@ -169,6 +177,27 @@ async def test_open_turn_checks_the_callers_guard(log, redis_client, keys):
                                 guard=guard)
     state = await read_turn(redis_client, keys, "c-guard")
     assert state is not None and state.start_id == start and state.epoch == 1
+
+
+async def test_open_turn_takes_the_callers_lock_in_the_same_step(log, redis_client, keys):
+    lock_key = keys.conversation_lock("c-lock")
+    await redis_client.set(lock_key, "p2", px=60_000)
+    with pytest.raises(LockHeld) as held:
+        await log.open_turn("c-lock", "t1", sample_rate=16000, owner="p1",
+                            lock=Lock(lock_key, "p1", 5000))
+    assert held.value.holder == "p2"
+    assert await read_turn(redis_client, keys, "c-lock") is None  # nothing was written
+    assert await redis_client.xlen(keys.stream("c-lock")) == 0
+    assert await redis_client.get(lock_key) == b"p2"
+    # A holder the caller may take over (a fenced previous owner) does not stop it.
+    lock = Lock(lock_key, "p1", 5000, previous="p2")
+    start = await log.open_turn("c-lock", "t1", sample_rate=16000, owner="p1", lock=lock)
+    assert await redis_client.get(lock_key) == b"p1"
+    assert 0 < await redis_client.pttl(lock_key) <= 5000
+    # Run again (a retry): the same start, the lock still the caller's, nothing written twice.
+    assert await log.open_turn("c-lock", "t1", sample_rate=16000, owner="p1", lock=lock) == start
+    assert await redis_client.get(lock_key) == b"p1"
+    assert await redis_client.xlen(keys.stream("c-lock")) == 1
 
 
 async def test_every_push_names_the_true_predecessor_and_carries_each_entry_once(

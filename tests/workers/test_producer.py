@@ -370,6 +370,27 @@ async def test_live_session_lease_is_renewed(redis_client, keys):
         await live.close()
 
 
+async def test_a_turn_opening_takes_the_conversation_lock_and_a_second_producer_waits(
+        make_producer, redis_client, keys):
+    first, second = await make_producer(), await make_producer()
+    lock = keys.conversation_lock("conv-two")
+    turn = await first.open_turn("conv-two")
+    assert await redis_client.get(lock) == first.owner.encode()  # taken by the opening itself
+    clip = tone(0.3)
+    waiting = asyncio.create_task(second.speak("conv-two", clip))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # the lock is first's: nothing of second's turn was written
+    assert [m.turn for m in await stream_messages(redis_client, keys, "conv-two")] \
+        == [turn.turn_id]
+    assert await turn.send(tone(0.2))
+    first_result = await turn.end()
+    result = await asyncio.wait_for(waiting, 10)
+    assert first_result.status == result.status == wire.STATUS_COMPLETE
+    messages = await stream_messages(redis_client, keys, "conv-two")
+    assert_complete(messages, result.turn_id, clip)
+    assert await redis_client.exists(lock) == 0  # released after second's turn
+
+
 async def test_conversation_lease(redis_client, keys):
     crashed = ConversationLeases(redis_client, keys, owner="crashed", lease_s=0.3)
     await crashed.acquire("conv-lock", wait_s=0)

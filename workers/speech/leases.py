@@ -28,8 +28,9 @@ from redis.exceptions import RedisError
 
 from relay.errors import RelayError
 from relay.keys import Keys
-from relay.lua import NOW_MS, register
+from relay.lua import NOW_MS, TAKE_LOCK, register
 from relay.redis_conn import RedisClient
+from relay.streams import Lock
 from workers.speech.periodic import Periodic
 
 log = structlog.get_logger(__name__)
@@ -151,11 +152,8 @@ return 0
 # KEYS: lock. ARGV: owner token, lease_ms, previous owner. Takes the lock when it is free or held
 # by the previous owner (a producer whose turn attempt was fenced by a takeover). 1 when taken.
 # Run twice: the second run finds the caller's own token and answers 1 again.
-_TAKE_LOCK = """
-local v = redis.call('GET', KEYS[1])
-if v and v ~= ARGV[3] and v ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+_TAKE_LOCK = TAKE_LOCK + """
+return take_lock(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) and 1 or 0
 """
 
 # KEYS: lock. ARGV: owner token. Deletes the lock only when the caller owns it.
@@ -450,6 +448,16 @@ class ConversationLeases:
                 )
             await _wait_a_little(woken, min(delay, remaining))
             delay = min(delay * 2, _MAX_POLL_S)
+
+    def lock_for(self, conversation_id: str, take_from: str = "") -> Lock:
+        """The conversation's lock as a turn's opening takes it in its own atomic step
+        (``ConversationLog.open_turn``); call ``opened_with`` once that opening succeeded."""
+        return Lock(self._keys.conversation_lock(conversation_id), self._owner, self._lease_ms,
+                    take_from)
+
+    def opened_with(self, conversation_id: str) -> None:
+        """A turn's opening took the lock (``lock_for``): renew and release it from now on."""
+        self._held.add(conversation_id)
 
     async def _take(self, key: str, take_from: str) -> bool:
         if not take_from:

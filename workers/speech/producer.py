@@ -32,11 +32,11 @@ import structlog
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
-from relay.errors import RelayError, TurnFenced
+from relay.errors import LockHeld, RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient
 from relay.settings import Settings
-from relay.streams import ConversationLog, Guard
+from relay.streams import ConversationLog, Guard, Lock
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
 from workers.metrics import ProducerMetrics
 from workers.speech.control import ControlListener
@@ -319,35 +319,46 @@ class Producer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         await self._locks.acquire(conversation_id, wait_s)
+        take_from = attempt.take_over_from if attempt else ""
+        continued = attempt is not None and attempt.delivered is not None
         try:
-            await self._conversation_leases.acquire(
-                conversation_id, wait_s=max(0.0, deadline - loop.time()),
-                take_from=attempt.take_over_from if attempt else "",
-            )
+            if continued:  # its turn_start exists: the lock is taken on its own
+                await self._conversation_leases.acquire(
+                    conversation_id, wait_s=max(0.0, deadline - loop.time()), take_from=take_from)
+            start_id = await self._start_id(spec, attempt, deadline)
         except BaseException:
-            self._locks.release(conversation_id)
-            raise
-        try:
-            start_id = await self._start_id(spec, attempt)
-        except BaseException:
-            await self._release_conversation(conversation_id)
+            await self._release_conversation(conversation_id)  # whether or not it was taken
             raise
         return await self._begin(spec, start_id, attempt)
 
-    async def _start_id(self, spec: TurnSpec, attempt: Attempt | None) -> str:
-        """The turn_start entry: the one an earlier attempt wrote, or a new one."""
+    async def _start_id(self, spec: TurnSpec, attempt: Attempt | None, deadline: float) -> str:
+        """The turn_start entry: the one an earlier attempt wrote, or a new one, whose writing
+        takes the conversation lock in the same step (one round trip less on the way to the
+        first audio); while another producer holds the lock, it waits for it first."""
         if attempt is not None and attempt.delivered is not None:
             return attempt.delivered.start_id
+        conversation_id = spec.conversation_id
+        leases = self._conversation_leases
+        take_from = attempt.take_over_from if attempt else ""
         try:
-            return await self._log.open_turn(
-                spec.conversation_id, spec.turn_id, sample_rate=spec.sample_rate,
-                owner=self._owner, epoch=spec.epoch,
-                guard=attempt.guard if attempt is not None else None,
-            )
+            try:
+                start_id = await self._open_turn(spec, attempt, leases.lock_for(conversation_id,
+                                                                                take_from))
+            except LockHeld:
+                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+                await leases.acquire(conversation_id, wait_s=remaining, take_from=take_from)
+                return await self._open_turn(spec, attempt, None)
         except TurnFenced as exc:
             if attempt is not None:
                 raise AttemptFenced(f"attempt {spec.epoch} of turn {spec.turn_id}") from exc
             raise ProducerError(f"could not open turn {spec.turn_id}") from exc
+        leases.opened_with(conversation_id)
+        return start_id
+
+    async def _open_turn(self, spec: TurnSpec, attempt: Attempt | None, lock: Lock | None) -> str:
+        return await self._log.open_turn(
+            spec.conversation_id, spec.turn_id, sample_rate=spec.sample_rate, owner=self._owner,
+            epoch=spec.epoch, guard=attempt.guard if attempt is not None else None, lock=lock)
 
     async def _begin(self, spec: TurnSpec, start_id: str, attempt: Attempt | None) -> Turn:
         delivered = attempt.delivered if attempt else None
