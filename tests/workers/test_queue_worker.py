@@ -36,11 +36,18 @@ async def test_clip_job_is_spoken(queue, run_worker, redis_client, keys):
     await eventually(settled, timeout_s=2, what="jobs acknowledged")
 
 
-async def runner_released(redis_client, keys) -> None:
-    async def released() -> bool:  # the runner acknowledged its doorbell and let the lease go
+async def played_and_released(queue, redis_client, keys, conv: str) -> int:
+    """Play one turn of ``conv`` through the queue and wait until its runner acknowledged the
+    doorbell and let the lease go (the next job's doorbell then finds no runner); the epoch
+    that turn was claimed at."""
+    turn_id = await queue.submit_clip(conv, tone(0.2), sample_rate=RATE)
+    await wait_turn_end(redis_client, keys, conv, turn_id)
+
+    async def released() -> bool:
         return not await pending_jobs(redis_client, keys)
 
     await eventually(released, timeout_s=2, what="runner released")
+    return (await read_turn(redis_client, keys, conv)).epoch
 
 
 async def test_at_the_cap_a_kept_session_serves_its_conversations_next_job(
@@ -48,10 +55,7 @@ async def test_at_the_cap_a_kept_session_serves_its_conversations_next_job(
     # The only slot is held by the session kept for conv-kept. Its next job needs no new slot:
     # the worker must take it at once, not wait for room and close that session for it.
     await run_worker(max_sdk_sessions=1, session_idle_s=60.0)
-    first = await queue.submit_clip("conv-kept", tone(0.2), sample_rate=RATE)
-    await wait_turn_end(redis_client, keys, "conv-kept", first)
-    first_epoch = (await read_turn(redis_client, keys, "conv-kept")).epoch
-    await runner_released(redis_client, keys)  # the next job's doorbell finds no runner
+    first_epoch = await played_and_released(queue, redis_client, keys, "conv-kept")
     await asyncio.sleep(1.2)  # idle past the reaper's spare time: closable for a waiter now
     clip = tone(0.3)
     second = await queue.submit_clip("conv-kept", clip, sample_rate=RATE)
@@ -68,10 +72,7 @@ async def test_a_job_the_kept_session_cannot_serve_gets_a_session_of_its_own(
     # at another sample rate that session cannot serve it: the claim is given back uncounted and
     # the turn takes a slot of its own, plays once, and is counted as one attempt.
     await run_worker(max_sdk_sessions=4, session_idle_s=60.0)
-    first = await queue.submit_clip("conv-rate", tone(0.2), sample_rate=RATE)
-    await wait_turn_end(redis_client, keys, "conv-rate", first)
-    first_epoch = (await read_turn(redis_client, keys, "conv-rate")).epoch
-    await runner_released(redis_client, keys)
+    first_epoch = await played_and_released(queue, redis_client, keys, "conv-rate")
     clip = tone(0.3, rate=24000)
     second = await queue.submit_clip("conv-rate", clip, sample_rate=24000)
     messages = await wait_turn_end(redis_client, keys, "conv-rate", second)
