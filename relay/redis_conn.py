@@ -93,7 +93,8 @@ _BATCH_MAX = 256
 
 
 def _blocks(args: tuple[Any, ...]) -> bool:
-    name = args[0].upper() if isinstance(args[0], str) else str(args[0]).upper()
+    first = args[0]
+    name = (first.decode() if isinstance(first, bytes) else str(first)).upper()
     if name in _BLOCKING:
         return True
     return name in _MAY_BLOCK and any(
@@ -101,13 +102,15 @@ def _blocks(args: tuple[Any, ...]) -> bool:
 
 
 class BatchingRedis(redis.Redis):
-    """A single-server client that sends the commands its callers issue in one event-loop turn
-    as one pipeline (auto-pipelining); each caller still awaits its own reply or error.
+    """A single-server client that batches its callers' commands into pipelines
+    (auto-pipelining); each caller still awaits its own reply or error. A command issued while
+    nothing else is in flight on the client goes out as the plain command; those issued while
+    others are in flight are sent together, as one pipeline, on the loop's next turn.
 
     Hand-written because redis-py has none, and there an awaited command costs a pool checkout,
     a liveness poll of the connection, a write task and a read timeout, four to six turns of the
-    event loop: about 150 to 200 us of client CPU per command on the 2-core bench machine, against
-    about 50 to 60 us with 20 callers batched (docs/benchmarks.md, "Client CPU per command"). A
+    event loop: 100 to 230 us of client CPU per command on the 2-core bench machine, against 33
+    to 63 us with 20 to 100 callers batched (docs/benchmarks.md, "Client CPU per command"). A
     producer's turns and a backend's submits are exactly that: many small commands from many
     tasks at once.
 

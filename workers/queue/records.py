@@ -324,13 +324,13 @@ class RunnerTake(StrEnum):
 class Take:
     """What ``JobStore.take`` found: the outcome, the holder it names (the previous owner when
     taken over, the current one when busy), and, when the caller now runs the conversation, the
-    queue's head read in the same step (None: the queue was empty)."""
+    queue's head read in the same step (None: the queue was empty) and, when asked for and the
+    lease was taken (not taken over), that head's claim."""
 
     kind: RunnerTake
     holder: str
     head: QueuedTurn | None = None
-
-    claim: Claim | None = None  # the head's claim, when asked for and the lease was taken
+    claim: Claim | None = None
 
     @property
     def runs(self) -> bool:
