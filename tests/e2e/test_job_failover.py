@@ -101,12 +101,18 @@ async def active_turn(redis_client, keys, producers: Producers, conversations: l
 
 
 def takeover_latencies(kills, truth_by_conv) -> list[float]:
-    """Per kill of a turn still playing: seconds until the next attempt wrote its first entry."""
+    """Per kill of a turn still playing: seconds until the next attempt wrote its first entry.
+
+    A takeover cut short, its producer itself killed before that first write (the killer picks
+    whoever runs a playing turn, so it can pick the producer that has just taken over), is not a
+    takeover that finished: it is left out, and the next kill's takeover is measured instead
+    (counting it would add the next kill's whole recovery to this one's)."""
     latencies = []
-    for killed_ms, conv, turn_id in kills:
+    for index, (killed_ms, conv, turn_id) in enumerate(kills):
         later = [int(entry_id.split("-")[0]) for entry_id, turn in truth_by_conv[conv]
                  if turn == turn_id and int(entry_id.split("-")[0]) > killed_ms + 50]
-        if later:
+        next_kill = min((ms for ms, c, _ in kills[index + 1:] if c == conv), default=None)
+        if later and (next_kill is None or min(later) < next_kill):
             latencies.append((min(later) - killed_ms) / 1000)
     return latencies
 
