@@ -74,6 +74,14 @@ class RunnerServices:
     stopping: asyncio.Event
 
 
+def _job_of(head: QueuedTurn) -> TurnJob | None:
+    """The head's job, or None when it does not decode (its attempt dead-letters it)."""
+    try:
+        return decode_job({b"job": head.job})
+    except MalformedJob:
+        return None
+
+
 class _Stop(Exception):
     """The attempt ended without finishing its turn (worker stopping, or lease lost)."""
 
@@ -89,7 +97,7 @@ class ConversationRunner:
         # needs no read of its own. Possibly gone by the time it is claimed; the claim says so.
         self._first_head: QueuedTurn | None = head
         # ... and claimed with it, when the conversation's session is kept here.
-        self._first_claim = claim if head is not None else None
+        self._first_claim = claim
         # The producer counts this runner's first turn as waiting for its first audio until
         # that turn has begun (it then counts itself) or the runner ends without one.
         self._ticket = ticket
@@ -187,20 +195,18 @@ class ConversationRunner:
             await self._s.producer.release_reservation(lease)
 
     def _kept_for(self, head: QueuedTurn) -> bool:
-        try:
-            job = decode_job({b"job": head.job})
-        except MalformedJob:
+        job = _job_of(head)
+        if job is None:
             return True  # dead-lettered by the attempt; needs no session
-        return self._s.producer.keeps_session(self.conversation_id, avatar_id=job.avatar_id,
-                                              sample_rate=job.sample_rate)
+        return self._s.producer.keeps_session_for(self.conversation_id, avatar_id=job.avatar_id,
+                                                  sample_rate=job.sample_rate)
 
     async def _reserve_session(self, head: QueuedTurn) -> str | None:
         """A Motion Server session slot for the turn, taken before the turn is claimed: at the
         session cap a turn waits here, queued and not counted as an attempt, instead of starting
         and falling back to audio-only."""
-        try:
-            job = decode_job({b"job": head.job})
-        except MalformedJob:
+        job = _job_of(head)
+        if job is None:
             return None  # dead-lettered right after the claim; needs no session
         return await self._s.producer.reserve_session(
             self.conversation_id, avatar_id=job.avatar_id, sample_rate=job.sample_rate,

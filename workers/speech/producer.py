@@ -319,12 +319,7 @@ class Producer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         await self._locks.acquire(conversation_id, wait_s)
-        take_from = attempt.take_over_from if attempt else ""
-        continued = attempt is not None and attempt.delivered is not None
         try:
-            if continued:  # its turn_start exists: the lock is taken on its own
-                await self._conversation_leases.acquire(
-                    conversation_id, wait_s=max(0.0, deadline - loop.time()), take_from=take_from)
             start_id = await self._start_id(spec, attempt, deadline)
         except BaseException:
             await self._release_conversation(conversation_id)  # whether or not it was taken
@@ -335,18 +330,23 @@ class Producer:
         """The turn_start entry: the one an earlier attempt wrote, or a new one, whose writing
         takes the conversation lock in the same step (one round trip less on the way to the
         first audio); while another producer holds the lock, it waits for it first."""
-        if attempt is not None and attempt.delivered is not None:
-            return attempt.delivered.start_id
         conversation_id = spec.conversation_id
         leases = self._conversation_leases
         take_from = attempt.take_over_from if attempt else ""
+
+        async def lock_alone() -> None:
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            await leases.acquire(conversation_id, wait_s=remaining, take_from=take_from)
+
+        if attempt is not None and attempt.delivered is not None:
+            await lock_alone()  # its turn_start exists: the lock is taken on its own
+            return attempt.delivered.start_id
         try:
             try:
                 start_id = await self._open_turn(spec, attempt, leases.lock_for(conversation_id,
                                                                                 take_from))
             except LockHeld:
-                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-                await leases.acquire(conversation_id, wait_s=remaining, take_from=take_from)
+                await lock_alone()
                 return await self._open_turn(spec, attempt, None)
         except TurnFenced as exc:
             if attempt is not None:
@@ -410,15 +410,17 @@ class Producer:
         serves its conversation's next turn without a new slot, or closes for another's)."""
         return await self._session_leases.room() + self._pool.idle()
 
-    def keeps_session(self, conversation_id: str, *, avatar_id: str | None = None,
-                      sample_rate: int | None = None) -> bool:
-        """The conversation's next turn needs no new Motion Server session slot: a session is
-        kept for it here (with ``avatar_id`` and ``sample_rate``: one that turn can reuse)."""
-        if avatar_id is None and sample_rate is None:
-            return self._pool.keeps(conversation_id)
+    def keeps_session(self, conversation_id: str) -> bool:
+        """A session is kept for the conversation here: its next turn likely needs no new
+        Motion Server session slot (``keeps_session_for`` says whether it can reuse it)."""
+        return self._pool.keeps(conversation_id)
+
+    def keeps_session_for(self, conversation_id: str, *, avatar_id: str | None,
+                          sample_rate: int) -> bool:
+        """The conversation keeps a session here that a turn with ``avatar_id`` (None: the
+        default) and ``sample_rate`` can reuse: that turn needs no new slot."""
         avatar = avatar_id or self._endpoints.default_avatar_id
-        return self._pool.has_session(conversation_id, avatar,
-                                      sample_rate or self._settings.sample_rate)
+        return self._pool.has_session(conversation_id, avatar, sample_rate)
 
     async def reserve_session(
         self, conversation_id: str, *, avatar_id: str | None, sample_rate: int,
@@ -429,7 +431,7 @@ class Producer:
         anywhere close for it). None when the conversation's kept session will do, or when the
         wait was given up. Give it back with ``release_reservation`` once the turn is over.
         ``on_wait`` is called when no slot was free at the first try, before waiting."""
-        if self.keeps_session(conversation_id, avatar_id=avatar_id, sample_rate=sample_rate):
+        if self.keeps_session_for(conversation_id, avatar_id=avatar_id, sample_rate=sample_rate):
             return None
         lease_id = await self._session_leases.acquire(wait_s=0)  # one try: the common case
         if lease_id is not None:
