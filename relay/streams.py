@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -79,15 +80,20 @@ end
 # KEYS: stream, turn, guard hash (the turn record itself when there is no guard), lock (the turn
 # record when there is none). ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
 # expected_previous, interrupt_entry_for_previous, epoch, guard field ('' for none), guard value,
-# lock owner ('' for none), lock px, lock's previous holder. Returns {0} when the active turn
-# changed under the caller (retry), {1, id} on success, {2, start_id} when this attempt already
-# opened the turn (idempotent re-open), {3} when the caller is fenced: its guard no longer holds
-# (for a queued turn: its attempt is no longer the one allowed to run), or the turn already ended
-# (a turn with an epoch never opens twice), {4, holder} when the lock is another's (nothing
-# written). The lock is taken (``take_lock``) once the guard holds, before anything else.
+# lock owner ('' for none), lock px, lock's previous holder, then the turn's first audio entries
+# (seq 0, 1, ... in order; none is fine), appended right after ``turn_start`` in the same step, so
+# the client's first sound needs no append call of its own; the turn record's audio watermark
+# (``na``) and ``last`` then say so, exactly as if the append script had written them.
+# Returns {0} when the active turn changed under the caller (retry), {1, id} on success,
+# {2, start_id} when this attempt already opened the turn (idempotent re-open), {3} when the
+# caller is fenced: its guard no longer holds (for a queued turn: its attempt is no longer the
+# one allowed to run), or the turn already ended (a turn with an epoch never opens twice),
+# {4, holder} when the lock is another's (nothing written). The lock is taken (``take_lock``)
+# once the guard holds, before anything else.
 # Run twice (a retried call): the second run finds the lock its own (set again) and the turn
 # active at the same epoch, and answers {2, start_id}, the first run's start; nothing is written
-# or pushed again.
+# or pushed again, first audio included (the first run appended it, and its watermark makes any
+# later append of those seqs a no-op too).
 _OPEN = LIVE_PUSH + TAKE_LOCK + """
 local epoch = ARGV[8]
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[3], ARGV[9]) ~= ARGV[10] then
@@ -112,10 +118,16 @@ if cur[2] == 'active' then
 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[5])
 live_add(id, ARGV[5])
+local last = id
+for i = 14, #ARGV do
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[i])
+  live_add(last, ARGV[i])
+end
 live_publish(KEYS[1])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2],
            'epoch', epoch)
+if #ARGV >= 14 then redis.call('HSET', KEYS[2], 'na', #ARGV - 13, 'last', last) end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {1, id}
@@ -314,6 +326,15 @@ def valid_id(entry_id: str) -> bool:
 
 
 
+def _check_first_audio(turn_id: str, entries: Sequence[bytes]) -> None:
+    """The open script records ``len(entries)`` as the next audio seq without reading them: they
+    must be the turn's audio entries 0, 1, ... in order (ValueError otherwise)."""
+    for seq, entry in enumerate(entries):
+        kind, turn = wire.stored_kind(entry)
+        if kind != wire.AUDIO or turn != turn_id or wire.write_mark(entry) != f"a{seq}":
+            raise ValueError(f"first_audio[{seq}] is not audio entry {seq} of turn {turn_id}")
+
+
 class ConversationLog:
     """Fenced writes to conversation streams, shared by producers and the interrupt API."""
 
@@ -329,7 +350,7 @@ class ConversationLog:
 
     async def open_turn(
         self, conversation_id: str, turn_id: str, *, sample_rate: int, owner: str, epoch: int = 0,
-        guard: Guard | None = None, lock: Lock | None = None,
+        guard: Guard | None = None, lock: Lock | None = None, first_audio: Sequence[bytes] = (),
     ) -> str:
         """Start a turn; an active turn of the conversation is ended with ``interrupt`` first.
 
@@ -337,8 +358,11 @@ class ConversationLog:
         condition for it (the job queue's: this attempt is the one allowed to run): the turn is
         refused (TurnFenced) when the guard does not hold, or when it was already opened at
         another epoch. ``lock`` is taken in the same step (LockHeld, and nothing written, when
-        another owner holds it).
+        another owner holds it). ``first_audio``: the turn's first ``audio`` entries (seq 0, 1,
+        ... of ``turn_id``), appended right after ``turn_start`` in the same step; the turn's
+        next append goes on from there. Returns the ``turn_start`` entry's id.
         """
+        _check_first_audio(turn_id, first_audio)
         turn_key = self._keys.turn(conversation_id)
         keys = [self._keys.stream(conversation_id), turn_key, guard.key if guard else turn_key,
                 lock.key if lock else turn_key]
@@ -352,7 +376,7 @@ class ConversationLog:
             superseded = wire.interrupt(previous or "-", reason="superseded")
             args: ScriptArgs = [turn_id, owner, self._maxlen, self._ttl_ms, start, previous,
                                 superseded, epoch, guard.field if guard else "",
-                                guard.value if guard else "", *locking]
+                                guard.value if guard else "", *locking, *first_audio]
             result = await self._open(keys=keys, args=args)
             code = int(result[0])
             if code == 3:

@@ -219,8 +219,9 @@ async def test_every_push_names_the_true_predecessor_and_carries_each_entry_once
     await log.open_turn(conv, "t2", sample_rate=16000, owner="p")  # supersedes t1: 2 entries
     await log.append(conv, "t2", wire.audio("t2", 0, b"b", end=False))
     await log.interrupt(conv, reason="barge_in")
-    await log.open_turn(conv, "t3", sample_rate=16000, owner="p")
-    await log.end_turn(conv, "t3", status=wire.STATUS_COMPLETE)
+    await log.open_turn(conv, "t3", sample_rate=16000, owner="p",  # start and audio: 1 push
+                        first_audio=[wire.audio("t3", 0, b"c", end=True)])
+    await log.end_turn(conv, "t3", status=wire.STATUS_COMPLETE)  # after the audio, by `last`
     rows = await read_after(redis_client, keys, conv, "0-0", count=100)
 
     pushed: list[tuple[str, bytes]] = []
@@ -240,3 +241,34 @@ async def test_every_push_names_the_true_predecessor_and_carries_each_entry_once
     assert pushed == rows
     assert pushes == 8  # one per script call that appended; the retry pushed nothing
     await listener.disconnect()
+
+
+async def test_open_turn_appends_the_first_audio_in_the_same_step(log, redis_client, keys):
+    """``first_audio`` goes in right after turn_start, atomically, and the turn goes on from it:
+    a retried open or a retried append of those seqs adds nothing, the next seq goes in."""
+    conv = "c-first"
+    first = [wire.audio("t1", seq, b"a%d" % seq, end=False) for seq in range(3)]
+    start = await log.open_turn(conv, "t1", sample_rate=16000, owner="p1", first_audio=first)
+    assert await log.open_turn(conv, "t1", sample_rate=16000, owner="p1",
+                               first_audio=first) == start  # a retry: the same start, no audio
+    await log.append(conv, "t1", first[2])  # already in: skipped by the watermark
+    await log.append(conv, "t1", wire.audio("t1", 3, b"a3", end=True))
+    rows = await read_after(redis_client, keys, conv, "0-0", count=100)
+    assert rows[0][0] == start
+    seen = [(m.kind, m.get("seq")) for m in (wire.decode_server(wire.delivery(*r)) for r in rows)]
+    assert seen == [("turn_start", None), ("audio", 0), ("audio", 1), ("audio", 2), ("audio", 3)]
+    record = await redis_client.hgetall(keys.turn(conv))
+    assert record[b"na"] == b"4" and record[b"last"].decode() == rows[-1][0]
+
+
+@pytest.mark.parametrize("entries", [
+    [wire.audio("t1", 1, b"a", end=False)],  # does not start at seq 0
+    [wire.audio("t1", 0, b"a", end=False), wire.audio("t1", 2, b"a", end=False)],  # a gap
+    [wire.audio("other", 0, b"a", end=False)],  # another turn's
+    [wire.frames("t1", 0, b"env", last=False)],  # not audio
+])
+async def test_open_turn_refuses_first_audio_it_cannot_count(log, redis_client, keys, entries):
+    with pytest.raises(ValueError, match="first_audio"):
+        await log.open_turn("c-bad-first", "t1", sample_rate=16000, owner="p1",
+                            first_audio=entries)
+    assert await redis_client.exists(keys.stream("c-bad-first"), keys.turn("c-bad-first")) == 0

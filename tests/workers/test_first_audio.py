@@ -5,10 +5,13 @@ rule still holds (audio before frames, one request per turn, the audio-only rule
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.connection import Connection
 
 from relay import wire
 from relay.dev.motion_sim import SimConfig
@@ -26,6 +29,9 @@ from tests.helpers.producer import (
     wait_turn_end,
 )
 from workers.speech import turn as turn_module
+from workers.speech.producer import Attempt
+from workers.speech.resume import Delivered
+from workers.speech.turn import FirstAudio
 
 CHUNK = 1280  # 40 ms at 16 kHz, the default chunk_ms
 
@@ -123,6 +129,112 @@ async def test_interrupt_while_the_session_opens_frees_the_slot(
                                                                      "conv-cut")]
     assert await producer.session_room() == 1  # the half-open session gave its slot back
     assert producer.motion_sessions == 0
+
+
+# --- first audio in the turn_start write ---------------------------------------------------------
+
+
+@asynccontextmanager
+async def live_pushes(client: redis.Redis, keys: Keys, conversation_id: str
+                      ) -> AsyncIterator[Callable[[], Awaitable[list[wire.Message]]]]:
+    """Subscribed to the conversation's live channel; yields a reader of the next push's entries
+    (one push = one script call's appends)."""
+    listener = Connection(**client.connection_pool.connection_kwargs)
+    await listener.connect()
+    await listener.send_command("SSUBSCRIBE", keys.live_channel(conversation_id))
+    assert (await listener.read_response())[0] == b"ssubscribe"
+
+    async def next_push() -> list[wire.Message]:
+        kind, _, data = await asyncio.wait_for(listener.read_response(), 5)
+        assert kind == b"smessage"
+        head, _, body = data.partition(b"\n")
+        fields = head.decode().split(" ")
+        entries, offset = [], 0
+        for entry_id, size in zip(fields[1::2], fields[2::2], strict=True):
+            entries.append(wire.decode_server(wire.delivery(entry_id,
+                                                            body[offset:offset + int(size)])))
+            offset += int(size)
+        return entries
+
+    try:
+        yield next_push
+    finally:
+        await listener.disconnect()
+
+
+def lead_kinds(push: list[wire.Message]) -> list[tuple[str, object, object]]:
+    return [(m.kind, m.get("seq"), m.get("end")) for m in push]
+
+
+async def test_queued_clip_first_audio_is_written_with_its_start(
+    queue, run_worker, redis_client, keys, sim
+):
+    """One fenced write carries turn_start and the clip's first 200 ms (5 chunks of 40 ms): the
+    client's first sound waits for no append call of its own. The rest follows in order."""
+    await run_worker()
+    clip = tone(0.6, freq=270.0)
+    async with live_pushes(redis_client, keys, "conv-lead") as next_push:
+        turn_id = await queue.submit_clip("conv-lead", clip, sample_rate=RATE)
+        first = await next_push()
+    assert lead_kinds(first) == [(wire.TURN_START, None, None)] + [
+        (wire.AUDIO, seq, False) for seq in range(5)]
+    assert b"".join(m.get("data") for m in first[1:]) == clip[: 5 * CHUNK]
+    assert_complete(await wait_turn_end(redis_client, keys, "conv-lead", turn_id), turn_id, clip)
+
+
+async def test_a_clip_shorter_than_the_first_audio_ends_in_the_start_write(
+    make_producer, redis_client, keys, sim
+):
+    producer = await make_producer()
+    clip = tone(0.1, freq=310.0)  # 2.5 chunks: all of it goes with the start, the end marked
+    async with live_pushes(redis_client, keys, "conv-short") as next_push:
+        speaking = asyncio.create_task(producer.speak("conv-short", clip))
+        first = await next_push()
+        result = await speaking
+    assert lead_kinds(first) == [(wire.TURN_START, None, None), (wire.AUDIO, 0, False),
+                                 (wire.AUDIO, 1, False), (wire.AUDIO, 2, True)]
+    assert result.status == wire.STATUS_COMPLETE and result.audio_bytes == len(clip)
+    assert_complete(await stream_messages(redis_client, keys, "conv-short"), result.turn_id, clip)
+
+
+async def test_streamed_turn_goes_on_after_its_first_audio(make_producer, redis_client, keys, sim):
+    producer = await make_producer()
+    clip = tone(0.4, freq=330.0)
+    first = FirstAudio((clip[:CHUNK], clip[CHUNK : 2 * CHUNK]))
+    async with live_pushes(redis_client, keys, "conv-streamed-lead") as next_push:
+        turn = await producer.open_turn("conv-streamed-lead", first_audio=first)
+        assert lead_kinds(await next_push()) == [(wire.TURN_START, None, None),
+                                                 (wire.AUDIO, 0, False), (wire.AUDIO, 1, False)]
+    for start in range(2 * CHUNK, len(clip), CHUNK):
+        assert await turn.send(clip[start : start + CHUNK])
+    result = await turn.end()
+    assert result.status == wire.STATUS_COMPLETE and result.audio_bytes == len(clip)
+    messages = await stream_messages(redis_client, keys, "conv-streamed-lead")
+    mine = of_turn(messages, result.turn_id)
+    audio = [m for m in mine if m.kind == wire.AUDIO]
+    assert [m.get("seq") for m in audio] == list(range(len(audio)))
+    assert b"".join(m.get("data") for m in audio) == clip
+    assert audio[-1].get("end") and not audio[-1].get("data")  # a streamed turn's end marker
+    frames = [m for m in mine if m.kind == wire.FRAMES]
+    assert frames and frames[-1].get("last")
+
+
+@pytest.mark.parametrize(("chunks", "error"), [
+    ((), "at least one chunk"),
+    ((b"odd",), "even number of bytes"),
+    (tuple(b"\0\0" for _ in range(33)), "at most 32 chunks"),
+])
+def test_first_audio_refuses_what_one_append_could_not_take(chunks, error):
+    with pytest.raises(ValueError, match=error):
+        FirstAudio(chunks)
+
+
+async def test_open_turn_refuses_first_audio_for_a_continued_attempt(make_producer):
+    producer = await make_producer()
+    delivered = Delivered(start_id="1-0", next_seq=1, audio_bytes=2)
+    with pytest.raises(ValueError, match="continued"):
+        await producer.open_turn("conv-continued", first_audio=FirstAudio((b"\0\0",)),
+                                 attempt=Attempt(epoch=2, delivered=delivered))
 
 
 # --- through the job queue -----------------------------------------------------------------------

@@ -47,7 +47,15 @@ from workers.queue.records import Claim, ClaimKind, Finished, JobStore, QueuedTu
 from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
 from workers.speech.resume import read_delivered
-from workers.speech.turn import STATUS_ABANDONED, GateTicket, Turn, TurnResult
+from workers.speech.turn import (
+    AUDIO_BATCH_MAX,
+    AUDIO_BATCH_MAX_BYTES,
+    STATUS_ABANDONED,
+    FirstAudio,
+    GateTicket,
+    Turn,
+    TurnResult,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +88,18 @@ def _job_of(head: QueuedTurn) -> TurnJob | None:
         return decode_job({b"job": head.job})
     except MalformedJob:
         return None
+
+
+def _lead_of(batch: InputBatch) -> tuple[FirstAudio, InputBatch]:
+    """The batch's first chunks as a new turn's ``FirstAudio`` (one append call's worth), and
+    what is left of the batch for the turn's pump. The batch holds at least one chunk."""
+    count, size = 0, 0
+    while (count < len(batch.chunks) and count < AUDIO_BATCH_MAX
+           and (count == 0 or size + len(batch.chunks[count]) <= AUDIO_BATCH_MAX_BYTES)):
+        size += len(batch.chunks[count])
+        count += 1
+    rest = InputBatch(last_id=batch.last_id, chunks=batch.chunks[count:], ended=batch.ended)
+    return FirstAudio(tuple(batch.chunks[:count])), rest
 
 
 class _Stop(Exception):
@@ -298,12 +318,13 @@ class ConversationRunner:
                        take_over_from=claim.previous_owner or self._take_over_from,
                        session_lease=lease, guard=guard)
 
-    async def _open(self, job: TurnJob, attempt: Attempt) -> Turn:
+    async def _open(self, job: TurnJob, attempt: Attempt,
+                    first_audio: FirstAudio | None = None) -> Turn:
         if self._must_stop():
             raise _Stop()
         turn = await self._s.producer.open_turn(
             job.conversation_id, sample_rate=job.sample_rate, avatar_id=job.avatar_id,
-            turn_id=job.turn_id, attempt=attempt)
+            turn_id=job.turn_id, attempt=attempt, first_audio=first_audio)
         self._turn = turn
         self._release_ticket()  # the turn has begun: it counts itself until its first audio
         if self._must_stop():  # told to stop while the turn was opening
@@ -312,11 +333,18 @@ class ConversationRunner:
 
     async def _speak_clip(self, job: TurnJob, attempt: Attempt) -> TurnResult:
         clip = job.pcm or b""
-        skip = attempt.delivered.audio_bytes if attempt.delivered else 0
-        turn = await self._open(job, attempt)
+        if attempt.delivered is not None:  # continued: its start and some audio are out already
+            skip = attempt.delivered.audio_bytes
+            turn = await self._open(job, attempt)
+            async with self._holding(turn):
+                await turn.prefeed(clip[:skip])
+                return await turn.speak_rest(clip[skip:])
+        # A new turn's first audio goes with its start: one fenced write before the first sound.
+        first = FirstAudio.of_clip(clip, sample_rate=job.sample_rate,
+                                   chunk_ms=self._s.settings.chunk_ms)
+        turn = await self._open(job, attempt, first)
         async with self._holding(turn):
-            await turn.prefeed(clip[:skip])
-            return await turn.speak_rest(clip[skip:])
+            return await turn.speak_rest(clip[first.audio_bytes if first else 0 :])
 
     async def _speak_streamed(self, job: TurnJob, attempt: Attempt) -> TurnResult | None:
         self._release_ticket()  # its input may be slow to come: others must not wait for it
@@ -324,7 +352,11 @@ class ConversationRunner:
         first = await self._first_input(job, attempt)
         if first is None:
             return None
-        turn = await self._open(job, attempt)
+        lead: FirstAudio | None = None
+        if attempt.delivered is None:
+            # A new turn's first input chunks go with its start (bounded like one append call).
+            lead, first = _lead_of(first)
+        turn = await self._open(job, attempt, lead)
         async with self._holding(turn):
             await self._pump(job, turn, first, attempt)
             return await turn.end()

@@ -49,6 +49,7 @@ from workers.speech.resume import Delivered
 from workers.speech.session import SESSION_TOKEN_TTL
 from workers.speech.tokens import TokenStock
 from workers.speech.turn import (
+    FirstAudio,
     FirstAudioGate,
     GateTicket,
     Turn,
@@ -58,8 +59,8 @@ from workers.speech.turn import (
 )
 
 __all__ = [  # FramesPipe, PipeOutcome moved to workers.speech.frames, Turn to workers.speech.turn
-    "Attempt", "FramesPipe", "PipeOutcome", "Producer", "ProducerClosed", "ProducerError",
-    "Turn", "TurnResult",
+    "Attempt", "FirstAudio", "FramesPipe", "PipeOutcome", "Producer", "ProducerClosed",
+    "ProducerError", "Turn", "TurnResult",
 ]
 
 log = structlog.get_logger(__name__)
@@ -267,25 +268,33 @@ class Producer:
         """Speak a whole clip as one turn (split into ``chunk_ms`` chunks); wait for its end."""
         clip = validate_pcm(pcm, allow_empty=False)
         spec = self._spec(conversation_id, sample_rate, avatar_id, turn_id)
+        first = FirstAudio.of_clip(clip, sample_rate=spec.sample_rate,
+                                   chunk_ms=self._settings.chunk_ms)
         with bound_contextvars(conversation_id=spec.conversation_id, turn_id=spec.turn_id):
-            turn = await self._open(spec, None)
-            return await turn.speak_rest(clip)
+            turn = await self._open(spec, None, first)
+            return await turn.speak_rest(clip[first.audio_bytes if first else 0 :])
 
     async def open_turn(
         self, conversation_id: str, *, sample_rate: int | None = None,
         avatar_id: str | None = None, turn_id: str | None = None, attempt: Attempt | None = None,
+        first_audio: FirstAudio | None = None,
     ) -> Turn:
         """Start a streamed turn (TTS still generating); returns once audio can be sent.
 
         Waits for the conversation's previous turn to end (up to ``conversation_wait_s``, then
         ConversationBusy) and for a Motion Server session (up to ``sdk_wait_s`` when the session
         cap is reached; after that the turn runs audio-only). With an ``attempt`` (queued turns)
-        it raises AttemptFenced when that attempt may no longer run.
+        it raises AttemptFenced when that attempt may no longer run. ``first_audio``, audio the
+        caller already has, goes into the stream with the turn's start (one write less before
+        the client's first sound); the turn's ``send`` calls go on after it. A continued
+        attempt (``attempt.delivered``) has its start already and takes none (ValueError).
         """
+        if first_audio is not None and attempt is not None and attempt.delivered is not None:
+            raise ValueError("a continued attempt's turn is open already: no first_audio")
         spec = self._spec(conversation_id, sample_rate, avatar_id, turn_id,
                           attempt.epoch if attempt else 0)
         with bound_contextvars(conversation_id=spec.conversation_id, turn_id=spec.turn_id):
-            return await self._open(spec, attempt)
+            return await self._open(spec, attempt, first_audio)
 
     async def interrupt(self, conversation_id: str, reason: str = "interrupted") -> str | None:
         """Interrupt the conversation's active turn, wherever it runs; its id, or None."""
@@ -310,7 +319,8 @@ class Producer:
             avatar_id=avatar, epoch=epoch,
         )
 
-    async def _open(self, spec: TurnSpec, attempt: Attempt | None) -> Turn:
+    async def _open(self, spec: TurnSpec, attempt: Attempt | None,
+                    first_audio: FirstAudio | None) -> Turn:
         """Lock the conversation (in this process, then across producers) and start the turn."""
         if not self._running:
             raise ProducerClosed("producer is not running")
@@ -320,16 +330,18 @@ class Producer:
         deadline = loop.time() + wait_s
         await self._locks.acquire(conversation_id, wait_s)
         try:
-            start_id = await self._start_id(spec, attempt, deadline)
+            start_id = await self._start_id(spec, attempt, deadline, first_audio)
         except BaseException:
             await self._release_conversation(conversation_id)  # whether or not it was taken
             raise
-        return await self._begin(spec, start_id, attempt)
+        return await self._begin(spec, start_id, attempt, first_audio)
 
-    async def _start_id(self, spec: TurnSpec, attempt: Attempt | None, deadline: float) -> str:
-        """The turn_start entry: the one an earlier attempt wrote, or a new one, whose writing
-        takes the conversation lock in the same step (one round trip less on the way to the
-        first audio); while another producer holds the lock, it waits for it first."""
+    async def _start_id(self, spec: TurnSpec, attempt: Attempt | None, deadline: float,
+                        first_audio: FirstAudio | None) -> str:
+        """The turn_start entry: the one an earlier attempt wrote, or a new one (with
+        ``first_audio`` after it), whose writing takes the conversation lock in the same step
+        (one round trip less on the way to the first audio); while another producer holds the
+        lock, it waits for it first."""
         conversation_id = spec.conversation_id
         leases = self._conversation_leases
         take_from = attempt.take_over_from if attempt else ""
@@ -341,13 +353,14 @@ class Producer:
         if attempt is not None and attempt.delivered is not None:
             await lock_alone()  # its turn_start exists: the lock is taken on its own
             return attempt.delivered.start_id
+        entries = first_audio.entries(spec.turn_id) if first_audio is not None else []
         try:
             try:
-                start_id = await self._open_turn(spec, attempt, leases.lock_for(conversation_id,
-                                                                                take_from))
+                start_id = await self._open_turn(spec, attempt, entries,
+                                                 leases.lock_for(conversation_id, take_from))
             except LockHeld:
                 await lock_alone()
-                return await self._open_turn(spec, attempt, None)
+                return await self._open_turn(spec, attempt, entries, None)
         except TurnFenced as exc:
             if attempt is not None:
                 raise AttemptFenced(f"attempt {spec.epoch} of turn {spec.turn_id}") from exc
@@ -355,15 +368,19 @@ class Producer:
         leases.opened_with(conversation_id)
         return start_id
 
-    async def _open_turn(self, spec: TurnSpec, attempt: Attempt | None, lock: Lock | None) -> str:
+    async def _open_turn(self, spec: TurnSpec, attempt: Attempt | None, first_audio: list[bytes],
+                         lock: Lock | None) -> str:
         return await self._log.open_turn(
             spec.conversation_id, spec.turn_id, sample_rate=spec.sample_rate, owner=self._owner,
-            epoch=spec.epoch, guard=attempt.guard if attempt is not None else None, lock=lock)
+            epoch=spec.epoch, guard=attempt.guard if attempt is not None else None, lock=lock,
+            first_audio=first_audio)
 
-    async def _begin(self, spec: TurnSpec, start_id: str, attempt: Attempt | None) -> Turn:
+    async def _begin(self, spec: TurnSpec, start_id: str, attempt: Attempt | None,
+                     first_audio: FirstAudio | None) -> Turn:
         delivered = attempt.delivered if attempt else None
         turn = Turn(self._services, spec, start_id, delivered,
-                    session_lease=attempt.session_lease if attempt else None)
+                    session_lease=attempt.session_lease if attempt else None,
+                    first_audio=first_audio)
         self._active[spec.conversation_id] = turn
         self._no_turns.clear()
         log.info("turn_started", sample_rate=spec.sample_rate, avatar_id=spec.avatar_id,

@@ -80,6 +80,47 @@ class TurnResult:
 
 
 @dataclass(frozen=True)
+class FirstAudio:
+    """A turn's first audio chunks, appended by the same atomic write as its ``turn_start``
+    (``ConversationLog.open_turn``): the client's first sound then waits for no append call of
+    its own. Each chunk becomes one ``audio`` entry, as ``Turn.send`` would make it; ``end``: the
+    last one ends the turn's audio (a clip that fits in it). PCM16 is checked here, before
+    anything is written."""
+
+    chunks: tuple[bytes, ...]
+    end: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.chunks:
+            raise ValueError("first audio needs at least one chunk")
+        object.__setattr__(self, "chunks", tuple(validate_pcm(c) for c in self.chunks))
+        count = len(self.chunks)
+        if count > AUDIO_BATCH_MAX or (count > 1 and self.audio_bytes > AUDIO_BATCH_MAX_BYTES):
+            raise ValueError(f"first audio holds at most {AUDIO_BATCH_MAX} chunks and, past "
+                             f"one chunk, {AUDIO_BATCH_MAX_BYTES} bytes (as one append call)")
+
+    @classmethod
+    def of_clip(cls, pcm: bytes, *, sample_rate: int, chunk_ms: int) -> FirstAudio | None:
+        """The first ``FIRST_AUDIO_S`` of a clip in ``chunk_ms`` chunks (None for no audio)."""
+        size = chunk_size(sample_rate, chunk_ms)
+        count = max(1, round(FIRST_AUDIO_S * 1000 / chunk_ms))
+        head = pcm[: size * count]
+        if not head:
+            return None
+        return cls(tuple(head[i : i + size] for i in range(0, len(head), size)),
+                   end=len(head) == len(pcm))
+
+    @property
+    def audio_bytes(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+    def entries(self, turn_id: str) -> list[bytes]:
+        last = len(self.chunks) - 1
+        return [wire.audio(turn_id, seq, chunk, end=self.end and seq == last)
+                for seq, chunk in enumerate(self.chunks)]
+
+
+@dataclass(frozen=True)
 class TurnSpec:
     conversation_id: str
     turn_id: str
@@ -164,8 +205,11 @@ class Turn:
     """
 
     def __init__(self, services: TurnServices, spec: TurnSpec, start_id: str,
-                 delivered: Delivered | None = None, *, session_lease: str | None = None) -> None:
+                 delivered: Delivered | None = None, *, session_lease: str | None = None,
+                 first_audio: FirstAudio | None = None) -> None:
         self._services = services
+        # Appended with turn_start already: ``begin`` counts it and backlogs it for the session.
+        self._first_audio = first_audio
         self._session_lease = session_lease  # reserved before the claim (queued turns)
         self._spec = spec
         self.start_id = start_id
@@ -332,19 +376,21 @@ class Turn:
         return await (self.abandon() if self.epoch else self.abort())
 
     async def _speak(self, pcm: bytes) -> TurnResult:
-        """The clip's first ``FIRST_AUDIO_S`` go in one call of their own, so the client's first
-        audio waits for no other write; the rest, once no turn of the producer still waits for
-        its first audio (at most ``MOTION_OPEN_GRACE_S``, well inside what the client already
-        holds), in calls of up to ``AUDIO_BATCH_MAX`` chunks (one per chunk would delay every
-        later turn's first audio when many start together). The last chunk carries the end."""
+        """The clip's first ``FIRST_AUDIO_S`` go in one call of their own (unless they went with
+        the turn's start, ``FirstAudio``), so the client's first audio waits for no other write;
+        the rest, once no turn of the producer still waits for its first audio (at most
+        ``MOTION_OPEN_GRACE_S``, well inside what the client already holds), in calls of up to
+        ``AUDIO_BATCH_MAX`` chunks (one per chunk would delay every later turn's first audio when
+        many start together). The last chunk carries the end."""
         size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
         starts = list(range(0, len(pcm), size))
-        first = max(1, round(FIRST_AUDIO_S * 1000 / self._services.chunk_ms))
+        first = 0 if self._first_audio else max(1, round(FIRST_AUDIO_S * 1000
+                                                          / self._services.chunk_ms))
         per_call = max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
         groups = [starts[:first]] + [starts[i : i + per_call]
                                      for i in range(first, len(starts), per_call)]
         for index, group in enumerate(g for g in groups if g):
-            if index == 1:
+            if index == (1 if first else 0):
                 await self._after_first_audio_everywhere()
             chunks = [pcm[start : start + size] for start in group]
             if not await self._push_many(chunks, end=group[-1] + size >= len(pcm)):
@@ -387,11 +433,27 @@ class Turn:
         if delivered is not None and (delivered.motion_started or delivered.frames_last):
             await self._continue_without_motion(delivered)
             return
+        first = self._first_audio
         gate = self._services.first_audio
-        if gate is not None and not self._audio_out.is_set():
+        if first is None and gate is not None and not self._audio_out.is_set():
             self._gate_ticket = gate.ticket()
         self._opening = asyncio.create_task(self._open_motion(),
                                             name=f"motion-open-{self.turn_id}")
+        if first is not None:
+            await self._appended(list(first.chunks), end=first.end)
+
+    async def _appended(self, chunks: list[bytes], *, end: bool) -> None:
+        """The chunks' audio entries are in the stream: count them, then send the chunks to the
+        Motion Server (or its backlog) as one piece."""
+        self._may_prefeed = False
+        self._first_audio_out()
+        self._audio_seq += len(chunks)
+        self._audio_bytes += sum(len(chunk) for chunk in chunks)
+        self._audio_end_sent = self._audio_end_sent or end
+        # One send for the whole call: all of its audio is in the stream already, and the Motion
+        # Server takes audio in pieces of any size (the reference demos send whole clips). Under
+        # load, one WebSocket message per chunk_ms of audio was most of a turn's producer time.
+        await self._feed_motion(chunks[0] if len(chunks) == 1 else b"".join(chunks), end=end)
 
     def _first_audio_out(self) -> None:
         """The turn's first audio is in the stream, or none will come (it ends or stopped)."""
@@ -484,7 +546,6 @@ class Turn:
         every chunk's audio is in the stream before the chunk reaches the server."""
         if self.interrupted:
             return False
-        self._may_prefeed = False
         last = len(chunks) - 1
         entries = [wire.audio(self.turn_id, self._audio_seq + i, chunk, end=end and i == last)
                    for i, chunk in enumerate(chunks)]
@@ -493,14 +554,7 @@ class Turn:
         except TurnFenced:
             self.notify_interrupted()
             return False
-        self._first_audio_out()
-        self._audio_seq += len(chunks)
-        self._audio_bytes += sum(len(chunk) for chunk in chunks)
-        self._audio_end_sent = self._audio_end_sent or end
-        # One send for the whole call: all of its audio is in the stream already, and the Motion
-        # Server takes audio in pieces of any size (the reference demos send whole clips). Under
-        # load, one WebSocket message per chunk_ms of audio was most of a turn's producer time.
-        await self._feed_motion(chunks[0] if len(chunks) == 1 else b"".join(chunks), end=end)
+        await self._appended(chunks, end=end)
         return not self.interrupted
 
     async def _feed_motion(self, chunk: bytes, *, end: bool) -> None:
