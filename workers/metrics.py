@@ -15,8 +15,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from redis.exceptions import RedisError
+
+from relay.build import build_facts, sdk_version
 
 TURN_OUTCOMES = ("complete", "audio_only", "interrupted", "abandoned", "failed", "dead_lettered")
 AUDIO_ONLY_REASONS = ("capacity", "motion_error", "motion_closed", "stall", "frames_backlog",
@@ -42,6 +44,8 @@ class ProducerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        Info("relay_build", "The relay's version and runtime in this process (value 1).",
+             registry=r).info(build_facts("producer", spatius=sdk_version()))
         self.turns = Counter(
             "relay_producer_turns_total",
             "Turn attempts that ended, by outcome (complete, audio_only, interrupted; abandoned: "

@@ -25,6 +25,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import wire
+from relay.build import build_facts
 from relay.edge.admission import Admission, EdgeWebSocket, ServerLog, refuse
 from relay.edge.hub import Hub
 from relay.edge.metrics import CONTENT_TYPE, EdgeMetrics
@@ -138,7 +139,8 @@ async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
                       read_loops=lambda: hub.ready_loops)
     supervised = _Supervised(hub, app[METRICS])
     app[HUB_TASK] = supervised
-    log.info("edge_started", node_id=settings.node_id, cluster=settings.redis_cluster)
+    log.info("edge_started", node_id=settings.node_id, cluster=settings.redis_cluster,
+             version=build_facts("edge")["version"])
     try:
         yield
     finally:

@@ -15,11 +15,12 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import wire
+from relay.build import build_facts
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -129,6 +130,8 @@ class EdgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        Info("relay_build", "The relay's version and runtime in this process (value 1).",
+             registry=r).info(build_facts("edge"))
         self.clients = Gauge("relay_edge_clients", "Client WebSockets connected to this edge.",
                              registry=r)
         self.conversations = Gauge(

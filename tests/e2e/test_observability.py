@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from importlib import metadata
 from pathlib import Path
 
 import aiohttp
@@ -96,6 +97,13 @@ async def test_every_role_reports_traffic_slow_clients_and_logs_only_json(
         assert value(producer, "relay_producer_concurrency") == settings.producer_concurrency
         assert ("relay_producer_doorbells_pending", frozenset()) in producer
         assert value(producer, "relay_producer_metrics_sample_errors_total") == 0
+        # Which release each process runs: one constant sample per process, labels bounded.
+        for figures, role in ((edge, "edge"), (producer, "producer")):
+            builds = [dict(labels) for (name, labels), v in figures.items()
+                      if name == "relay_build_info" and v == 1]
+            assert len(builds) == 1 and builds[0]["role"] == role
+            assert builds[0]["version"] == metadata.version("avatar-relay")
+        assert builds[0]["spatius"] == metadata.version("spatius")
         sim = await scrape(urls["motion-sim"])
         assert value(sim, "relay_sim_sessions_opened_total") >= 1
         assert value(sim, "relay_sim_audio_received_bytes_total") > 0

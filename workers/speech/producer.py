@@ -32,6 +32,7 @@ import structlog
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
+from relay.build import build_facts, sdk_version
 from relay.errors import LockHeld, RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient
@@ -234,6 +235,7 @@ class Producer:
         self._pool.start()
         self._running = True
         log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated,
+                 version=build_facts("producer")["version"], spatius=sdk_version(),
                  sdk_telemetry=telemetry)
 
     async def _open_connections(self) -> None:
