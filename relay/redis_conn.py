@@ -217,7 +217,7 @@ def create_client(
         health_check_interval=30, retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-    return BatchingRedis(connection_pool=pool)
+    return BatchingRedis.from_pool(pool)  # owns its pool: aclose() closes the connections
 
 
 def client_for(settings: Settings, *, block_ms: int = 0, max_connections: int | None = None

@@ -16,6 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from relay.redis_conn import BatchingRedis, create_client
+from tests.helpers.polling import eventually
 
 
 @pytest.fixture
@@ -143,3 +144,21 @@ async def test_a_connection_failure_reaches_every_caller_of_the_batch(
     assert pipelines == [5]
     assert all(isinstance(r, RedisConnectionError) for r in results)
     assert len({id(r) for r in results}) == 5  # each caller raises its own instance
+
+
+async def test_closing_a_client_closes_its_connections(redis_url: str, redis_client) -> None:
+    # Every client the relay makes owns its pool: a role that closes its client leaves no
+    # connection open on the server (and no ResourceWarning for an unclosed socket behind).
+    async def connected() -> int:
+        return int((await redis_client.info("clients"))["connected_clients"])
+
+    before = await connected()
+    client = create_client(redis_url, max_connections=4)
+    await asyncio.gather(*(client.ping() for _ in range(4)))  # several pooled connections
+    assert await connected() > before
+    await client.aclose()
+    await eventually(lambda: _back_to(connected, before), what="connections closed")
+
+
+async def _back_to(connected: Any, count: int) -> bool:
+    return await connected() == count
