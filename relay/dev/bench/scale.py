@@ -41,7 +41,11 @@ async def measure(redis_url: str, clients: int, active: int, seconds: float,
     secret = secrets.token_urlsafe(24)
     prefix = f"scale{clients}"
     settings = Settings(redis_url=redis_url, token_secret=secret, key_prefix=prefix)
-    stack = LocalStack(child_env(settings, redis_url, secret), log_dir)
+    env = child_env(settings, redis_url, secret)
+    # Every client process connects from 127.0.0.1: the per-address cap (256 by default, a
+    # guard against one host opening thousands of sockets) would refuse all but 256 of them.
+    env["RELAY_EDGE_MAX_PER_ADDRESS"] = "0"
+    stack = LocalStack(env, log_dir)
     client = create_client(redis_url)
     children: list[BenchChild] = []
     try:
