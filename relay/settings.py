@@ -352,6 +352,10 @@ class Settings:
     # Open WebSockets per client address, and per conversation, on one edge.
     edge_max_per_address: int = setting(256, integer(1, 1_000_000, zero="no cap"))
     edge_max_per_conversation: int = setting(64, integer(1, 1_000_000, zero="no cap"))
+    # New WebSockets one edge takes per second (a burst of one second's worth): a reconnect
+    # storm (a peer edge drained, a network blip) is spread out instead of starving the clients
+    # already served. 0: no limit.
+    edge_admit_rate: int = setting(0, integer(1, 1_000_000, zero="no limit"))
 
     # Operators can see it (issue 10; docs/operations.md "Spatius SDK telemetry"). The Spatius
     # SDK's own OTLP metrics and traces about its sessions: "on" sends them to Spatius (the SDK's

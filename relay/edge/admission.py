@@ -9,8 +9,9 @@ the token travels in the query string.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,8 +56,36 @@ class EdgeWebSocket(web.WebSocketResponse):
             return False
 
 
+class AdmitRate:
+    """New connections per second: a token bucket holding one second's worth (the burst).
+
+    Hand-written: a dozen lines, and the rate-limiting libraries for asyncio make a caller wait
+    for its turn, where an edge in a reconnect storm must refuse at once (4430: the client backs
+    off seconds and may pick another edge) rather than hold sockets open.
+    """
+
+    def __init__(self, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate = float(per_second)
+        self._clock = clock
+        self._tokens = self._rate
+        self._at = clock()
+
+    def take(self) -> bool:
+        """One admission now, or False when this second's are used up (never with no limit)."""
+        if not self._rate:
+            return True
+        now = self._clock()
+        self._tokens = min(self._rate, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
 class Admission:
-    """Origin allow-list and connection caps per client address and per conversation."""
+    """Origin allow-list, the admission rate, and connection caps per client address and per
+    conversation."""
 
     def __init__(self, settings: Settings) -> None:
         self._origins = settings.allowed_origins
@@ -64,6 +93,7 @@ class Admission:
         self._per_conversation = settings.edge_max_per_conversation
         self._addresses: Counter[str] = Counter()
         self._conversations: Counter[str] = Counter()
+        self.rate = AdmitRate(settings.edge_admit_rate)
 
     def origin_allowed(self, request: web.Request) -> bool:
         """True unless an allow-list is set and the request's Origin is not on it. Requests

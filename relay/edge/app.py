@@ -264,6 +264,12 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     except web.HTTPException as exc:  # not a WebSocket upgrade: aiohttp answers 400 itself
         log.info("client_refused", reason="not_a_websocket", status=exc.status)
         raise
+    if not admission.rate.take():
+        # Before the token check and any Redis read: refusing costs the edge next to nothing.
+        await _refuse(request, ws, wire.CloseCode.TOO_MANY_CONNECTIONS, "too_many_connections",
+                      scope="rate", error_message="this edge is taking no more connections "
+                      "this second; back off and retry, or try another edge")
+        return ws
     with admission.address_slot(request.remote or "") as admitted:
         if not admitted:
             await _refuse(request, ws, wire.CloseCode.TOO_MANY_CONNECTIONS,

@@ -12,6 +12,7 @@ import pytest
 
 from relay import wire
 from relay.client import RelayClient
+from relay.edge.admission import AdmitRate
 from relay.streams import ConversationLog, read_after
 from relay.tokens import mint_token
 from tests.conftest import TEST_SECRET
@@ -75,6 +76,46 @@ async def test_connection_caps(settings, scope):
             assert wire.decode_server((await ws.receive(timeout=5)).data).kind == "welcome"
         for ws in held[1:]:
             await ws.close()
+
+
+async def test_admission_rate_spreads_a_reconnect_storm(settings):
+    # 2 per second: a burst of 8 at once gets 2 in, the rest refused at once with 4430 (before
+    # any token check or Redis read); a second later there is room again.
+    async with running_edge(settings.with_overrides(edge_admit_rate=2), "edge-rate") as url, \
+            aiohttp.ClientSession() as http:
+        async def attempt(n: int) -> str:
+            conv = f"c-rate-{n}"
+            ws = await http.ws_connect(f"{url}/v1/conversations/{conv}/ws?token={token(conv)}")
+            first = wire.decode_server((await ws.receive(timeout=5)).data)
+            if first.kind == "welcome":
+                held.append(ws)
+                return "welcome"
+            assert first.kind == "error" and first.get("code") == "too_many_connections"
+            assert (await ws.receive(timeout=5)).data == wire.CloseCode.TOO_MANY_CONNECTIONS
+            await ws.close()
+            return "refused"
+
+        held: list[aiohttp.ClientWebSocketResponse] = []
+        outcomes = await asyncio.gather(*(attempt(n) for n in range(8)))
+        assert sorted(outcomes) == ["refused"] * 6 + ["welcome"] * 2
+        await asyncio.sleep(1.1)  # a second's worth again (the bucket holds no more than that)
+        assert sorted(await asyncio.gather(*(attempt(n) for n in range(8, 12)))) == [
+            "refused", "refused", "welcome", "welcome"]
+        for ws in held:
+            await ws.close()
+
+
+def test_admission_rate_refills_by_the_second():
+    now = [0.0]
+    rate = AdmitRate(2, clock=lambda: now[0])
+    assert [rate.take() for _ in range(3)] == [True, True, False]  # the burst: one second's worth
+    now[0] = 0.25
+    assert not rate.take()  # half a token
+    now[0] = 0.5
+    assert rate.take() and not rate.take()
+    now[0] = 100.0
+    assert [rate.take() for _ in range(3)] == [True, True, False]  # never more than the burst
+    assert all(AdmitRate(0).take() for _ in range(10_000))  # 0: no limit
 
 
 @pytest.mark.parametrize("frame, error_code, close_code", [
