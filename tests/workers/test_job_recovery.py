@@ -230,3 +230,25 @@ async def test_waits_for_a_session_slot_instead_of_going_audio_only(redis_client
         # sdk_wait_s: without the gate the later ones would fall back to audio-only.
         assert_complete(await wait_turn_end(redis_client, keys, conv, turns[conv], 15), turns[conv],
                         clip)
+
+
+async def test_malformed_input_mid_turn_ends_the_turn_for_clients(redis_client, keys, queue,
+                                                                   run_worker):
+    # TurnQueue checks PCM itself; a writer that bypasses it can still put an odd-length chunk
+    # in a turn's input after good audio went out. The turn is dead-lettered as malformed, and
+    # clients that heard part of it get interrupt{failed}: the turn never stays open for them.
+    conv = "conv-bad-input"
+    await run_worker()
+    feed = await queue.open_streamed(conv, sample_rate=RATE)
+    await feed.send(tone(0.2))
+    async with asyncio.timeout(10):
+        while not [m for m in await stream_messages(redis_client, keys, conv)
+                   if m.kind == wire.AUDIO]:
+            await asyncio.sleep(0.01)
+    await redis_client.xadd(keys.turn_input(conv, feed.turn_id), {b"a": b"odd"})
+    messages = await wait_turn_end(redis_client, keys, conv, feed.turn_id)
+    mine = of_turn(messages, feed.turn_id)
+    assert mine[-1].kind == wire.INTERRUPT and mine[-1].get("reason") == "failed"
+    [letter] = await DeadLetters(redis_client, keys, maxlen=10).list()
+    assert (letter.turn_id, letter.reason) == (feed.turn_id, "malformed")
+    assert "even number of bytes" in letter.error

@@ -127,6 +127,7 @@ class ConversationRunner:
         self._lost = asyncio.Event()
         self._stop_now = False  # running turns must be handed back now, not finished
         self._turn: Turn | None = None
+        self._opened_here = False  # the running attempt opened its turn for clients
         self.releasing = False  # letting go of the runner lease: the queue looked empty
 
     @property
@@ -251,6 +252,7 @@ class ConversationRunner:
             job = decode_job({b"job": head.job})
         except MalformedJob as exc:
             return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
+        self._opened_here = False
         try:
             result = await self._speak(job, claim, lease)
         except _Stop:
@@ -258,7 +260,9 @@ class ConversationRunner:
         except AttemptFenced:
             return not self._lost.is_set()  # dropped by an interrupt, or taken over
         except (ValueError, TypeError) as exc:  # the producer refuses the job's arguments
-            return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
+            # (or its input, which may be refused after this attempt opened the turn)
+            return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc),
+                                    opened=self._opened_here)
         except (RelayError, RedisError, OSError, ConversationBusy) as exc:
             if self._must_stop() or self._s.stopping.is_set():
                 # The turn was abandoned under a step in flight (graceful stop, lost lease):
@@ -326,6 +330,7 @@ class ConversationRunner:
             job.conversation_id, sample_rate=job.sample_rate, avatar_id=job.avatar_id,
             turn_id=job.turn_id, attempt=attempt, first_audio=first_audio)
         self._turn = turn
+        self._opened_here = True
         self._release_ticket()  # the turn has begun: it counts itself until its first audio
         if self._must_stop():  # told to stop while the turn was opening
             await turn.abandon()
@@ -452,7 +457,9 @@ class ConversationRunner:
         await self._s.client.delete(self._s.keys.turn_input(self.conversation_id, head.turn_id))
 
     async def _bury(self, head: QueuedTurn, claim: Claim, *, reason: str = "",
-                    error: str = "") -> bool:
+                    error: str = "", opened: bool = False) -> bool:
+        """Dead-letter the head turn; clients that saw part of it (opened by an earlier attempt,
+        or by this one: ``opened``) get ``interrupt{failed}``."""
         reason = reason or (REASON_DEADLINE if claim.kind is ClaimKind.EXPIRED else REASON_ATTEMPTS)
         if not error and reason == REASON_ATTEMPTS:
             last = await self._s.store.last_error(self.conversation_id, head.turn_id)
@@ -460,10 +467,11 @@ class ConversationRunner:
         await self._s.dead.bury(conversation_id=self.conversation_id, turn_id=head.turn_id,
                                 reason=reason, error=error, attempts=claim.attempts - 1,
                                 job=head.job)
+        opened = opened or claim.opened
         log.warning("turn_dead_lettered", reason=reason, error=error,
-                    attempts=claim.attempts - 1, opened=claim.opened)
+                    attempts=claim.attempts - 1, opened=opened)
         self._s.producer.metrics.turn_dead_lettered(reason)
-        if claim.opened:
+        if opened:
             await self._end_for_clients(head.turn_id, claim.epoch, REASON_FAILED)
         return await self._finish(head, claim)
 
