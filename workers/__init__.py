@@ -16,6 +16,7 @@ from typing import Any
 _EXPORTS = {
     "Attempt": "workers.speech.producer",
     "ConversationBusy": "workers.speech.leases",
+    "FirstAudio": "workers.speech.turn",
     "MalformedJob": "workers.errors",
     "Producer": "workers.speech.producer",
     "ProducerClosed": "workers.errors",

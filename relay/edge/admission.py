@@ -59,9 +59,11 @@ class EdgeWebSocket(web.WebSocketResponse):
 class AdmitRate:
     """New connections per second: a token bucket holding one second's worth (the burst).
 
-    Hand-written: a dozen lines, and the rate-limiting libraries for asyncio make a caller wait
-    for its turn, where an edge in a reconnect storm must refuse at once (4430: the client backs
-    off seconds and may pick another edge) rather than hold sockets open.
+    Hand-written: a dozen lines of synchronous arithmetic on the loop's thread. An asyncio
+    limiter library (aiolimiter's ``has_capacity`` then ``acquire``) would do the same as a new
+    dependency; its strength, making callers wait their turn, is what an edge in a reconnect
+    storm must not do: it refuses at once (4430: the client backs off seconds and may pick
+    another edge) instead of holding sockets open.
     """
 
     def __init__(self, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:

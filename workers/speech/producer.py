@@ -13,6 +13,9 @@ Embed it in any asyncio backend::
         result = await producer.speak("conv-1", pcm)
         async with await producer.open_turn("conv-1") as turn:
             await turn.send(chunk)
+        # Audio already at hand goes into the turn's first write, with its turn_start:
+        async with await producer.open_turn("conv-1", first_audio=FirstAudio((chunk,))) as turn:
+            await turn.send(next_chunk)
         await producer.interrupt("conv-1")
 
 Queue workers pass an ``Attempt``: the turn id is fixed at submit, and the attempt's epoch fences
