@@ -256,6 +256,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     if not admission.origin_allowed(request):
         # Before the upgrade: a page on another site never gets a WebSocket at all.
         log.info("client_refused", reason="origin_not_allowed", status=403)
+        request.app[METRICS].refused_with(403)
         raise web.HTTPForbidden(text="origin not allowed\n")
     ws = EdgeWebSocket(max_msg_size=_TRANSPORT_MAX_MSG, heartbeat=settings.heartbeat_s,
                        timeout=settings.edge_handshake_timeout_s, compress=False)
@@ -263,6 +264,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         await ws.prepare(request)
     except web.HTTPException as exc:  # not a WebSocket upgrade: aiohttp answers 400 itself
         log.info("client_refused", reason="not_a_websocket", status=exc.status)
+        request.app[METRICS].refused_with(exc.status)
         raise
     if not admission.rate.take():
         # Before the token check and any Redis read: refusing costs the edge next to nothing.

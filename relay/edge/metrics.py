@@ -40,7 +40,10 @@ _CLOSE_CODES = frozenset({
 _READ_ERROR_KINDS = ("connection", "timeout", "cluster", "redirect", "other")
 _STARTS = ("resume", "turn", "live")
 _RESUME_OUTCOMES = ("recovered", "lost")
-_REFUSAL_CODES = ("1012", "4400", "4401", "4402", "4403", "4430")
+_REFUSAL_CODES = ("400", "403", "1012", "4400", "4401", "4402", "4403", "4430")
+# Refusals answered over HTTP before any WebSocket exists: 403 (Origin not allowed), 400 (not a
+# WebSocket upgrade). Three digits, so they never read as a close code.
+_HTTP_REFUSALS = frozenset({400, 403})
 _DISCONNECT_CODES = ("1000", "1001", "1005", "1006", "1011", "1012", "4402", "4429", "4503")
 
 _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -181,7 +184,8 @@ class EdgeMetrics:
             ["outcome"], registry=r)
         self.refused = Counter(
             "relay_edge_connections_refused_total",
-            "WebSocket connections refused before delivery, by close code.", ["code"], registry=r)
+            "WebSocket connections refused before delivery, by close code (by HTTP status, 400 "
+            "or 403, when refused before the upgrade).", ["code"], registry=r)
         self.disconnects = Counter(
             "relay_edge_disconnects_total",
             "Admitted clients that left, by close code (1012 drain, 4429 slow client, 4503 "
@@ -232,7 +236,9 @@ class EdgeMetrics:
             self.resumes.labels("recovered" if recovered else "lost").inc()
 
     def refused_with(self, code: int) -> None:
-        self.refused.labels(close_code_label(code)).inc()
+        """A refusal by close code, or by HTTP status when refused before the upgrade."""
+        label = str(code) if code in _HTTP_REFUSALS else close_code_label(code)
+        self.refused.labels(label).inc()
 
     def disconnected(self, code: int | None) -> None:
         self.disconnects.labels(close_code_label(code)).inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay import wire
@@ -108,3 +109,23 @@ async def test_edge_metrics_follow_clients_deliveries_resumes_and_refusals(
             assert ws.close_code == wire.CloseCode.TOKEN_INVALID
         refused = await scrape(base)
         assert value(refused, "relay_edge_connections_refused_total", code="4401") == 1
+
+
+async def test_refusals_before_the_upgrade_are_counted_by_http_status(settings) -> None:
+    allowed = settings.with_overrides(edge_allowed_origins="https://app.example.com")
+    async with running_edge(allowed, "edge-http-refusals") as url, \
+            aiohttp.ClientSession() as http:
+        before = await scrape(url)
+        assert ("relay_edge_connections_refused_total", (("code", "403"),)) in before  # at 0
+        ws_url = f"{url}/v1/conversations/c-h/ws?token={mint_token(TEST_SECRET, 'c-h')}"
+        for _ in range(2):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(ws_url, origin="https://evil.example.com")
+            assert refused.value.status == 403
+        async with http.get(ws_url.replace("ws://", "http://")) as plain:  # no upgrade asked
+            assert plain.status == 400
+        after = await scrape(url)
+    refused = {code: value(after, "relay_edge_connections_refused_total", code=code)
+               - value(before, "relay_edge_connections_refused_total", code=code)
+               for code in ("403", "400", "other")}
+    assert refused == {"403": 2, "400": 1, "other": 0}
