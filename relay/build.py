@@ -18,9 +18,14 @@ def _version_of(distribution: str) -> str:
         return "unknown"
 
 
+def relay_version() -> str:
+    """The installed relay's version ("unknown" from a source tree never installed)."""
+    return _version_of(DISTRIBUTION)
+
+
 def build_facts(role: str, **extra: str) -> dict[str, str]:
     """Constant labels for one process: bounded by construction (one set per process)."""
-    return {"role": role, "version": _version_of(DISTRIBUTION),
+    return {"role": role, "version": relay_version(),
             "python": platform.python_version(), "redis_py": redis.__version__, **extra}
 
 

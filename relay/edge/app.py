@@ -25,7 +25,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import wire
-from relay.build import build_facts
+from relay.build import relay_version
 from relay.edge.admission import Admission, EdgeWebSocket, ServerLog, refuse
 from relay.edge.hub import Hub
 from relay.edge.metrics import CONTENT_TYPE, EdgeMetrics
@@ -140,7 +140,7 @@ async def _redis_and_hub(app: web.Application) -> AsyncIterator[None]:
     supervised = _Supervised(hub, app[METRICS])
     app[HUB_TASK] = supervised
     log.info("edge_started", node_id=settings.node_id, cluster=settings.redis_cluster,
-             version=build_facts("edge")["version"])
+             version=relay_version())
     try:
         yield
     finally:

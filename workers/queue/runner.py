@@ -48,13 +48,12 @@ from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
 from workers.speech.resume import read_delivered
 from workers.speech.turn import (
-    AUDIO_BATCH_MAX,
-    AUDIO_BATCH_MAX_BYTES,
     STATUS_ABANDONED,
     FirstAudio,
     GateTicket,
     Turn,
     TurnResult,
+    one_call,
 )
 
 log = structlog.get_logger(__name__)
@@ -93,11 +92,7 @@ def _job_of(head: QueuedTurn) -> TurnJob | None:
 def _lead_of(batch: InputBatch) -> tuple[FirstAudio, InputBatch]:
     """The batch's first chunks as a new turn's ``FirstAudio`` (one append call's worth), and
     what is left of the batch for the turn's pump. The batch holds at least one chunk."""
-    count, size = 0, 0
-    while (count < len(batch.chunks) and count < AUDIO_BATCH_MAX
-           and (count == 0 or size + len(batch.chunks[count]) <= AUDIO_BATCH_MAX_BYTES)):
-        size += len(batch.chunks[count])
-        count += 1
+    count = one_call(batch.chunks)
     rest = InputBatch(last_id=batch.last_id, chunks=batch.chunks[count:], ended=batch.ended)
     return FirstAudio(tuple(batch.chunks[:count])), rest
 
@@ -345,11 +340,11 @@ class ConversationRunner:
                 await turn.prefeed(clip[:skip])
                 return await turn.speak_rest(clip[skip:])
         # A new turn's first audio goes with its start: one fenced write before the first sound.
-        first = FirstAudio.of_clip(clip, sample_rate=job.sample_rate,
-                                   chunk_ms=self._s.settings.chunk_ms)
+        first, rest = FirstAudio.of_clip(clip, sample_rate=job.sample_rate,
+                                         chunk_ms=self._s.settings.chunk_ms)
         turn = await self._open(job, attempt, first)
         async with self._holding(turn):
-            return await turn.speak_rest(clip[first.audio_bytes if first else 0 :])
+            return await turn.speak_rest(rest)
 
     async def _speak_streamed(self, job: TurnJob, attempt: Attempt) -> TurnResult | None:
         self._release_ticket()  # its input may be slow to come: others must not wait for it

@@ -35,7 +35,7 @@ import structlog
 from redis.exceptions import RedisError
 from structlog.contextvars import bound_contextvars
 
-from relay.build import build_facts, sdk_version
+from relay.build import relay_version, sdk_version
 from relay.errors import LockHeld, RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient
@@ -238,7 +238,7 @@ class Producer:
         self._pool.start()
         self._running = True
         log.info("producer_started", owner=self._owner, simulated=self._endpoints.simulated,
-                 version=build_facts("producer")["version"], spatius=sdk_version(),
+                 version=relay_version(), spatius=sdk_version(),
                  sdk_telemetry=telemetry)
 
     async def _open_connections(self) -> None:
@@ -273,11 +273,11 @@ class Producer:
         """Speak a whole clip as one turn (split into ``chunk_ms`` chunks); wait for its end."""
         clip = validate_pcm(pcm, allow_empty=False)
         spec = self._spec(conversation_id, sample_rate, avatar_id, turn_id)
-        first = FirstAudio.of_clip(clip, sample_rate=spec.sample_rate,
-                                   chunk_ms=self._settings.chunk_ms)
+        first, rest = FirstAudio.of_clip(clip, sample_rate=spec.sample_rate,
+                                         chunk_ms=self._settings.chunk_ms)
         with bound_contextvars(conversation_id=spec.conversation_id, turn_id=spec.turn_id):
             turn = await self._open(spec, None, first)
-            return await turn.speak_rest(clip[first.audio_bytes if first else 0 :])
+            return await turn.speak_rest(rest)
 
     async def open_turn(
         self, conversation_id: str, *, sample_rate: int | None = None,

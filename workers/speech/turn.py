@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from types import TracebackType
@@ -79,6 +79,17 @@ class TurnResult:
     error: str | None = None  # the audio-only reason (and detail) when motion failed
 
 
+def one_call(chunks: Sequence[bytes], start: int = 0) -> int:
+    """Where the run of ``chunks`` from ``start`` that one fenced append call takes ends: at
+    most ``AUDIO_BATCH_MAX`` chunks and ``AUDIO_BATCH_MAX_BYTES`` bytes, always one chunk."""
+    stop, size = start + 1, len(chunks[start])
+    while (stop < len(chunks) and stop - start < AUDIO_BATCH_MAX
+           and size + len(chunks[stop]) <= AUDIO_BATCH_MAX_BYTES):
+        size += len(chunks[stop])
+        stop += 1
+    return stop
+
+
 @dataclass(frozen=True)
 class FirstAudio:
     """A turn's first audio chunks, appended by the same atomic write as its ``turn_start``
@@ -94,21 +105,23 @@ class FirstAudio:
         if not self.chunks:
             raise ValueError("first audio needs at least one chunk")
         object.__setattr__(self, "chunks", tuple(validate_pcm(c) for c in self.chunks))
-        count = len(self.chunks)
-        if count > AUDIO_BATCH_MAX or (count > 1 and self.audio_bytes > AUDIO_BATCH_MAX_BYTES):
+        if one_call(self.chunks) < len(self.chunks):
             raise ValueError(f"first audio holds at most {AUDIO_BATCH_MAX} chunks and, past "
                              f"one chunk, {AUDIO_BATCH_MAX_BYTES} bytes (as one append call)")
 
     @classmethod
-    def of_clip(cls, pcm: bytes, *, sample_rate: int, chunk_ms: int) -> FirstAudio | None:
-        """The first ``FIRST_AUDIO_S`` of a clip in ``chunk_ms`` chunks (None for no audio)."""
+    def of_clip(cls, pcm: bytes, *, sample_rate: int,
+                chunk_ms: int) -> tuple[FirstAudio | None, bytes]:
+        """The first ``FIRST_AUDIO_S`` of a clip in ``chunk_ms`` chunks (None for no audio), and
+        the rest of the clip, for ``Turn.speak_rest``."""
         size = chunk_size(sample_rate, chunk_ms)
         count = max(1, round(FIRST_AUDIO_S * 1000 / chunk_ms))
         head = pcm[: size * count]
         if not head:
-            return None
-        return cls(tuple(head[i : i + size] for i in range(0, len(head), size)),
-                   end=len(head) == len(pcm))
+            return None, pcm
+        first = cls(tuple(head[i : i + size] for i in range(0, len(head), size)),
+                    end=len(head) == len(pcm))
+        return first, pcm[len(head) :]
 
     @property
     def audio_bytes(self) -> int:
@@ -301,11 +314,7 @@ class Turn:
         with self._bound():
             start = 0
             while start < len(pcms):
-                stop, size = start + 1, len(pcms[start])
-                while (stop < len(pcms) and stop - start < AUDIO_BATCH_MAX
-                       and size + len(pcms[stop]) <= AUDIO_BATCH_MAX_BYTES):
-                    size += len(pcms[stop])
-                    stop += 1
+                stop = one_call(pcms, start)
                 if not await self._guarded(self._push_many(pcms[start:stop], end=False)):
                     return False
                 start = stop
