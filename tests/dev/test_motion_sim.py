@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import struct
@@ -27,6 +28,7 @@ from relay.dev.motion_sim import (
     KeyframeGenerator,
     MotionSim,
     SimConfig,
+    animation,
     bound_port,
     decode_animation,
     encode_animation,
@@ -283,6 +285,58 @@ def test_keyframes_do_not_depend_on_chunking(rate: int) -> None:
     assert all(len(k) == KEYFRAME_SIZE for k in reference)
     assert all(math.isfinite(v) and -1.0 <= v <= 1.0 for k in reference for v in k)
     assert len({tuple(k) for k in reference}) > 1  # the audio actually drives the values
+
+
+def test_keyframe_shortcuts_equal_the_per_sample_definitions() -> None:
+    """RMS and zero-crossing rate are computed in C (map, a popcount of sign bytes); they must
+    give exactly the per-sample figures, or the animation and the vectors would change."""
+
+    def rms(samples: list[int]) -> float:
+        return math.sqrt(sum(s * s for s in samples) / len(samples)) / 32768.0 if samples else 0.0
+
+    def crossing_rate(samples: list[int]) -> float:
+        if len(samples) < 2:
+            return 0.0
+        return sum((a < 0) != (b < 0) for a, b in itertools.pairwise(samples)) / (len(samples) - 1)
+
+    rng = random.Random(11)
+    windows = [rng.randbytes(n) for n in (0, 1, 2, 3, 4, 639, 640, 1279, 1280, 1281)]
+    windows += [rng.randbytes(1280) for _ in range(200)]
+    windows += [bytes(1280), b"\xff" * 1280, b"\x00\x80" * 640, b"\xff\x7f" * 640,
+                b"\x00\x00\xff\xff" * 320]  # silence, -1s, extremes, alternating 0 / -1
+    for window in windows:
+        even = window[: len(window) - len(window) % 2]
+        samples = [v for (v,) in struct.iter_unpack("<h", even)]
+        assert animation._rms(window) == rms(samples)
+        assert animation._zero_crossing_rate(window) == crossing_rate(samples)
+
+
+def test_keyframes_are_made_when_taken() -> None:
+    """Audio pushed is made into keyframes only when taken; any interleaving of pushes and takes
+    gives the clip's keyframes, the partial tail counting only once the request ended."""
+    rate = 16000
+    clip = make_clip(0.61, rate)
+    reference = keyframes_for_audio(clip, rate)
+    window = 2 * (rate // 25)
+    rng = random.Random(5)
+    generator = KeyframeGenerator(rate)
+    taken: list[list[float]] = []
+    pushed = 0
+    while pushed < len(clip):
+        size = rng.randrange(1, 3 * window)
+        generator.push(clip[pushed : pushed + size])
+        pushed = min(len(clip), pushed + size)
+        assert generator.available == pushed // window - len(taken)
+        taken += generator.take(rng.randrange(0, 4))
+    assert len(clip) % window  # the clip ends mid-window: its tail is one more keyframe
+    before_end = generator.available
+    generator.end()
+    assert generator.available == before_end + 1
+    with pytest.raises(RuntimeError):
+        generator.push(b"\x00\x00")
+    taken += generator.take(10**6)
+    assert taken == reference
+    assert generator.available == 0 and generator.take(5) == []
 
 
 # Happy path and authentication.

@@ -114,6 +114,7 @@ class TurnTimes:
     submitted_wall_ms: float = 0.0  # time.time(), to compare with the entry id (Redis clock)
     submit_returned: float | None = None  # submit_clip returned: job and doorbell are in Redis
     appended_ms: int | None = None  # the first audio entry's id: when Redis appended it
+    frames_appended_ms: int | None = None  # the first frames entry's id
     first_audio: float | None = None
     first_frames: float | None = None
     status: str | None = None  # turn_end status, or "interrupt"
@@ -149,6 +150,7 @@ class Watcher:
             times.appended_ms = int(str(body.get("id", "0")).partition("-")[0])
         elif kind == wire.FRAMES and times.first_frames is None:
             times.first_frames = now
+            times.frames_appended_ms = int(str(body.get("id", "0")).partition("-")[0])
             self.violations += times.first_audio is None
         elif kind in (wire.TURN_END, wire.INTERRUPT):
             times.status = body.get("status", "interrupt")
@@ -307,6 +309,8 @@ def _figures(options: LatencyOptions, n: int, rounds: list[list[str]],
         gap = [(t.first_frames - t.first_audio) * 1000 for t in turns
                if t.first_frames and t.first_audio]
         appended = [t.appended_ms - t.submitted_wall_ms for t in turns if t.appended_ms]
+        frames_appended = [t.frames_appended_ms - t.submitted_wall_ms for t in turns
+                           if t.frames_appended_ms]
         calls = [(t.submit_returned - t.submitted) * 1000 for t in turns if t.submit_returned]
         figures[label] = {
             "submit_to_first_audio_ms": percentiles(audio),
@@ -317,6 +321,8 @@ def _figures(options: LatencyOptions, n: int, rounds: list[list[str]],
             # submit -> the first audio entry appended (queue and producer), the rest is edge.
             "submit_to_first_append_ms": percentiles(appended),
             "submit_to_first_frames_ms": percentiles(frames),
+            # submit -> the first frames entry appended: the rest of the frames' time is edge.
+            "submit_to_first_frames_append_ms": percentiles(frames_appended),
             "first_audio_to_first_frames_ms": percentiles(gap),
             "frames_after_sim_ms": percentiles([f - options.sim_first_batch_ms for f in frames]),
             "complete": sum(t.status == wire.STATUS_COMPLETE for t in turns),

@@ -173,7 +173,7 @@ class Session:
         if request is None or request.ended:  # ended: its end message is still queued
             return
         request.feed(audio_input.audio, audio_input.end)
-        if len(request.pending) > MAX_PENDING_KEYFRAMES:
+        if request.pending > MAX_PENDING_KEYFRAMES:
             self._queue_error(RESOURCE_EXHAUSTED, "audio input too far ahead", req_id)
             await self._drop_request(req_id)
 
