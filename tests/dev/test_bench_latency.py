@@ -16,7 +16,8 @@ import pytest
 from relay.dev.bench.latency import percentiles
 
 FIGURES = ("submit_to_first_audio_ms", "submit_to_first_append_ms", "submit_to_first_frames_ms",
-           "first_audio_to_first_frames_ms", "frames_after_sim_ms", "submit_call_ms")
+           "submit_to_first_frames_append_ms", "first_audio_to_first_frames_ms",
+           "frames_after_sim_ms", "submit_call_ms")
 
 
 @pytest.mark.slow
@@ -25,7 +26,7 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
     out = tmp_path / "latency.json"
     run = subprocess.run(
         [sys.executable, "-m", "relay", "bench", "--latency", "--quick", "--out", str(out),
-         "--first-batch-delay-ms", "300"],
+         "--first-batch-delay-ms", "300", "--latency-settle-s", "0.2"],
         capture_output=True, text=True, timeout=280,
     )
     assert out.exists(), run.stderr[-3000:]
@@ -34,6 +35,7 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
     result = json.loads(out.read_text())["latency"]
     assert result["baseline_ms"]["n"] == 50 and result["baseline_ms"]["p50"] > 0
     assert result["sim_first_batch_ms"] == 300
+    assert result["options"]["settle_s"] == 0.2
     assert [s["conversations"] for s in result["steps"]] == [1, 4]
     for step in result["steps"]:
         assert step["audio_before_frames_violations"] == 0

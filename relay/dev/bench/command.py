@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from dataclasses import replace
@@ -41,8 +42,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure submit -> first audio and first frames instead")
     parser.add_argument("--latency-counts", default=None, help="conversations, e.g. 1,20,100")
     parser.add_argument("--latency-turns", type=int, default=None, help="turns per conversation")
+    parser.add_argument("--latency-settle-s", type=_seconds, default=None,
+                        help="pause between rounds, after every turn of one ended (0.5)")
     parser.add_argument("--first-batch-delay-ms", type=int, default=None,
                         help="the simulator's delay before a request's first animation batch")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 60:  # NaN included
+        raise argparse.ArgumentTypeError(f"{text}: seconds from 0 to 60")
+    return value
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -88,6 +101,8 @@ def latency_options_from(args: argparse.Namespace) -> Any:
         changes["turns"] = args.latency_turns
     if args.first_batch_delay_ms is not None:
         changes["first_batch_delay_ms"] = args.first_batch_delay_ms
+    if args.latency_settle_s is not None:
+        changes["settle_s"] = args.latency_settle_s
     if args.out is not None:
         changes["out"] = args.out
     return replace(options, **changes)
