@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure submit -> first audio and first frames instead")
     parser.add_argument("--latency-counts", default=None, help="conversations, e.g. 1,20,100")
     parser.add_argument("--latency-turns", type=int, default=None, help="turns per conversation")
+    # Join cost (relay/dev/bench/joins.py): edge CPU per join and per refusal.
+    parser.add_argument("--joins", action="store_true",
+                        help="measure what a client's join (and a refusal) costs an edge instead")
+    parser.add_argument("--joins-per-round", type=_joins_per_round, default=None,
+                        help="joins per round (1000; 2 rounds, then one refused round)")
     parser.add_argument("--latency-settle-s", type=_seconds, default=None,
                         help="pause between rounds, after every turn of one ended (0.5)")
     parser.add_argument("--first-batch-delay-ms", type=int, default=None,
@@ -56,6 +61,12 @@ def _seconds(text: str) -> float:
     if not 0 <= value <= 60:  # NaN included
         raise argparse.ArgumentTypeError(f"{text}: seconds from 0 to 60")
     return value
+
+
+def _joins_per_round(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 20000:
+        raise argparse.ArgumentTypeError(f"{text}: a count from 1 to 20000")
+    return int(text)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -87,6 +98,18 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         changes["out"] = args.out
     if args.record is not None:
         changes["markdown"] = args.record
+    return replace(options, **changes)
+
+
+def joins_options_from(args: argparse.Namespace) -> Any:
+    from relay.dev.bench.joins import JoinsOptions
+
+    options = JoinsOptions.quick_mode() if args.quick else JoinsOptions()
+    changes: dict[str, Any] = {}
+    if args.joins_per_round is not None:
+        changes["per_round"] = args.joins_per_round
+    if args.out is not None:
+        changes["out"] = args.out
     return replace(options, **changes)
 
 
@@ -128,6 +151,10 @@ def run(args: argparse.Namespace) -> int:
         from relay.dev.bench.latency import run_command
 
         return run_command(latency_options_from(args), command, args.record)
+    if args.joins:
+        from relay.dev.bench import joins
+
+        return joins.run_command(joins_options_from(args), command)
     options = options_from(args)
     result = run_bench(options, command)
     options.out.parent.mkdir(parents=True, exist_ok=True)
