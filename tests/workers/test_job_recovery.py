@@ -220,7 +220,10 @@ async def test_waits_for_a_session_slot_instead_of_going_audio_only(redis_client
     from relay.dev.motion_sim import SimConfig
 
     slow = await start_sim(SimConfig(max_concurrent_sessions=0, realtime=True))
-    options = {"max_sdk_sessions": 1, "sdk_wait_s": 0.2, "per_turn_sessions": True}
+    # One attempt only: a turn that finds no slot free after its claim hands the claim back
+    # uncounted (a counted one would send the turn to the dead letters here).
+    options = {"max_sdk_sessions": 1, "sdk_wait_s": 0.2, "per_turn_sessions": True,
+               "job_max_attempts": 1}
     for _ in range(2):
         await run_worker(at=slow, **options)
     clips = {f"conv-cap-{n}": tone(0.4, freq=200.0 + 50 * n) for n in range(3)}

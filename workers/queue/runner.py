@@ -106,13 +106,16 @@ class ConversationRunner:
 
     def __init__(self, services: RunnerServices, conversation_id: str, doorbell: str,
                  take_over_from: str = "", ticket: GateTicket | None = None,
-                 head: QueuedTurn | None = None, claim: Claim | None = None) -> None:
+                 head: QueuedTurn | None = None, claim: Claim | None = None,
+                 slot: str | None = None) -> None:
         self._s = services
         # The queue's head as read with the runner lease (``JobStore.take``): the first turn
         # needs no read of its own. Possibly gone by the time it is claimed; the claim says so.
         self._first_head: QueuedTurn | None = head
-        # ... and claimed with it, when the conversation's session is kept here.
+        # ... and claimed with it (``claim``); with a session slot reserved at the same time
+        # (``slot``) unless the conversation's session is kept here. The runner owns the slot.
         self._first_claim = claim
+        self._first_slot = slot
         # The producer counts this runner's first turn as waiting for its first audio until
         # that turn has begun (it then counts itself) or the runner ends without one.
         self._ticket = ticket
@@ -152,6 +155,10 @@ class ConversationRunner:
             return await self._run_queue()
         finally:
             self._release_ticket()
+            slot, self._first_slot = self._first_slot, None
+            if slot is not None:  # the runner ended before its first turn ran
+                with suppress(RedisError, OSError):  # unreleased, the slot expires
+                    await self._s.producer.release_reservation(slot)
 
     def _release_ticket(self) -> None:
         ticket, self._ticket = self._ticket, None
@@ -189,19 +196,26 @@ class ConversationRunner:
     async def _run_head(self, head: QueuedTurn) -> bool:
         """Deal with the head turn; False when this runner must stop."""
         claim, self._first_claim = self._first_claim, None
+        slot, self._first_slot = self._first_slot, None
         if claim is not None:
             stopping = self._s.stopping.is_set() or self._lost.is_set()
             if not stopping and (claim.kind not in (ClaimKind.FRESH, ClaimKind.RESUME)
-                                 or self._kept_for(head)):
-                return await self._claimed(head, None, claim)
-            # Claimed with the lease, but stopping, or the kept session cannot serve this turn
-            # (another avatar or rate): the attempt goes back uncounted, and the turn is taken
-            # the usual way, a slot first (or left to the next runner).
+                                 or slot is not None or self._kept_for(head)):
+                try:
+                    return await self._claimed(head, slot, claim)
+                finally:
+                    await self._s.producer.release_reservation(slot)
+            # Claimed with the lease, but stopping, or no slot was free and no kept session can
+            # serve this turn (none, or another avatar or rate): the attempt goes back
+            # uncounted, and the turn is taken the usual way, a slot first (or left to the next
+            # runner).
             if not self._lost.is_set():
                 await self._s.store.hand_back(self.conversation_id, head.turn_id, claim.epoch)
             if stopping:
+                await self._s.producer.release_reservation(slot)
                 return False
-        lease = await self._reserve_session(head)
+        # A slot reserved with the take serves a head it did not claim (taken over) too.
+        lease = slot if slot is not None else await self._reserve_session(head)
         if self._s.stopping.is_set() or self._lost.is_set():
             await self._s.producer.release_reservation(lease)
             return False  # nothing claimed yet: the turn waits for the next runner untouched

@@ -455,7 +455,7 @@ class Producer:
         ``on_wait`` is called when no slot was free at the first try, before waiting."""
         if self.keeps_session_for(conversation_id, avatar_id=avatar_id, sample_rate=sample_rate):
             return None
-        lease_id = await self._session_leases.acquire(wait_s=0)  # one try: the common case
+        lease_id = await self.try_reserve_session()  # one try: the common case
         if lease_id is not None:
             return lease_id
         if on_wait is not None:
@@ -465,6 +465,11 @@ class Producer:
             if lease_id is not None:
                 return lease_id
         return None
+
+    async def try_reserve_session(self) -> str | None:
+        """A Motion Server session slot if one is free now (one try, no wait), else None.
+        Give it back with ``release_reservation``."""
+        return await self._session_leases.acquire(wait_s=0)
 
     async def release_reservation(self, lease_id: str | None) -> None:
         """Free a reserved slot unless a session (running or kept) now holds it."""
