@@ -15,7 +15,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from relay.redis_conn import BatchingRedis, create_client
+from relay.redis_conn import BatchingRedis, create_client, open_connections
 from tests.helpers.polling import eventually
 
 
@@ -162,3 +162,26 @@ async def test_closing_a_client_closes_its_connections(redis_url: str, redis_cli
 
 async def _back_to(connected: Any, count: int) -> bool:
     return await connected() == count
+
+
+async def test_open_connections_opens_them_now_and_pools_them(redis_url: str, redis_client) -> None:
+    # Concurrent commands through the batching client share one pipeline, so they open about one
+    # connection; open_connections takes them from the pool, so a busy moment later opens none.
+    async def connected() -> int:
+        return int((await redis_client.info("clients"))["connected_clients"])
+
+    batched = create_client(redis_url, max_connections=8)
+    before = await connected()
+    await asyncio.gather(*(batched.ping() for _ in range(6)))
+    assert await connected() - before <= 2
+    await batched.aclose()
+    await eventually(lambda: _back_to(connected, before), what="connections closed")
+
+    client = create_client(redis_url, max_connections=8)
+    assert await open_connections(client, 6) == 6
+    assert await connected() - before == 6
+    await asyncio.gather(*(client.ping() for _ in range(40)))  # pooled ones reused: none new
+    assert await connected() - before == 6
+    assert await open_connections(client, 20) == 8  # bounded by the pool
+    assert await connected() - before == 8
+    await client.aclose()

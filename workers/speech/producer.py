@@ -38,7 +38,7 @@ from structlog.contextvars import bound_contextvars
 from relay.build import relay_version, sdk_version
 from relay.errors import LockHeld, RelayError, TurnFenced
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
-from relay.redis_conn import RedisClient
+from relay.redis_conn import RedisClient, open_connections
 from relay.settings import Settings
 from relay.streams import ConversationLog, Guard, Lock
 from workers.errors import AttemptFenced, ProducerClosed, ProducerError
@@ -242,10 +242,11 @@ class Producer:
                  sdk_telemetry=telemetry)
 
     async def _open_connections(self) -> None:
-        """Open the Redis connections turns will use now, not when many turns start together:
-        each new connection costs a TCP connect and a handshake on the way to a first audio."""
+        """Open the Redis connections turns will use now, not when a conversation's first turn
+        or many turns at once need one more: each new connection costs a TCP connect and a
+        handshake on the way to a first audio (``open_connections``)."""
         count = min(self._settings.redis_pool_size, self._settings.producer_concurrency)
-        await asyncio.gather(*(self._client.ping() for _ in range(count)))
+        await open_connections(self._client, count)
 
     async def close(self) -> None:
         """Take no new turns, give running ones CLOSE_WAIT_S, then close sessions and leases."""
