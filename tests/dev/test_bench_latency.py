@@ -26,7 +26,8 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
     out = tmp_path / "latency.json"
     run = subprocess.run(
         [sys.executable, "-m", "relay", "bench", "--latency", "--quick", "--out", str(out),
-         "--first-batch-delay-ms", "300", "--latency-settle-s", "0.2"],
+         "--first-batch-delay-ms", "300", "--latency-settle-s", "0.2",
+         "--redis-delay-ms", "0.5"],  # the roles' Redis behind the delaying proxy
         capture_output=True, text=True, timeout=280,
     )
     assert out.exists(), run.stderr[-3000:]
@@ -36,6 +37,7 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
     assert result["baseline_ms"]["n"] == 50 and result["baseline_ms"]["p50"] > 0
     assert result["sim_first_batch_ms"] == 300
     assert result["options"]["settle_s"] == 0.2
+    assert result["options"]["redis_delay_ms"] == 0.5
     assert [s["conversations"] for s in result["steps"]] == [1, 4]
     for step in result["steps"]:
         assert step["audio_before_frames_violations"] == 0

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="joins per round (1000; 2 rounds, then one refused round)")
     parser.add_argument("--latency-settle-s", type=_seconds, default=None,
                         help="pause between rounds, after every turn of one ended (0.5)")
+    parser.add_argument("--redis-delay-ms", type=_delay_ms, default=None,
+                        help="put the producer's and the edge's Redis this many ms away, each "
+                             "way, through a delaying proxy (0: loopback)")
     parser.add_argument("--first-batch-delay-ms", type=int, default=None,
                         help="the simulator's delay before a request's first animation batch")
 
@@ -60,6 +63,16 @@ def _seconds(text: str) -> float:
         value = math.nan
     if not 0 <= value <= 60:  # NaN included
         raise argparse.ArgumentTypeError(f"{text}: seconds from 0 to 60")
+    return value
+
+
+def _delay_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100:  # NaN included
+        raise argparse.ArgumentTypeError(f"{text}: milliseconds from 0 to 100")
     return value
 
 
@@ -126,6 +139,8 @@ def latency_options_from(args: argparse.Namespace) -> Any:
         changes["first_batch_delay_ms"] = args.first_batch_delay_ms
     if args.latency_settle_s is not None:
         changes["settle_s"] = args.latency_settle_s
+    if args.redis_delay_ms is not None:
+        changes["redis_delay_ms"] = args.redis_delay_ms
     if args.out is not None:
         changes["out"] = args.out
     return replace(options, **changes)

@@ -36,6 +36,7 @@ from array import array
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgpack
@@ -77,6 +78,8 @@ class LatencyOptions:
     settle_s: float = 0.5
     clip_s: float = 1.0
     first_batch_delay_ms: int = 0  # the simulator's extra delay before a request's first batch
+    # The producer's and the edge's Redis this far away, each way (``redis_delay``; 0: loopback).
+    redis_delay_ms: float = 0.0
     baseline_samples: int = 400
     out: Path = Path("bench/results/latency.json")
     quick: bool = False
@@ -209,7 +212,15 @@ async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -
     stack = LocalStack(env, log_dir / f"latency-{n}")
     client = create_client(redis_url)
     await client.flushall()
+    delay: BenchChild | None = None
     try:
+        if options.redis_delay_ms > 0:
+            delay = BenchChild("redis-delay", "relay.dev.bench.redis_delay", log_dir)
+            host, port = _address_of(redis_url)
+            await delay.start({"target_host": host, "target_port": port,
+                               "delay_ms": options.redis_delay_ms})
+            port = (await delay.expect("ready", _READY_TIMEOUT_S))["port"]
+            stack.env["REDIS_URL"] = f"redis://127.0.0.1:{port}"  # the roles only
         await stack.start_sim()
         producer = await stack.start_producer("producer-1")
         edge_child, edge = await stack.start_edge("edge-1")
@@ -218,7 +229,16 @@ async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -
                               pids)
     finally:
         await stack.stop()
+        if delay is not None:
+            await delay.stop()
         await client.aclose()
+
+
+def _address_of(redis_url: str) -> tuple[str, int]:
+    parts = urlsplit(redis_url)
+    if parts.scheme != "redis" or parts.port is None:
+        raise RelayError("--redis-delay-ms needs a redis:// URL with a port (no TLS, no socket)")
+    return parts.hostname or "127.0.0.1", parts.port
 
 
 def _pid(child: Any) -> int:
@@ -436,7 +456,8 @@ def render(result: dict[str, Any]) -> str:
         f"Baseline (XADD -> blocked XREAD -> one WebSocket frame), p50 / p99 / max ms: "
         f"{_cell(base)} (after the load: {_cell(after)})",
         f"Simulator first batch: {result['sim_first_batch_ms']:g} ms after the request's "
-        f"first audio; rounds {result['options'].get('settle_s', 0):g} s apart",
+        f"first audio; rounds {result['options'].get('settle_s', 0):g} s apart; the roles' Redis "
+        f"{result['options'].get('redis_delay_ms', 0):g} ms away each way",
         "",
         "| conversations | turn | submit -> first audio | x baseline p50/p99 | submit -> first "
         "frames | first audio -> first frames | frames after the simulator's first batch |",
