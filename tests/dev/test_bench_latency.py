@@ -57,3 +57,16 @@ def test_percentiles_are_nearest_rank():
     assert percentiles(values) == {"n": 100, "p50": 50.0, "p99": 99.0, "max": 100.0}
     assert percentiles([3.0]) == {"n": 1, "p50": 3.0, "p99": 3.0, "max": 3.0}
     assert percentiles([])["p50"] is None
+
+
+@pytest.mark.parametrize(("flag", "value", "error"), [
+    ("--latency-settle-s", "-1", "-1: seconds from 0 to 60"),
+    ("--latency-settle-s", "nan", "nan: seconds from 0 to 60"),
+    ("--redis-delay-ms", "101", "101: milliseconds from 0 to 100"),
+    ("--redis-delay-ms", "x", "x: milliseconds from 0 to 100"),
+])
+def test_latency_options_out_of_range_are_refused(flag, value, error):
+    run = subprocess.run([sys.executable, "-m", "relay", "bench", "--latency", flag, value],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert f"{flag}: {error}" in run.stderr

@@ -7,6 +7,7 @@ import json
 import math
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,24 +57,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the simulator's delay before a request's first animation batch")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 60:  # NaN included
-        raise argparse.ArgumentTypeError(f"{text}: seconds from 0 to 60")
-    return value
+def _number_in(low: float, high: float, unit: str) -> Callable[[str], float]:
+    """An argparse type: a number from ``low`` to ``high``, or a one-line error naming both."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # NaN included
+            raise argparse.ArgumentTypeError(f"{text}: {unit} from {low:g} to {high:g}")
+        return value
+
+    return parse
 
 
-def _delay_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 100:  # NaN included
-        raise argparse.ArgumentTypeError(f"{text}: milliseconds from 0 to 100")
-    return value
+_seconds = _number_in(0, 60, "seconds")
+_delay_ms = _number_in(0, 100, "milliseconds")
 
 
 def _joins_per_round(text: str) -> int:
