@@ -30,7 +30,7 @@ import msgpack
 from relay import wire
 from relay.dev.bench.clients import raise_nofile
 from relay.dev.bench.latency import percentiles
-from relay.dev.bench.procstat import cpu_seconds
+from relay.dev.bench.procstat import cpu_seconds, run_meta
 from relay.dev.bench.redisinfo import commands_by_process
 from relay.dev.embedded import EmbeddedServer
 from relay.dev.stack import LocalStack, child_env
@@ -186,15 +186,9 @@ def run_command(options: JoinsOptions, command: str) -> int:
     """``relay bench --joins``: run, write the JSON, print the table; 0 when every join of the
     open rounds was welcomed and the limited edge refused cleanly."""
     import json
-    from datetime import UTC, datetime
 
-    from relay.dev.bench.procstat import git_commit, machine
-
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    meta: dict[str, Any] = {
-        "run_id": run_id, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command, "git_commit": git_commit(), "machine": machine().as_dict()}
-    log_dir = options.out.parent / "logs" / f"joins-{run_id}"
+    meta = run_meta(command)
+    log_dir = options.out.parent / "logs" / f"joins-{meta['run_id']}"
     result: dict[str, Any] = {**meta, "joins": asyncio.run(run_joins(options, log_dir))}
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(result, indent=2, default=str))

@@ -45,7 +45,7 @@ import structlog
 from relay import wire
 from relay.dev.bench import clientcpu
 from relay.dev.bench.child import BenchChild
-from relay.dev.bench.procstat import cpu_seconds, machine_busy_seconds
+from relay.dev.bench.procstat import cpu_seconds, machine_busy_seconds, run_meta
 from relay.dev.embedded import EmbeddedServer
 from relay.dev.stack import LocalStack, child_env
 from relay.errors import RelayError
@@ -157,15 +157,20 @@ class Watcher:
             return
         if kind == wire.AUDIO and times.first_audio is None:
             times.first_audio = now
-            times.appended_ms = int(str(body.get("id", "0")).partition("-")[0])
+            times.appended_ms = _entry_ms(body)
         elif kind == wire.FRAMES and times.first_frames is None:
             times.first_frames = now
-            times.frames_appended_ms = int(str(body.get("id", "0")).partition("-")[0])
+            times.frames_appended_ms = _entry_ms(body)
             self.violations += times.first_audio is None
         elif kind in (wire.TURN_END, wire.INTERRUPT):
             times.status = body.get("status", "interrupt")
             times.ended = now
             self._ended.set()
+
+
+def _entry_ms(body: dict[str, Any]) -> int:
+    """When Redis appended the delivered entry: its id's milliseconds (of the Redis clock)."""
+    return int(str(body.get("id", "0")).partition("-")[0])
 
 
 # --- the baseline ------------------------------------------------------------------------------
@@ -507,14 +512,8 @@ def run_command(options: LatencyOptions, command: str, markdown: Path | None) ->
     table, append it to ``markdown``; 0 when every turn was delivered correctly (the timing
     targets never decide the exit code)."""
     import json
-    from datetime import UTC, datetime
 
-    from relay.dev.bench.procstat import git_commit, machine
-
-    meta: dict[str, Any] = {
-        "run_id": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
-        "git_commit": git_commit(), "machine": machine().as_dict()}
+    meta = run_meta(command)
     log_dir = options.out.parent / "logs" / f"latency-{meta['run_id']}"
     started = time.monotonic()
     meta["load_before"] = [round(x, 2) for x in os.getloadavg()]  # the machine may be shared

@@ -6,7 +6,9 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -68,6 +70,14 @@ def machine() -> Machine:
     return Machine(nproc=os.cpu_count() or 0, cpu_model=model,
                    ram_gib=round(ram_kb / 1024 / 1024, 1), kernel=platform.release(),
                    python=platform.python_version())
+
+
+def run_meta(command: str) -> dict[str, Any]:
+    """What every bench result starts with: its run id (UTC, to the second), date, the command
+    that made it, the commit and the machine."""
+    now = datetime.now(UTC)
+    return {"run_id": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.isoformat(timespec="seconds"),
+            "command": command, "git_commit": git_commit(), "machine": machine().as_dict()}
 
 
 def git_commit(cwd: Path | None = None) -> str:

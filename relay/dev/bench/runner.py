@@ -7,7 +7,6 @@ import resource
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -15,7 +14,7 @@ from redis.exceptions import RedisError
 
 from relay.dev.bench import measure
 from relay.dev.bench.options import SATURATION_P99_MS, BenchOptions
-from relay.dev.bench.procstat import git_commit, machine
+from relay.dev.bench.procstat import run_meta
 from relay.dev.bench.steps import Bench, redis_cpu_per_msg
 from relay.dev.embedded import EmbeddedServer
 from relay.errors import RelayError
@@ -45,12 +44,10 @@ def raise_nofile() -> int:
 async def run_bench(options: BenchOptions, command: str) -> dict[str, Any]:
     nofile = raise_nofile()
     started = time.monotonic()
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    log_dir = options.out.parent / "logs" / run_id
+    meta = run_meta(command)
+    log_dir = options.out.parent / "logs" / meta["run_id"]
     result: dict[str, Any] = {
-        "run_id": run_id, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command, "git_commit": git_commit(), "machine": machine().as_dict(),
-        "quick": options.quick, "nofile_limit": nofile, "duration_s": options.duration_s,
+        **meta, "quick": options.quick, "nofile_limit": nofile, "duration_s": options.duration_s,
         "standard_conversation": options.shape.as_dict(), "logs": str(log_dir),
     }
     with EmbeddedServer() as server:
