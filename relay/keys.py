@@ -170,6 +170,26 @@ class Keys:
         """Stream of this conversation's queued turn jobs, oldest first: its FIFO."""
         return self._conv(conversation_id, "queue")
 
+    def queued_audio(self, conversation_id: str, turn_id: str) -> str:
+        """The PCM of a queued clip turn, beside its queue entry rather than in it: the queue's
+        scripts then never carry the clip (a script pays for every byte passing through Lua; a
+        plain SET or GET of the same bytes costs Redis a tenth of that)."""
+        validate_turn_id(turn_id)
+        return self._conv(conversation_id, f"qaudio:{turn_id}")
+
+    def queued_audio_prefix(self, conversation_id: str) -> str:
+        """``queued_audio`` without its turn id: a script that drops queued turns names their
+        audio keys from it (each in the conversation's slot)."""
+        return self._conv(conversation_id, "qaudio:")
+
+    def queued_audio_upload(self, conversation_id: str, nonce: str) -> str:
+        """Where one submit call puts its clip before the submit script decides (``nonce`` is
+        unique per call): the script renames it to ``queued_audio`` when it queues the turn and
+        deletes it otherwise, so a clip becomes a turn's only through the call that queued it."""
+        if not nonce.isascii() or not nonce.isalnum():
+            raise ValueError("nonce must be ASCII letters and digits")
+        return self._conv(conversation_id, f"qupload:{nonce}")
+
     def queue_state(self, conversation_id: str) -> str:
         """Hash of the queue's bookkeeping: attempts per queued turn, the epoch counter, and the
         attempt allowed to run now."""

@@ -151,6 +151,22 @@ class BatchingRedis(redis.Redis):
         self._batch.append((args, options, future))
         return await future
 
+    async def execute_in_order(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in the next batch, one after another on its one connection, so
+        Redis runs them in this order (plain concurrent commands may travel on different
+        connections); the replies, an error as its exception instance (not raised)."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = []
+        for args in commands:
+            if not self._batch:
+                task = loop.create_task(self._flush(), name="redis-batch")
+                self._flushes.add(task)
+                task.add_done_callback(self._flushes.discard)
+            future: asyncio.Future[Any] = loop.create_future()
+            self._batch.append((args, {}, future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
     async def _flush(self) -> None:
         batch, self._batch = self._batch, []
         live = [entry for entry in batch if not entry[2].done()]  # cancelled callers: left out
@@ -191,6 +207,17 @@ def _own_copy(exc: Exception) -> Exception:
     mine = copy.copy(exc)
     mine.__cause__ = exc
     return mine
+
+
+async def in_order(client: RedisClient, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """``commands`` run by Redis in this order (for a cluster: all on one slot's node), in one
+    round trip; each reply, or its error as an exception instance (not raised)."""
+    if isinstance(client, BatchingRedis):
+        return await client.execute_in_order(commands)
+    pipe = client.pipeline(transaction=False)
+    for args in commands:
+        pipe.execute_command(*args)
+    return list(await pipe.execute(raise_on_error=False))
 
 
 async def open_connections(client: RedisClient, count: int) -> int:

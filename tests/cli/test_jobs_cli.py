@@ -14,7 +14,7 @@ from tests.helpers.producer import (
     wait_turn_end,
 )
 from workers.queue.deadletters import DeadLetters
-from workers.queue.jobs import decode_job
+from workers.queue.jobs import KIND_CLIP, TurnJob, decode_job
 
 
 def write_wav(path, pcm: bytes, *, rate: int = RATE, channels: int = 1) -> None:
@@ -44,7 +44,9 @@ async def test_enqueue_reads_wav_and_pcm(settings, redis_client, keys, tmp_path)
     # 24 kHz while clients expect RELAY_SAMPLE_RATE (16 kHz by default): queued, with a warning.
     assert "hello.wav is 24000 Hz but RELAY_SAMPLE_RATE is 16000" in from_wav.stderr
     assert "warning" not in from_pcm.stderr
-    jobs = [decode_job(f) for _, f in await redis_client.xrange(keys.queue("conv-cli"))]
+    rows = await redis_client.xrange(keys.queue("conv-cli"))
+    jobs = [decode_job(f, audio=await redis_client.get(keys.queued_audio(
+        "conv-cli", f[b"turn"].decode()))) for _, f in rows]
     assert [(j.turn_id, j.sample_rate, j.avatar_id, j.pcm) for j in jobs] == [
         ("t-wav", 24000, "av-1", clip), (from_pcm.stdout.strip(), 16000, None, clip)]
     listing = await cli(settings, "jobs", "--json")
@@ -95,6 +97,9 @@ async def test_dead_letters_listed_dropped_and_requeued(settings, redis_client, 
         while await dead.count() < 2:
             await asyncio.sleep(0.05)
     first, second = await dead.list()
+    # Buried self-contained (the clip inside the job), the queue's copies gone with the turns.
+    assert decode_job({b"job": first.job}).pcm == clip
+    assert not await redis_client.exists(keys.queued_audio("conv-dead", "late-1"))
     listing = await cli(settings, "jobs")
     assert "DEAD LETTERS (2" in listing.stdout and "deadline" in listing.stdout
     assert first.entry_id in listing.stdout
@@ -108,3 +113,23 @@ async def test_dead_letters_listed_dropped_and_requeued(settings, redis_client, 
     assert dropped.returncode == 0 and await dead.count() == 0
     missing = await cli(settings, "jobs", "drop", second.entry_id)
     assert missing.returncode == 2 and "no dead letter" in missing.stderr
+
+
+async def test_a_version_2_dead_letter_is_requeued_with_the_clip_beside_its_old_entry(
+    settings, redis_client, keys, run_worker,
+):
+    # As a producer older than version 2 jobs buries one: the job as queued, without its clip,
+    # which still waits beside the old queue entry.
+    clip = tone(0.3, freq=440.0)
+    job = TurnJob(kind=KIND_CLIP, conversation_id="conv-v2", turn_id="old", sample_rate=RATE,
+                  avatar_id=None, submitted_ms=0)
+    await redis_client.set(keys.queued_audio("conv-v2", "old"), clip)
+    dead = DeadLetters(redis_client, keys, maxlen=10)
+    await dead.bury(conversation_id="conv-v2", turn_id="old", reason="malformed",
+                    error="unsupported job version 2", job=job.encode())
+    [letter] = await dead.list()
+    await run_worker()
+    requeued = await cli(settings, "jobs", "requeue", letter.entry_id)
+    assert requeued.returncode == 0, requeued.stderr
+    new_turn = requeued.stdout.strip().split()[-3]
+    assert_complete(await wait_turn_end(redis_client, keys, "conv-v2", new_turn), new_turn, clip)

@@ -15,7 +15,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from relay.redis_conn import BatchingRedis, create_client, open_connections
+from relay.redis_conn import BatchingRedis, create_client, in_order, open_connections
 from tests.helpers.polling import eventually
 
 
@@ -89,6 +89,28 @@ async def test_a_batch_runs_in_the_order_it_was_issued(
     await busy(client)
     await asyncio.gather(*(client.rpush(name, i) for i in range(30)))
     assert await client.lrange(name, 0, -1) == [str(i).encode() for i in range(30)]
+
+
+@pytest.mark.parametrize("server", ["single", "cluster"])
+async def test_in_order_runs_a_callers_commands_in_order_in_one_pipeline(
+        server: str, request: pytest.FixtureRequest, key_prefix: str,
+        pipelines: list[int]) -> None:
+    # An idle batching client sends a lone command plain and the next ones batched, possibly on
+    # another connection: in_order must not, or a script could run before the SET it reads.
+    url = request.getfixturevalue("redis_url" if server == "single" else "cluster_url")
+    made = create_client(url, cluster=server == "cluster")
+    name = f"{key_prefix}:{{slot}}:ordered"
+    try:
+        replies = await in_order(made, [("SET", name, "a"), ("APPEND", name, "b"),
+                                        ("INCR", name), ("APPEND", name, "c")])
+        assert replies[:2] == [True, 2] and replies[3] == 3
+        assert isinstance(replies[2], ResponseError)  # returned, not raised
+        assert await made.get(name) == b"abc"
+        if server == "single":
+            assert pipelines == [4]  # one pipeline, all four in it
+    finally:
+        await made.delete(name)
+        await made.aclose()
 
 
 async def test_scripts_reload_after_a_script_flush(client: redis.Redis, key_prefix: str) -> None:

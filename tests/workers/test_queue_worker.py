@@ -217,7 +217,17 @@ async def test_job_round_trip(queue, redis_client, keys):
     assert (job.kind, job.conversation_id, job.turn_id, job.sample_rate, job.avatar_id) == (
         "clip", "c", turn_id, 24000, "av"
     )
-    assert job.pcm == tone(0.1)
+    # The clip waits beside the entry, not in it: the queue's scripts never carry it.
+    assert job.pcm is None and b"pcm" not in msgpack.unpackb(fields[JOB_FIELD])
+    stored = await redis_client.get(keys.queued_audio("c", turn_id))
+    assert stored == tone(0.1)
+    assert decode_job(fields, audio=stored).pcm == tone(0.1)
+    # The upload key of the call is gone (renamed into place), and the clip expires with the queue.
+    assert await redis_client.keys(keys.queued_audio_upload("c", "x")[:-1] + "*") == []
+    assert 0 < await redis_client.pttl(keys.queued_audio("c", turn_id)) <= 86_400_000
+    # An older submitter's job carries its clip inline (version 1): still read.
+    inline = decode_job({JOB_FIELD: decode_job(fields, audio=stored).encode(inline=True)})
+    assert inline.pcm == tone(0.1)
     with pytest.raises(MalformedJob):
         decode_job({JOB_FIELD: msgpack.packb({"v": 1, "kind": "clip", "conv": "c", "turn": "t",
                                               "rate": RATE, "pcm": b"\x00"})})
@@ -281,7 +291,12 @@ async def test_a_submit_writes_its_turn_and_doorbell_or_nothing(server, request,
             await small.submit_clip("c-one", tone(0.1), sample_rate=RATE, turn_id="t-3")
         assert await client.xlen(keys.jobs()) == 0
         assert await client.xlen(keys.queue("c-one")) == 1
+        # Only the queued turn's clip is kept (the refused submits' uploads were deleted).
+        assert await client.get(keys.queued_audio("c-one", "t-1")) == tone(0.1)
+        assert not await client.exists(keys.queued_audio("c-two", "t-2"))
+        assert not await client.exists(keys.queued_audio("c-one", "t-3"))
         if server == "single":
+            assert await client.keys(keys.queued_audio_upload("c-one", "x")[:-1] + "*") == []
             # The one-step script run twice (a retried call): the turn is queued once, and the
             # second run rings once more, like a caller's second submit.
             store = JobStore(client, keys, ttl_s=60, lease_s=1.0)

@@ -121,20 +121,23 @@ async def queued_turns(client: RedisClient, keys: Keys, settings: Settings) -> l
         running_turn = await store.running_turn(conversation)
         runner = await store.runner(conversation)
         for turn in await store.queued(conversation):
+            stored = await store.audio_bytes(conversation, turn.turn_id)
             result.append(_row(conversation, turn.turn_id, turn.job, attempts,
-                               runner if turn.turn_id == running_turn else None))
+                               runner if turn.turn_id == running_turn else None, stored))
     return result
 
 
 def _row(conversation: str, turn_id: str, raw_job: bytes, attempts: dict[str, int],
-         runner: str | None) -> QueuedRow:
+         runner: str | None, stored_audio: int = 0) -> QueuedRow:
+    """``stored_audio``: bytes of the turn's clip kept beside its entry (version 2 jobs)."""
     running = runner is not None
     kind, audio_s, waited_s = "?", None, None
     try:
         job = decode_job({b"job": raw_job})
         kind = job.kind
-        if job.kind == KIND_CLIP and job.pcm:
-            audio_s = len(job.pcm) / (2 * job.sample_rate)
+        clip_bytes = len(job.pcm) if job.pcm else stored_audio
+        if job.kind == KIND_CLIP and clip_bytes:
+            audio_s = clip_bytes / (2 * job.sample_rate)
         waited_s = round(time.time() - job.submitted_ms / 1000, 1) if job.submitted_ms else None
     except MalformedJob:
         pass
@@ -193,8 +196,13 @@ async def fix_dead_letter(settings: Settings, action: str, entry_id: str) -> str
         message = f"dropped {entry_id}"
         if action == "requeue":
             try:
-                job = decode_job({b"job": letter.job})
-            except MalformedJob as exc:
+                # A version 2 job buried by a producer that kept no copy of its clip (one older
+                # than that version): the clip may still wait beside its old queue entry.
+                stored = await client.get(keys.queued_audio(letter.conversation_id,
+                                                            letter.turn_id))
+                job = decode_job({b"job": letter.job},
+                                 audio=bytes(stored) if stored is not None else None)
+            except (MalformedJob, ValueError) as exc:
                 raise QueueError(f"dead letter {entry_id} holds no valid job: {exc}") from exc
             turn_id = await TurnQueue.from_settings(settings, client).resubmit(job)
             message = f"requeued {entry_id} as turn {turn_id} of {job.conversation_id}"

@@ -1,7 +1,13 @@
 """The job codec: a turn as the versioned msgpack map stored in a conversation's queue.
 
-    {"v": 1, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
-     "avatar": str | None, "pcm": bytes (clip only), "at": submit time in unix ms}
+    {"v": 1 | 2, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
+     "avatar": str | None, "pcm": bytes (v1 clip only), "at": submit time in unix ms}
+
+Version 2 (what ``TurnQueue`` writes) leaves a clip's PCM out of the map: it waits beside the queue
+entry, under ``Keys.queued_audio`` (``workers.queue.records``), and is given to ``decode_job``
+separately. Version 1 carries it inline; dead letters keep that form (``encode(inline=True)``), so
+they hold their audio whatever happens to the queue, and producers still read v1 jobs queued by
+an older submitter.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from relay.keys import validate_conversation_id, validate_turn_id
 from workers.errors import MalformedJob
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 
-JOB_VERSION = 1
+JOB_VERSION = 2  # written by submitters; producers read 1 and 2
+INLINE_VERSION = 1  # a clip's PCM inside the map
 KIND_CLIP = "clip"
 KIND_STREAM = "stream"
 JOB_FIELD = b"job"
@@ -37,20 +44,26 @@ class TurnJob:
     submitted_ms: int
     pcm: bytes | None = None  # clip jobs only
 
-    def encode(self) -> bytes:
+    def encode(self, *, inline: bool = False) -> bytes:
+        """The map without the clip's PCM (v2; the PCM is stored apart), or with it
+        (``inline``: v1, self-contained, as dead letters keep it)."""
         body: dict[str, Any] = {
-            "v": JOB_VERSION, "kind": self.kind, "conv": self.conversation_id,
-            "turn": self.turn_id, "rate": self.sample_rate, "avatar": self.avatar_id,
-            "at": self.submitted_ms,
+            "v": INLINE_VERSION if inline else JOB_VERSION, "kind": self.kind,
+            "conv": self.conversation_id, "turn": self.turn_id, "rate": self.sample_rate,
+            "avatar": self.avatar_id, "at": self.submitted_ms,
         }
-        if self.kind == KIND_CLIP:
+        if inline and self.kind == KIND_CLIP:
             body["pcm"] = self.pcm
         packed: bytes = msgpack.packb(body, use_bin_type=True)
         return packed
 
 
-def decode_job(fields: Mapping[bytes, bytes]) -> TurnJob:
-    """The job in a jobs-stream entry; MalformedJob for anything that is not a valid job."""
+def decode_job(fields: Mapping[bytes, bytes], audio: bytes | None = None) -> TurnJob:
+    """The job in a jobs-stream entry; MalformedJob for anything that is not a valid job.
+
+    ``audio``: a v2 clip's PCM, read from beside its queue entry; a v2 clip job without it
+    decodes with ``pcm`` None (its audio is gone: expired, or the turn left the queue), which
+    is enough for what the job says about its session (avatar, sample rate), not to play it."""
     raw = fields.get(JOB_FIELD)
     if raw is None:
         raise MalformedJob("entry has no job field")
@@ -60,8 +73,13 @@ def decode_job(fields: Mapping[bytes, bytes]) -> TurnJob:
         raise MalformedJob("job is not valid msgpack") from exc
     if not isinstance(body, dict):
         raise MalformedJob("job is not a msgpack map")
-    if body.get("v") != JOB_VERSION:
-        raise MalformedJob(f"unsupported job version {body.get('v')!r}")
+    version = body.get("v")
+    if version not in (INLINE_VERSION, JOB_VERSION):
+        raise MalformedJob(f"unsupported job version {version!r}")
+    if version == JOB_VERSION and body.get("kind") == KIND_CLIP:
+        if "pcm" in body:
+            raise MalformedJob("a version 2 job carries no pcm")
+        body["pcm"] = audio
     try:
         return _job_from(body)
     except (KeyError, TypeError, ValueError) as exc:
@@ -75,7 +93,9 @@ def _job_from(body: dict[str, Any]) -> TurnJob:
     avatar = body.get("avatar")
     if avatar is not None and not isinstance(avatar, str):
         raise TypeError("avatar must be a string")
-    pcm = validate_pcm(body["pcm"], allow_empty=False) if kind == KIND_CLIP else None
+    pcm = body["pcm"] if kind == KIND_CLIP else None
+    if pcm is not None:  # None: a v2 clip whose audio was not given (see decode_job)
+        pcm = validate_pcm(pcm, allow_empty=False)
     return TurnJob(
         kind=kind,
         conversation_id=validate_conversation_id(body["conv"]),

@@ -5,6 +5,15 @@ slot, atomic together with the turn record the fenced stream writes check (``rel
 
 * ``Keys.queue(c)``: stream of queued turn jobs, oldest first (fields ``turn``, ``job``: the job
   of ``workers.queue``, and ``deadline``: unix ms, from the server clock at submit).
+* ``Keys.queued_audio(c, turn)``: a queued clip turn's PCM (a version 2 job; see
+  ``workers.queue.jobs``), removed with the turn. No script here passes it: a script pays Redis
+  for every byte that goes through Lua (about 0.6 to 0.9 us per KB on the bench machine, 2.3 ms to
+  submit a 10 s clip at 48 kHz, 1.1 ms to take it), while a plain SET or GET of the same bytes
+  costs a tenth of that, and one script's time is every other client's wait. A submit uploads the
+  clip with a plain SET to a key of its own (``queued_audio_upload``), in the same round trip and
+  just before its script, which renames it into place when it queues the turn (RENAME moves the
+  value without reading it) and deletes it otherwise; a worker reads it with a plain GET sent
+  beside its take or claim.
 * ``Keys.queue_state(c)``: hash. ``a:<turn>`` attempts started (present while the turn is queued:
   submits are idempotent per turn id), ``err:<turn>`` the last attempt's error, ``epoch`` a counter
   that never repeats, and ``run`` = ``<turn>/<epoch>``: the one attempt allowed to run now;
@@ -25,11 +34,14 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, cast
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from relay.keys import Keys
 from relay.lua import NOW_MS, ScriptArg, ScriptArgs, register, text
-from relay.redis_conn import RedisClient, answer
+from relay.redis_conn import RedisClient, answer, in_order
 from relay.streams import INTERRUPT_ACTIVE, Guard, InterruptExtension
 
 # "<turn>/<epoch>": the attempt of a queued turn allowed to run now (``run`` in the queue state).
@@ -41,6 +53,10 @@ RUN_SEPARATOR = "/"
 
 def run_value(turn_id: str, epoch: int) -> str:
     return f"{turn_id}{RUN_SEPARATOR}{epoch}"
+
+# A clip's upload outlives its submit call by this much at most: the call's own script renames or
+# deletes it at once, so only the upload of a call cut off before its script waits for expiry.
+_UPLOAD_TTL_MS = 60_000
 
 # Turns remembered as done per conversation (and for at most the queue's ttl): a job that another
 # queue system delivers again after its turn left the queue is ignored within these bounds.
@@ -60,9 +76,11 @@ end
 
 
 # KEYS: stream, turn (the log's, see ``relay.streams.InterruptExtension``), queue, queue state,
-# done. ARGV: the log's five, then queue_ttl_ms. Interrupts the active turn and drops every turn
-# queued for the conversation in the same step, so turns queued after the call are kept. Dropped
-# turns count as done; the queue state keeps its epoch counter: epochs never repeat.
+# done. ARGV: the log's five, then queue_ttl_ms, the conversation's ``Keys.queued_audio_prefix``.
+# Interrupts the active turn and drops every turn queued for the conversation in the same step,
+# so turns queued after the call are kept. Dropped turns count as done, and their clips go with
+# them (keys named from the prefix: each is in the conversation's slot, as the declared keys);
+# the queue state keeps its epoch counter: epochs never repeat.
 # Returns {interrupt_active's result, dropped turns}; {-1} when the turn changed under the caller.
 # Run twice: the second run finds no active turn and an empty queue (or turns queued since, which
 # a retried interrupt drops as a new interrupt would); nothing is written twice.
@@ -74,7 +92,10 @@ local dropped = 0
 for _, entry in ipairs(redis.call('XRANGE', KEYS[3], '-', '+')) do
   local fields = entry[2]
   for i = 1, #fields, 2 do
-    if fields[i] == 'turn' then remember_done(KEYS[5], fields[i + 1], ttl) end
+    if fields[i] == 'turn' then
+      remember_done(KEYS[5], fields[i + 1], ttl)
+      redis.call('DEL', ARGV[7] .. fields[i + 1])
+    end
   end
   dropped = dropped + 1
 end
@@ -88,16 +109,24 @@ end
 return {hit, dropped}
 """
 
-# KEYS: queue, state, done. ARGV: turn, job, deadline_in_ms (0: none), max_queued, ttl_ms.
-# Returns {1, entry id}, {0} when the turn is already queued, {2} when it already left the queue
-# (played, dead or dropped), {-1} when the queue is full.
-# Run twice: the second run finds the turn queued ({0}) or, if it ran meanwhile, done ({2});
-# nothing is queued twice.
+# KEYS: queue, state, done, then for a clip its upload and its ``queued_audio`` key. ARGV: turn,
+# job, deadline_in_ms (0: none), max_queued, ttl_ms. Returns {1, entry id}, {0} when the turn is
+# already queued, {2} when it already left the queue (played, dead or dropped), {-1} when the
+# queue is full, {-3} when the clip's upload is missing (its SET failed: nothing written). The
+# upload becomes the turn's audio only when the turn is queued here, and is deleted otherwise.
+# Run twice: the second run finds the turn queued ({0}) or, if it ran meanwhile, done ({2}), and
+# deletes the upload the retried call wrote again; nothing is queued twice, and the audio of a
+# queued turn is never replaced.
 _SUBMIT_TURN = NOW_MS + """
-local function submit_turn()
-  if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return {0} end
-  if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return {2} end
-  if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return {-1} end
+local function submit_turn(upload, audio)
+  local function refuse(answer)
+    if upload then redis.call('DEL', upload) end
+    return answer
+  end
+  if upload and redis.call('EXISTS', upload) == 0 then return {-3} end
+  if redis.call('HEXISTS', KEYS[2], 'a:' .. ARGV[1]) == 1 then return refuse({0}) end
+  if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return refuse({2}) end
+  if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[4]) then return refuse({-1}) end
   local fields = {'turn', ARGV[1], 'job', ARGV[2]}
   if tonumber(ARGV[3]) > 0 then
     table.insert(fields, 'deadline')
@@ -105,26 +134,33 @@ local function submit_turn()
   end
   local id = redis.call('XADD', KEYS[1], '*', unpack(fields))
   redis.call('HSET', KEYS[2], 'a:' .. ARGV[1], 0)
+  if upload then
+    redis.call('RENAME', upload, audio)
+    redis.call('PEXPIRE', audio, ARGV[5])
+  end
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   return {1, id}
 end
 """
-_SUBMIT = _SUBMIT_TURN + "return submit_turn()\n"
+_SUBMIT = _SUBMIT_TURN + "return submit_turn(KEYS[4], KEYS[5])\n"
 
 # The same with its doorbell, in one atomic step, where the jobs stream can be named with the
 # conversation's keys (a single server; on a cluster it lives in another slot, and the doorbell is
-# a second call after this one). KEYS: queue, state, done, jobs. ARGV: as _SUBMIT, then the most
-# doorbells that may wait, then the doorbell's field/value pairs. Returns {-2} when that many
-# wait (nothing written), else _SUBMIT's answer; a queued turn, new ({1}) or already queued
-# ({0}), gets its doorbell.
+# a second call after this one). KEYS: queue, state, done, jobs, then a clip's upload and audio
+# keys. ARGV: as _SUBMIT, then the most doorbells that may wait, then the doorbell's field/value
+# pairs. Returns {-2} when that many wait (nothing written, the upload deleted), else _SUBMIT's
+# answer; a queued turn, new ({1}) or already queued ({0}), gets its doorbell.
 # Run twice: the turn is not queued again ({0} or {2}, as for _SUBMIT), and an already queued
 # turn gets one more doorbell, exactly as a caller's second submit gets one: a spare doorbell
 # costs one entry (its worker finds the runner busy or the queue already run) and repairs a lost
 # one.
 _SUBMIT_AND_RING = _SUBMIT_TURN + """
-if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[6]) then return {-2} end
-local queued = submit_turn()
+if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[6]) then
+  if KEYS[5] then redis.call('DEL', KEYS[5]) end
+  return {-2}
+end
+local queued = submit_turn(KEYS[5], KEYS[6])
 if queued[1] == 0 or queued[1] == 1 then
   redis.call('XADD', KEYS[4], '*', unpack(ARGV, 7))
 end
@@ -178,8 +214,9 @@ _CLAIM = NOW_MS + CLAIM_TURN + """
 return claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
 
-# KEYS: queue, state, done. ARGV: turn, epoch, queue entry id, ttl_ms. Removes a finished turn.
-# Returns 1, or 0 when it was dropped meanwhile (interrupt), or -1 when another attempt runs it.
+# KEYS: queue, state, done, the turn's ``queued_audio``. ARGV: turn, epoch, queue entry id,
+# ttl_ms. Removes a finished turn, its clip with it. Returns 1, or 0 when it was dropped
+# meanwhile (interrupt), or -1 when another attempt runs it.
 # Run twice: the second run finds the turn no longer queued and answers 0, which callers treat
 # as the turn having left the queue (as it has); nothing changes.
 _FINISH = NOW_MS + REMEMBER_DONE + """
@@ -187,6 +224,7 @@ local a_key = 'a:' .. ARGV[1]
 if redis.call('HEXISTS', KEYS[2], a_key) == 0 then return 0 end
 if redis.call('HGET', KEYS[2], 'run') ~= ARGV[1] .. '/' .. ARGV[2] then return -1 end
 redis.call('XDEL', KEYS[1], ARGV[3])
+redis.call('DEL', KEYS[4])
 redis.call('HDEL', KEYS[2], a_key, 'run', 'err:' .. ARGV[1])
 remember_done(KEYS[3], ARGV[1], tonumber(ARGV[4]))
 return 1
@@ -311,6 +349,9 @@ class QueuedTurn:
     turn_id: str
     job: bytes  # decode with workers.queue.decode_job
     deadline_ms: int  # 0: none
+    # A version 2 clip's PCM when it was read with the entry (``JobStore.audio_of``); None: not
+    # read (or none: a streamed job, a v1 job carrying its own).
+    audio: bytes | None = None
 
 
 class RunnerTake(StrEnum):
@@ -421,21 +462,63 @@ class JobStore:
     # Submitting.
 
     async def enqueue(self, conversation_id: str, turn_id: str, job: bytes,
-                      *, deadline_in_ms: int = 0, doorbell: DoorbellWrite | None = None
-                      ) -> Enqueued:
+                      *, deadline_in_ms: int = 0, doorbell: DoorbellWrite | None = None,
+                      audio: bytes | None = None) -> Enqueued:
         """Queue a turn (a second submit of the same turn id changes nothing). With
         ``doorbell`` (a single server only: its stream must be nameable in the same script) the
-        doorbell is written in the same atomic step, unless ``doorbell.max_waiting`` wait."""
+        doorbell is written in the same atomic step, unless ``doorbell.max_waiting`` wait.
+        ``audio``: a clip's PCM (its ``job`` a version 2 one, without it), uploaded in the same
+        round trip and kept beside the queue entry (see the module doc)."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
         args: list[ScriptArg] = [turn_id, job, max(0, deadline_in_ms), self._queue_max,
                                  self._ttl_ms]
-        if doorbell is None:
-            result = await self._submit(keys=keys, args=args)
+        script = self._submit
+        if doorbell is not None:
+            script = self._submit_and_ring
+            keys.append(doorbell.key)
+            args += [doorbell.max_waiting, *doorbell.fields]
+        if audio is None:
+            result = await script(keys=keys, args=args)
         else:
-            result = await self._submit_and_ring(
-                keys=[*keys, doorbell.key], args=[*args, doorbell.max_waiting, *doorbell.fields])
+            result = await self._upload_and_run(script, conversation_id, turn_id, audio,
+                                                keys, args)
+        if int(result[0]) == -3:
+            raise RedisError("the clip's upload was not stored (Redis refused the SET?); "
+                             "nothing was queued: submit again")
         return Enqueued(int(result[0]))
+
+    async def _upload_and_run(self, script: AsyncScript, conversation_id: str, turn_id: str,
+                              audio: bytes, keys: list[str], args: list[ScriptArg]) -> Any:
+        """SET the clip to an upload key of this call, then run the submit script, in this order
+        in one round trip. redis-py's retries resend both (the same nonce): the SET again, then a
+        script that finds the turn queued and deletes the upload."""
+        upload = self._keys.queued_audio_upload(conversation_id, uuid.uuid4().hex)
+        keys = [*keys, upload, self._keys.queued_audio(conversation_id, turn_id)]
+        commands: list[tuple[Any, ...]] = [
+            ("SET", upload, audio, "PX", _UPLOAD_TTL_MS),
+            ("EVALSHA", script.sha, len(keys), *keys, *args)]
+        for _ in range(2):
+            stored, result = await in_order(self._client, commands)
+            if isinstance(result, NoScriptError):  # Redis restarted or flushed its scripts
+                await cast(Any, self._client).script_load(script.script)
+                continue
+            for reply in (stored, result):
+                if isinstance(reply, Exception):
+                    raise reply
+            return result
+        raise RedisError("the submit script could not be loaded")
+
+    async def audio_bytes(self, conversation_id: str, turn_id: str) -> int:
+        """The size of a queued clip's stored PCM, 0 when none is stored (for operators)."""
+        key = self._keys.queued_audio(conversation_id, turn_id)
+        return int(await answer(self._client.strlen(key)))
+
+    async def audio_of(self, conversation_id: str, turn_id: str) -> bytes | None:
+        """A queued clip turn's PCM (version 2 jobs), or None: a streamed or v1 job, or a turn
+        whose audio is gone (it left the queue, or expired with it)."""
+        raw = await self._client.get(self._keys.queued_audio(conversation_id, turn_id))
+        return bytes(raw) if raw is not None else None
 
     # Running a conversation's queue.
 
@@ -457,7 +540,8 @@ class JobStore:
     async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> Finished:
         """Remove a turn that ended."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
-                self._keys.turns_done(conversation_id)]
+                self._keys.turns_done(conversation_id),
+                self._keys.queued_audio(conversation_id, turn.turn_id)]
         args: ScriptArgs = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
         return Finished(int(await self._finish(keys=keys, args=args)))
 
@@ -497,7 +581,8 @@ class JobStore:
         outcome's ``extra`` is (dropped turns,)."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
-        return InterruptExtension(self._interrupt_and_drop, keys, [self._ttl_ms])
+        return InterruptExtension(self._interrupt_and_drop, keys,
+                                  [self._ttl_ms, self._keys.queued_audio_prefix(conversation_id)])
 
     async def running_turn(self, conversation_id: str) -> str | None:
         """The turn whose attempt is allowed to run now, if any (for operators)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import structlog
@@ -82,9 +82,10 @@ class RunnerServices:
 
 
 def _job_of(head: QueuedTurn) -> TurnJob | None:
-    """The head's job, or None when it does not decode (its attempt dead-letters it)."""
+    """The head's job as far as its entry tells (a version 2 clip's PCM only when it was read
+    with the head), or None when it does not decode (its attempt dead-letters it)."""
     try:
-        return decode_job({b"job": head.job})
+        return decode_job({b"job": head.job}, audio=head.audio)
     except MalformedJob:
         return None
 
@@ -246,7 +247,7 @@ class ConversationRunner:
     async def _claimed(self, head: QueuedTurn, lease: str | None,
                        claim: Claim | None = None) -> bool:
         if claim is None:
-            claim = await self._s.store.claim(self.conversation_id, head, owner=self.owner)
+            claim, head = await self._claim_with_audio(head)
         log.info("turn_claimed", kind=claim.kind, epoch=claim.epoch, attempt=claim.attempts)
         if claim.kind is ClaimKind.GONE:
             return True
@@ -258,7 +259,7 @@ class ConversationRunner:
 
     async def _attempt(self, head: QueuedTurn, claim: Claim, lease: str | None) -> bool:
         try:
-            job = decode_job({b"job": head.job})
+            job = await self._playable(head)
         except MalformedJob as exc:
             return await self._bury(head, claim, reason=REASON_MALFORMED, error=str(exc))
         self._opened_here = False
@@ -292,6 +293,36 @@ class ConversationRunner:
             log.info("job_done" if kept else "attempt_taken_over", status=result.status,
                      error=result.error, epoch=claim.epoch, attempt=claim.attempts)
         return kept
+
+    async def _claim_with_audio(self, head: QueuedTurn) -> tuple[Claim, QueuedTurn]:
+        """Claim the head, reading its clip (version 2) in the same round trip."""
+        claiming = self._s.store.claim(self.conversation_id, head, owner=self.owner)
+        job = _job_of(head)
+        if job is None or job.kind != KIND_CLIP or job.pcm is not None:
+            return await claiming, head
+        claim, audio = await asyncio.gather(
+            claiming, self._s.store.audio_of(self.conversation_id, head.turn_id))
+        return claim, replace(head, audio=audio)
+
+    async def _playable(self, head: QueuedTurn) -> TurnJob:
+        """The head's job with its clip: read beside the head's take when that was the
+        doorbell's turn, else read now (MalformedJob when it is gone)."""
+        job = decode_job({b"job": head.job}, audio=head.audio)
+        if job.kind == KIND_CLIP and job.pcm is None:
+            audio = await self._s.store.audio_of(self.conversation_id, head.turn_id)
+            job = decode_job({b"job": head.job}, audio=audio)
+            if job.pcm is None:
+                raise MalformedJob("the clip's audio is gone (it expired while the turn waited "
+                                   "longer than RELAY_JOB_TTL_S)")
+        return job
+
+    async def _dead_letter_job(self, head: QueuedTurn) -> bytes:
+        """The job as its dead letter keeps it: self-contained, with its clip (requeueable)."""
+        try:
+            job = await self._playable(head)
+        except (MalformedJob, RedisError, OSError):
+            return head.job  # as it is: malformed, or its audio gone
+        return job.encode(inline=True)
 
     async def _hand_back(self, head: QueuedTurn, claim: Claim) -> bool:
         """The attempt ends unfinished and uncounted; the next worker continues the turn."""
@@ -475,7 +506,7 @@ class ConversationRunner:
             error = last or "its workers stopped or crashed during every attempt"
         await self._s.dead.bury(conversation_id=self.conversation_id, turn_id=head.turn_id,
                                 reason=reason, error=error, attempts=claim.attempts - 1,
-                                job=head.job)
+                                job=await self._dead_letter_job(head))
         opened = opened or claim.opened
         log.warning("turn_dead_lettered", reason=reason, error=error,
                     attempts=claim.attempts - 1, opened=opened)

@@ -5,14 +5,16 @@ A submitted turn goes into its conversation's own FIFO (``Keys.queue``, see
 then a doorbell for the conversation goes into ``Keys.jobs``, read by the ``producers`` consumer
 group (``workers.queue.doorbells``). A job is a small versioned msgpack map::
 
-    {"v": 1, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
-     "avatar": str | None, "pcm": bytes (clip only), "at": submit time in unix ms}
+    {"v": 2, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
+     "avatar": str | None, "at": submit time in unix ms}
 
-A clip job carries its audio. A streamed job is submitted when the turn is opened, and its audio
-follows through the turn's input stream (``Keys.turn_input``): one entry ``{"a": pcm}`` per chunk
-and a final ``{"end": "1"}``. The input stream expires ``input_ttl_s`` after its last write, so
-abandoned input does not pile up; it must outlive the turn's wait in the queue, because a retried
-turn reads its input again from the start.
+A clip job's audio waits beside its queue entry (``Keys.queued_audio``, uploaded in the submit's
+own round trip; no script carries it, see ``workers.queue.records``). A streamed job is submitted
+when the turn is opened, and its audio follows through the turn's input stream
+(``Keys.turn_input``): one entry ``{"a": pcm}`` per chunk and a final ``{"end": "1"}``. The
+input stream expires ``input_ttl_s`` after its last write, so abandoned input does not pile up; it
+must outlive the turn's wait in the queue, because a retried turn reads its input again from the
+start.
 
 Turn ids are fixed here, at submit: every attempt of the turn writes under the same id. A submit is
 idempotent per turn id: while the turn is queued or running, and after it left the queue (played,
@@ -183,8 +185,11 @@ class TurnQueue:
 
     async def resubmit(self, job: TurnJob, *, turn_id: str | None = None) -> str:
         """Queue a copy of ``job`` as a new turn (operators requeueing a dead letter)."""
-        if job.kind != KIND_CLIP or job.pcm is None:
+        if job.kind != KIND_CLIP:
             raise QueueError("only clip turns can be requeued: a streamed turn's input is gone")
+        if job.pcm is None:
+            raise QueueError("this clip turn's audio is gone (it expired in the queue before it "
+                             "was buried): it cannot be requeued")
         return await self.submit_clip(job.conversation_id, job.pcm, sample_rate=job.sample_rate,
                                       avatar_id=job.avatar_id, turn_id=turn_id)
 
@@ -197,7 +202,7 @@ class TurnQueue:
         if await self._client.xlen(self._keys.jobs()) >= self._max_jobs:
             raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
         queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
-                                           deadline_in_ms=deadline_ms)
+                                           deadline_in_ms=deadline_ms, audio=job.pcm)
         if queued is Enqueued.FULL:
             raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
                             "turns queued")
@@ -214,7 +219,8 @@ class TurnQueue:
         doorbell = self._doorbells.write_for(job.conversation_id, job.turn_id,
                                              max_waiting=self._max_jobs)
         queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
-                                           deadline_in_ms=deadline_ms, doorbell=doorbell)
+                                           deadline_in_ms=deadline_ms, doorbell=doorbell,
+                                           audio=job.pcm)
         if queued is Enqueued.JOBS_FULL:
             raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
         if queued is Enqueued.FULL:

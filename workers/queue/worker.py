@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import suppress
+from dataclasses import replace
 
 import structlog
 from redis.exceptions import RedisError
@@ -55,6 +56,10 @@ _BACKOFF_FIRST_S = 0.05
 _BACKOFF_MAX_S = 2.0
 # A handed-back doorbell looks this idle, so any worker's next XAUTOCLAIM takes it.
 _HANDED_BACK_IDLE_MS = 10 * 365 * 86_400_000
+
+
+async def _none() -> None:
+    return None
 
 
 class ProducerWorker:
@@ -299,15 +304,21 @@ class ProducerWorker:
         again: two round trips more, at the cap only)."""
         take = self._store.take(conversation_id, owner=self._producer.owner,
                                 doorbell=bell.entry_id, claim=True)
-        if self._producer.keeps_session(conversation_id):
-            return await take, None
-        taken, slot = await asyncio.gather(take, self._producer.try_reserve_session(),
-                                           return_exceptions=True)
+        # The clip of the doorbell's turn, read beside the take: that turn is the head unless
+        # turns were queued before it (the runner then reads its head's clip itself).
+        audio = (self._store.audio_of(conversation_id, bell.turn_id) if bell.turn_id
+                 else _none())
+        slot_of = (_none() if self._producer.keeps_session(conversation_id)
+                   else self._producer.try_reserve_session())
+        taken, clip, slot = await asyncio.gather(take, audio, slot_of, return_exceptions=True)
         if isinstance(slot, BaseException):
             slot = None  # the runner reserves again the usual way, and reports any error
         if isinstance(taken, BaseException):
             await self._producer.release_reservation(slot)
             raise taken
+        head = taken.head
+        if head is not None and isinstance(clip, bytes) and head.turn_id == bell.turn_id:
+            taken = replace(taken, head=replace(head, audio=clip))
         return taken, slot
 
     async def _silence_s(self, conversation_id: str) -> float | None:

@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure what a client's join (and a refusal) costs an edge instead")
     parser.add_argument("--joins-per-round", type=_joins_per_round, default=None,
                         help="joins per round (1000; 2 rounds, then one refused round)")
+    # Queue cost (relay/dev/bench/queue_cost.py): Redis time per submit and take, by clip.
+    parser.add_argument("--queue-cost", action="store_true",
+                        help="measure what submitting and taking a clip turn costs Redis instead")
     parser.add_argument("--latency-settle-s", type=_seconds, default=None,
                         help="pause between rounds, after every turn of one ended (0.5)")
     parser.add_argument("--redis-delay-ms", type=_delay_ms, default=None,
@@ -126,6 +129,13 @@ def joins_options_from(args: argparse.Namespace) -> Any:
     return replace(options, **changes)
 
 
+def queue_cost_options_from(args: argparse.Namespace) -> Any:
+    from relay.dev.bench.queue_cost import QueueCostOptions
+
+    options = QueueCostOptions.quick_mode() if args.quick else QueueCostOptions()
+    return replace(options, out=args.out) if args.out is not None else options
+
+
 def latency_options_from(args: argparse.Namespace) -> Any:
     from relay.dev.bench.latency import LatencyOptions
 
@@ -170,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         from relay.dev.bench import joins
 
         return joins.run_command(joins_options_from(args), command)
+    if args.queue_cost:
+        from relay.dev.bench import queue_cost
+
+        return queue_cost.run_command(queue_cost_options_from(args), command)
     options = options_from(args)
     result = run_bench(options, command)
     options.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,155 @@
+"""``relay bench --queue-cost``: what submitting and taking a clip turn costs Redis, by clip length.
+
+Redis runs one command at a time, so the time a submit or a take spends inside Redis is every
+other client's wait (edges' pushes, producers' appends). A Lua script pays for every byte that
+passes through it (arguments and ``redis.call`` replies become Lua strings), so since the clip
+waits beside its queue entry (``Keys.queued_audio``, ``workers.queue.records``) no script carries
+it. This bench measures that against the layout it replaced, in the same run and on the same
+server: the same clips queued as version 1 jobs, the PCM inside the job, which the submit script
+writes and the take script reads (producers still accept such jobs).
+
+Per clip length (16 kHz and 48 kHz, mono PCM16) and layout: ``rounds`` submits through
+``TurnQueue`` (stored: the clip uploaded by SET and renamed into place) or through the submit
+script with the inline job, then as many takes with their claim (``JobStore.take``, plus the GET
+of the clip for the stored layout, as the worker sends it beside the take). Figures: Redis time
+per submit and per take (``INFO commandstats`` usec of every command, scripts with what they ran
+inside), and Redis CPU per turn (``INFO cpu``: what the process spent, networking included).
+One Valkey, clients in this process, loopback only; about 10 s; stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.dev.bench.procstat import run_meta
+from relay.dev.embedded import EmbeddedServer
+from relay.keys import Keys
+from relay.redis_conn import RedisClient, create_client
+from workers.queue.jobs import KIND_CLIP, TurnJob
+from workers.queue.records import JobStore
+from workers.queue.submit import TurnQueue
+
+STORED = "stored"  # the clip beside the entry (what TurnQueue writes)
+INLINE = "inline"  # the clip inside the job (version 1): the baseline
+
+
+@dataclass(frozen=True)
+class QueueCostOptions:
+    clips: tuple[tuple[int, float], ...] = ((16_000, 1.0), (16_000, 10.0), (48_000, 1.0),
+                                            (48_000, 10.0), (48_000, 60.0))
+    rounds: int = 200
+    out: Path = Path("bench/results/queue-cost.json")
+
+    @classmethod
+    def quick_mode(cls) -> QueueCostOptions:
+        return cls(clips=((16_000, 1.0), (48_000, 10.0)), rounds=5)
+
+
+async def _redis_usec(client: RedisClient) -> tuple[float, float]:
+    """(usec inside commands, CPU seconds of the server) so far."""
+    stats = await client.info("commandstats")
+    cpu = await client.info("cpu")
+    inside = sum(float(v["usec"]) for k, v in stats.items() if not k.startswith("cmdstat_info"))
+    return inside, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
+async def _submit(layout: str, queue: TurnQueue, store: JobStore, conversation: str,
+                  pcm: bytes, rate: int) -> None:
+    if layout == STORED:
+        await queue.submit_clip(conversation, pcm, sample_rate=rate, turn_id="t")
+        return
+    job = TurnJob(kind=KIND_CLIP, conversation_id=conversation, turn_id="t", sample_rate=rate,
+                  avatar_id=None, submitted_ms=0, pcm=pcm)
+    # The one-step submit with its doorbell, as TurnQueue sends it on a single server.
+    doorbell = queue._doorbells.write_for(conversation, "t", max_waiting=1_000_000)  # noqa: SLF001
+    await store.enqueue(conversation, "t", job.encode(inline=True), doorbell=doorbell)
+
+
+async def _take(layout: str, store: JobStore, conversation: str) -> None:
+    take = store.take(conversation, owner="bench", doorbell="1-1", claim=True)
+    if layout == STORED:
+        await asyncio.gather(take, store.audio_of(conversation, "t"))
+    else:
+        await take
+
+
+async def _measure(client: RedisClient, keys: Keys, layout: str, rate: int, seconds: float,
+                   rounds: int) -> dict[str, Any]:
+    queue = TurnQueue(client, keys, input_ttl_s=600)
+    store = JobStore(client, keys, ttl_s=600, lease_s=60)
+    pcm = bytes(int(rate * seconds) * 2)
+    prefix = f"{layout}-{rate}-{seconds:g}"
+    await _submit(layout, queue, store, f"{prefix}-warm", pcm, rate)  # scripts loaded
+    await _take(layout, store, f"{prefix}-warm")
+    figures: dict[str, Any] = {"layout": layout, "sample_rate": rate, "clip_s": seconds,
+                               "clip_bytes": len(pcm)}
+    for step in ("submit", "take"):
+        await client.config_resetstat()
+        inside0, cpu0 = await _redis_usec(client)
+        for n in range(rounds):
+            conversation = f"{prefix}-{n}"
+            if step == "submit":
+                await _submit(layout, queue, store, conversation, pcm, rate)
+            else:
+                await _take(layout, store, conversation)
+        inside1, cpu1 = await _redis_usec(client)
+        figures[f"{step}_redis_us"] = round((inside1 - inside0) / rounds, 1)
+        figures[f"{step}_redis_cpu_us"] = round((cpu1 - cpu0) * 1e6 / rounds, 1)
+    await client.flushall()
+    return figures
+
+
+async def run_queue_cost(options: QueueCostOptions) -> dict[str, Any]:
+    rows = []
+    with EmbeddedServer() as server:
+        client = create_client(server.url)
+        try:
+            keys = Keys("qcost")
+            for rate, seconds in options.clips:
+                stored = await _measure(client, keys, STORED, rate, seconds, options.rounds)
+                inline = await _measure(client, keys, INLINE, rate, seconds, options.rounds)
+                rows.append({"stored": stored, "inline": inline, "ratios": _ratios(stored, inline)})
+        finally:
+            await client.aclose()
+    return {"options": {k: v for k, v in asdict(options).items() if k != "out"}, "rows": rows}
+
+
+def _ratios(stored: dict[str, Any], inline: dict[str, Any]) -> dict[str, float | None]:
+    """Inline over stored (above 1: the stored layout costs Redis less)."""
+    out: dict[str, float | None] = {}
+    for name in ("submit_redis_us", "take_redis_us", "submit_redis_cpu_us", "take_redis_cpu_us"):
+        out[name] = round(inline[name] / stored[name], 2) if stored[name] > 0 else None
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = ["Redis time per submit and per take (claim included), clip beside the entry "
+             "(stored) against inside the job (inline, the earlier layout), same run:", "",
+             "| clip | submit us stored / inline | x | take us stored / inline | x | "
+             "Redis CPU us per submit+take stored / inline |",
+             "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        s, i, r = row["stored"], row["inline"], row["ratios"]
+        cpu_s = s["submit_redis_cpu_us"] + s["take_redis_cpu_us"]
+        cpu_i = i["submit_redis_cpu_us"] + i["take_redis_cpu_us"]
+        lines.append(
+            f"| {s['clip_s']:g} s at {s['sample_rate'] // 1000} kHz ({s['clip_bytes'] // 1024} KB) "
+            f"| {s['submit_redis_us']:g} / {i['submit_redis_us']:g} | {r['submit_redis_us']} "
+            f"| {s['take_redis_us']:g} / {i['take_redis_us']:g} | {r['take_redis_us']} "
+            f"| {cpu_s:.0f} / {cpu_i:.0f} |")
+    return "\n".join(lines)
+
+
+def run_command(options: QueueCostOptions, command: str) -> int:
+    """``relay bench --queue-cost``: run, write the JSON, print the table."""
+    meta = run_meta(command)
+    result: dict[str, Any] = {**meta, "queue_cost": asyncio.run(run_queue_cost(options))}
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(result, indent=2, default=str))
+    print(render(result["queue_cost"]), flush=True)
+    print(f"\nresults: {options.out}")
+    return 0
