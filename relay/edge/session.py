@@ -50,7 +50,10 @@ async def choose_start(
 
     A resume position still inside retention continues right after it. Without one (or when it
     cannot be honoured) a client joins at the first entry of the active turn, because the client
-    SDK needs a turn's first audio before its frames; with no active turn it starts live.
+    SDK needs a turn's first audio before its frames; with no active turn it starts live. A
+    client whose position is at or past that turn's start already had its start (Redis lost
+    entries after its position: a restart from a file missing the last writes, a failover):
+    sending the turn again would hand it messages it has, so it starts at the next turn.
     """
     info = await streams.stream_info(client, keys, conversation_id)
     if last_id is not None and info.can_resume_after(last_id):
@@ -58,8 +61,10 @@ async def choose_start(
     recovered = None if last_id is None else False
     turn = await streams.read_turn(client, keys, conversation_id)
     if turn is not None and turn.status == streams.ACTIVE and info.exists:
-        if info.first_id is not None and (
-                streams.parse_id(turn.start_id) < streams.parse_id(info.first_id)):
+        start = streams.parse_id(turn.start_id)
+        if info.first_id is not None and start < streams.parse_id(info.first_id):
+            return StartPoint(info.last_id, False, NEXT_TURN, recovered), info.last_id
+        if last_id is not None and start <= streams.parse_id(last_id):
             return StartPoint(info.last_id, False, NEXT_TURN, recovered), info.last_id
         return StartPoint(turn.start_id, True, "turn", recovered), info.last_id
     return StartPoint(info.last_id, False, "live", recovered), info.last_id

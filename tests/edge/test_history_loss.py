@@ -77,3 +77,38 @@ async def test_live_client_is_told_when_redis_is_flushed_under_it(settings, keys
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_a_client_that_had_the_turns_start_is_not_sent_it_again_after_a_loss(
+    settings, keys, redis_client,
+):
+    # Redis restarted from a file missing its last writes, as redis_killed in the fault suite
+    # does: the stream and the turn record go back to an earlier state, the turn still active,
+    # and a client resumes from a position the stream no longer reaches. It already had that
+    # turn's start (and more): sending the turn from its start would deliver ids it has. It is
+    # told (recovered: false) and goes on with the next turn.
+    log = ConversationLog(redis_client, keys, maxlen=1000, ttl_s=300)
+    conv = "lost-tail-conv"
+    await log.open_turn(conv, "t1", sample_rate=16000, owner="test")
+    await log.append(conv, "t1", wire.audio("t1", 0, b"kept", end=False))
+    saved = {key: await redis_client.dump(key) for key in (keys.stream(conv), keys.turn(conv))}
+    position = await log.append(conv, "t1", wire.audio("t1", 1, b"lost", end=False))
+    for key, value in saved.items():  # the lost write
+        await redis_client.restore(key, 0, value, replace=True)
+    async with running_edge(settings, "edge-loss") as url:
+        token = mint_token(TEST_SECRET, conv, ttl_s=300)
+        watcher = Recorder(RelayClient(url, conv, token, last_id=position, reconnect=False))
+        await watcher.wait_for(lambda ms: len(welcomes(ms)) == 1)
+        await log.append(conv, "t1", wire.audio("t1", 1, b"after the loss", end=True))
+        await log.end_turn(conv, "t1", status="complete")
+        await log.open_turn(conv, "t2", sample_rate=16000, owner="test")
+        await log.append(conv, "t2", wire.audio("t2", 0, b"next", end=True))
+        await watcher.wait_for(lambda ms: any(m.turn == "t2" and m.kind == wire.AUDIO
+                                              for m in ms))
+        welcome = welcomes(watcher.messages)[0]
+        assert welcome.get("recovered") is False and welcome.get("start") == "next_turn"
+        # Nothing of t1 (whose start it had): t2 from its start on.
+        delivered = [m for m in watcher.messages if m.kind != wire.WELCOME]
+        assert {m.turn for m in delivered} == {"t2"}
+        assert delivered[0].kind == wire.TURN_START
+        await watcher.close()
