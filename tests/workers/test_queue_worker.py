@@ -217,17 +217,16 @@ async def test_job_round_trip(queue, redis_client, keys):
     assert (job.kind, job.conversation_id, job.turn_id, job.sample_rate, job.avatar_id) == (
         "clip", "c", turn_id, 24000, "av"
     )
-    # The clip waits beside the entry, not in it: the queue's scripts never carry it.
-    assert job.pcm is None and b"pcm" not in msgpack.unpackb(fields[JOB_FIELD])
-    stored = await redis_client.get(keys.queued_audio("c", turn_id))
-    assert stored == tone(0.1)
-    assert decode_job(fields, audio=stored).pcm == tone(0.1)
+    assert job.pcm == tone(0.1)  # a small clip travels inside its job
+    large = tone(2.5)  # over INLINE_CLIP_MAX: it waits beside the entry; no script carries it
+    await queue.submit_clip("c", large, sample_rate=24000, turn_id="t-2")
+    _, (_, fields) = await redis_client.xrange(keys.queue("c"))
+    assert b"pcm" not in msgpack.unpackb(fields[JOB_FIELD]) and decode_job(fields).pcm is None
+    stored = await redis_client.get(keys.queued_audio("c", "t-2"))
+    assert stored == large and decode_job(fields, audio=stored).pcm == large
     # The upload key of the call is gone (renamed into place), and the clip expires with the queue.
     assert await redis_client.keys(keys.queued_audio_upload("c", "x")[:-1] + "*") == []
-    assert 0 < await redis_client.pttl(keys.queued_audio("c", turn_id)) <= 86_400_000
-    # An older submitter's job carries its clip inline (version 1): still read.
-    inline = decode_job({JOB_FIELD: decode_job(fields, audio=stored).encode(inline=True)})
-    assert inline.pcm == tone(0.1)
+    assert 0 < await redis_client.pttl(keys.queued_audio("c", "t-2")) <= 86_400_000
     with pytest.raises(MalformedJob):
         decode_job({JOB_FIELD: msgpack.packb({"v": 1, "kind": "clip", "conv": "c", "turn": "t",
                                               "rate": RATE, "pcm": b"\x00"})})
@@ -277,22 +276,23 @@ async def test_a_submit_writes_its_turn_and_doorbell_or_nothing(server, request,
     keys = Keys(key_prefix)
     small = TurnQueue(client, keys, input_ttl_s=60, max_jobs=2, queue_max=1)
     try:
-        first = await small.offer_clip("c-one", tone(0.1), sample_rate=RATE, turn_id="t-1")
-        again = await small.offer_clip("c-one", tone(0.1), sample_rate=RATE, turn_id="t-1")
+        first = await small.offer_clip("c-one", tone(2.5), sample_rate=RATE, turn_id="t-1")
+        again = await small.offer_clip("c-one", tone(2.5, freq=300.0), sample_rate=RATE,
+                                       turn_id="t-1")
         assert (first.state, again.state) == ("queued", "already_queued")
         assert await client.xlen(keys.queue("c-one")) == 1
         assert await client.xlen(keys.jobs()) == 2  # the second submit rang again
         with pytest.raises(QueueFull, match="already waiting"):  # two doorbells wait
-            await small.submit_clip("c-two", tone(0.1), sample_rate=RATE, turn_id="t-2")
+            await small.submit_clip("c-two", tone(2.5), sample_rate=RATE, turn_id="t-2")
         assert await client.xlen(keys.queue("c-two")) == 0
         assert await client.xlen(keys.jobs()) == 2
         await client.delete(keys.jobs())
         with pytest.raises(QueueFull, match="maximum of turns"):  # c-one holds queue_max
-            await small.submit_clip("c-one", tone(0.1), sample_rate=RATE, turn_id="t-3")
+            await small.submit_clip("c-one", tone(2.5), sample_rate=RATE, turn_id="t-3")
         assert await client.xlen(keys.jobs()) == 0
         assert await client.xlen(keys.queue("c-one")) == 1
         # Only the queued turn's clip is kept (the refused submits' uploads were deleted).
-        assert await client.get(keys.queued_audio("c-one", "t-1")) == tone(0.1)
+        assert await client.get(keys.queued_audio("c-one", "t-1")) == tone(2.5)  # the first
         assert not await client.exists(keys.queued_audio("c-two", "t-2"))
         assert not await client.exists(keys.queued_audio("c-one", "t-3"))
         if server == "single":

@@ -1,6 +1,6 @@
-"""A queued clip's PCM waits beside its queue entry (``Keys.queued_audio``) and never passes
-through a script: it is uploaded by a plain SET, renamed into place by the submit script, read by a
-plain GET, and removed with its turn."""
+"""A queued clip over ``INLINE_CLIP_MAX`` waits beside its queue entry (``Keys.queued_audio``) and
+never passes through a script: it is uploaded by a plain SET, renamed into place by the submit
+script, read by a plain GET, and removed with its turn. Smaller clips travel inside the job."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from tests.helpers.polling import eventually
 from tests.helpers.producer import RATE, assert_complete, tone, wait_turn_end
 from workers.errors import QueueFull
 from workers.queue.deadletters import REASON_MALFORMED, DeadLetters
-from workers.queue.jobs import KIND_CLIP, TurnJob
+from workers.queue.doorbells import AUDIO_FIELD
+from workers.queue.jobs import INLINE_CLIP_MAX, JOB_FIELD, KIND_CLIP, TurnJob, decode_job
 from workers.queue.records import Enqueued, JobStore
 from workers.queue.submit import TurnQueue
 
@@ -25,12 +26,18 @@ def store(redis_client, keys):
     return JobStore(redis_client, keys, ttl_s=60, lease_s=60, max_attempts=2, queue_max=2)
 
 
+def big(seconds: float = 2.5, freq: float = 220.0) -> bytes:
+    clip = tone(seconds, freq=freq)
+    assert len(clip) > INLINE_CLIP_MAX
+    return clip
+
+
 async def uploads(redis_client, keys, conv: str) -> list[bytes]:
     return await redis_client.keys(keys.queued_audio_upload(conv, "x")[:-1] + "*")
 
 
 async def test_no_script_carries_a_clip(redis_url, redis_client, keys, store):
-    clip = tone(2.0)  # 64 KB: any command that carried it would be longer than this
+    clip = big(3.0)  # 96 KB: any command that carried it would be longer than this
     queue = TurnQueue(redis_client, keys, input_ttl_s=60)
     await queue.submit_clip("c-warm", tone(0.1), sample_rate=RATE)  # scripts loaded
     await store.take("c-warm", owner="w1", doorbell="1-0", claim=True)
@@ -65,11 +72,28 @@ async def test_no_script_carries_a_clip(redis_url, redis_client, keys, store):
     assert not await redis_client.exists(keys.queued_audio("c-mon", turn_id))  # gone with it
 
 
+async def test_a_small_clip_travels_inside_its_job_and_a_large_one_beside_it(
+    redis_client, keys,
+):
+    queue = TurnQueue(redis_client, keys, input_ttl_s=60)
+    small, large = tone(0.5), big()
+    await queue.submit_clip("c-s", small, sample_rate=RATE, turn_id="small")
+    await queue.submit_clip("c-s", large, sample_rate=RATE, turn_id="large")
+    (_, first), (_, second) = await redis_client.xrange(keys.queue("c-s"))
+    assert decode_job(first).pcm == small  # version 1: the clip inside
+    assert not await redis_client.exists(keys.queued_audio("c-s", "small"))
+    assert decode_job(second).pcm is None and JOB_FIELD in second
+    assert await redis_client.get(keys.queued_audio("c-s", "large")) == large
+    # The doorbell says which, so a worker reads a stored clip with its take, and only then.
+    bells = [fields for _, fields in await redis_client.xrange(keys.jobs())]
+    assert [b.get(AUDIO_FIELD) for b in bells] == [None, b"1"]
+
+
 async def test_a_clip_is_its_turns_only_through_the_call_that_queued_it(
     redis_client, keys, store,
 ):
     queue = TurnQueue(redis_client, keys, input_ttl_s=60, queue_max=2)
-    first, other = tone(0.2), tone(0.2, freq=330.0)
+    first, other = big(), big(freq=330.0)
     await queue.submit_clip("c-a", first, sample_rate=RATE, turn_id="t1")
     # Submitted again under its id with other audio: nothing changes, the upload is dropped.
     again = await queue.offer_clip("c-a", other, sample_rate=RATE, turn_id="t1")
@@ -110,7 +134,8 @@ async def test_dropped_turns_take_their_clips_with_them(redis_client, keys, stor
     queue = TurnQueue(redis_client, keys, input_ttl_s=60)
     log = ConversationLog(redis_client, keys, maxlen=100, ttl_s=60)
     for turn in ("t1", "t2"):
-        await queue.submit_clip("c-d", tone(0.1), sample_rate=RATE, turn_id=turn)
+        await queue.submit_clip("c-d", big(), sample_rate=RATE, turn_id=turn)
+        assert await redis_client.exists(keys.queued_audio("c-d", turn))
     outcome = await log.interrupt_with("c-d", extension=store.drop_queued("c-d"))
     assert outcome.extra and int(outcome.extra[0]) == 2
     for turn in ("t1", "t2"):
@@ -128,7 +153,7 @@ async def test_worker_plays_an_inline_job_and_buries_one_whose_audio_is_gone(
     assert await store.enqueue("c-v1", "t-old", old.encode(inline=True)) == Enqueued.QUEUED
     await queue._doorbells.ring("c-v1", "t-old")  # noqa: SLF001
     # A version 2 job whose stored clip was lost (deleted here, as an expiry would).
-    lost = await queue.submit_clip("c-gone", tone(0.3), sample_rate=RATE, turn_id="t-lost")
+    lost = await queue.submit_clip("c-gone", big(), sample_rate=RATE, turn_id="t-lost")
     await redis_client.delete(keys.queued_audio("c-gone", lost))
     await run_worker()
     assert_complete(await wait_turn_end(redis_client, keys, "c-v1", "t-old"), "t-old", clip)

@@ -31,6 +31,9 @@ log = structlog.get_logger(__name__)
 
 CONVERSATION_FIELD = b"conv"
 TURN_FIELD = b"turn"
+# "1" when the turn's clip waits beside its queue entry (``Keys.queued_audio``): the worker that
+# takes the turn reads it in the take's round trip, and only then.
+AUDIO_FIELD = b"audio"
 
 # KEYS: jobs. ARGV: group, consumer, ids... Resets the idle time of the ids still pending for the
 # consumer (JUSTID: the delivery counter stays); returns the ids that are no longer its own.
@@ -75,6 +78,11 @@ class Doorbell:
     conversation_id: str | None  # None: not a doorbell (malformed, or written by something else)
     turn_id: str | None
     fields: Mapping[bytes, bytes]
+
+    @property
+    def stored_audio(self) -> bool:
+        """The turn's clip is stored beside its queue entry (read it with the take)."""
+        return self.fields.get(AUDIO_FIELD) == b"1"
 
 
 
@@ -128,16 +136,21 @@ class Doorbells:
     def consumer(self) -> str:
         return self._consumer
 
-    async def ring(self, conversation_id: str, turn_id: str) -> str:
+    async def ring(self, conversation_id: str, turn_id: str, *, stored_audio: bool = False
+                   ) -> str:
         """Add a doorbell (the submit side)."""
         fields: dict[Any, Any] = {CONVERSATION_FIELD: conversation_id, TURN_FIELD: turn_id}
+        if stored_audio:
+            fields[AUDIO_FIELD] = b"1"
         return text(await self._client.xadd(self._key, fields))
 
-    def write_for(self, conversation_id: str, turn_id: str, *, max_waiting: int
-                  ) -> DoorbellWrite:
+    def write_for(self, conversation_id: str, turn_id: str, *, max_waiting: int,
+                  stored_audio: bool = False) -> DoorbellWrite:
         """The doorbell ``ring`` would add, for ``JobStore.enqueue`` to write in its own step."""
-        return DoorbellWrite(key=self._key, max_waiting=max_waiting,
-                             fields=(CONVERSATION_FIELD, conversation_id, TURN_FIELD, turn_id))
+        fields: tuple[Any, ...] = (CONVERSATION_FIELD, conversation_id, TURN_FIELD, turn_id)
+        if stored_audio:
+            fields += (AUDIO_FIELD, b"1")
+        return DoorbellWrite(key=self._key, max_waiting=max_waiting, fields=fields)
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) unless it exists; only BUSYGROUP is benign."""

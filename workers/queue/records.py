@@ -5,11 +5,12 @@ slot, atomic together with the turn record the fenced stream writes check (``rel
 
 * ``Keys.queue(c)``: stream of queued turn jobs, oldest first (fields ``turn``, ``job``: the job
   of ``workers.queue``, and ``deadline``: unix ms, from the server clock at submit).
-* ``Keys.queued_audio(c, turn)``: a queued clip turn's PCM (a version 2 job; see
-  ``workers.queue.jobs``), removed with the turn. No script here passes it: a script pays Redis
-  for every byte that goes through Lua (about 0.6 to 0.9 us per KB on the bench machine, 2.3 ms to
-  submit a 10 s clip at 48 kHz, 1.1 ms to take it), while a plain SET or GET of the same bytes
-  costs a tenth of that, and one script's time is every other client's wait. A submit uploads the
+* ``Keys.queued_audio(c, turn)``: the PCM of a queued clip over ``INLINE_CLIP_MAX`` (a version 2
+  job; see ``workers.queue.jobs``), removed with the turn. No script here passes it: a script pays
+  Redis for every byte that goes through Lua (about 0.6 to 0.9 us per KB on the bench machine: 1.6
+  to 2.1 ms to submit a 10 s clip at 48 kHz, 0.9 to 1.2 ms to take it, ``relay bench
+  --queue-cost``), while a plain SET or GET of the same bytes costs a small part of that, and one
+  script's time is every other client's wait. A submit uploads the
   clip with a plain SET to a key of its own (``queued_audio_upload``), in the same round trip and
   just before its script, which renames it into place when it queues the turn (RENAME moves the
   value without reading it) and deletes it otherwise; a worker reads it with a plain GET sent

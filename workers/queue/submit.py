@@ -5,11 +5,12 @@ A submitted turn goes into its conversation's own FIFO (``Keys.queue``, see
 then a doorbell for the conversation goes into ``Keys.jobs``, read by the ``producers`` consumer
 group (``workers.queue.doorbells``). A job is a small versioned msgpack map::
 
-    {"v": 2, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
-     "avatar": str | None, "at": submit time in unix ms}
+    {"v": 1 | 2, "kind": "clip" | "stream", "conv": str, "turn": str, "rate": int,
+     "avatar": str | None, "pcm": bytes (v1 clip only), "at": submit time in unix ms}
 
-A clip job's audio waits beside its queue entry (``Keys.queued_audio``, uploaded in the submit's
-own round trip; no script carries it, see ``workers.queue.records``). A streamed job is submitted
+A clip job carries its audio up to ``INLINE_CLIP_MAX`` (64 KB); a larger clip waits beside its
+queue entry (``Keys.queued_audio``, uploaded in the submit's own round trip; no script carries it,
+see ``workers.queue.records``), and its doorbell says so. A streamed job is submitted
 when the turn is opened, and its audio follows through the turn's input stream
 (``Keys.turn_input``): one entry ``{"a": pcm}`` per chunk and a final ``{"end": "1"}``. The
 input stream expires ``input_ttl_s`` after its last write, so abandoned input does not pile up; it
@@ -42,7 +43,14 @@ from relay.streams import ConversationLog
 from workers.errors import QueueError, QueueFull
 from workers.queue.doorbells import Doorbells
 from workers.queue.input import StreamedInput
-from workers.queue.jobs import DEFAULT_MAX_JOBS, KIND_CLIP, KIND_STREAM, MAX_CLIP_BYTES, TurnJob
+from workers.queue.jobs import (
+    DEFAULT_MAX_JOBS,
+    INLINE_CLIP_MAX,
+    KIND_CLIP,
+    KIND_STREAM,
+    MAX_CLIP_BYTES,
+    TurnJob,
+)
 from workers.queue.records import Enqueued, JobStore
 from workers.speech.pcm import validate_pcm, validate_sample_rate
 
@@ -201,8 +209,9 @@ class TurnQueue:
             return await self._submit_in_one_step(job, deadline_ms)
         if await self._client.xlen(self._keys.jobs()) >= self._max_jobs:
             raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
-        queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
-                                           deadline_in_ms=deadline_ms, audio=job.pcm)
+        encoded, audio = _stored_form(job)
+        queued = await self._store.enqueue(job.conversation_id, job.turn_id, encoded,
+                                           deadline_in_ms=deadline_ms, audio=audio)
         if queued is Enqueued.FULL:
             raise QueueFull(f"conversation {job.conversation_id} already has its maximum of "
                             "turns queued")
@@ -210,17 +219,20 @@ class TurnQueue:
             return SUBMIT_ALREADY_DONE
         # Rung after the turn is queued, so whoever reads the doorbell finds the turn. Rung
         # again for a duplicate submit: it costs one entry and repairs a lost doorbell.
-        await self._doorbells.ring(job.conversation_id, job.turn_id)
+        await self._doorbells.ring(job.conversation_id, job.turn_id,
+                                   stored_audio=audio is not None)
         return SUBMIT_QUEUED if queued is Enqueued.QUEUED else SUBMIT_ALREADY_QUEUED
 
     async def _submit_in_one_step(self, job: TurnJob, deadline_ms: int) -> str:
         """The same checks and writes in one script call: the back-pressure check, the turn and
         its doorbell (one round trip instead of three; a single server only)."""
+        encoded, audio = _stored_form(job)
         doorbell = self._doorbells.write_for(job.conversation_id, job.turn_id,
-                                             max_waiting=self._max_jobs)
-        queued = await self._store.enqueue(job.conversation_id, job.turn_id, job.encode(),
+                                             max_waiting=self._max_jobs,
+                                             stored_audio=audio is not None)
+        queued = await self._store.enqueue(job.conversation_id, job.turn_id, encoded,
                                            deadline_in_ms=deadline_ms, doorbell=doorbell,
-                                           audio=job.pcm)
+                                           audio=audio)
         if queued is Enqueued.JOBS_FULL:
             raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
         if queued is Enqueued.FULL:
@@ -229,6 +241,13 @@ class TurnQueue:
         if queued is Enqueued.ALREADY_DONE:
             return SUBMIT_ALREADY_DONE
         return SUBMIT_QUEUED if queued is Enqueued.QUEUED else SUBMIT_ALREADY_QUEUED
+
+
+def _stored_form(job: TurnJob) -> tuple[bytes, bytes | None]:
+    """The job as queued, and the clip to store beside it (None: it travels inside the job)."""
+    if job.pcm is not None and len(job.pcm) > INLINE_CLIP_MAX:
+        return job.encode(), job.pcm
+    return job.encode(inline=True), None
 
 
 def _check_avatar(avatar_id: str | None) -> str | None:

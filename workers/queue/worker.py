@@ -304,12 +304,14 @@ class ProducerWorker:
         again: two round trips more, at the cap only)."""
         take = self._store.take(conversation_id, owner=self._producer.owner,
                                 doorbell=bell.entry_id, claim=True)
-        # The clip of the doorbell's turn, read beside the take: that turn is the head unless
-        # turns were queued before it (the runner then reads its head's clip itself).
-        audio = (self._store.audio_of(conversation_id, bell.turn_id) if bell.turn_id
-                 else _none())
-        slot_of = (_none() if self._producer.keeps_session(conversation_id)
-                   else self._producer.try_reserve_session())
+        # A stored clip of the doorbell's turn, read beside the take: that turn is the head
+        # unless turns were queued before it (the runner then reads its head's clip itself).
+        stored = bool(bell.turn_id) and bell.stored_audio
+        kept = self._producer.keeps_session(conversation_id)
+        if kept and not stored:
+            return await take, None
+        audio = self._store.audio_of(conversation_id, bell.turn_id or "") if stored else _none()
+        slot_of = _none() if kept else self._producer.try_reserve_session()
         taken, clip, slot = await asyncio.gather(take, audio, slot_of, return_exceptions=True)
         if isinstance(slot, BaseException):
             slot = None  # the runner reserves again the usual way, and reports any error

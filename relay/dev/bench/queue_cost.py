@@ -2,16 +2,18 @@
 
 Redis runs one command at a time, so the time a submit or a take spends inside Redis is every
 other client's wait (edges' pushes, producers' appends). A Lua script pays for every byte that
-passes through it (arguments and ``redis.call`` replies become Lua strings), so since the clip
-waits beside its queue entry (``Keys.queued_audio``, ``workers.queue.records``) no script carries
-it. This bench measures that against the layout it replaced, in the same run and on the same
-server: the same clips queued as version 1 jobs, the PCM inside the job, which the submit script
-writes and the take script reads (producers still accept such jobs).
+passes through it (arguments and ``redis.call`` replies become Lua strings), so a clip over 64 KB
+waits beside its queue entry (``Keys.queued_audio``, ``workers.queue.records``) and no script
+carries it. This bench measures that layout against the clip inside the job, in the same run and
+on the same server: the same clips queued as version 1 jobs, which the submit script writes and
+the take script reads back (what ``TurnQueue`` still sends for clips up to 64 KB).
 
-Per clip length (16 kHz and 48 kHz, mono PCM16) and layout: ``rounds`` submits through
-``TurnQueue`` (stored: the clip uploaded by SET and renamed into place) or through the submit
-script with the inline job, then as many takes with their claim (``JobStore.take``, plus the GET
-of the clip for the stored layout, as the worker sends it beside the take). Figures: Redis time
+Per clip length (16 kHz and 48 kHz, mono PCM16) and layout: ``rounds`` submits as ``TurnQueue``
+sends them (stored: the clip uploaded by SET and renamed into place by the submit script; inline:
+the job with its clip through the script), then as many takes with their claim (``JobStore.take``,
+plus the GET of the clip for the stored layout, as the worker sends it beside the take).
+``TurnQueue`` itself stores clips over ``INLINE_CLIP_MAX`` (64 KB) and sends smaller ones inline,
+where both cost the same; the bench measures both layouts at every length. Figures: Redis time
 per submit and per take (``INFO commandstats`` usec of every command, scripts with what they ran
 inside), and Redis CPU per turn (``INFO cpu``: what the process spent, networking included).
 One Valkey, clients in this process, loopback only; about 10 s; stops by itself.
@@ -59,14 +61,15 @@ async def _redis_usec(client: RedisClient) -> tuple[float, float]:
 
 async def _submit(layout: str, queue: TurnQueue, store: JobStore, conversation: str,
                   pcm: bytes, rate: int) -> None:
-    if layout == STORED:
-        await queue.submit_clip(conversation, pcm, sample_rate=rate, turn_id="t")
-        return
+    """The one-step submit with its doorbell, as ``TurnQueue`` sends it on a single server, in
+    the given layout whatever the clip's size (``TurnQueue`` picks by ``INLINE_CLIP_MAX``)."""
     job = TurnJob(kind=KIND_CLIP, conversation_id=conversation, turn_id="t", sample_rate=rate,
                   avatar_id=None, submitted_ms=0, pcm=pcm)
-    # The one-step submit with its doorbell, as TurnQueue sends it on a single server.
-    doorbell = queue._doorbells.write_for(conversation, "t", max_waiting=1_000_000)  # noqa: SLF001
-    await store.enqueue(conversation, "t", job.encode(inline=True), doorbell=doorbell)
+    stored = layout == STORED
+    doorbell = queue._doorbells.write_for(conversation, "t", max_waiting=1_000_000,  # noqa: SLF001
+                                          stored_audio=stored)
+    await store.enqueue(conversation, "t", job.encode(inline=not stored), doorbell=doorbell,
+                        audio=pcm if stored else None)
 
 
 async def _take(layout: str, store: JobStore, conversation: str) -> None:
