@@ -44,15 +44,22 @@ async def test_enqueue_reads_wav_and_pcm(settings, redis_client, keys, tmp_path)
     # 24 kHz while clients expect RELAY_SAMPLE_RATE (16 kHz by default): queued, with a warning.
     assert "hello.wav is 24000 Hz but RELAY_SAMPLE_RATE is 16000" in from_wav.stderr
     assert "warning" not in from_pcm.stderr
+    long_clip = tone(2.5)  # over 64 KB: stored beside its queue entry
+    (tmp_path / "long.pcm").write_bytes(long_clip)
+    from_long = await cli(settings, "enqueue", "conv-cli", str(tmp_path / "long.pcm"),
+                          "--rate", "16000", "--turn-id", "t-long")
+    assert from_long.returncode == 0, from_long.stderr
     rows = await redis_client.xrange(keys.queue("conv-cli"))
     jobs = [decode_job(f, audio=await redis_client.get(keys.queued_audio(
         "conv-cli", f[b"turn"].decode()))) for _, f in rows]
     assert [(j.turn_id, j.sample_rate, j.avatar_id, j.pcm) for j in jobs] == [
-        ("t-wav", 24000, "av-1", clip), (from_pcm.stdout.strip(), 16000, None, clip)]
+        ("t-wav", 24000, "av-1", clip), (from_pcm.stdout.strip(), 16000, None, clip),
+        ("t-long", 16000, None, long_clip)]
     listing = await cli(settings, "jobs", "--json")
     queued = json.loads(listing.stdout)["queued"]
     assert [(r["turn"], r["state"], r["audio_s"]) for r in queued] == [
-        ("t-wav", "queued", 0.2), (from_pcm.stdout.strip(), "queued", 0.3)]
+        ("t-wav", "queued", 0.2), (from_pcm.stdout.strip(), "queued", 0.3),
+        ("t-long", "queued", 2.5)]
 
 
 async def test_enqueue_refuses_what_it_cannot_send(settings, tmp_path):
