@@ -334,3 +334,28 @@ async def test_a_running_conversations_own_doorbell_coming_back_leaves_no_ticket
     await feed.end()
     assert_complete(await wait_turn_end(redis_client, keys, "conv-qown", feed.turn_id),
                     feed.turn_id, clip)
+
+
+async def test_a_backend_opens_its_connections_before_its_first_submits(
+    redis_url, redis_client, keys,
+):
+    from relay.redis_conn import create_client
+
+    async def connected() -> int:
+        return int((await redis_client.info("clients"))["connected_clients"])
+
+    client = create_client(redis_url, max_connections=6)
+    queue = TurnQueue(client, keys, input_ttl_s=60)
+    try:
+        before = await connected()
+        assert await queue.open_connections(10) == 6  # at most the pool's bound
+        assert await connected() - before >= 6
+        with pytest.raises(ValueError):
+            await queue.open_connections(0)
+        # A burst of submits then runs on those connections: none is opened for it.
+        opened = await connected()
+        await asyncio.gather(*(queue.submit_clip(f"c-open-{n}", tone(0.1), sample_rate=RATE)
+                               for n in range(6)))
+        assert await connected() <= opened
+    finally:
+        await client.aclose()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from redis.asyncio.cluster import RedisCluster
 
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
-from relay.redis_conn import RedisClient
+from relay.redis_conn import RedisClient, open_connections
 from relay.settings import Settings
 from relay.streams import ConversationLog
 from workers.errors import QueueError, QueueFull
@@ -122,6 +122,15 @@ class TurnQueue:
             queue_max=settings.conversation_queue_max, queue_ttl_s=settings.job_ttl_s,
             drop_queued_on_interrupt=settings.interrupt_drops_queued,
         )
+
+    async def open_connections(self, count: int = 8) -> int:
+        """Open up to ``count`` of the client's pooled connections now (at most its pool's
+        bound); returns how many it holds. Call it once at start: otherwise the first submits of
+        a burst each open one in their own path (a TCP connect and redis-py's handshake, three
+        round trips, which the client's first audio waits for when Redis is across a network)."""
+        if count <= 0:
+            raise ValueError("count must be positive")
+        return await open_connections(self._client, count)
 
     async def submit_clip(
         self, conversation_id: str, pcm: bytes | bytearray | memoryview, *, sample_rate: int,
