@@ -174,12 +174,12 @@ class Keys:
         """The PCM of a queued clip turn, beside its queue entry rather than in it: the queue's
         scripts then never carry the clip (a script pays for every byte passing through Lua; a
         plain SET or GET of the same bytes costs Redis a tenth of that)."""
-        validate_turn_id(turn_id)
-        return self._conv(conversation_id, f"qaudio:{turn_id}")
+        return self.queued_audio_prefix(conversation_id) + validate_turn_id(turn_id)
 
     def queued_audio_prefix(self, conversation_id: str) -> str:
-        """``queued_audio`` without its turn id: a script that drops queued turns names their
-        audio keys from it (each in the conversation's slot)."""
+        """``queued_audio`` without its turn id (``queued_audio`` is built from it, so the two
+        agree): a script that drops queued turns names their audio keys from it (each in the
+        conversation's slot)."""
         return self._conv(conversation_id, "qaudio:")
 
     def queued_audio_upload(self, conversation_id: str, nonce: str) -> str:
