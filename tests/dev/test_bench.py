@@ -52,6 +52,11 @@ def test_quick_bench_delivers_every_message_once_in_order(tmp_path):
     assert (naive["lost"], naive["duplicated"], naive["reordered"]) == (0, 0, 0)
     assert edge["peers"]["socketio"]["delivered_msgs_per_s"] > 0
     assert edge["naive_edge_cpu_ratio"] is not None and edge["redis_cpu_us_per_msg"] is not None
+    # The machine's floor ran the same schedule: everything the writer sent was forwarded to
+    # a connected client, and the edge's figure is set against it.
+    floor = edge["floor"]
+    assert floor["sent"] > 0 and floor["forwarded"] == floor["sent"] and floor["unrouted"] == 0
+    assert edge["floor_cpu_us_per_msg"] is not None and edge["edge_cpu_floor_ratio"] is not None
     # The edge's pub/sub connection was killed mid-load and it refilled: nothing lost.
     kill = edge["pubsub_kill_step"]
     assert kill["pubsub_connections_killed"] >= 1

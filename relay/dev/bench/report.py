@@ -18,6 +18,7 @@ _COLUMNS = (
     ("send p99", "input_p99_ms", "{:.0f}"),
     ("lost/dup/reo", None, ""),
     ("edge us/msg", "edge_cpu_us_per_msg", "{:.1f}"),
+    ("floor us/msg", "floor_cpu_us_per_msg", "{:.1f}"),
     ("redis us/msg", "redis_cpu_us_per_msg", "{:.1f}"),
     ("script us/entry", "append_script_us_per_entry", "{:.1f}"),
     ("prod us/msg", "producer_cpu_us_per_msg", "{:.1f}"),

@@ -83,6 +83,8 @@ async def _path(bench: Bench, kind: str, options: BenchOptions) -> dict[str, Any
             return {"conversations": n, "passes": False, "error": str(exc),
                     "cpu": {"machine_busy_pct": None, "core_pct": {}}}
         figures = combine(relay, baseline)
+        if kind == "edge":
+            figures.update(await _floor(bench, n, figures))
         if kind == "edge" and options.peers:
             figures["peers"] = await _peers(bench, n, saturated_peers)
             figures.update(peer_ratios(figures))
@@ -128,6 +130,19 @@ async def _peers(bench: Bench, n: int, saturated: set[str]) -> dict[str, Any]:
             saturated.add(peer)
         peers[peer] = {k: figures.get(k) for k in _PEER_KEYS}
     return peers
+
+
+async def _floor(bench: Bench, n: int, figures: dict[str, Any]) -> dict[str, Any]:
+    """The machine's floor at this step (``relay.dev.bench.floor``) and the edge's CPU per
+    message against it; a floor that fails to run is reported, the step goes on."""
+    try:
+        floor = await bench.floor_step(n)
+    except (RelayError, OSError) as exc:
+        log.error("bench_floor_failed", conversations=n, error=str(exc))
+        return {"floor": {"error": str(exc)}}
+    per_msg = floor.get("forwarder_cpu_us_per_msg")
+    return {"floor": floor, "floor_cpu_us_per_msg": per_msg,
+            "edge_cpu_floor_ratio": _ratio(figures.get("edge_cpu_us_per_msg"), per_msg)}
 
 
 async def _kill_step(bench: Bench, n: int) -> dict[str, Any]:
@@ -271,7 +286,7 @@ _ROW_KEYS = (
     "append_script_calls_per_entry", "append_script_inner_calls_per_entry", "peers",
     "naive_edge_cpu_ratio", "socketio_edge_cpu_ratio", "naive_redis_cpu_ratio",
     "socketio_redis_cpu_ratio", "naive_p99_ratio", "socketio_p99_ratio",
-    "pubsub_connections_killed",
+    "pubsub_connections_killed", "floor_cpu_us_per_msg", "edge_cpu_floor_ratio",
 )
 
 

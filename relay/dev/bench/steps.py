@@ -211,6 +211,53 @@ class Bench:
         figures["xread_calls"] = reports[0].get("reads")
         return figures
 
+    async def floor_step(self, n: int) -> dict[str, Any]:
+        """The same writer schedule, as bare pushes forwarded by a minimal asyncio process to
+        as many client processes (``relay.dev.bench.floor``): what moving a message costs on
+        this machine before any relay code runs."""
+        name = f"floor-{n}"
+        children: list[BenchChild] = []
+        try:
+            forwarder = BenchChild(f"{name}-forwarder", "relay.dev.bench.floor", self._log_dir)
+            children.append(forwarder)
+            await forwarder.start({"role": "forwarder", "conversations": n})
+            ports = await forwarder.expect("ready", _READY_TIMEOUT_S)
+            count = max(1, min(self.options.client_processes, n))
+            clients = []
+            for index in range(count):
+                child = BenchChild(f"{name}-clients-{index}", "relay.dev.bench.floor",
+                                   self._log_dir)
+                children.append(child)
+                clients.append(child)
+                await child.start({"role": "clients", "port": ports["client_port"],
+                                   "indices": list(range(index, n, count))})
+            for child in clients:
+                await child.expect("ready", _READY_TIMEOUT_S)
+            await asyncio.sleep(0.5)  # the forwarder has read every client's index by now
+            writer = BenchChild(f"{name}-writer", "relay.dev.bench.writer", self._log_dir)
+            children.append(writer)
+            conversations = [f"c{i}" for i in range(n)]
+            await writer.start({**self._writer_config(f"fl{n}", conversations, "floor"),
+                                "floor_port": ports["upstream_port"]})
+            started = await writer.expect("started", _READY_TIMEOUT_S)
+            await asyncio.sleep(max(0.0, float(started["t0"]) - time.time()))
+            before = measure.cpu_snap({"forwarder": forwarder.pid})
+            report = await writer.expect("report", self.options.duration_s + 120)
+            forwarded = await forwarder.expect("report", _READY_TIMEOUT_S)
+            after = measure.cpu_snap({"forwarder": forwarder.pid})
+        finally:
+            await _stop_all(children)
+        cpu = measure.cpu_delta(before, after)
+        messages = int(forwarded["messages"])
+        return {
+            "conversations": n, "sent": report["appended"], "forwarded": messages,
+            "unrouted": forwarded["unrouted"], "writes": forwarded["writes"],
+            "forwarder_cpu_us_per_msg": round(cpu["cpu_s"]["forwarder"] * 1e6 / messages, 1)
+            if messages else None,
+            "forwarded_msgs_per_s": round(messages / cpu["wall_s"], 1) if cpu["wall_s"] else None,
+            "forwarder_core_pct": cpu["core_pct"].get("forwarder"),
+        }
+
     # --- pieces ------------------------------------------------------------------------------
 
     async def _fresh(self, name: str, prefix: str, n: int, full: bool = False

@@ -13,7 +13,10 @@ Run as ``python -m relay.dev.bench.writer`` by the bench. Config (first stdin li
   bare-loop baseline and the naive per-client-XREAD edge read them);
 * ``socketio``: the same entries emitted through python-socketio's ``AsyncRedisManager``
   (write-only), each as ``{"id": <ms>-<seq>, "d": <entry>}`` to the conversation's room, with
-  ids made here from the send time (there is no stream).
+  ids made here from the send time (there is no stream);
+* ``floor``: the same entries as ``bare``, each slot's as one push of ``relay.dev.bench.floor``
+  over one TCP connection to its forwarder (``floor_port``), a batch's pushes in one write; no
+  Redis at all (the machine's floor for an edge, measured at every edge step).
 
 Reports per conversation the count and id hash of what it appended (the truth receivers are
 checked against), its own Redis command count, and how late it ran against the schedule.
@@ -31,6 +34,7 @@ import redis.asyncio as redis
 
 from relay import wire
 from relay.dev.bench.child import ParentLink
+from relay.dev.bench.floor import push
 from relay.dev.bench.resp import RespPipe, pack, value, xadd_prefix
 from relay.dev.bench.schedule import (
     CHUNK_BYTES,
@@ -85,6 +89,7 @@ class Writer:
         self._ids: list[str] = config["conversations"]
         self._mode = config["mode"]
         self._relay = self._mode == "relay"
+        self._floor: asyncio.StreamWriter | None = None
         self._sio: Any = None
         self._sio_seq = [0] * len(self._ids)
         self._sio_last_ms = [0] * len(self._ids)
@@ -103,7 +108,10 @@ class Writer:
         self.redis_py_calls = 0
 
     async def run(self, link: type[ParentLink]) -> None:
-        await self._pipe.connect()
+        if self._mode == "floor":
+            _, self._floor = await asyncio.open_connection("127.0.0.1", self._cfg["floor_port"])
+        else:
+            await self._pipe.connect()
         if self._relay:
             await self._log.load_scripts()
         if self._mode == "socketio":
@@ -112,6 +120,9 @@ class Writer:
             self._sio = socketio.AsyncRedisManager(self._cfg["redis_url"],
                                                    channel=self._cfg["channel"], write_only=True)
         t1 = await drive(self._shape, len(self._ids), self._cfg["duration_s"], link, self._write)
+        if self._floor is not None:
+            self._floor.close()
+            await self._floor.wait_closed()
         link.emit("report", t1=t1, **self._report())
         await self._pipe.close()
         await self._client.aclose()
@@ -123,6 +134,9 @@ class Writer:
             await asyncio.gather(*(self._open(s) for s in opening))
         if self._mode == "socketio":
             await self._emit(slots, timeline)
+            return
+        if self._floor is not None:
+            await self._push_floor(self._floor, slots, timeline)
             return
         commands: list[bytes] = []
         owners: list[int] = []
@@ -148,6 +162,16 @@ class Writer:
                 self._truth.add(conv, reply)
         if self._relay and ending:
             await asyncio.gather(*(self._end(s) for s in ending))
+
+    async def _push_floor(self, out: asyncio.StreamWriter, slots: list[Slot],
+                          timeline: Timeline) -> None:
+        pushes = []
+        for slot in slots:
+            entries = self._entries(slot, timeline.is_last(slot))
+            pushes.append(push(slot.conversation, entries))
+            self._truth.count[slot.conversation] += len(entries)
+        out.write(b"".join(pushes))
+        await out.drain()
 
     async def _emit(self, slots: list[Slot], timeline: Timeline) -> None:
         """socketio mode: each conversation's entries emitted in order, the conversations
