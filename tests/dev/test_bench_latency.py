@@ -32,9 +32,11 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
     )
     assert out.exists(), run.stderr[-3000:]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "x baseline" in run.stdout  # the table, with its ratios
+    assert "x baseline" in run.stdout and "x idle baseline" in run.stdout  # with its ratios
     result = json.loads(out.read_text())["latency"]
     assert result["baseline_ms"]["n"] == 50 and result["baseline_ms"]["p50"] > 0
+    # The idle baseline: the same round trip, each sample after the rounds' pause.
+    assert result["baseline_idle_ms"]["n"] == 5 and result["baseline_idle_ms"]["p50"] > 0
     assert result["sim_first_batch_ms"] == 300
     assert result["options"]["settle_s"] == 0.2
     assert result["options"]["redis_delay_ms"] == 0.5
@@ -47,6 +49,7 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
             for name in FIGURES:
                 assert part[name]["n"] == turns, (label, name)
             assert part["submit_to_first_audio_ms"]["p99_ratio"] is not None
+            assert part["submit_to_first_audio_ms"]["p99_idle_ratio"] is not None
             # The simulator's 300 ms first batch is in every turn's first frames.
             assert part["submit_to_first_frames_ms"]["p50"] >= 300
     assert "later_first_audio_p99_ms_at_20" in result["targets"]

@@ -81,6 +81,10 @@ class LatencyOptions:
     # The producer's and the edge's Redis this far away, each way (``redis_delay``; 0: loopback).
     redis_delay_ms: float = 0.0
     baseline_samples: int = 400
+    # The same round trip again with ``settle_s`` of idle before each sample, as every round's
+    # submits come: a machine that idled pays for waking its processes (their caches and cores)
+    # on the next message, and the warm baseline's samples, 2 ms apart, never do.
+    idle_baseline_samples: int = 20
     out: Path = Path("bench/results/latency.json")
     quick: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)  # settings for the role processes
@@ -89,7 +93,7 @@ class LatencyOptions:
     def quick_mode(cls, **changes: Any) -> LatencyOptions:
         """A smoke run of well under a minute (the test suite's)."""
         return replace(cls(counts=(1, 4), turns=2, clip_s=0.4, baseline_samples=50, settle_s=0.1,
-                           quick=True),
+                           idle_baseline_samples=5, quick=True),
                        **changes)
 
     @property
@@ -176,8 +180,10 @@ def _entry_ms(body: dict[str, Any]) -> int:
 # --- the baseline ------------------------------------------------------------------------------
 
 
-async def baseline(redis_url: str, samples: int, log_dir: Path) -> dict[str, Any]:
-    """XADD -> blocked XREAD in another process -> one WebSocket frame back here."""
+async def baseline(redis_url: str, samples: int, log_dir: Path, gap_s: float = 0.002
+                   ) -> dict[str, Any]:
+    """XADD -> blocked XREAD in another process -> one WebSocket frame back here, ``gap_s``
+    between samples (the forwarder blocks again within the default's 2 ms)."""
     stream = "latency-baseline"
     forwarder = BenchChild("latency-bare", "relay.dev.bench.latency_bare", log_dir)
     client = create_client(redis_url)
@@ -194,7 +200,7 @@ async def baseline(redis_url: str, samples: int, log_dir: Path) -> dict[str, Any
                 await client.xadd(stream, {"d": payload})
                 await ws.receive()
                 rtts.append((time.monotonic() - started) * 1000)
-                await asyncio.sleep(0.002)  # it blocks again before the next entry
+                await asyncio.sleep(gap_s)
     finally:
         await forwarder.stop()
         await client.delete(stream)
@@ -374,12 +380,16 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return round(value / base, 1) if value is not None and base else None
 
 
-def add_ratios(step_figures: dict[str, Any], base: dict[str, Any]) -> None:
+def add_ratios(step_figures: dict[str, Any], base: dict[str, Any],
+               idle: dict[str, Any] | None = None) -> None:
     for label in ("first", "later"):
         part = step_figures[label]
         for name in ("submit_to_first_audio_ms", "submit_to_first_frames_ms"):
             part[name]["p50_ratio"] = _ratio(part[name]["p50"], base["p50"])
             part[name]["p99_ratio"] = _ratio(part[name]["p99"], base["p99"])
+            if idle is not None:
+                part[name]["p50_idle_ratio"] = _ratio(part[name]["p50"], idle["p50"])
+                part[name]["p99_idle_ratio"] = _ratio(part[name]["p99"], idle["p99"])
 
 
 def evaluate(steps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -417,6 +427,8 @@ async def run_latency(options: LatencyOptions, log_dir: Path) -> dict[str, Any]:
                               "sim_first_batch_ms": options.sim_first_batch_ms}
     with EmbeddedServer() as server:
         result["baseline_ms"] = await baseline(server.url, options.baseline_samples, log_dir)
+        result["baseline_idle_ms"] = await baseline(server.url, options.idle_baseline_samples,
+                                                    log_dir, gap_s=options.settle_s)
         result["client_cpu_per_command"] = await clientcpu.measure(
             server.url, chain=10 if options.quick else clientcpu.CHAIN)
         steps = []
@@ -427,7 +439,7 @@ async def run_latency(options: LatencyOptions, log_dir: Path) -> dict[str, Any]:
                 log.error("latency_step_failed", conversations=n, error=str(exc))
                 steps.append({"conversations": n, "error": str(exc)})
                 continue
-            add_ratios(figures, result["baseline_ms"])
+            add_ratios(figures, result["baseline_ms"], result["baseline_idle_ms"])
             steps.append(figures)
         # Once more after the load: the machine is shared, so a second sample shows drift.
         result["baseline_after_ms"] = await baseline(server.url, options.baseline_samples,
@@ -457,20 +469,24 @@ def _cell(figures: dict[str, Any]) -> str:
 
 def render(result: dict[str, Any]) -> str:
     base, after = result["baseline_ms"], result.get("baseline_after_ms") or {}
+    idle = result.get("baseline_idle_ms") or {}
+    settle = result["options"].get("settle_s", 0)
     lines = [
         f"Baseline (XADD -> blocked XREAD -> one WebSocket frame), p50 / p99 / max ms: "
-        f"{_cell(base)} (after the load: {_cell(after)})",
+        f"{_cell(base)} (after the load: {_cell(after)}); each sample after {settle:g} s idle, "
+        f"as the rounds' submits come: {_cell(idle)}",
         f"Simulator first batch: {result['sim_first_batch_ms']:g} ms after the request's "
         f"first audio; rounds {result['options'].get('settle_s', 0):g} s apart; the roles' Redis "
         f"{result['options'].get('redis_delay_ms', 0):g} ms away each way",
         "",
-        "| conversations | turn | submit -> first audio | x baseline p50/p99 | submit -> first "
-        "frames | first audio -> first frames | frames after the simulator's first batch |",
-        "|---|---|---|---|---|---|---|",
+        "| conversations | turn | submit -> first audio | x baseline p50/p99 | x idle baseline "
+        "p50/p99 | submit -> first frames | first audio -> first frames | frames after the "
+        "simulator's first batch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in result["steps"]:
         if "error" in s:
-            lines.append(f"| {s['conversations']} | - | error: {s['error']} | | | | |")
+            lines.append(f"| {s['conversations']} | - | error: {s['error']} | | | | | |")
             continue
         for label in ("first", "later"):
             p = s[label]
@@ -478,6 +494,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {s['conversations']} | {label} ({audio['n']}) | {_cell(audio)} | "
                 f"{audio.get('p50_ratio')} / {audio.get('p99_ratio')} | "
+                f"{audio.get('p50_idle_ratio', '-')} / {audio.get('p99_idle_ratio', '-')} | "
                 f"{_cell(p['submit_to_first_frames_ms'])} | "
                 f"{_cell(p['first_audio_to_first_frames_ms'])} | "
                 f"{_cell(p['frames_after_sim_ms'])} |")
