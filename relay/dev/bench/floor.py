@@ -15,8 +15,9 @@ Config ``role``:
 * ``forwarder``: ``conversations`` (count). Listens for clients (each connection first sends its
   conversation index, 4 bytes big-endian) and for one upstream connection; a push is
   ``[u32 conversation][u16 entries][u32 length][payload]``. Events: ``ready`` with
-  ``client_port`` and ``upstream_port``, then ``report`` (``messages``, ``writes``, ``unrouted``)
-  once the upstream closed. Exits when the parent closes stdin.
+  ``client_port`` and ``upstream_port``, ``routed`` once every conversation has its client,
+  then ``report`` (``messages``, ``writes``, ``unrouted``) once the upstream closed. Exits when
+  the parent closes stdin.
 * ``clients``: ``port`` and ``indices``. Connects one socket per index and reads them to the end.
   Events: ``ready`` with ``connected``, then ``report`` with ``bytes`` when the parent closes
   stdin.
@@ -87,6 +88,8 @@ async def _forward(config: dict[str, Any], link: ParentLink) -> None:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as aiohttp sets it
         outs[index] = writer.transport
+        if len(outs) == int(config["conversations"]):
+            link.emit("routed")
         await reader.read()  # the client never writes more; returns when it leaves
 
     clients = await asyncio.start_server(client, "127.0.0.1", 0, backlog=4096)

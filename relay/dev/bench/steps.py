@@ -233,7 +233,7 @@ class Bench:
                                    "indices": list(range(index, n, count))})
             for child in clients:
                 await child.expect("ready", _READY_TIMEOUT_S)
-            await asyncio.sleep(0.5)  # the forwarder has read every client's index by now
+            await forwarder.expect("routed", _READY_TIMEOUT_S)  # every client's index is read
             writer = BenchChild(f"{name}-writer", "relay.dev.bench.writer", self._log_dir)
             children.append(writer)
             conversations = [f"c{i}" for i in range(n)]
