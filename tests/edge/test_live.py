@@ -297,3 +297,53 @@ async def test_a_turn_opened_between_the_tip_read_and_attaching_reaches_the_join
         assert [m.kind for m in got] == ["turn_start", "audio", "audio"]
         await first.close()
         await second.close()
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+async def test_the_subscriber_reads_every_reply_in_order_and_notices_a_closed_connection(
+        redis_url, redis_client, keys, parser):
+    """The hub's reply reader: with hiredis every reply one socket read completed comes in one
+    call, otherwise one reply per call through redis-py; either way all of them, in order, and
+    a connection Redis closes ends the reading with ConnectionError."""
+    import redis.asyncio as aioredis
+    from redis._parsers import _AsyncRESP2Parser
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from relay.edge.hub import _reply_reader
+
+    options = {} if parser == "hiredis" else {"parser_class": _AsyncRESP2Parser}
+    subscriber = aioredis.Redis.from_url(redis_url, **options)
+    pool = subscriber.connection_pool
+    # As the hub makes its connections: no read timeout, no health check of its own.
+    conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None,
+                                    "health_check_interval": 0})
+    await conn.connect()
+    try:
+        read = _reply_reader(conn)
+        channel = f"{keys.prefix}-reader".encode()
+        await conn.send_command("SSUBSCRIBE", channel)
+        replies = []
+        while not replies:
+            replies += await read()
+        assert replies[0][0] == b"ssubscribe"
+        payloads = [f"push {i} ".encode() * (i + 1) for i in range(50)]
+        async with redis_client.pipeline(transaction=False) as pipe:
+            for payload in payloads:
+                pipe.spublish(channel, payload)
+            await pipe.execute()
+        calls = 0
+        while len(replies) < 1 + len(payloads):
+            replies += await read()
+            calls += 1
+        assert [r[0] for r in replies[1:]] == [b"smessage"] * len(payloads)
+        assert [r[2] for r in replies[1:]] == payloads
+        if parser == "python":
+            assert calls == len(payloads)  # one reply per call: redis-py's own path
+        await redis_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        with pytest.raises(RedisConnectionError):
+            async with asyncio.timeout(5):
+                while True:
+                    await read()
+    finally:
+        await conn.disconnect(nowait=True)
+        await subscriber.aclose()
