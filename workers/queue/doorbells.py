@@ -86,6 +86,12 @@ class Doorbell:
 
 
 
+def _fields(conversation_id: str, turn_id: str, stored_audio: bool) -> tuple[Any, ...]:
+    """A doorbell's field/value pairs, in the order XADD takes them."""
+    fields: tuple[Any, ...] = (CONVERSATION_FIELD, conversation_id, TURN_FIELD, turn_id)
+    return fields + (AUDIO_FIELD, b"1") if stored_audio else fields
+
+
 async def waiting_conversations(client: RedisClient, keys: Keys, *, limit: int) -> list[str]:
     """Conversations with a doorbell in the jobs stream (rung, not yet done), for operators."""
     rows = await client.xrange(keys.jobs(), count=limit)
@@ -139,18 +145,15 @@ class Doorbells:
     async def ring(self, conversation_id: str, turn_id: str, *, stored_audio: bool = False
                    ) -> str:
         """Add a doorbell (the submit side)."""
-        fields: dict[Any, Any] = {CONVERSATION_FIELD: conversation_id, TURN_FIELD: turn_id}
-        if stored_audio:
-            fields[AUDIO_FIELD] = b"1"
+        pairs = _fields(conversation_id, turn_id, stored_audio)
+        fields: dict[Any, Any] = dict(zip(pairs[::2], pairs[1::2], strict=True))
         return text(await self._client.xadd(self._key, fields))
 
     def write_for(self, conversation_id: str, turn_id: str, *, max_waiting: int,
                   stored_audio: bool = False) -> DoorbellWrite:
         """The doorbell ``ring`` would add, for ``JobStore.enqueue`` to write in its own step."""
-        fields: tuple[Any, ...] = (CONVERSATION_FIELD, conversation_id, TURN_FIELD, turn_id)
-        if stored_audio:
-            fields += (AUDIO_FIELD, b"1")
-        return DoorbellWrite(key=self._key, max_waiting=max_waiting, fields=fields)
+        return DoorbellWrite(key=self._key, max_waiting=max_waiting,
+                             fields=_fields(conversation_id, turn_id, stored_audio))
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) unless it exists; only BUSYGROUP is benign."""

@@ -476,7 +476,7 @@ def render(result: dict[str, Any]) -> str:
         f"{_cell(base)} (after the load: {_cell(after)}); each sample after {settle:g} s idle, "
         f"as the rounds' submits come: {_cell(idle)}",
         f"Simulator first batch: {result['sim_first_batch_ms']:g} ms after the request's "
-        f"first audio; rounds {result['options'].get('settle_s', 0):g} s apart; the roles' Redis "
+        f"first audio; rounds {settle:g} s apart; the roles' Redis "
         f"{result['options'].get('redis_delay_ms', 0):g} ms away each way",
         "",
         "| conversations | turn | submit -> first audio | x baseline p50/p99 | x idle baseline "
