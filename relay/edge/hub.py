@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -400,18 +400,21 @@ class Hub:
 
     async def _link_reader(self, link: _Link) -> None:
         loop = asyncio.get_running_loop()
-        on_push, read = self._on_push, _reply_reader(link.conn)
-        while True:
-            replies = await read()
+        on_push, on_subscribed, on_unsubscribed = (self._on_push, self._on_subscribed,
+                                                   self._on_unsubscribed)
+
+        def dispatch(replies: list[Any]) -> None:
             link.heard(loop.time())
             for reply in replies:
                 kind = reply[0]
                 if kind == b"smessage":
                     on_push(reply[1], reply[2])
                 elif kind == b"ssubscribe":
-                    self._on_subscribed(link, reply[1])
+                    on_subscribed(link, reply[1])
                 elif kind == b"sunsubscribe":
-                    self._on_unsubscribed(link, reply[1])
+                    on_unsubscribed(link, reply[1])
+
+        await read_replies(link.conn, dispatch)
 
     def _on_subscribed(self, link: _Link, channel: bytes) -> None:
         link.confirmed.add(channel)
@@ -628,44 +631,111 @@ class Hub:
             subscriber.on_behind()
 
 
-def _reply_reader(conn: AbstractConnection) -> Callable[[], Awaitable[list[Any]]]:
-    """Reads a connected subscriber connection: each call returns every reply that one read
-    from the socket completed (at least one).
+async def read_replies(conn: AbstractConnection,
+                       on_replies: Callable[[list[Any]], None]) -> None:
+    """Reads a connected subscriber connection until it fails, handing ``on_replies`` every
+    reply that one read from the socket completed (at least one), in order. Raises what ended
+    it: ConnectionError for a closed connection, an error reply, InvalidResponse for a protocol
+    error, or whatever ``on_replies`` raised (its later replies are not handed on).
 
-    Why not ``read_response`` per reply: a live push is one reply, and redis-py's async read
-    path costs two coroutine calls and its checks per reply, about a tenth of the edge's busy
-    time in a profile at 300 conversations. With hiredis (a dependency of the relay) and RESP2,
-    as the hub's connections are, the replies are taken from redis-py's own hiredis reader and
-    socket stream directly, in one loop per read (edge CPU per message 12 to 13 % lower at 100
-    and 500 conversations, docs/benchmarks.md); anything else falls back to ``read_response``.
-    Errors are those of ``read_response``: a closed socket raises ConnectionError, an error
-    reply is raised, a protocol error raises InvalidResponse."""
-    parser: Any = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    stream = getattr(parser, "_stream", None)
-    if (not isinstance(parser, _AsyncHiredisParser) or reader is None or stream is None
-            or str(getattr(conn, "protocol", 2)) != "2"):
-        async def one() -> list[Any]:
-            return [await conn.read_response(disconnect_on_error=True)]
-        return one
-
-    async def available() -> list[Any]:
-        replies: list[Any] = []
+    Why not ``read_response`` per reply: a live push is one reply, and redis-py's async read path
+    costs a task wake-up, a future and two coroutine calls per socket read and per reply, about a
+    tenth of the edge's busy samples at light load in a profile. With hiredis (a dependency of the
+    relay) and RESP2, as the hub's connections are, the connection's transport is handed to
+    ``_ReplyProtocol``, which feeds redis-py's own configured hiredis reader straight from the
+    event loop's read callback and dispatches there, with no task switch per read
+    (docs/benchmarks.md has the A/B); writes still go through redis-py. Anything else falls back
+    to ``read_response``."""
+    protocol = _ReplyProtocol.take_over(conn, on_replies)
+    if protocol is None:
         while True:
-            reply = reader.gets()
-            if reply is NOT_ENOUGH_DATA:
-                if replies:
-                    return replies
-                data = await stream.read(65536)
-                if not data:
-                    raise RedisConnectionError("the subscriber connection was closed")
-                reader.feed(data)
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            replies.append(reply)
+            on_replies([await conn.read_response(disconnect_on_error=True)])
+    try:
+        await protocol.ended
+    finally:
+        protocol.close()
 
-    return available
+
+class _ReplyProtocol(asyncio.Protocol):
+    """Takes a redis-py connection's transport over for reading (see ``read_replies``). Flow
+    control and the loss of the connection are passed on to redis-py's own protocol, so its
+    writes (``send_command``) wait and fail exactly as before."""
+
+    def __init__(self, transport: asyncio.Transport, previous: asyncio.BaseProtocol,
+                 reader: Any, on_replies: Callable[[list[Any]], None]) -> None:
+        self._transport = transport
+        self._previous = previous
+        self._reader = reader
+        self._on_replies = on_replies
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    def take_over(cls, conn: AbstractConnection,
+                  on_replies: Callable[[list[Any]], None]) -> _ReplyProtocol | None:
+        """None (nothing changed) unless the connection is open, parses with hiredis and
+        speaks RESP2."""
+        parser: Any = getattr(conn, "_parser", None)
+        reader = getattr(parser, "_reader", None)
+        stream = getattr(parser, "_stream", None)
+        writer = getattr(conn, "_writer", None)
+        if (not isinstance(parser, _AsyncHiredisParser) or reader is None or stream is None
+                or writer is None or str(getattr(conn, "protocol", 2)) != "2"):
+            return None
+        transport = writer.transport
+        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+            return None
+        protocol = cls(transport, transport.get_protocol(), reader, on_replies)
+        # Bytes redis-py's stream already took from the socket come first (none, in practice:
+        # nothing is unsolicited in RESP2, and the hub reads from the start).
+        buffered: Any = getattr(stream, "_buffer", None)
+        if buffered:
+            reader.feed(bytes(buffered))
+            buffered.clear()
+        transport.set_protocol(protocol)
+        return protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        reader = self._reader
+        reader.feed(data)
+        replies: list[Any] = []
+        try:
+            reply = reader.gets()
+            while reply is not NOT_ENOUGH_DATA:
+                if isinstance(reply, Exception):
+                    raise reply
+                replies.append(reply)
+                reply = reader.gets()
+            if replies:
+                self._on_replies(replies)
+        except Exception as exc:  # noqa: BLE001 - ends the link, raised by read_replies
+            self._end(exc)
+
+    def eof_received(self) -> bool:
+        self._end(RedisConnectionError("the subscriber connection was closed"))
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(RedisConnectionError("the subscriber connection was closed"))
+        self._previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._previous.resume_writing()
+
+    def _end(self, exc: Exception) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
+
+    def close(self) -> None:
+        """Stop reading; the connection itself is redis-py's to close."""
+        if self.ended.done() and not self.ended.cancelled():
+            self.ended.exception()  # retrieved: the caller raised it, or is being cancelled
+        else:
+            self.ended.cancel()
 
 
 def _subscriber_connection(shard: Shard) -> AbstractConnection:

@@ -303,13 +303,14 @@ async def test_a_turn_opened_between_the_tip_read_and_attaching_reaches_the_join
 async def test_the_subscriber_reads_every_reply_in_order_and_notices_a_closed_connection(
         redis_url, redis_client, keys, parser):
     """The hub's reply reader: with hiredis every reply one socket read completed comes in one
-    call, otherwise one reply per call through redis-py; either way all of them, in order, and
-    a connection Redis closes ends the reading with ConnectionError."""
+    call, otherwise one reply per call through redis-py; either way all of them, in order,
+    while redis-py still writes on the connection, and a connection Redis closes ends the
+    reading with ConnectionError."""
     import redis.asyncio as aioredis
     from redis._parsers import _AsyncRESP2Parser
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from relay.edge.hub import _reply_reader
+    from relay.edge.hub import read_replies
 
     options = {} if parser == "hiredis" else {"parser_class": _AsyncRESP2Parser}
     subscriber = aioredis.Redis.from_url(redis_url, **options)
@@ -318,32 +319,91 @@ async def test_the_subscriber_reads_every_reply_in_order_and_notices_a_closed_co
     conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None,
                                     "health_check_interval": 0})
     await conn.connect()
+    replies: list = []
+    calls: list[int] = []
+    arrived = asyncio.Event()
+
+    def on_replies(batch):
+        replies.extend(batch)
+        calls.append(len(batch))
+        arrived.set()
+
+    async def until(count):
+        async with asyncio.timeout(5):
+            while len(replies) < count:
+                arrived.clear()
+                await arrived.wait()
+
+    reading = asyncio.create_task(read_replies(conn, on_replies))
     try:
-        read = _reply_reader(conn)
         channel = f"{keys.prefix}-reader".encode()
         await conn.send_command("SSUBSCRIBE", channel)
-        replies = []
-        while not replies:
-            replies += await read()
+        await until(1)
         assert replies[0][0] == b"ssubscribe"
         payloads = [f"push {i} ".encode() * (i + 1) for i in range(50)]
         async with redis_client.pipeline(transaction=False) as pipe:
             for payload in payloads:
                 pipe.spublish(channel, payload)
             await pipe.execute()
-        calls = 0
-        while len(replies) < 1 + len(payloads):
-            replies += await read()
-            calls += 1
+        await until(1 + len(payloads))
         assert [r[0] for r in replies[1:]] == [b"smessage"] * len(payloads)
         assert [r[2] for r in replies[1:]] == payloads
         if parser == "python":
-            assert calls == len(payloads)  # one reply per call: redis-py's own path
+            assert set(calls) == {1}  # one reply per call: redis-py's own path
+        else:
+            assert len(calls) < 1 + len(payloads)  # pipelined pushes share socket reads
+        await conn.send_command("PING")  # redis-py's writes still work beside the reader
+        await until(2 + len(payloads))
+        assert replies[-1][0] == b"pong"
         await redis_client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         with pytest.raises(RedisConnectionError):
             async with asyncio.timeout(5):
-                while True:
-                    await read()
+                await reading
     finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await conn.disconnect(nowait=True)
+        await subscriber.aclose()
+
+
+async def test_what_the_reply_handler_raises_ends_the_reading(redis_url, redis_client, keys):
+    """An exception from the handler (the hub's TopologyChanged, say) is what the reading
+    raises, and the replies after it are not handed on."""
+    import redis.asyncio as aioredis
+
+    from relay.edge.hub import read_replies
+
+    subscriber = aioredis.Redis.from_url(redis_url)
+    pool = subscriber.connection_pool
+    conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None,
+                                    "health_check_interval": 0})
+    await conn.connect()
+    seen: list = []
+
+    def on_replies(batch):
+        for reply in batch:
+            seen.append(reply)
+            if reply[0] == b"smessage":
+                raise LookupError("stop here")
+
+    reading = asyncio.create_task(read_replies(conn, on_replies))
+    try:
+        channel = f"{keys.prefix}-raise".encode()
+        await conn.send_command("SSUBSCRIBE", channel)
+        async with asyncio.timeout(5):
+            while not seen:
+                await asyncio.sleep(0.01)
+        async with redis_client.pipeline(transaction=False) as pipe:
+            for index in range(3):
+                pipe.spublish(channel, b"m%d" % index)
+            await pipe.execute()
+        with pytest.raises(LookupError, match="stop here"):
+            async with asyncio.timeout(5):
+                await reading
+        assert [r[0] for r in seen] == [b"ssubscribe", b"smessage"]
+        assert seen[1][2] == b"m0"
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
         await conn.disconnect(nowait=True)
         await subscriber.aclose()
