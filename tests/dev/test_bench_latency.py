@@ -17,7 +17,8 @@ from relay.dev.bench.latency import percentiles
 
 FIGURES = ("submit_to_first_audio_ms", "submit_to_first_append_ms", "submit_to_first_frames_ms",
            "submit_to_first_frames_append_ms", "first_audio_to_first_frames_ms",
-           "frames_after_sim_ms", "submit_call_ms")
+           "frames_after_sim_ms", "frames_after_nominal_sim_ms", "sim_first_batch_ms",
+           "submit_call_ms")
 
 
 @pytest.mark.slow
@@ -50,8 +51,13 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
                 assert part[name]["n"] == turns, (label, name)
             assert part["submit_to_first_audio_ms"]["p99_ratio"] is not None
             assert part["submit_to_first_audio_ms"]["p99_idle_ratio"] is not None
-            # The simulator's 300 ms first batch is in every turn's first frames.
+            # The simulator's 300 ms first batch is in every turn's first frames; what it really
+            # took is found for every turn's request, is never less, and is what the frames
+            # figure subtracts.
             assert part["submit_to_first_frames_ms"]["p50"] >= 300
+            assert part["sim_first_batch_unmatched"] == 0
+            assert part["sim_first_batch_ms"]["p50"] >= 300
+            assert part["frames_after_sim_ms"]["max"] <= part["frames_after_nominal_sim_ms"]["max"]
     assert "later_first_audio_p99_ms_at_20" in result["targets"]
 
 

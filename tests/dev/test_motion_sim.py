@@ -659,15 +659,23 @@ async def test_max_session_duration(start_sim: StartSim) -> None:
 
 
 async def test_first_batch_delay(start_sim: StartSim) -> None:
+    """The delay holds the first batch back, and ``/_sim/first-batches`` says per request how
+    long the simulator really took to its first batch (what the latency bench subtracts)."""
     sim = await start_sim(first_batch_delay_ms=250)
     recorder = Recorder()
     session = await sim.started(recorder)
     sent_at = time.monotonic()
-    await session.send_audio(make_clip(0.3), end=True)
+    req_id = await session.send_audio(make_clip(0.3), end=True)
     await wait(recorder.first_frame)
-    assert time.monotonic() - sent_at >= 0.24
+    seen = (time.monotonic() - sent_at) * 1000
+    assert seen >= 240
     await wait(recorder.last_frame)
     await session.close()
+    async with aiohttp.ClientSession(base_url=sim.base_url) as http:
+        async with http.get("/_sim/first-batches") as response:
+            held = (await response.json())["first_batches"]
+    assert list(held) == [req_id]
+    assert 250 <= held[req_id] <= seen  # counted from its first audio, not later than we saw it
 
 
 async def test_shutdown_closes_sessions_cleanly(start_sim: StartSim) -> None:

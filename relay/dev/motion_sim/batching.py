@@ -22,6 +22,7 @@ class RequestBuffer:
     def __init__(self, req_id: str, sample_rate: int, started_at: float) -> None:
         self.req_id = req_id
         self.started_at = started_at
+        self.first_batch_sent = False
         self.ended = False
         self.taken = 0
         self.changed = asyncio.Event()

@@ -1,7 +1,9 @@
 """The test control API under ``/_sim``: arm, list and clear fault rules, read counters.
 
 ``POST /_sim/faults`` (one rule object or a list), ``GET /_sim/faults``, ``DELETE /_sim/faults``,
-``GET /_sim/stats``. Nothing here is authenticated, so bind the simulator to localhost.
+``GET /_sim/stats``, ``GET /_sim/first-batches`` (per recent request id, the milliseconds from its
+first audio to its first animation message as sent: what the latency bench subtracts as the
+simulator's own time). Nothing here is authenticated, so bind the simulator to localhost.
 """
 
 from __future__ import annotations
@@ -44,3 +46,7 @@ async def handle_clear_faults(request: web.Request) -> web.Response:
 
 async def handle_stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[SIM_KEY].stats.as_dict())
+
+
+async def handle_first_batches(request: web.Request) -> web.Response:
+    return web.json_response({"first_batches": request.app[SIM_KEY].first_batches()})

@@ -8,6 +8,7 @@ Endpoints, each documented in the module that serves it
   ``POST /v1/console/session-tokens``                 ``console``
   ``GET /v2/driveningress/websocket?id=<avatar_id>``  ``ingress`` (handshake) and ``session``
   ``POST|GET|DELETE /_sim/faults``, ``GET /_sim/stats``  ``control``; fault rules in ``faults``
+  ``GET /_sim/first-batches``                         ``control``
   ``GET /metrics``                                    ``metrics`` (Prometheus)
 
 Deliberate simplifications: PCM only (Ogg Opus is refused), session tokens are reusable until they
@@ -29,6 +30,7 @@ from relay.dev.motion_sim.console import MAX_TOKEN_TTL_S, handle_session_token
 from relay.dev.motion_sim.control import (
     handle_add_faults,
     handle_clear_faults,
+    handle_first_batches,
     handle_list_faults,
     handle_stats,
 )
@@ -85,6 +87,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/_sim/faults", handle_list_faults)
     app.router.add_delete("/_sim/faults", handle_clear_faults)
     app.router.add_get("/_sim/stats", handle_stats)
+    app.router.add_get("/_sim/first-batches", handle_first_batches)
     install_metrics(app)  # GET /metrics
     app.on_shutdown.append(_close_sockets)
     return app

@@ -259,6 +259,7 @@ class Session:
                 if not self._sendable(item.req_id):  # the fault stalled or failed it
                     continue
                 await self._send(item.payload)
+                self._note_first_batch(item.req_id)  # before _count_sent forgets an ended one
                 self._count_sent(item)
                 if await self._inject_fault(item.req_id):
                     return
@@ -268,6 +269,12 @@ class Session:
     def _sendable(self, req_id: str) -> bool:
         # Interrupted and failed requests were removed; their queued messages are dropped.
         return not self._stalled and req_id in self._requests
+
+    def _note_first_batch(self, req_id: str) -> None:
+        request = self._requests.get(req_id)
+        if request is not None and not request.first_batch_sent:
+            request.first_batch_sent = True
+            self._sim.first_batch_sent(req_id, self._loop.time() - request.started_at)
 
     def _count_sent(self, item: Outbound) -> None:
         self._keyframes_sent += item.keyframes

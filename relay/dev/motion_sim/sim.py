@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,6 +16,8 @@ from aiohttp import WSCloseCode, web
 from relay.dev.motion_sim.faults import ArmedFault, FaultKind, FaultRule
 
 log = structlog.get_logger(__name__)
+
+FIRST_BATCHES_KEPT = 10_000  # requests whose first-batch time ``/_sim/first-batches`` serves
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,22 @@ class MotionSim:
         self._used: set[str] = set()  # tokens an upgrade was accepted with (bounded like _tokens)
         self._open_per_app: Counter[str] = Counter()
         self._sockets: set[web.WebSocketResponse] = set()
+        # req_id -> seconds from the request's first audio to its first animation message sent,
+        # the simulator's own first-batch time as it really ran (the latency bench subtracts it).
+        # Bounded: the oldest are forgotten.
+        self._first_batches: OrderedDict[str, float] = OrderedDict()
+
+    # What the simulator took to answer.
+
+    def first_batch_sent(self, req_id: str, seconds: float) -> None:
+        self._first_batches[req_id] = seconds
+        while len(self._first_batches) > FIRST_BATCHES_KEPT:
+            self._first_batches.popitem(last=False)
+
+    def first_batches(self) -> dict[str, float]:
+        """req_id -> ms from its first audio to its first animation message, the latest
+        ``FIRST_BATCHES_KEPT`` requests."""
+        return {req_id: round(seconds * 1000, 3) for req_id, seconds in self._first_batches.items()}
 
     # Fault rules.
 
