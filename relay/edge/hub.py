@@ -661,9 +661,8 @@ class _ReplyProtocol(asyncio.Protocol):
     control and the loss of the connection are passed on to redis-py's own protocol, so its
     writes (``send_command``) wait and fail exactly as before."""
 
-    def __init__(self, transport: asyncio.Transport, previous: asyncio.BaseProtocol,
-                 reader: Any, on_replies: Callable[[list[Any]], None]) -> None:
-        self._transport = transport
+    def __init__(self, previous: asyncio.BaseProtocol, reader: Any,
+                 on_replies: Callable[[list[Any]], None]) -> None:
         self._previous = previous
         self._reader = reader
         self._on_replies = on_replies
@@ -684,7 +683,7 @@ class _ReplyProtocol(asyncio.Protocol):
         transport = writer.transport
         if not isinstance(transport, asyncio.Transport) or transport.is_closing():
             return None
-        protocol = cls(transport, transport.get_protocol(), reader, on_replies)
+        protocol = cls(transport.get_protocol(), reader, on_replies)
         # Bytes redis-py's stream already took from the socket come first (none, in practice:
         # nothing is unsolicited in RESP2, and the hub reads from the start).
         buffered: Any = getattr(stream, "_buffer", None)

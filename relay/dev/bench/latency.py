@@ -323,11 +323,16 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
 
 
 async def _first_batches(http: aiohttp.ClientSession, sim_url: str) -> dict[str, float]:
-    """req_id -> the simulator's own ms from the request's first audio to its first batch."""
-    async with http.get(f"{sim_url}/_sim/first-batches") as response:
-        response.raise_for_status()
-        body = await response.json()
-    return {str(k): float(v) for k, v in body["first_batches"].items()}
+    """req_id -> the simulator's own ms from the request's first audio to its first batch;
+    empty when the simulator cannot say (its turns then count as unmatched in the figures)."""
+    try:
+        async with http.get(f"{sim_url}/_sim/first-batches") as response:
+            response.raise_for_status()
+            body = await response.json()
+        return {str(k): float(v) for k, v in body["first_batches"].items()}
+    except (aiohttp.ClientError, ValueError, KeyError, AttributeError) as exc:
+        log.warning("latency_sim_first_batches_unavailable", error=repr(exc))
+        return {}
 
 
 async def _warm_up(queue: Any, client: Any, settings: Settings, pcm: bytes) -> None:
