@@ -180,7 +180,9 @@ class Watcher:
 
 
 def _request_id(body: dict[str, Any]) -> str | None:
-    """The req_id inside a frames message's animation envelope (None if unreadable)."""
+    """The req_id inside a frames message's animation envelope (None if unreadable). Read with
+    the simulator's schema, not ``workers.speech.session.request_id_of``: that one imports the
+    SDK, which this process keeps out (see ``_measure``)."""
     try:
         envelope = proto.Message.FromString(bytes(body.get("data", b"")))
     except (TypeError, ValueError):  # protobuf's DecodeError is a ValueError
