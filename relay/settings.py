@@ -312,6 +312,8 @@ class Settings:
     dead_letter_maxlen: int = setting(1000, integer(1, 10_000_000))
     # TurnQueue.interrupt also drops turns queued before it.
     interrupt_drops_queued: bool = setting(True, flag())
+    # TurnQueue opens a clip turn of an idle conversation in its submit (first audio at once).
+    queue_open_at_submit: bool = setting(True, flag())
     # On SIGTERM, running turns get this long before hand-back.
     producer_stop_s: float = setting(20.0, SECONDS)
 

@@ -77,6 +77,35 @@ local function live_publish(stream)
 end
 """
 
+# Lua: write_start(stream, turn record, turn_id, owner, maxlen, ttl_ms, start_entry, epoch,
+# first, last) appends ``start_entry`` and then ARGV[first..last] (the turn's first audio entries,
+# seq 0, 1, ... in order; none when first > last), pushes them to the live channel, and makes the
+# turn record say that this turn is active at ``epoch`` with those entries appended (``na`` and
+# ``last``, exactly as the append script would have left them); returns the start entry's id. The
+# caller has checked that the turn may open and has called ``live_begin`` (with whatever it
+# appended before: a superseded turn's interrupt). Opening here and opening a queued turn at its
+# submit (``workers.queue.records``) share it, so the two can never disagree on the record.
+WRITE_START = LIVE_PUSH + """
+local function write_start(stream, record, turn, owner, maxlen, ttl_ms, start_entry, epoch,
+                           first, last_arg)
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', start_entry)
+  live_add(id, start_entry)
+  local last = id
+  for i = first, last_arg do
+    last = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i])
+    live_add(last, ARGV[i])
+  end
+  live_publish(stream)
+  redis.call('DEL', record)
+  redis.call('HSET', record, 'id', turn, 'start', id, 'status', 'active', 'owner', owner,
+             'epoch', epoch)
+  if last_arg >= first then redis.call('HSET', record, 'na', last_arg - first + 1, 'last', last) end
+  redis.call('PEXPIRE', stream, ttl_ms)
+  redis.call('PEXPIRE', record, ttl_ms)
+  return id
+end
+"""
+
 # KEYS: stream, turn, guard hash (the turn record itself when there is no guard), lock (the turn
 # record when there is none). ARGV: turn_id, owner, maxlen, ttl_ms, start_entry,
 # expected_previous, interrupt_entry_for_previous, epoch, guard field ('' for none), guard value,
@@ -94,7 +123,7 @@ end
 # active at the same epoch, and answers {2, start_id}, the first run's start; nothing is written
 # or pushed again, first audio included (the first run appended it, and its watermark makes any
 # later append of those seqs a no-op too).
-_OPEN = LIVE_PUSH + TAKE_LOCK + """
+_OPEN = WRITE_START + TAKE_LOCK + """
 local epoch = ARGV[8]
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[3], ARGV[9]) ~= ARGV[10] then
   return {3}
@@ -116,21 +145,8 @@ live_begin(KEYS[1])
 if cur[2] == 'active' then
   live_add(redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7]), ARGV[7])
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[5])
-live_add(id, ARGV[5])
-local last = id
-for i = 14, #ARGV do
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[i])
-  live_add(last, ARGV[i])
-end
-live_publish(KEYS[1])
-redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'id', ARGV[1], 'start', id, 'status', 'active', 'owner', ARGV[2],
-           'epoch', epoch)
-if #ARGV >= 14 then redis.call('HSET', KEYS[2], 'na', #ARGV - 13, 'last', last) end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {1, id}
+return {1, write_start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], epoch,
+                      14, #ARGV)}
 """
 
 # KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms ('0': leave the expiry alone, see

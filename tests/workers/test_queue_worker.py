@@ -62,8 +62,9 @@ async def test_at_the_cap_a_kept_session_serves_its_conversations_next_job(
     messages = await wait_turn_end(redis_client, keys, "conv-kept", second)
     assert_complete(messages, second, clip)
     assert sim.sim.stats.sessions_opened == 1
-    # One claim (made with its runner lease): one epoch after the first turn's.
-    assert (await read_turn(redis_client, keys, "conv-kept")).epoch == first_epoch + 1
+    # Opened at its submit (one epoch), then one claim (made with its runner lease): no wait
+    # for room, no hand-back.
+    assert (await read_turn(redis_client, keys, "conv-kept")).epoch == first_epoch + 2
 
 
 async def test_a_job_the_kept_session_cannot_serve_gets_a_session_of_its_own(
@@ -77,8 +78,9 @@ async def test_a_job_the_kept_session_cannot_serve_gets_a_session_of_its_own(
     second = await queue.submit_clip("conv-rate", clip, sample_rate=24000)
     messages = await wait_turn_end(redis_client, keys, "conv-rate", second)
     assert_complete(messages, second, clip, rate=24000)
-    # The claim made with the lease was given back; the attempt that ran claimed after it.
-    assert (await read_turn(redis_client, keys, "conv-rate")).epoch == first_epoch + 2
+    # Opened at its submit; the claim made with the lease was given back; the attempt that
+    # ran claimed after it.
+    assert (await read_turn(redis_client, keys, "conv-rate")).epoch == first_epoch + 3
     assert sim.sim.stats.sessions_opened == 2
     assert not await redis_client.xlen(keys.dead_letters())
 

@@ -111,7 +111,7 @@ async def test_a_clip_is_its_turns_only_through_the_call_that_queued_it(
                   avatar_id=None, submitted_ms=0)
     qkeys = [keys.queue("c-b"), keys.queue_state("c-b"), keys.turns_done("c-b"),
              keys.queued_audio_upload("c-b", "n1"), keys.queued_audio("c-b", "t1")]
-    args = ["t1", job.encode(), 0, 2, 60_000]
+    args = ["t1", job.encode(), 0, 2, 60_000, 0]  # 0: not opened at submit
     commands = [("SET", qkeys[3], first, "PX", 60_000),
                 ("EVALSHA", store._submit.sha, len(qkeys), *qkeys, *args)]  # noqa: SLF001
     await redis_client.script_load(store._submit.script)  # noqa: SLF001
@@ -124,7 +124,7 @@ async def test_a_clip_is_its_turns_only_through_the_call_that_queued_it(
     # Without its upload (the SET failed) the script writes nothing and says so.
     missing = [("EVALSHA", store._submit.sha, len(qkeys), *qkeys[:3],  # noqa: SLF001
                 keys.queued_audio_upload("c-b", "n2"), keys.queued_audio("c-b", "t9"),
-                "t9", job.encode(), 0, 2, 60_000)]
+                "t9", job.encode(), 0, 2, 60_000, 0)]
     [reply] = await in_order(redis_client, missing)
     assert int(reply[0]) == -3
     assert await redis_client.xlen(keys.queue("c-b")) == 1

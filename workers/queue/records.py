@@ -28,6 +28,10 @@ slot, atomic together with the turn record the fenced stream writes check (``rel
 A claim bumps the epoch and writes it into the active turn record in the same step, so the
 previous attempt of a turn that is paused rather than dead is fenced out before the new one
 reads what was already delivered.
+
+A submit on a single server may also open its turn at once (``OPEN_AT_SUBMIT``): it bumps the
+epoch as a claim would and writes the turn's start and first audio, and the worker's claim then
+continues the turn like one an earlier attempt opened (docs/architecture.md "Opening at submit").
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from redis.exceptions import NoScriptError, RedisError
 from relay.keys import Keys
 from relay.lua import NOW_MS, ScriptArg, ScriptArgs, register, text
 from relay.redis_conn import RedisClient, answer, in_order
-from relay.streams import INTERRUPT_ACTIVE, Guard, InterruptExtension
+from relay.streams import INTERRUPT_ACTIVE, WRITE_START, Guard, InterruptExtension
 
 # "<turn>/<epoch>": the attempt of a queued turn allowed to run now (``run`` in the queue state).
 # Turn ids cannot contain "/", so the pair is unambiguous.
@@ -110,16 +114,51 @@ end
 return {hit, dropped}
 """
 
-# KEYS: queue, state, done, then for a clip its upload and its ``queued_audio`` key. ARGV: turn,
-# job, deadline_in_ms (0: none), max_queued, ttl_ms. Returns {1, entry id}, {0} when the turn is
-# already queued, {2} when it already left the queue (played, dead or dropped), {-1} when the
-# queue is full, {-3} when the clip's upload is missing (its SET failed: nothing written). The
-# upload becomes the turn's audio only when the turn is queued here, and is deleted otherwise.
+# Lua: open_at_submit(keys) opens a just-queued clip turn at once, when its conversation is idle,
+# so the client's first sound waits for no worker (docs/architecture.md "Opening at submit").
+# ``keys`` = {stream, turn record, runner lease, conversation lock, session leases}; ARGV[7..]:
+# owner, maxlen, stream ttl_ms, session cap, the ``turn_start`` entry, then the turn's first
+# audio entries (ARGV[6] counts them all). Idle means: this turn is the only one queued, no worker
+# runs the queue (runner lease), no producer speaks in it (conversation lock), no turn is active,
+# and fewer Motion Server sessions than the cap are held (otherwise a worker could not start the
+# turn at once, and its clients would hear its first audio, then wait). It bumps the epoch,
+# exactly as a claim does, and writes the start and first audio as that attempt (not counted:
+# ``a:<turn>`` stays 0), so a worker's claim finds the turn active and continues it after what
+# clients have (``ClaimKind.RESUME``), fencing this write's epoch like any earlier attempt's.
+OPEN_AT_SUBMIT = WRITE_START + """
+local function open_at_submit(k)
+  if redis.call('XLEN', KEYS[1]) ~= 1 then return false end
+  if redis.call('EXISTS', k[3]) == 1 or redis.call('EXISTS', k[4]) == 1 then return false end
+  if redis.call('HGET', k[2], 'status') == 'active' then return false end
+  if redis.call('ZCARD', k[5]) >= tonumber(ARGV[10]) then return false end
+  local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+  live_begin(k[1])
+  write_start(k[1], k[2], ARGV[1], ARGV[7], ARGV[8], ARGV[9], ARGV[11], tostring(epoch), 12,
+              6 + tonumber(ARGV[6]))
+  return true
+end
+"""
+
+# KEYS: queue, state, done, [the jobs stream: _SUBMIT_AND_RING only], then, to open at submit,
+# open_at_submit's five keys, then for a clip its upload and its ``queued_audio`` key. ARGV: turn,
+# job, deadline_in_ms (0: none), max_queued, ttl_ms, the count of open_at_submit's arguments (0:
+# do not open), those arguments. Returns {1, entry id}, {3, entry id} when it also opened the
+# turn, {0} when the turn is already queued, {2} when it already left the queue (played, dead or
+# dropped), {-1} when the queue is full, {-3} when the clip's upload is missing (its SET failed:
+# nothing written). The upload becomes the turn's audio only when the turn is queued here, and is
+# deleted otherwise.
 # Run twice: the second run finds the turn queued ({0}) or, if it ran meanwhile, done ({2}), and
-# deletes the upload the retried call wrote again; nothing is queued twice, and the audio of a
-# queued turn is never replaced.
-_SUBMIT_TURN = NOW_MS + """
-local function submit_turn(upload, audio)
+# deletes the upload the retried call wrote again; nothing is queued twice, the audio of a
+# queued turn is never replaced, and a turn opened at submit is not opened again (nor its first
+# audio appended again: the answer {0} comes before open_at_submit is reached).
+_SUBMIT_TURN = NOW_MS + OPEN_AT_SUBMIT + """
+local opens = tonumber(ARGV[6]) > 0
+local function key_at(base)
+  if opens then return KEYS[base + 5] end
+  return KEYS[base]
+end
+local function submit_turn(base)
+  local upload, audio = key_at(base + 1), key_at(base + 2)
   local function refuse(answer)
     if upload then redis.call('DEL', upload) end
     return answer
@@ -141,29 +180,35 @@ local function submit_turn(upload, audio)
   end
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  if opens and open_at_submit({KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4],
+                               KEYS[base + 5]}) then
+    return {3, id}
+  end
   return {1, id}
 end
 """
-_SUBMIT = _SUBMIT_TURN + "return submit_turn(KEYS[4], KEYS[5])\n"
+_SUBMIT = _SUBMIT_TURN + "return submit_turn(3)\n"
 
 # The same with its doorbell, in one atomic step, where the jobs stream can be named with the
 # conversation's keys (a single server; on a cluster it lives in another slot, and the doorbell is
-# a second call after this one). KEYS: queue, state, done, jobs, then a clip's upload and audio
-# keys. ARGV: as _SUBMIT, then the most doorbells that may wait, then the doorbell's field/value
-# pairs. Returns {-2} when that many wait (nothing written, the upload deleted), else _SUBMIT's
-# answer; a queued turn, new ({1}) or already queued ({0}), gets its doorbell.
+# a second call after this one). KEYS: queue, state, done, jobs, then as _SUBMIT. ARGV: as
+# _SUBMIT, then the most doorbells that may wait, then the doorbell's field/value pairs. Returns
+# {-2} when that many wait (nothing written, the upload deleted), else _SUBMIT's answer; a queued
+# turn, new ({1}, {3}) or already queued ({0}), gets its doorbell.
 # Run twice: the turn is not queued again ({0} or {2}, as for _SUBMIT), and an already queued
 # turn gets one more doorbell, exactly as a caller's second submit gets one: a spare doorbell
 # costs one entry (its worker finds the runner busy or the queue already run) and repairs a lost
 # one.
 _SUBMIT_AND_RING = _SUBMIT_TURN + """
-if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[6]) then
-  if KEYS[5] then redis.call('DEL', KEYS[5]) end
+local ring = 7 + tonumber(ARGV[6])
+if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[ring]) then
+  local upload = key_at(5)
+  if upload then redis.call('DEL', upload) end
   return {-2}
 end
-local queued = submit_turn(KEYS[5], KEYS[6])
-if queued[1] == 0 or queued[1] == 1 then
-  redis.call('XADD', KEYS[4], '*', unpack(ARGV, 7))
+local queued = submit_turn(4)
+if queued[1] == 0 or queued[1] == 1 or queued[1] == 3 then
+  redis.call('XADD', KEYS[4], '*', unpack(ARGV, ring + 1))
 end
 return queued
 """
@@ -386,8 +431,27 @@ class Enqueued(IntEnum):
     ALREADY_QUEUED = 0  # queued or running under that turn id: nothing changed
     QUEUED = 1
     ALREADY_DONE = 2  # the turn id already left the queue: not played again
+    OPENED = 3  # queued, and opened at once with its first audio (``OpenAtSubmit``)
     FULL = -1  # the conversation holds queue_max turns
     JOBS_FULL = -2  # max_jobs doorbells wait (``enqueue`` with a doorbell): nothing was written
+
+
+# The owner a turn opened at submit has in its turn record, until a worker's claim makes it its
+# own (the claim's ``previous_owner`` then says where the turn came from).
+SUBMIT_OWNER = "submit"
+
+
+@dataclass(frozen=True)
+class OpenAtSubmit:
+    """What a submit needs to open its turn at once (``JobStore.enqueue``): the turn record's
+    owner, the stream's maxlen and expiry, the session cap, and the entries to append: the
+    ``turn_start``, then the turn's first audio entries (seq 0, 1, ... in order)."""
+
+    owner: str
+    maxlen: int
+    ttl_ms: int
+    session_cap: int
+    entries: tuple[bytes, ...]
 
 
 class Finished(IntEnum):
@@ -464,12 +528,15 @@ class JobStore:
 
     async def enqueue(self, conversation_id: str, turn_id: str, job: bytes,
                       *, deadline_in_ms: int = 0, doorbell: DoorbellWrite | None = None,
-                      audio: bytes | None = None) -> Enqueued:
+                      audio: bytes | None = None,
+                      opening: OpenAtSubmit | None = None) -> Enqueued:
         """Queue a turn (a second submit of the same turn id changes nothing). With
         ``doorbell`` (a single server only: its stream must be nameable in the same script) the
         doorbell is written in the same atomic step, unless ``doorbell.max_waiting`` wait.
         ``audio``: a clip's PCM (its ``job`` a version 2 one, without it), uploaded in the same
-        round trip and kept beside the queue entry (see the module doc)."""
+        round trip and kept beside the queue entry (see the module doc). ``opening`` (a single
+        server only, as it names the session leases): open the turn in the same step when the
+        conversation is idle (``Enqueued.OPENED``; ``OPEN_AT_SUBMIT`` says when)."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id)]
         args: list[ScriptArg] = [turn_id, job, max(0, deadline_in_ms), self._queue_max,
@@ -478,6 +545,16 @@ class JobStore:
         if doorbell is not None:
             script = self._submit_and_ring
             keys.append(doorbell.key)
+        if opening is None:
+            args.append(0)
+        else:
+            keys += [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
+                     self._keys.queue_runner(conversation_id),
+                     self._keys.conversation_lock(conversation_id), self._keys.sdk_sessions()]
+            opened: list[ScriptArg] = [opening.owner, opening.maxlen, opening.ttl_ms,
+                                       opening.session_cap, *opening.entries]
+            args += [len(opened), *opened]
+        if doorbell is not None:
             args += [doorbell.max_waiting, *doorbell.fields]
         if audio is None:
             result = await script(keys=keys, args=args)

@@ -43,7 +43,15 @@ from workers.queue.deadletters import (
 )
 from workers.queue.input import InputBatch, read_input
 from workers.queue.jobs import KIND_CLIP, TurnJob, decode_job
-from workers.queue.records import Claim, ClaimKind, Finished, JobStore, QueuedTurn, Released
+from workers.queue.records import (
+    SUBMIT_OWNER,
+    Claim,
+    ClaimKind,
+    Finished,
+    JobStore,
+    QueuedTurn,
+    Released,
+)
 from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
 from workers.speech.resume import read_delivered
@@ -354,12 +362,16 @@ class ConversationRunner:
             log.warning("turn_history_lost")
             await self._end_for_clients(job.turn_id, claim.epoch, REASON_HISTORY_LOST)
             return None
+        # Opened by its submit (the conversation was idle): its first audio is out, and no
+        # earlier attempt of a producer ran it.
+        at_submit = claim.previous_owner == SUBMIT_OWNER
         log.info("turn_continued", audio_bytes=delivered.audio_bytes,
                  audio_ended=delivered.audio_ended, frames=delivered.frames,
-                 audio_only=delivered.audio_only)
+                 audio_only=delivered.audio_only, opened_at_submit=at_submit)
         guard = self._s.store.run_guard(job.conversation_id, job.turn_id, claim.epoch)
+        previous = "" if at_submit else claim.previous_owner
         return Attempt(epoch=claim.epoch, delivered=delivered,
-                       take_over_from=claim.previous_owner or self._take_over_from,
+                       take_over_from=previous or self._take_over_from,
                        session_lease=lease, guard=guard)
 
     async def _open(self, job: TurnJob, attempt: Attempt,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from redis.asyncio.cluster import RedisCluster
 
+from relay import wire
 from relay.keys import Keys, validate_conversation_id, validate_turn_id
 from relay.redis_conn import RedisClient, open_connections
 from relay.settings import Settings
@@ -51,8 +52,8 @@ from workers.queue.jobs import (
     MAX_CLIP_BYTES,
     TurnJob,
 )
-from workers.queue.records import Enqueued, JobStore
-from workers.speech.pcm import validate_pcm, validate_sample_rate
+from workers.queue.records import SUBMIT_OWNER, Enqueued, JobStore, OpenAtSubmit
+from workers.speech.pcm import clip_head, validate_pcm, validate_sample_rate
 
 
 def _new_turn_id(turn_id: str | None) -> str:
@@ -90,12 +91,17 @@ class TurnQueue:
     :param queue_max: submissions are refused while the conversation has this many turns queued.
     :param queue_ttl_s: a conversation's queue expires this long after its last change.
     :param drop_queued_on_interrupt: default of ``interrupt(drop_queued=...)``.
+    :param open_at_submit_cap: the session cap (``RELAY_MAX_SDK_SESSIONS``) when a clip turn of an
+        idle conversation is to be opened in its own submit, with its first ``FIRST_AUDIO_S`` of
+        audio in ``chunk_ms`` chunks (``RELAY_QUEUE_OPEN_AT_SUBMIT``; a single server only, and
+        never a turn with a deadline); None: every turn waits for a worker to open it.
     """
 
     def __init__(
         self, client: RedisClient, keys: Keys, *, input_ttl_s: int,
         max_jobs: int = DEFAULT_MAX_JOBS, stream_maxlen: int = 10_000, stream_ttl_s: int = 3600,
         queue_max: int = 64, queue_ttl_s: int = 86_400, drop_queued_on_interrupt: bool = True,
+        open_at_submit_cap: int | None = None, chunk_ms: int = 40,
     ) -> None:
         if input_ttl_s <= 0 or max_jobs <= 0:
             raise ValueError("input_ttl_s and max_jobs must be positive")
@@ -112,6 +118,14 @@ class TurnQueue:
         # cluster it lives in another slot than the conversation's keys, so the doorbell is a
         # second call, made after the turn is queued (whoever reads it must find the turn).
         self._one_step = not isinstance(client, RedisCluster)
+        # Opening a clip turn in its submit names the session leases, which only a single
+        # server can put in the same script as the conversation's keys.
+        if open_at_submit_cap is not None and open_at_submit_cap <= 0:
+            raise ValueError("open_at_submit_cap must be positive")
+        self._open_cap = open_at_submit_cap if self._one_step else None
+        self._chunk_ms = chunk_ms
+        self._stream_maxlen = stream_maxlen
+        self._stream_ttl_ms = stream_ttl_s * 1000
 
     @classmethod
     def from_settings(cls, settings: Settings, client: RedisClient) -> TurnQueue:
@@ -121,6 +135,9 @@ class TurnQueue:
             stream_maxlen=settings.stream_maxlen, stream_ttl_s=settings.stream_ttl_s,
             queue_max=settings.conversation_queue_max, queue_ttl_s=settings.job_ttl_s,
             drop_queued_on_interrupt=settings.interrupt_drops_queued,
+            open_at_submit_cap=(settings.max_sdk_sessions if settings.queue_open_at_submit
+                                else None),
+            chunk_ms=settings.chunk_ms,
         )
 
     async def open_connections(self, count: int = 8) -> int:
@@ -239,9 +256,12 @@ class TurnQueue:
         doorbell = self._doorbells.write_for(job.conversation_id, job.turn_id,
                                              max_waiting=self._max_jobs,
                                              stored_audio=audio is not None)
+        # A turn with a deadline waits for a worker to open it: one that no worker takes in
+        # time then plays none of its audio, as ``deadline_s`` promises.
+        opening = None if deadline_ms else self._opening(job)
         queued = await self._store.enqueue(job.conversation_id, job.turn_id, encoded,
                                            deadline_in_ms=deadline_ms, doorbell=doorbell,
-                                           audio=audio)
+                                           audio=audio, opening=opening)
         if queued is Enqueued.JOBS_FULL:
             raise QueueFull(f"{self._max_jobs} conversations are already waiting for a worker")
         if queued is Enqueued.FULL:
@@ -249,7 +269,23 @@ class TurnQueue:
                             "turns queued")
         if queued is Enqueued.ALREADY_DONE:
             return SUBMIT_ALREADY_DONE
-        return SUBMIT_QUEUED if queued is Enqueued.QUEUED else SUBMIT_ALREADY_QUEUED
+        if queued is Enqueued.ALREADY_QUEUED:
+            return SUBMIT_ALREADY_QUEUED
+        return SUBMIT_QUEUED
+
+    def _opening(self, job: TurnJob) -> OpenAtSubmit | None:
+        """How the submit opens a clip turn at once, when its conversation turns out idle: the
+        same ``turn_start`` and first audio entries a worker would write (``FirstAudio``)."""
+        if self._open_cap is None or job.pcm is None:
+            return None
+        head, rest = clip_head(job.pcm, sample_rate=job.sample_rate, chunk_ms=self._chunk_ms)
+        last = len(head) - 1
+        entries = [wire.turn_start(job.turn_id, sample_rate=job.sample_rate)]
+        entries += [wire.audio(job.turn_id, seq, chunk, end=not rest and seq == last)
+                    for seq, chunk in enumerate(head)]
+        return OpenAtSubmit(owner=SUBMIT_OWNER, maxlen=self._stream_maxlen,
+                            ttl_ms=self._stream_ttl_ms, session_cap=self._open_cap,
+                            entries=tuple(entries))
 
 
 def _stored_form(job: TurnJob) -> tuple[bytes, bytes | None]:

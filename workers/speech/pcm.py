@@ -32,6 +32,21 @@ def chunk_size(sample_rate: int, chunk_ms: int) -> int:
     return max(2, sample_rate * chunk_ms // 1000 * 2)
 
 
+# A clip's first call appends this much audio: the client holds it while the rest of the clip
+# waits (at most ``workers.speech.turn.MOTION_OPEN_GRACE_S``) for other turns' first audio.
+FIRST_AUDIO_S = 0.2
+
+
+def clip_head(pcm: bytes, *, sample_rate: int, chunk_ms: int) -> tuple[list[bytes], bytes]:
+    """The first ``FIRST_AUDIO_S`` of a clip in ``chunk_ms`` chunks (empty for no audio), and the
+    rest of the clip: what a turn's opening write carries, whoever makes it (a worker, or the
+    submit itself)."""
+    size = chunk_size(sample_rate, chunk_ms)
+    count = max(1, round(FIRST_AUDIO_S * 1000 / chunk_ms))
+    head = pcm[: size * count]
+    return list(split_pcm(head, size)), pcm[len(head) :]
+
+
 def split_pcm(pcm: bytes, size: int) -> Iterator[bytes]:
     for start in range(0, len(pcm), size):
         yield pcm[start : start + size]

@@ -37,7 +37,7 @@ from relay.streams import ConversationLog
 from workers.errors import ProducerError
 from workers.metrics import ProducerMetrics
 from workers.speech.frames import REASON_STALL, FramesPipe, PipeOutcome
-from workers.speech.pcm import chunk_size, pcm_seconds, validate_pcm
+from workers.speech.pcm import FIRST_AUDIO_S, chunk_size, clip_head, pcm_seconds, validate_pcm
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
 from workers.speech.session import REASON_MOTION_ERROR, MotionSession, MotionUnavailable
@@ -64,9 +64,6 @@ MOTION_BACKLOG_MAX_BYTES = 4 * 1024 * 1024
 # audio: opening one (token fetch, handshake) takes the event loop for a few ms, and turns of
 # other conversations starting at the same moment must not wait behind it for their first audio.
 MOTION_OPEN_GRACE_S = 0.05
-# A clip's first call appends this much audio: the client holds it while the rest of the clip
-# waits (at most MOTION_OPEN_GRACE_S) for other turns' first audio.
-FIRST_AUDIO_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -114,14 +111,10 @@ class FirstAudio:
                 chunk_ms: int) -> tuple[FirstAudio | None, bytes]:
         """The first ``FIRST_AUDIO_S`` of a clip in ``chunk_ms`` chunks (None for no audio), and
         the rest of the clip, for ``Turn.speak_rest``."""
-        size = chunk_size(sample_rate, chunk_ms)
-        count = max(1, round(FIRST_AUDIO_S * 1000 / chunk_ms))
-        head = pcm[: size * count]
+        head, rest = clip_head(pcm, sample_rate=sample_rate, chunk_ms=chunk_ms)
         if not head:
             return None, pcm
-        first = cls(tuple(head[i : i + size] for i in range(0, len(head), size)),
-                    end=len(head) == len(pcm))
-        return first, pcm[len(head) :]
+        return cls(tuple(head), end=not rest), rest
 
     @property
     def audio_bytes(self) -> int:
