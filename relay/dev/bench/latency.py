@@ -232,12 +232,15 @@ async def baseline(redis_url: str, samples: int, log_dir: Path, gap_s: float = 0
 
 async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -> dict[str, Any]:
     prefix = f"lat{n}"
+    # The backend's TurnQueue reads the session cap too (it opens a turn at submit only below
+    # it): the same value as the producer's, as a deployment sets it.
+    cap = n + 8
     secret = secrets.token_urlsafe(32)
     env = child_env(Settings(key_prefix=prefix), redis_url, secret)
     env.update({"RELAY_LOG_LEVEL": "warning", "RELAY_SIM_REALTIME": "true",
                 "RELAY_SIM_BATCH_KEYFRAMES": str(SIM_BATCH_KEYFRAMES),
                 "RELAY_SIM_FIRST_BATCH_DELAY_MS": str(options.first_batch_delay_ms),
-                "RELAY_SIM_MAX_SESSIONS": "0", "RELAY_MAX_SDK_SESSIONS": str(n + 8),
+                "RELAY_SIM_MAX_SESSIONS": "0", "RELAY_MAX_SDK_SESSIONS": str(cap),
                 "RELAY_PRODUCER_CONCURRENCY": str(n + 8), **options.extra_env})
     stack = LocalStack(env, log_dir / f"latency-{n}")
     client = create_client(redis_url)
@@ -255,8 +258,8 @@ async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -
         producer = await stack.start_producer("producer-1")
         edge_child, edge = await stack.start_edge("edge-1")
         pids = {"producer": _pid(producer), "edge": _pid(edge_child)}
-        return await _measure(options, client, Settings(key_prefix=prefix), edge, secret, n,
-                              pids, sim_url)
+        settings = Settings(key_prefix=prefix, max_sdk_sessions=cap)
+        return await _measure(options, client, settings, edge, secret, n, pids, sim_url)
     finally:
         await stack.stop()
         if delay is not None:
