@@ -11,7 +11,7 @@ pairs in front of the stored pairs, so the hot path never decodes or re-encodes 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,13 @@ def turn_start(turn: str, *, sample_rate: int, audio_format: str = "pcm_s16le") 
 
 def audio(turn: str, seq: int, data: bytes, *, end: bool) -> bytes:
     return _entry(AUDIO, turn, seq=seq, data=bytes(data), end=end)
+
+
+def audio_run(turn: str, chunks: Sequence[bytes], *, end: bool) -> list[bytes]:
+    """A turn's first audio entries: seq 0, 1, ... for ``chunks``, the last one ending the
+    turn's audio when ``end`` (what a turn's opening write carries, whoever makes it)."""
+    last = len(chunks) - 1
+    return [audio(turn, seq, chunk, end=end and seq == last) for seq, chunk in enumerate(chunks)]
 
 
 def frames(turn: str, seq: int, envelope: bytes, *, last: bool) -> bytes:

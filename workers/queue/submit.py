@@ -275,17 +275,15 @@ class TurnQueue:
 
     def _opening(self, job: TurnJob) -> OpenAtSubmit | None:
         """How the submit opens a clip turn at once, when its conversation turns out idle: the
-        same ``turn_start`` and first audio entries a worker would write (``FirstAudio``)."""
+        same ``turn_start`` and first audio entries a worker would write (``FirstAudio``, which
+        this module cannot import: ``workers.speech.turn`` brings the SDK with it)."""
         if self._open_cap is None or job.pcm is None:
             return None
         head, rest = clip_head(job.pcm, sample_rate=job.sample_rate, chunk_ms=self._chunk_ms)
-        last = len(head) - 1
-        entries = [wire.turn_start(job.turn_id, sample_rate=job.sample_rate)]
-        entries += [wire.audio(job.turn_id, seq, chunk, end=not rest and seq == last)
-                    for seq, chunk in enumerate(head)]
+        start = wire.turn_start(job.turn_id, sample_rate=job.sample_rate)
         return OpenAtSubmit(owner=SUBMIT_OWNER, maxlen=self._stream_maxlen,
                             ttl_ms=self._stream_ttl_ms, session_cap=self._open_cap,
-                            entries=tuple(entries))
+                            entries=(start, *wire.audio_run(job.turn_id, head, end=not rest)))
 
 
 def _stored_form(job: TurnJob) -> tuple[bytes, bytes | None]:

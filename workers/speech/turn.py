@@ -121,9 +121,7 @@ class FirstAudio:
         return sum(len(chunk) for chunk in self.chunks)
 
     def entries(self, turn_id: str) -> list[bytes]:
-        last = len(self.chunks) - 1
-        return [wire.audio(turn_id, seq, chunk, end=self.end and seq == last)
-                for seq, chunk in enumerate(self.chunks)]
+        return wire.audio_run(turn_id, self.chunks, end=self.end)
 
 
 @dataclass(frozen=True)
