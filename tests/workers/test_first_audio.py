@@ -28,7 +28,9 @@ from tests.helpers.producer import (
     tone,
     wait_turn_end,
 )
+from workers.queue.submit import TurnQueue
 from workers.speech import turn as turn_module
+from workers.speech.pcm import AUDIO_BATCH_MAX, chunk_size
 from workers.speech.producer import Attempt
 from workers.speech.resume import Delivered
 from workers.speech.turn import FirstAudio
@@ -251,6 +253,30 @@ async def test_queued_first_turn_audio_before_the_session(
             await asyncio.sleep(0.005)
     assert slow_sim.sim.stats.sessions_opened == 0
     messages = await wait_turn_end(redis_client, keys, "conv-queued-early", turn_id)
+    assert_complete(messages, turn_id, clip)
+
+
+@pytest.mark.parametrize("open_at_submit", [True, False])
+async def test_short_chunks_cap_the_first_write_at_one_append(
+    settings, redis_client, keys, run_worker, open_at_submit
+):
+    """At 5 ms chunks 200 ms would be 40 chunks, more than one append call takes: the first
+    write (the submit's or the worker's) carries 32, and the rest of the clip follows."""
+    chunk_settings = settings.with_overrides(chunk_ms=5, queue_open_at_submit=open_at_submit)
+    queue = TurnQueue.from_settings(chunk_settings, redis_client)
+    clip = tone(0.5, freq=290.0)
+    if not open_at_submit:
+        await run_worker(chunk_ms=5)
+    async with live_pushes(redis_client, keys, "conv-5ms") as next_push:
+        turn_id = await queue.submit_clip("conv-5ms", clip, sample_rate=RATE)
+        first = await next_push()
+    size = chunk_size(RATE, 5)
+    assert lead_kinds(first) == [(wire.TURN_START, None, None)] + [
+        (wire.AUDIO, seq, False) for seq in range(AUDIO_BATCH_MAX)]
+    assert b"".join(m.get("data") for m in first[1:]) == clip[: AUDIO_BATCH_MAX * size]
+    if open_at_submit:
+        await run_worker(chunk_ms=5)
+    messages = await wait_turn_end(redis_client, keys, "conv-5ms", turn_id)
     assert_complete(messages, turn_id, clip)
 
 

@@ -37,7 +37,15 @@ from relay.streams import ConversationLog
 from workers.errors import ProducerError
 from workers.metrics import ProducerMetrics
 from workers.speech.frames import REASON_STALL, FramesPipe, PipeOutcome
-from workers.speech.pcm import FIRST_AUDIO_S, chunk_size, clip_head, pcm_seconds, validate_pcm
+from workers.speech.pcm import (
+    AUDIO_BATCH_MAX,
+    AUDIO_BATCH_MAX_BYTES,
+    chunk_size,
+    clip_head,
+    first_audio_chunks,
+    pcm_seconds,
+    validate_pcm,
+)
 from workers.speech.pool import SessionPool
 from workers.speech.resume import Delivered
 from workers.speech.session import REASON_MOTION_ERROR, MotionSession, MotionUnavailable
@@ -49,12 +57,10 @@ log = structlog.get_logger(__name__)
 STATUS_ABANDONED = "abandoned"
 REASON_FAILOVER = "producer_failover"
 
-# ``send_many`` appends the audio entries of up to this many chunks (and at most this many bytes
-# of audio, but always at least one chunk) in one fenced call, all before any of them goes to the
-# Motion Server; more chunks are split into further calls. Bounds one call's size; the chunks are
-# the caller's, nothing more is buffered.
-AUDIO_BATCH_MAX = 32
-AUDIO_BATCH_MAX_BYTES = 512 * 1024
+# ``send_many`` appends the audio entries of up to ``AUDIO_BATCH_MAX`` chunks (and at most
+# ``AUDIO_BATCH_MAX_BYTES``, but always one chunk) in one fenced call, all before any of them goes
+# to the Motion Server; more chunks are split into further calls. The chunks are the caller's,
+# nothing more is buffered.
 # Overflow policy "motion_backlog": while the turn's session is still opening, at most this many
 # bytes of audio (already in the stream) wait to be sent to it; past that the audio path waits
 # for the session to be ready (or to fail) before it appends more. Bounds what a turn holds for
@@ -109,7 +115,7 @@ class FirstAudio:
     @classmethod
     def of_clip(cls, pcm: bytes, *, sample_rate: int,
                 chunk_ms: int) -> tuple[FirstAudio | None, bytes]:
-        """The first ``FIRST_AUDIO_S`` of a clip in ``chunk_ms`` chunks (None for no audio), and
+        """The clip's head (``pcm.clip_head``: its first 200 ms) in chunks (None for no audio), and
         the rest of the clip, for ``Turn.speak_rest``."""
         head, rest = clip_head(pcm, sample_rate=sample_rate, chunk_ms=chunk_ms)
         if not head:
@@ -376,16 +382,16 @@ class Turn:
         return await (self.abandon() if self.epoch else self.abort())
 
     async def _speak(self, pcm: bytes) -> TurnResult:
-        """The clip's first ``FIRST_AUDIO_S`` go in one call of their own (unless they went with
-        the turn's start, ``FirstAudio``), so the client's first audio waits for no other write;
+        """The clip's first 200 ms (``pcm.first_audio_chunks``) go in one call of their own
+        (unless they went with the turn's start, ``FirstAudio``), so the client's first audio
+        waits for no other write;
         the rest, once no turn of the producer still waits for its first audio (at most
         ``MOTION_OPEN_GRACE_S``, well inside what the client already holds), in calls of up to
         ``AUDIO_BATCH_MAX`` chunks (one per chunk would delay every later turn's first audio when
         many start together). The last chunk carries the end."""
         size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
         starts = list(range(0, len(pcm), size))
-        first = 0 if self._first_audio else max(1, round(FIRST_AUDIO_S * 1000
-                                                          / self._services.chunk_ms))
+        first = 0 if self._first_audio else first_audio_chunks(self._services.chunk_ms)
         per_call = max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
         groups = [starts[:first]] + [starts[i : i + per_call]
                                      for i in range(first, len(starts), per_call)]
