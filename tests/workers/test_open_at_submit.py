@@ -5,6 +5,8 @@ worker and the unmodified SDK against the simulator."""
 
 from __future__ import annotations
 
+import pytest
+
 from relay import wire
 from relay.streams import ConversationLog, read_turn
 from tests.helpers.jobs import assert_played_once, split_turns
@@ -17,9 +19,10 @@ from tests.helpers.producer import (
     wait_turn_end,
 )
 from workers.queue.deadletters import DeadLetters
-from workers.queue.records import SUBMIT_OWNER, Enqueued, JobStore
+from workers.queue.records import SUBMIT_OWNER, ClaimKind, Enqueued, JobStore
 from workers.queue.submit import TurnQueue
 from workers.speech.pcm import FIRST_AUDIO_S, chunk_size
+from workers.speech.resume import read_delivered
 
 FIRST_BYTES = chunk_size(RATE, 40) * round(FIRST_AUDIO_S * 1000 / 40)
 
@@ -128,3 +131,26 @@ async def test_interrupted_before_a_worker_took_it(redis_client, keys, queue, ru
     assert sum(1 for m in cut if m.kind == wire.AUDIO) == 5
     assert list(split_turns(messages)) == [turn_id, after]
     assert not await DeadLetters(redis_client, keys, maxlen=10).count()
+
+
+@pytest.mark.parametrize(("seconds", "ended"), [(1.0, False), (0.1, True)])
+async def test_the_first_claim_says_what_the_submit_appended(redis_client, keys, queue,
+                                                             seconds, ended):
+    """The worker continues a turn opened at submit from what its claim reports, without reading
+    the stream back: that report must be exactly what the stream holds. A later claim (the first
+    worker died) reports nothing, as only the stream knows what that worker appended."""
+    clip = tone(seconds)
+    turn_id = await queue.submit_clip("conv-claim", clip, sample_rate=RATE)
+    store = JobStore(redis_client, keys, ttl_s=60, lease_s=60)
+    head = await store.head("conv-claim")
+    claim = await store.claim("conv-claim", head, owner="worker-1")
+    assert claim.kind is ClaimKind.RESUME and claim.previous_owner == SUBMIT_OWNER
+    stream = await read_delivered(redis_client, keys, "conv-claim", turn_id, claim.start_id)
+    assert stream is not None and claim.submitted is not None
+    assert (claim.submitted.entries, claim.submitted.audio_bytes, claim.submitted.ended) == (
+        stream.next_seq, stream.audio_bytes, stream.audio_ended)
+    assert stream.audio_ended is ended
+    assert stream.audio_bytes == min(len(clip), FIRST_BYTES)
+    again = await store.claim("conv-claim", head, owner="worker-2")
+    assert (again.kind, again.previous_owner, again.submitted) == (
+        ClaimKind.RESUME, "worker-1", None)

@@ -19,7 +19,10 @@ slot, atomic together with the turn record the fenced stream writes check (``rel
   submits are idempotent per turn id), ``err:<turn>`` the last attempt's error, ``epoch`` a counter
   that never repeats, and ``run`` = ``<turn>/<epoch>``: the one attempt allowed to run now;
   ``claim``, ``claimed_from`` and ``stepped`` only let a retried claim or step-back answer as its
-  first run did (every script here says what a second run does: redis-py retries commands).
+  first run did (every script here says what a second run does: redis-py retries commands);
+  ``h:<turn>`` = ``<audio entries> <audio bytes> <ended 0|1>``: what a submit that opened the turn
+  appended (``OPEN_AT_SUBMIT``), which the first claim hands its worker instead of the worker
+  reading it back from the stream.
 * ``Keys.queue_runner(c)``: ``<owner>|<doorbell id>`` with an expiry: the worker running the
   queue, and the doorbell in the jobs group that backs it (``workers.queue.doorbells``). Whoever
   ends up
@@ -117,14 +120,15 @@ return {hit, dropped}
 # Lua: open_at_submit(keys) opens a just-queued clip turn at once, when its conversation is idle,
 # so the client's first sound waits for no worker (docs/architecture.md "Opening at submit").
 # ``keys`` = {stream, turn record, runner lease, conversation lock, session leases}; ARGV[7..]:
-# owner, maxlen, stream ttl_ms, session cap, the ``turn_start`` entry, then the turn's first
-# audio entries (ARGV[6] counts them all). Idle means: this turn is the only one queued, no worker
-# runs the queue (runner lease), no producer speaks in it (conversation lock), no turn is active,
-# and fewer Motion Server sessions than the cap are held (otherwise a worker could not start the
-# turn at once, and its clients would hear its first audio, then wait). It bumps the epoch,
-# exactly as a claim does, and writes the start and first audio as that attempt (not counted:
-# ``a:<turn>`` stays 0), so a worker's claim finds the turn active and continues it after what
-# clients have (``ClaimKind.RESUME``), fencing this write's epoch like any earlier attempt's.
+# owner, maxlen, stream ttl_ms, session cap, what the first audio holds (``h:<turn>`` in the
+# state), the ``turn_start`` entry, then the turn's first audio entries (ARGV[6] counts them
+# all). Idle means: this turn is the only one queued, no worker runs the queue (runner lease), no
+# producer speaks in it (conversation lock), no turn is active, and fewer Motion Server sessions
+# than the cap are held (otherwise a worker could not start the turn at once, and its clients
+# would hear its first audio, then wait). It bumps the epoch, exactly as a claim does, and writes
+# the start and first audio as that attempt (not counted: ``a:<turn>`` stays 0), so a worker's
+# claim finds the turn active and continues it after what clients have (``ClaimKind.RESUME``),
+# fencing this write's epoch like any earlier attempt's.
 OPEN_AT_SUBMIT = WRITE_START + """
 local function open_at_submit(k)
   if redis.call('XLEN', KEYS[1]) ~= 1 then return false end
@@ -132,8 +136,9 @@ local function open_at_submit(k)
   if redis.call('HGET', k[2], 'status') == 'active' then return false end
   if redis.call('ZCARD', k[5]) >= tonumber(ARGV[10]) then return false end
   local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+  redis.call('HSET', KEYS[2], 'h:' .. ARGV[1], ARGV[11])
   live_begin(k[1])
-  write_start(k[1], k[2], ARGV[1], ARGV[7], ARGV[8], ARGV[9], ARGV[11], tostring(epoch), 12,
+  write_start(k[1], k[2], ARGV[1], ARGV[7], ARGV[8], ARGV[9], ARGV[12], tostring(epoch), 13,
               6 + tonumber(ARGV[6]))
   return true
 end
@@ -216,14 +221,15 @@ return queued
 # Lua: claim(state, turn record, queue, turn, owner, max_attempts, ttl_ms, deadline_ms (0: none),
 # claim id (unique per call)) counts the attempt, makes it the one allowed to run, and fences any
 # earlier attempt of an active turn. Returns {kind, epoch, attempts, start id, previous owner,
-# status}. The script must define ``now`` (server ms) first.
+# status, what the turn's submit appended when it opened the turn (``h:<turn>``; '' if it did
+# not)}. The script must define ``now`` (server ms) first.
 # Run twice: the claim id is kept in the state (``claim``), and a second run with the same id
 # counts nothing and bumps no epoch: it answers the first run's epoch and attempts (a retried
 # claim would otherwise burn an attempt and send a turn to the dead letters early).
 CLAIM_TURN = """
 local function claim(state, record, queue, turn, owner, max_attempts, ttl_ms, deadline, claim_id)
   local a_key = 'a:' .. turn
-  if redis.call('HEXISTS', state, a_key) == 0 then return {'gone', 0, 0, '', '', ''} end
+  if redis.call('HEXISTS', state, a_key) == 0 then return {'gone', 0, 0, '', '', '', ''} end
   local attempts, epoch
   local again = redis.call('HGET', state, 'claim') == claim_id
   if again then
@@ -239,18 +245,19 @@ local function claim(state, record, queue, turn, owner, max_attempts, ttl_ms, de
   local cur = redis.call('HMGET', record, 'id', 'status', 'start', 'owner')
   local over = attempts > tonumber(max_attempts)
   if cur[1] == turn then
-    if cur[2] ~= 'active' then return {'finished', epoch, attempts, cur[3], '', cur[2]} end
+    if cur[2] ~= 'active' then return {'finished', epoch, attempts, cur[3], '', cur[2], ''} end
     -- the owner before the first run (a second run would see the caller itself)
     local previous = cur[4] or ''
     if again then previous = redis.call('HGET', state, 'claimed_from') or '' end
     redis.call('HSET', state, 'claimed_from', previous)
     redis.call('HSET', record, 'epoch', epoch, 'owner', owner)
-    return {over and 'dead' or 'resume', epoch, attempts, cur[3], previous, 'active'}
+    local submitted = redis.call('HGET', state, 'h:' .. turn) or ''
+    return {over and 'dead' or 'resume', epoch, attempts, cur[3], previous, 'active', submitted}
   end
-  if over then return {'dead', epoch, attempts, '', '', ''} end
+  if over then return {'dead', epoch, attempts, '', '', '', ''} end
   deadline = tonumber(deadline)
-  if deadline > 0 and now > deadline then return {'expired', epoch, attempts, '', '', ''} end
-  return {'fresh', epoch, attempts, '', '', ''}
+  if deadline > 0 and now > deadline then return {'expired', epoch, attempts, '', '', '', ''} end
+  return {'fresh', epoch, attempts, '', '', '', ''}
 end
 """
 
@@ -260,18 +267,22 @@ _CLAIM = NOW_MS + CLAIM_TURN + """
 return claim(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
 
-# KEYS: queue, state, done, the turn's ``queued_audio``. ARGV: turn, epoch, queue entry id,
-# ttl_ms. Removes a finished turn, its clip with it. Returns 1, or 0 when it was dropped
-# meanwhile (interrupt), or -1 when another attempt runs it.
+# KEYS: queue, state, done, the turn's ``queued_audio``, its input stream (``turn_input``).
+# ARGV: turn, epoch, queue entry id, ttl_ms. Removes a finished turn, its clip and its input with
+# it. Returns 1, or 0 when it was dropped meanwhile (interrupt; its input is removed too), or -1
+# when another attempt runs it (whose input it is now).
 # Run twice: the second run finds the turn no longer queued and answers 0, which callers treat
-# as the turn having left the queue (as it has); nothing changes.
+# as the turn having left the queue (as it has); deleting the input again changes nothing.
 _FINISH = NOW_MS + REMEMBER_DONE + """
 local a_key = 'a:' .. ARGV[1]
-if redis.call('HEXISTS', KEYS[2], a_key) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[2], a_key) == 0 then
+  redis.call('DEL', KEYS[5])
+  return 0
+end
 if redis.call('HGET', KEYS[2], 'run') ~= ARGV[1] .. '/' .. ARGV[2] then return -1 end
 redis.call('XDEL', KEYS[1], ARGV[3])
-redis.call('DEL', KEYS[4])
-redis.call('HDEL', KEYS[2], a_key, 'run', 'err:' .. ARGV[1])
+redis.call('DEL', KEYS[4], KEYS[5])
+redis.call('HDEL', KEYS[2], a_key, 'run', 'err:' .. ARGV[1], 'h:' .. ARGV[1])
 remember_done(KEYS[3], ARGV[1], tonumber(ARGV[4]))
 return 1
 """
@@ -380,6 +391,24 @@ class ClaimKind(StrEnum):
 
 
 @dataclass(frozen=True)
+class SubmittedAudio:
+    """What a submit that opened its turn appended after the ``turn_start``: that many audio
+    entries (seq 0 on), that many bytes of the clip, the last one ending the audio or not."""
+
+    entries: int
+    audio_bytes: int
+    ended: bool
+
+    def encode(self) -> str:
+        return f"{self.entries} {self.audio_bytes} {int(self.ended)}"
+
+    @classmethod
+    def decode(cls, raw: str) -> SubmittedAudio:
+        entries, audio_bytes, ended = raw.split()
+        return cls(int(entries), int(audio_bytes), ended == "1")
+
+
+@dataclass(frozen=True)
 class Claim:
     kind: ClaimKind
     epoch: int
@@ -387,6 +416,9 @@ class Claim:
     start_id: str  # the turn_start entry of an opened turn, else ""
     previous_owner: str  # the producer that last ran an opened turn, else ""
     opened: bool  # the turn is active in the conversation stream
+    # The first claim of a turn opened at submit: all that is in the stream of it (nobody else
+    # wrote at the submit's epoch), so the worker need not read it back. None otherwise.
+    submitted: SubmittedAudio | None = None
 
 
 @dataclass(frozen=True)
@@ -452,6 +484,7 @@ class OpenAtSubmit:
     ttl_ms: int
     session_cap: int
     entries: tuple[bytes, ...]
+    audio: SubmittedAudio  # what ``entries`` hold after the ``turn_start``
 
 
 class Finished(IntEnum):
@@ -482,10 +515,14 @@ class DoorbellWrite:
 
 
 def _claim_of(reply: list[Any]) -> Claim:
-    kind, epoch, attempts, start, previous, status = reply
+    kind, epoch, attempts, start, previous, status, submitted = reply
+    # Only the claim that takes the turn from its submit: a later one continues after whatever
+    # the attempt before it wrote, which only the stream says.
+    from_submit = text(previous) == SUBMIT_OWNER and text(submitted)
     return Claim(kind=ClaimKind(text(kind)), epoch=int(epoch), attempts=int(attempts),
                  start_id=text(start), previous_owner=text(previous),
-                 opened=text(status) == "active")
+                 opened=text(status) == "active",
+                 submitted=SubmittedAudio.decode(text(submitted)) if from_submit else None)
 
 
 def _queued_turn(entry_id: bytes | str, fields: dict[bytes, bytes]) -> QueuedTurn:
@@ -552,7 +589,8 @@ class JobStore:
                      self._keys.queue_runner(conversation_id),
                      self._keys.conversation_lock(conversation_id), self._keys.sdk_sessions()]
             opened: list[ScriptArg] = [opening.owner, opening.maxlen, opening.ttl_ms,
-                                       opening.session_cap, *opening.entries]
+                                       opening.session_cap, opening.audio.encode(),
+                                       *opening.entries]
             args += [len(opened), *opened]
         if doorbell is not None:
             args += [doorbell.max_waiting, *doorbell.fields]
@@ -616,10 +654,12 @@ class JobStore:
         return _claim_of(await self._claim(keys=keys, args=args))
 
     async def finish(self, conversation_id: str, turn: QueuedTurn, epoch: int) -> Finished:
-        """Remove a turn that ended."""
+        """Remove a turn that ended, with its clip and its input (unless another attempt runs
+        it now)."""
         keys = [self._keys.queue(conversation_id), self._keys.queue_state(conversation_id),
                 self._keys.turns_done(conversation_id),
-                self._keys.queued_audio(conversation_id, turn.turn_id)]
+                self._keys.queued_audio(conversation_id, turn.turn_id),
+                self._keys.turn_input(conversation_id, turn.turn_id)]
         args: ScriptArgs = [turn.turn_id, epoch, turn.entry_id, self._ttl_ms]
         return Finished(int(await self._finish(keys=keys, args=args)))
 

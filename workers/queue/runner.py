@@ -54,7 +54,7 @@ from workers.queue.records import (
 )
 from workers.speech.leases import ConversationBusy
 from workers.speech.producer import Attempt, Producer
-from workers.speech.resume import read_delivered
+from workers.speech.resume import Delivered, read_delivered
 from workers.speech.turn import (
     STATUS_ABANDONED,
     FirstAudio,
@@ -356,8 +356,7 @@ class ConversationRunner:
         if claim.kind is not ClaimKind.RESUME:
             return Attempt(epoch=claim.epoch, take_over_from=self._take_over_from,
                            session_lease=lease)
-        delivered = await read_delivered(self._s.client, self._s.keys, job.conversation_id,
-                                         job.turn_id, claim.start_id)
+        delivered = await self._delivered(job, claim)
         if delivered is None:
             log.warning("turn_history_lost")
             await self._end_for_clients(job.turn_id, claim.epoch, REASON_HISTORY_LOST)
@@ -373,6 +372,16 @@ class ConversationRunner:
         return Attempt(epoch=claim.epoch, delivered=delivered,
                        take_over_from=previous or self._take_over_from,
                        session_lease=lease, guard=guard)
+
+    async def _delivered(self, job: TurnJob, claim: Claim) -> Delivered | None:
+        """What clients have of the turn: as its submit's opening wrote it (which the claim
+        reports: one round trip less on the way to the turn's frames), else read back."""
+        if claim.submitted is not None:
+            audio = claim.submitted
+            return Delivered(start_id=claim.start_id, next_seq=audio.entries,
+                             audio_bytes=audio.audio_bytes, audio_ended=audio.ended)
+        return await read_delivered(self._s.client, self._s.keys, job.conversation_id,
+                                    job.turn_id, claim.start_id)
 
     async def _open(self, job: TurnJob, attempt: Attempt,
                     first_audio: FirstAudio | None = None) -> Turn:
@@ -501,12 +510,7 @@ class ConversationRunner:
 
     async def _finish(self, head: QueuedTurn, claim: Claim) -> bool:
         finished = await self._s.store.finish(self.conversation_id, head, claim.epoch)
-        if finished is not Finished.TAKEN_OVER:
-            await self._drop_input(head)
         return finished is not Finished.TAKEN_OVER
-
-    async def _drop_input(self, head: QueuedTurn) -> None:
-        await self._s.client.delete(self._s.keys.turn_input(self.conversation_id, head.turn_id))
 
     async def _bury(self, head: QueuedTurn, claim: Claim, *, reason: str = "",
                     error: str = "", opened: bool = False) -> bool:

@@ -52,7 +52,13 @@ from workers.queue.jobs import (
     MAX_CLIP_BYTES,
     TurnJob,
 )
-from workers.queue.records import SUBMIT_OWNER, Enqueued, JobStore, OpenAtSubmit
+from workers.queue.records import (
+    SUBMIT_OWNER,
+    Enqueued,
+    JobStore,
+    OpenAtSubmit,
+    SubmittedAudio,
+)
 from workers.speech.pcm import clip_head, validate_pcm, validate_sample_rate
 
 
@@ -281,9 +287,12 @@ class TurnQueue:
             return None
         head, rest = clip_head(job.pcm, sample_rate=job.sample_rate, chunk_ms=self._chunk_ms)
         start = wire.turn_start(job.turn_id, sample_rate=job.sample_rate)
+        audio = SubmittedAudio(entries=len(head), audio_bytes=sum(len(c) for c in head),
+                               ended=bool(head) and not rest)
         return OpenAtSubmit(owner=SUBMIT_OWNER, maxlen=self._stream_maxlen,
                             ttl_ms=self._stream_ttl_ms, session_cap=self._open_cap,
-                            entries=(start, *wire.audio_run(job.turn_id, head, end=not rest)))
+                            entries=(start, *wire.audio_run(job.turn_id, head, end=not rest)),
+                            audio=audio)
 
 
 def _stored_form(job: TurnJob) -> tuple[bytes, bytes | None]:

@@ -66,11 +66,16 @@ async def read_delivered(
     if first.kind != wire.TURN_START or first.turn != turn_id:
         return None
     delivered = Delivered(start_id=start_id)
+    page = rows
     rows = rows[1:]
     while rows:
         for entry_id, stored in rows:
             message = wire.decode_server(wire.delivery(entry_id, stored))
             if message.turn == turn_id:
                 delivered = delivered.add(message)
-        rows = await read_after(client, keys, conversation_id, rows[-1][0], count=_PAGE)
+        if len(page) < _PAGE:
+            # The stream's end: nothing of the turn can follow, as the caller's claim fenced
+            # every earlier attempt (reading on would cost a round trip to learn that).
+            break
+        page = rows = await read_after(client, keys, conversation_id, rows[-1][0], count=_PAGE)
     return delivered

@@ -383,15 +383,18 @@ class Turn:
 
     async def _speak(self, pcm: bytes) -> TurnResult:
         """The clip's first 200 ms (``pcm.first_audio_chunks``) go in one call of their own
-        (unless they went with the turn's start, ``FirstAudio``), so the client's first audio
-        waits for no other write;
+        (unless clients hold audio of the turn already: ``FirstAudio`` went with its start, or
+        an earlier attempt's), so the client's first audio waits for no other write;
         the rest, once no turn of the producer still waits for its first audio (at most
         ``MOTION_OPEN_GRACE_S``, well inside what the client already holds), in calls of up to
         ``AUDIO_BATCH_MAX`` chunks (one per chunk would delay every later turn's first audio when
         many start together). The last chunk carries the end."""
         size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
         starts = list(range(0, len(pcm), size))
-        first = 0 if self._first_audio else first_audio_chunks(self._services.chunk_ms)
+        # No call of its own when clients already hold audio of the turn: its start's write
+        # carried some, or an earlier attempt (or the submit) appended some.
+        held = self._first_audio is not None or self._audio_bytes > 0
+        first = 0 if held else first_audio_chunks(self._services.chunk_ms)
         per_call = max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
         groups = [starts[:first]] + [starts[i : i + per_call]
                                      for i in range(first, len(starts), per_call)]
@@ -441,7 +444,11 @@ class Turn:
             return
         first = self._first_audio
         gate = self._services.first_audio
-        if first is None and gate is not None and not self._audio_out.is_set():
+        if first is None and self._audio_bytes > 0:
+            # Continued after audio clients already hold: no first audio to wait for, neither
+            # for its own session (``_get_motion``) nor for other turns (the producer's gate).
+            self._audio_out.set()
+        elif first is None and gate is not None and not self._audio_out.is_set():
             self._gate_ticket = gate.ticket()
         self._opening = asyncio.create_task(self._open_motion(),
                                             name=f"motion-open-{self.turn_id}")
