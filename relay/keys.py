@@ -158,6 +158,11 @@ class Keys:
         with it) from one that may only be paused."""
         return f"{self.prefix}:producer:{owner}:alive"
 
+    def sdk_session_cap(self) -> str:
+        """The session cap the producers run with (their ``RELAY_MAX_SDK_SESSIONS``), which each
+        producer publishes with an expiry: a submit that opens its turn at once checks it."""
+        return f"{self.prefix}:{{sdk}}:cap"
+
     def sdk_waiters(self) -> str:
         """Sorted set of turns waiting for a session slot (member -> expiry in ms): the demand
         that makes producers close their idle sessions early."""

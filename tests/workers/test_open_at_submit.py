@@ -10,6 +10,7 @@ import pytest
 from relay import wire
 from relay.streams import ConversationLog, read_turn
 from tests.helpers.jobs import assert_played_once, split_turns
+from tests.helpers.polling import eventually
 from tests.helpers.producer import (
     RATE,
     assert_complete,
@@ -154,3 +155,27 @@ async def test_the_first_claim_says_what_the_submit_appended(redis_client, keys,
     again = await store.claim("conv-claim", head, owner="worker-2")
     assert (again.kind, again.previous_owner, again.submitted) == (
         ClaimKind.RESUME, "worker-1", None)
+
+
+async def test_the_cap_checked_is_the_one_the_producers_publish(redis_client, keys, settings,
+                                                                make_producer):
+    """A backend configured with the default cap (here 2) and producers running with another:
+    the submit checks the producers' (published at start, with an expiry), and its own only
+    while none is published."""
+    queue = TurnQueue.from_settings(settings.with_overrides(max_sdk_sessions=2), redis_client)
+    await redis_client.zadd(keys.sdk_sessions(), {"a": 1, "b": 2})  # two slots held
+    producer = await make_producer(max_sdk_sessions=5, sdk_lease_s=0.6)  # renewals every 0.2 s
+    assert await redis_client.get(keys.sdk_session_cap()) == b"5"
+    assert 0 < await redis_client.pttl(keys.sdk_session_cap()) <= 1800  # 3 x the lease
+    await redis_client.delete(keys.sdk_session_cap())
+    await eventually(lambda: redis_client.get(keys.sdk_session_cap()),
+                     what="the cap published again by a renewal")
+    await queue.submit_clip("conv-published", tone(0.3), sample_rate=RATE)
+    assert len(await stream_messages(redis_client, keys, "conv-published")) == 6  # 2 < 5: opened
+    await producer.close()  # publishes no more
+    await redis_client.set(keys.sdk_session_cap(), 2)  # as a producer with a cap of 2 says
+    await queue.submit_clip("conv-at-cap", tone(0.3), sample_rate=RATE)
+    assert not await stream_messages(redis_client, keys, "conv-at-cap")
+    await redis_client.delete(keys.sdk_session_cap())  # none published: the backend's own 2
+    await queue.submit_clip("conv-own-cap", tone(0.3), sample_rate=RATE)
+    assert not await stream_messages(redis_client, keys, "conv-own-cap")

@@ -119,22 +119,24 @@ return {hit, dropped}
 
 # Lua: open_at_submit(keys) opens a just-queued clip turn at once, when its conversation is idle,
 # so the client's first sound waits for no worker (docs/architecture.md "Opening at submit").
-# ``keys`` = {stream, turn record, runner lease, conversation lock, session leases}; ARGV[7..]:
-# owner, maxlen, stream ttl_ms, session cap, what the first audio holds (``h:<turn>`` in the
-# state), the ``turn_start`` entry, then the turn's first audio entries (ARGV[6] counts them
-# all). Idle means: this turn is the only one queued, no worker runs the queue (runner lease), no
-# producer speaks in it (conversation lock), no turn is active, and fewer Motion Server sessions
-# than the cap are held (otherwise a worker could not start the turn at once, and its clients
-# would hear its first audio, then wait). It bumps the epoch, exactly as a claim does, and writes
-# the start and first audio as that attempt (not counted: ``a:<turn>`` stays 0), so a worker's
-# claim finds the turn active and continues it after what clients have (``ClaimKind.RESUME``),
-# fencing this write's epoch like any earlier attempt's.
+# ``keys`` = {stream, turn record, runner lease, conversation lock, session leases, the session
+# cap the producers published}; ARGV[7..]: owner, maxlen, stream ttl_ms, the session cap to use
+# when none is published, what the first audio holds (``h:<turn>`` in the state), the
+# ``turn_start`` entry, then the turn's first audio entries (ARGV[6] counts them all). Idle
+# means: this turn is the only one queued, no worker runs the queue (runner lease), no producer
+# speaks in it (conversation lock), no turn is active, and fewer Motion Server sessions than the
+# cap are held (otherwise a worker could not start the turn at once, and its clients would hear
+# its first audio, then wait). It bumps the epoch, exactly as a claim does, and writes the start
+# and first audio as that attempt (not counted: ``a:<turn>`` stays 0), so a worker's claim finds
+# the turn active and continues it after what clients have (``ClaimKind.RESUME``), fencing this
+# write's epoch like any earlier attempt's.
 OPEN_AT_SUBMIT = WRITE_START + """
 local function open_at_submit(k)
   if redis.call('XLEN', KEYS[1]) ~= 1 then return false end
   if redis.call('EXISTS', k[3]) == 1 or redis.call('EXISTS', k[4]) == 1 then return false end
   if redis.call('HGET', k[2], 'status') == 'active' then return false end
-  if redis.call('ZCARD', k[5]) >= tonumber(ARGV[10]) then return false end
+  local cap = tonumber(redis.call('GET', k[6]) or ARGV[10])
+  if redis.call('ZCARD', k[5]) >= cap then return false end
   local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
   redis.call('HSET', KEYS[2], 'h:' .. ARGV[1], ARGV[11])
   live_begin(k[1])
@@ -145,7 +147,7 @@ end
 """
 
 # KEYS: queue, state, done, [the jobs stream: _SUBMIT_AND_RING only], then, to open at submit,
-# open_at_submit's five keys, then for a clip its upload and its ``queued_audio`` key. ARGV: turn,
+# open_at_submit's six keys, then for a clip its upload and its ``queued_audio`` key. ARGV: turn,
 # job, deadline_in_ms (0: none), max_queued, ttl_ms, the count of open_at_submit's arguments (0:
 # do not open), those arguments. Returns {1, entry id}, {3, entry id} when it also opened the
 # turn, {0} when the turn is already queued, {2} when it already left the queue (played, dead or
@@ -159,7 +161,7 @@ end
 _SUBMIT_TURN = NOW_MS + OPEN_AT_SUBMIT + """
 local opens = tonumber(ARGV[6]) > 0
 local function key_at(base)
-  if opens then return KEYS[base + 5] end
+  if opens then return KEYS[base + 6] end
   return KEYS[base]
 end
 local function submit_turn(base)
@@ -186,7 +188,7 @@ local function submit_turn(base)
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   if opens and open_at_submit({KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4],
-                               KEYS[base + 5]}) then
+                               KEYS[base + 5], KEYS[base + 6]}) then
     return {3, id}
   end
   return {1, id}
@@ -476,8 +478,9 @@ SUBMIT_OWNER = "submit"
 @dataclass(frozen=True)
 class OpenAtSubmit:
     """What a submit needs to open its turn at once (``JobStore.enqueue``): the turn record's
-    owner, the stream's maxlen and expiry, the session cap, and the entries to append: the
-    ``turn_start``, then the turn's first audio entries (seq 0, 1, ... in order)."""
+    owner, the stream's maxlen and expiry, the session cap to check when no producer published
+    one (``Keys.sdk_session_cap``), and the entries to append: the ``turn_start``, then the
+    turn's first audio entries (seq 0, 1, ... in order)."""
 
     owner: str
     maxlen: int
@@ -587,7 +590,8 @@ class JobStore:
         else:
             keys += [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
                      self._keys.queue_runner(conversation_id),
-                     self._keys.conversation_lock(conversation_id), self._keys.sdk_sessions()]
+                     self._keys.conversation_lock(conversation_id), self._keys.sdk_sessions(),
+                     self._keys.sdk_session_cap()]
             opened: list[ScriptArg] = [opening.owner, opening.maxlen, opening.ttl_ms,
                                        opening.session_cap, opening.audio.encode(),
                                        *opening.entries]

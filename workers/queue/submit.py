@@ -97,10 +97,11 @@ class TurnQueue:
     :param queue_max: submissions are refused while the conversation has this many turns queued.
     :param queue_ttl_s: a conversation's queue expires this long after its last change.
     :param drop_queued_on_interrupt: default of ``interrupt(drop_queued=...)``.
-    :param open_at_submit_cap: the session cap (``RELAY_MAX_SDK_SESSIONS``) when a clip turn of an
-        idle conversation is to be opened in its own submit, with its first ``FIRST_AUDIO_S`` of
-        audio in ``chunk_ms`` chunks (``RELAY_QUEUE_OPEN_AT_SUBMIT``; a single server only, and
-        never a turn with a deadline); None: every turn waits for a worker to open it.
+    :param open_at_submit_cap: set when a clip turn of an idle conversation is to be opened in
+        its own submit, with its first ``FIRST_AUDIO_S`` of audio in ``chunk_ms`` chunks
+        (``RELAY_QUEUE_OPEN_AT_SUBMIT``; a single server only, and never a turn with a deadline):
+        the session cap to check when no producer published theirs (every running producer
+        does, ``Keys.sdk_session_cap``); None: every turn waits for a worker to open it.
     """
 
     def __init__(

@@ -137,6 +137,9 @@ end
 return lost
 """
 
+# The published cap outlives this many renewal rounds of its producer without a new one.
+_CAP_PUBLISHED_RENEWALS = 9
+
 # A fenced session's close is given this long (its lease's early expiry leaves this much).
 FENCE_CLOSE_S = 2.0
 
@@ -240,6 +243,7 @@ class SessionLeases:
         self._client = client
         self._key = keys.sdk_sessions()
         self._waiters_key = keys.sdk_waiters()
+        self._cap_key = keys.sdk_session_cap()
         self._cap = cap
         self._lease_s = lease_s
         self._lease_ms = int(lease_s * 1000)
@@ -353,11 +357,23 @@ class SessionLeases:
         await self._client.zrem(self._key, lease_id)
         self._wakeup.fire()
 
+    async def publish_cap(self) -> None:
+        """Say what the cap is (``Keys.sdk_session_cap``) for submits that check it without
+        being configured with it; it expires when no producer has said so for
+        ``_CAP_PUBLISHED_RENEWALS`` renewal periods. Producers that disagree (a rolling change of
+        the setting) overwrite each other; the acquire script keeps using each one's own."""
+        ttl_ms = max(1, int(self._lease_ms / 3 * _CAP_PUBLISHED_RENEWALS))
+        await self._client.set(self._cap_key, self._cap, px=ttl_ms)
+
     async def renew(self) -> None:
-        """Extend every held slot still inside its fence; give up the ones lost meanwhile."""
+        """Extend every held slot still inside its fence and give up the ones lost meanwhile;
+        then publish the cap again (after: that write must never hold up a renewal)."""
         self.check_fences()
-        if not self._held:
-            return
+        if self._held:
+            await self._renew_held()
+        await self.publish_cap()
+
+    async def _renew_held(self) -> None:
         held = sorted(self._held)
         sent = self._loop_time()
         lost = await self._renew(keys=[self._key], args=[self._cap, *self._expiry, *held])

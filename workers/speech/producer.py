@@ -231,6 +231,7 @@ class Producer:
                                             simulated=self._endpoints.simulated)
         await prewarm_sdk(self._endpoints)  # never raises; best effort, bounded by the SDK
         await self._open_connections()
+        await self._session_leases.publish_cap()  # then with every renewal
         self._tokens.start()
         await self._control.start()
         self._session_leases.start()

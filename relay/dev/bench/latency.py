@@ -232,8 +232,8 @@ async def baseline(redis_url: str, samples: int, log_dir: Path, gap_s: float = 0
 
 async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -> dict[str, Any]:
     prefix = f"lat{n}"
-    # The backend's TurnQueue reads the session cap too (it opens a turn at submit only below
-    # it): the same value as the producer's, as a deployment sets it.
+    # The producer's session cap; the backend's TurnQueue, left at the default, checks the cap
+    # the producer publishes when it opens a turn at submit (only below it).
     cap = n + 8
     secret = secrets.token_urlsafe(32)
     env = child_env(Settings(key_prefix=prefix), redis_url, secret)
@@ -258,7 +258,7 @@ async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -
         producer = await stack.start_producer("producer-1")
         edge_child, edge = await stack.start_edge("edge-1")
         pids = {"producer": _pid(producer), "edge": _pid(edge_child)}
-        settings = Settings(key_prefix=prefix, max_sdk_sessions=cap)
+        settings = Settings(key_prefix=prefix)
         return await _measure(options, client, settings, edge, secret, n, pids, sim_url)
     finally:
         await stack.stop()
