@@ -163,6 +163,11 @@ class Keys:
         producer publishes with an expiry: a submit that opens its turn at once checks it."""
         return f"{self.prefix}:{{sdk}}:cap"
 
+    def sdk_kept(self) -> str:
+        """Hash: conversation id -> the lease id of the Motion Server session a producer keeps
+        for it (a submit that opens its turn at once may, at the cap, count on that session)."""
+        return f"{self.prefix}:{{sdk}}:kept"
+
     def sdk_waiters(self) -> str:
         """Sorted set of turns waiting for a session slot (member -> expiry in ms): the demand
         that makes producers close their idle sessions early."""

@@ -179,3 +179,27 @@ async def test_the_cap_checked_is_the_one_the_producers_publish(redis_client, ke
     await redis_client.delete(keys.sdk_session_cap())  # none published: the backend's own 2
     await queue.submit_clip("conv-own-cap", tone(0.3), sample_rate=RATE)
     assert not await stream_messages(redis_client, keys, "conv-own-cap")
+
+
+async def test_at_the_cap_only_the_conversations_own_kept_session_lets_it_open(
+        redis_client, keys, settings):
+    """Every slot held: a turn is still opened at submit when one of them is the session kept
+    for its own conversation (a worker starts it at once on that session), not when the mark
+    names another conversation's or a lease no longer in the set (a producer that crashed)."""
+    queue = TurnQueue.from_settings(settings.with_overrides(max_sdk_sessions=2), redis_client)
+    await redis_client.zadd(keys.sdk_sessions(), {"p:live-1": 1, "p:live-2": 2})
+    await redis_client.hset(keys.sdk_kept(), mapping={
+        "conv-own": "p:live-1", "conv-other": "p:live-2", "conv-stale": "p:gone"})
+    for conv, opened in (("conv-own", True), ("conv-stale", False), ("conv-none", False)):
+        await queue.submit_clip(conv, tone(0.3), sample_rate=RATE)
+        assert bool(await stream_messages(redis_client, keys, conv)) is opened, conv
+
+
+async def test_a_kept_session_is_marked_while_it_lives(redis_client, keys, make_producer):
+    producer = await make_producer()
+    await producer.speak("conv-marked", tone(0.2))
+    lease = await redis_client.hget(keys.sdk_kept(), "conv-marked")
+    assert lease is not None and await redis_client.zscore(keys.sdk_sessions(), lease) is not None
+    await producer.close()  # closes the session: its slot and its mark go
+    assert await redis_client.hget(keys.sdk_kept(), "conv-marked") is None
+    assert await redis_client.zscore(keys.sdk_sessions(), lease) is None

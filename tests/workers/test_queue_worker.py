@@ -62,10 +62,10 @@ async def test_at_the_cap_a_kept_session_serves_its_conversations_next_job(
     messages = await wait_turn_end(redis_client, keys, "conv-kept", second)
     assert_complete(messages, second, clip)
     assert sim.sim.stats.sessions_opened == 1
-    # Not opened at its submit: the only slot is held (by this conversation's own kept session,
-    # which the submit's check cannot tell from another's); one claim, made with its runner
-    # lease: no wait for room, no hand-back.
-    assert (await read_turn(redis_client, keys, "conv-kept")).epoch == first_epoch + 1
+    # Opened at its submit although the only slot is held: by this conversation's own kept
+    # session (one epoch); then one claim, made with its runner lease: no wait for room, no
+    # hand-back.
+    assert (await read_turn(redis_client, keys, "conv-kept")).epoch == first_epoch + 2
 
 
 async def test_a_job_the_kept_session_cannot_serve_gets_a_session_of_its_own(

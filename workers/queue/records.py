@@ -119,35 +119,39 @@ return {hit, dropped}
 
 # Lua: open_at_submit(keys) opens a just-queued clip turn at once, when its conversation is idle,
 # so the client's first sound waits for no worker (docs/architecture.md "Opening at submit").
-# ``keys`` = {stream, turn record, runner lease, conversation lock, session leases, the session
-# cap the producers published}; ARGV[7..]: owner, maxlen, stream ttl_ms, the session cap to use
-# when none is published, what the first audio holds (``h:<turn>`` in the state), the
-# ``turn_start`` entry, then the turn's first audio entries (ARGV[6] counts them all). Idle
-# means: this turn is the only one queued, no worker runs the queue (runner lease), no producer
-# speaks in it (conversation lock), no turn is active, and fewer Motion Server sessions than the
-# cap are held (otherwise a worker could not start the turn at once, and its clients would hear
-# its first audio, then wait). It bumps the epoch, exactly as a claim does, and writes the start
-# and first audio as that attempt (not counted: ``a:<turn>`` stays 0), so a worker's claim finds
-# the turn active and continues it after what clients have (``ClaimKind.RESUME``), fencing this
-# write's epoch like any earlier attempt's.
+# ``keys`` = {stream, turn record, runner lease, conversation lock, session leases, the session cap
+# the producers published, the kept sessions' marks}; ARGV[7..]: owner, maxlen, stream ttl_ms, the
+# session cap to use when none is published, the conversation id, what the first audio holds
+# (``h:<turn>`` in the state), the ``turn_start`` entry, then the turn's first audio entries
+# (ARGV[6] counts them all). Idle means: this turn is the only one queued, no worker runs the queue
+# (runner lease), no producer speaks in it (conversation lock), no turn is active, and fewer Motion
+# Server sessions than the cap are held, or the conversation's own kept session (its mark names a
+# lease still in the set) holds one (otherwise a worker could not start the turn at once, and its
+# clients would hear its first audio, then wait). It bumps the epoch, exactly as a claim does, and
+# writes the start and first audio as that attempt (not counted: ``a:<turn>`` stays 0), so a
+# worker's claim finds the turn active and continues it after what clients have
+# (``ClaimKind.RESUME``), fencing this write's epoch like any earlier attempt's.
 OPEN_AT_SUBMIT = WRITE_START + """
 local function open_at_submit(k)
   if redis.call('XLEN', KEYS[1]) ~= 1 then return false end
   if redis.call('EXISTS', k[3]) == 1 or redis.call('EXISTS', k[4]) == 1 then return false end
   if redis.call('HGET', k[2], 'status') == 'active' then return false end
   local cap = tonumber(redis.call('GET', k[6]) or ARGV[10])
-  if redis.call('ZCARD', k[5]) >= cap then return false end
+  if redis.call('ZCARD', k[5]) >= cap then
+    local own = redis.call('HGET', k[7], ARGV[11])
+    if not own or not redis.call('ZSCORE', k[5], own) then return false end
+  end
   local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
-  redis.call('HSET', KEYS[2], 'h:' .. ARGV[1], ARGV[11])
+  redis.call('HSET', KEYS[2], 'h:' .. ARGV[1], ARGV[12])
   live_begin(k[1])
-  write_start(k[1], k[2], ARGV[1], ARGV[7], ARGV[8], ARGV[9], ARGV[12], tostring(epoch), 13,
+  write_start(k[1], k[2], ARGV[1], ARGV[7], ARGV[8], ARGV[9], ARGV[13], tostring(epoch), 14,
               6 + tonumber(ARGV[6]))
   return true
 end
 """
 
 # KEYS: queue, state, done, [the jobs stream: _SUBMIT_AND_RING only], then, to open at submit,
-# open_at_submit's six keys, then for a clip its upload and its ``queued_audio`` key. ARGV: turn,
+# open_at_submit's seven keys, then for a clip its upload and its ``queued_audio`` key. ARGV: turn,
 # job, deadline_in_ms (0: none), max_queued, ttl_ms, the count of open_at_submit's arguments (0:
 # do not open), those arguments. Returns {1, entry id}, {3, entry id} when it also opened the
 # turn, {0} when the turn is already queued, {2} when it already left the queue (played, dead or
@@ -161,7 +165,7 @@ end
 _SUBMIT_TURN = NOW_MS + OPEN_AT_SUBMIT + """
 local opens = tonumber(ARGV[6]) > 0
 local function key_at(base)
-  if opens then return KEYS[base + 6] end
+  if opens then return KEYS[base + 7] end
   return KEYS[base]
 end
 local function submit_turn(base)
@@ -188,7 +192,7 @@ local function submit_turn(base)
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   if opens and open_at_submit({KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4],
-                               KEYS[base + 5], KEYS[base + 6]}) then
+                               KEYS[base + 5], KEYS[base + 6], KEYS[base + 7]}) then
     return {3, id}
   end
   return {1, id}
@@ -591,10 +595,10 @@ class JobStore:
             keys += [self._keys.stream(conversation_id), self._keys.turn(conversation_id),
                      self._keys.queue_runner(conversation_id),
                      self._keys.conversation_lock(conversation_id), self._keys.sdk_sessions(),
-                     self._keys.sdk_session_cap()]
+                     self._keys.sdk_session_cap(), self._keys.sdk_kept()]
             opened: list[ScriptArg] = [opening.owner, opening.maxlen, opening.ttl_ms,
-                                       opening.session_cap, opening.audio.encode(),
-                                       *opening.entries]
+                                       opening.session_cap, conversation_id,
+                                       opening.audio.encode(), *opening.entries]
             args += [len(opened), *opened]
         if doorbell is not None:
             args += [doorbell.max_waiting, *doorbell.fields]

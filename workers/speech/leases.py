@@ -140,6 +140,23 @@ return lost
 # The published cap outlives this many renewal rounds of its producer without a new one.
 _CAP_PUBLISHED_RENEWALS = 9
 
+# KEYS: kept hash. ARGV: conversation, lease id, ttl_ms. Marks the conversation's kept session.
+# Run twice: the same mark, the expiry set again.
+_MARK_KEPT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return redis.call('PEXPIRE', KEYS[1], ARGV[3])
+"""
+# KEYS: kept hash. ARGV: conversation, lease id. Forgets the conversation's kept session only if
+# it is still this one (another producer may keep a newer one for it). Run twice: nothing left to
+# forget, nothing changes.
+_UNMARK_KEPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+# A kept session's mark outlives the last session opened anywhere by this long; a mark left by a
+# producer that crashed is harmless meanwhile (its lease is gone from the session set).
+_KEPT_TTL_MS = 24 * 3600 * 1000
+
 # A fenced session's close is given this long (its lease's early expiry leaves this much).
 FENCE_CLOSE_S = 2.0
 
@@ -244,6 +261,7 @@ class SessionLeases:
         self._key = keys.sdk_sessions()
         self._waiters_key = keys.sdk_waiters()
         self._cap_key = keys.sdk_session_cap()
+        self._kept_key = keys.sdk_kept()
         self._cap = cap
         self._lease_s = lease_s
         self._lease_ms = int(lease_s * 1000)
@@ -264,6 +282,8 @@ class SessionLeases:
         self._demand = register(client, _DEMAND)
         self._used = register(client, _USED)
         self._room = register(client, _ROOM)
+        self._mark_kept = register(client, _MARK_KEPT)
+        self._unmark_kept = register(client, _UNMARK_KEPT)
         self._renewer = Periodic("sdk-lease-renewer", lease_s / 3, self.renew)
         # Apart from the renewer: a renewal stuck on a Redis that does not answer must not hold
         # the fence up.
@@ -364,6 +384,14 @@ class SessionLeases:
         the setting) overwrite each other; the acquire script keeps using each one's own."""
         ttl_ms = max(1, int(self._lease_ms / 3 * _CAP_PUBLISHED_RENEWALS))
         await self._client.set(self._cap_key, self._cap, px=ttl_ms)
+
+    async def mark_kept(self, conversation_id: str, lease_id: str) -> None:
+        """Say that the session under ``lease_id`` serves ``conversation_id`` (``Keys.sdk_kept``):
+        a submit that finds the cap reached may still open that conversation's turn at once."""
+        await self._mark_kept(keys=[self._kept_key], args=[conversation_id, lease_id, _KEPT_TTL_MS])
+
+    async def unmark_kept(self, conversation_id: str, lease_id: str) -> None:
+        await self._unmark_kept(keys=[self._kept_key], args=[conversation_id, lease_id])
 
     async def renew(self) -> None:
         """Extend every held slot still inside its fence and give up the ones lost meanwhile;

@@ -4,6 +4,7 @@ idle."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 
 import spatius
 import structlog
@@ -59,6 +60,7 @@ class SessionPool:
         self._tokens = tokens
         self._sessions: dict[str, MotionSession] = {}
         self._fenced: set[asyncio.Task[None]] = set()  # closes of fenced sessions in flight
+        self._marked: set[str] = set()  # lease ids of the kept sessions marked in Redis
         # Also the cadence at which waiting turns elsewhere get idle sessions closed for them.
         self._reaper = Periodic("motion-session-reaper", max(0.05, min(idle_s / 4, 1.0)), self.reap)
 
@@ -136,6 +138,19 @@ class SessionPool:
         log.info("motion_session_opened", conversation_id=conversation_id, open=len(self))
         return session
 
+    async def _mark(self, session: MotionSession) -> None:
+        """Mark the session kept for its conversation, once (``SessionLeases.mark_kept``); best
+        effort: without the mark a submit at the cap only leaves the next turn to a worker."""
+        if session.lease_id in self._marked:
+            return
+        try:
+            await asyncio.wait_for(self._leases.mark_kept(session.conversation_id,
+                                                          session.lease_id), _RELEASE_S)
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("sdk_kept_mark_failed", error=str(exc) or type(exc).__name__)
+        else:
+            self._marked.add(session.lease_id)
+
     async def _open(self, session: MotionSession) -> None:
         try:
             await asyncio.wait_for(session.start(self._tokens), self._open_timeout_s)
@@ -150,11 +165,14 @@ class SessionPool:
             raise
 
     async def checkin(self, session: MotionSession) -> None:
-        """After a turn: keep the session for the next one unless it must go."""
+        """After a turn: keep the session for the next one unless it must go. A kept one is
+        marked then, off its turn's way to the client's first audio and frames."""
         if self._per_turn or session.broken is not None or session.retire:
             if self._sessions.get(session.conversation_id) is session:
                 del self._sessions[session.conversation_id]
             await self._dispose(session)
+        elif self._sessions.get(session.conversation_id) is session:
+            await self._mark(session)
 
     async def reap(self) -> None:
         """Close sessions idle for ``idle_s``, idle ones that broke or lost their lease, and, while
@@ -198,3 +216,10 @@ class SessionPool:
             except (RedisError, OSError, TimeoutError) as exc:
                 # Harmless beyond a delay: the slot expires after lease_s without renewals.
                 log.warning("sdk_lease_release_failed", error=str(exc))
+            # Left behind, the mark is harmless: its lease is gone from the session set (lease
+            # ids are never reused), which is what a submit checks it against.
+            if session.lease_id in self._marked:
+                self._marked.discard(session.lease_id)
+                with suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(self._leases.unmark_kept(
+                        session.conversation_id, session.lease_id), _RELEASE_S)
