@@ -153,8 +153,8 @@ _UNMARK_KEPT = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
-# A kept session's mark outlives the last session opened anywhere by this long; a mark left by a
-# producer that crashed is harmless meanwhile (its lease is gone from the session set).
+# The marks outlive the last session marked anywhere by this long; a mark left by a producer that
+# crashed is harmless meanwhile (its lease is gone from the session set).
 _KEPT_TTL_MS = 24 * 3600 * 1000
 
 # A fenced session's close is given this long (its lease's early expiry leaves this much).
