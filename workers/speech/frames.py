@@ -238,7 +238,8 @@ class FramesPipe:
     async def _idle(self) -> None:
         self._wake.clear()
         try:
-            await asyncio.wait_for(self._wake.wait(), self._stall_timeout())
+            async with asyncio.timeout(self._stall_timeout()):  # 3.11's wait_for: a task each
+                await self._wake.wait()
         except TimeoutError:
             left = self._stall_timeout()
             if left is not None and left <= 0:

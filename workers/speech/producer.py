@@ -410,8 +410,8 @@ class Producer:
     async def _release_conversation(self, conversation_id: str) -> None:
         try:
             # Bounded: a Redis that does not answer must not hold the turn's end (nor a stop).
-            await asyncio.wait_for(self._conversation_leases.release(conversation_id),
-                                   _LEASE_RELEASE_S)
+            async with asyncio.timeout(_LEASE_RELEASE_S):
+                await self._conversation_leases.release(conversation_id)
         except (RedisError, OSError, TimeoutError) as exc:
             # The lease expires after conversation_lease_s; until then other producers wait.
             log.warning("conversation_lease_release_failed", error=str(exc) or type(exc).__name__)

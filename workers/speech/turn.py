@@ -499,7 +499,7 @@ class Turn:
         self._leave_gate()
         started = asyncio.get_running_loop().time()
         try:
-            session = await self._until_stopped(pool.checkout(
+            session = self._reuse_kept() or await self._until_stopped(pool.checkout(
                 spec.conversation_id, spec.avatar_id, spec.sample_rate,
                 lease_id=self._session_lease))
         except MotionUnavailable as exc:
@@ -535,6 +535,14 @@ class Turn:
         else:
             self._pipe.fail(REASON_FAILOVER, "frames of an earlier attempt were delivered")
             await self._pipe.wait()  # the audio_only entry goes in before the rest of the audio
+
+    def _reuse_kept(self) -> MotionSession | None:
+        """The conversation's kept session, when the turn reserved no slot of its own (a slot
+        to release is an await: ``checkout`` does it) and was not interrupted meanwhile."""
+        if self._session_lease is not None or self._stopped.is_set():
+            return None
+        spec = self._spec
+        return self._services.pool.reuse(spec.conversation_id, spec.avatar_id, spec.sample_rate)
 
     async def _until_stopped(
         self, work: Coroutine[Any, Any, MotionSession]
@@ -594,7 +602,8 @@ class Turn:
             return
         timeout = self._services.frames_timeout_s
         try:
-            await asyncio.wait_for(session.send(chunk, end=end), timeout)
+            async with asyncio.timeout(timeout):  # no task per send, as wait_for made on 3.11
+                await session.send(chunk, end=end)
         except MotionUnavailable as exc:
             self._pipe.fail(exc.reason, exc.detail)
             return
