@@ -68,6 +68,16 @@ class BenchChild:
             raise ChildFailed(f"{self.name}: expected {event!r}, got {message.get('event')!r}")
         return message
 
+    async def receive(self) -> dict[str, Any] | None:
+        """The child's next event, whatever it is; None once its stdout closed."""
+        if self.proc is None or self.proc.stdout is None:
+            raise ChildFailed(f"{self.name} was not started")
+        line = await self.proc.stdout.readline()
+        if not line:
+            return None
+        message: dict[str, Any] = json.loads(line)
+        return message
+
     async def stop(self, timeout_s: float = 10.0) -> None:
         proc = self.proc
         if proc is None or proc.returncode is not None:

@@ -3,7 +3,8 @@ first sound, next to the bare round trip of one Redis entry to one WebSocket on 
 
 Per step (1, 20, 100 conversations by default) a fresh stack: one simulator in real-time mode
 (optionally with a first-batch delay), one ``relay producer``, one ``relay edge``; one WebSocket
-client per conversation, in this process. One warm-up turn of an unwatched conversation plays
+client per conversation, all in one process of their own (``latency_clients``), as a backend
+and its users' apps never share a process. One warm-up turn of an unwatched conversation plays
 first (a new producer process's own first turn is a one-time cost, not a conversation's). Every
 conversation then plays ``turns`` turns: in each round all conversations submit at once
 (``TurnQueue.submit_clip``, a ``clip_s`` clip), and the next round starts ``settle_s`` after
@@ -21,8 +22,8 @@ instead) stays beside it as ``frames_after_nominal_sim_ms``.
 The baseline, measured in the same run on the same machine: one XADD, seen by one forwarder
 blocked in XREAD (``latency_bare``, its own process, as an edge is), sent as one WebSocket frame
 to a client in this process; p50/p99/max of that round trip. Ratios are relay figure / baseline.
-The clients share this process with the submitter, so both the relay figures and the baseline
-include its event loop; turn correctness (complete, audio before frames) is checked on the side.
+Its client is in this process, which is idle between samples; turn correctness (complete,
+audio before frames) is checked on the side.
 
 Beside the baseline, also in the same run: client CPU per Redis command, redis-py's plain client
 against the relay's batching one, at 1, 20 and 100 concurrent callers (``clientcpu``), the cost
@@ -43,7 +44,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import msgpack
 import structlog
 
 from relay import wire
@@ -51,7 +51,6 @@ from relay.dev.bench import clientcpu
 from relay.dev.bench.child import BenchChild
 from relay.dev.bench.procstat import cpu_seconds, machine_busy_seconds, run_meta
 from relay.dev.embedded import EmbeddedServer
-from relay.dev.motion_sim import proto
 from relay.dev.stack import LocalStack, child_env
 from relay.errors import RelayError
 from relay.redis_conn import create_client
@@ -141,59 +140,45 @@ class TurnTimes:
     ended: float | None = None
 
 
-class Watcher:
-    """One client connection: the receive time of each turn's first audio and first frames."""
+class Clients:
+    """The conversations' clients (``latency_clients``, a process of their own): each turn's
+    record lands in ``times`` when its client saw it end, and ``ended`` is set."""
 
-    def __init__(self, url: str, times: dict[str, TurnTimes], ended: asyncio.Event) -> None:
-        self._url = url
+    def __init__(self, urls: list[str], times: dict[str, TurnTimes], ended: asyncio.Event,
+                 log_dir: Path) -> None:
+        self._urls = urls
         self._times = times
         self._ended = ended
-        self.welcomed = asyncio.Event()
+        self._child = BenchChild("latency-clients", "relay.dev.bench.latency_clients", log_dir)
+        self._reader: asyncio.Task[None] | None = None
         self.violations = 0  # frames before any audio of their turn (protocol guarantee 2)
 
-    async def run(self, http: aiohttp.ClientSession) -> None:
-        async with http.ws_connect(self._url, max_msg_size=0) as ws:
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    self._on(time.monotonic(), msgpack.unpackb(msg.data))
+    async def start(self) -> None:
+        await self._child.start({"urls": self._urls})
+        await self._child.expect("ready", _READY_TIMEOUT_S)
+        self._reader = asyncio.create_task(self._read(), name="latency-clients")
 
-    def _on(self, now: float, body: dict[str, Any]) -> None:
-        kind = body.get("kind")
-        if kind == wire.WELCOME:
-            self.welcomed.set()
-            return
-        times = self._times.get(body.get("turn", ""))
-        if times is None:
-            return
-        if kind == wire.AUDIO and times.first_audio is None:
-            times.first_audio = now
-            times.appended_ms = _entry_ms(body)
-        elif kind == wire.FRAMES and times.first_frames is None:
-            times.first_frames = now
-            times.frames_appended_ms = _entry_ms(body)
-            times.req_id = _request_id(body)
-            self.violations += times.first_audio is None
-        elif kind in (wire.TURN_END, wire.INTERRUPT):
-            times.status = body.get("status", "interrupt")
-            times.ended = now
+    async def stop(self) -> None:
+        await self._child.stop()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+    async def _read(self) -> None:
+        while (event := await self._child.receive()) is not None:
+            times = self._times.get(event.get("turn", ""))
+            if event.get("event") != "turn" or times is None:
+                continue
+            times.first_audio = event["first_audio"]
+            times.appended_ms = event.get("appended_ms")
+            times.first_frames = event["first_frames"]
+            times.frames_appended_ms = event.get("frames_appended_ms")
+            times.req_id = event.get("req_id")
+            times.status = event["status"]
+            times.ended = event["ended"]
+            self.violations += bool(event["violation"])
             self._ended.set()
-
-
-def _request_id(body: dict[str, Any]) -> str | None:
-    """The req_id inside a frames message's animation envelope (None if unreadable). Read with
-    the simulator's schema, not ``workers.speech.session.request_id_of``: that one imports the
-    SDK, which this process keeps out (see ``_measure``)."""
-    try:
-        envelope = proto.Message.FromString(bytes(body.get("data", b"")))
-    except (TypeError, ValueError):  # protobuf's DecodeError is a ValueError
-        return None
-    req_id: str = envelope.server_response_animation.req_id
-    return req_id or None
-
-
-def _entry_ms(body: dict[str, Any]) -> int:
-    """When Redis appended the delivered entry: its id's milliseconds (of the Redis clock)."""
-    return int(str(body.get("id", "0")).partition("-")[0])
+        self._ended.set()  # the clients are gone: the round waits no longer than its timeout
 
 
 # --- the baseline ------------------------------------------------------------------------------
@@ -259,7 +244,8 @@ async def step(options: LatencyOptions, redis_url: str, n: int, log_dir: Path) -
         edge_child, edge = await stack.start_edge("edge-1")
         pids = {"producer": _pid(producer), "edge": _pid(edge_child)}
         settings = Settings(key_prefix=prefix)
-        return await _measure(options, client, settings, edge, secret, n, pids, sim_url)
+        return await _measure(options, client, settings, edge, secret, n, pids, sim_url,
+                              log_dir / f"latency-{n}")
     finally:
         await stack.stop()
         if delay is not None:
@@ -281,7 +267,7 @@ def _pid(child: Any) -> int:
 
 
 async def _measure(options: LatencyOptions, client: Any, settings: Settings, edge: str,
-                   secret: str, n: int, pids: dict[str, int], sim_url: str
+                   secret: str, n: int, pids: dict[str, int], sim_url: str, log_dir: Path
                    ) -> dict[str, Any]:
     from workers.queue.submit import TurnQueue  # the submit side only; no SDK in this process
 
@@ -289,15 +275,13 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
     conversations = [f"c{i}" for i in range(n)]
     times: dict[str, TurnTimes] = {}
     ended = asyncio.Event()
-    watchers = [Watcher(f"{edge}/v1/conversations/{c}/ws?token={mint_token(secret, c)}",
-                        times, ended) for c in conversations]
+    clients = Clients([f"{edge}/v1/conversations/{c}/ws?token={mint_token(secret, c)}"
+                       for c in conversations], times, ended, log_dir)
     pcm = clip(options.clip_s)
     rounds: list[list[str]] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        tasks = [asyncio.create_task(w.run(http)) for w in watchers]
+    async with aiohttp.ClientSession() as http:
         try:
-            async with asyncio.timeout(_READY_TIMEOUT_S):
-                await asyncio.gather(*(w.welcomed.wait() for w in watchers))
+            await clients.start()
             await _warm_up(queue, client, settings, pcm)
             cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
             busy_before = machine_busy_seconds()
@@ -313,10 +297,8 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
                     await asyncio.sleep(options.settle_s)
             holds = await _first_batches(http, sim_url)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-    figures = _figures(options, n, rounds, times, sum(w.violations for w in watchers), holds)
+            await clients.stop()
+    figures = _figures(options, n, rounds, times, clients.violations, holds)
     # CPU time, unlike wall time, hardly depends on what else the machine runs.
     turns = max(1, figures["turns"])
     figures["cpu_ms_per_turn"] = {role: round((cpu_seconds(pid) - cpu_before[role]) * 1000
