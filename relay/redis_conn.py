@@ -12,10 +12,11 @@ import inspect
 from collections.abc import Awaitable
 from typing import Any, TypeAlias, TypeVar, cast
 
+import hiredis
 import redis.asyncio as redis
 import structlog
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import BlockingConnectionPool
+from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -99,6 +100,48 @@ def _blocks(args: tuple[Any, ...]) -> bool:
         return True
     return name in _MAY_BLOCK and any(
         isinstance(a, (str, bytes)) and a in ("BLOCK", b"BLOCK") for a in args[1:])
+
+
+# Argument types hiredis packs exactly as redis-py's Encoder does (str as UTF-8, int in decimal,
+# bytes as they are). Anything else (float, bool, memoryview, an int subclass) takes redis-py's
+# own packer, which formats or refuses it as it always did.
+_HIREDIS_PACKS = frozenset((bytes, str, int))
+
+
+class HiredisPacking(AbstractConnection):
+    """A connection that packs commands with hiredis's C packer, as redis-py's sync client does
+    when hiredis is installed; its asyncio client packs in Python. A submit script call of 39
+    arguments (a 32 KB clip, six audio entries) took 64 us to pack in Python and 15 us in
+    hiredis on the bench machine, and every script call of a producer and a backend pays it.
+
+    The bytes on the wire are the same. Left to redis-py: a command name of several words
+    ("CLIENT SETNAME"), which it splits; a client whose encoding is not strict UTF-8; any
+    argument of another type (see ``_HIREDIS_PACKS``)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        head = args[0] if args else None
+        single_word = ((isinstance(head, str) and " " not in head)
+                       or (isinstance(head, bytes) and b" " not in head))
+        encoder = self.encoder
+        if (single_word and encoder.encoding == "utf-8" and encoder.encoding_errors == "strict"
+                and all(type(arg) in _HIREDIS_PACKS for arg in args)):
+            return [hiredis.pack_command(args)]
+        return super().pack_command(*args)
+
+
+_FAST_PACKING: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def hiredis_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``connection_class`` (TCP, TLS or Unix socket, as the URL chose) packing with hiredis."""
+    if issubclass(connection_class, HiredisPacking):
+        return connection_class
+    fast = _FAST_PACKING.get(connection_class)
+    if fast is None:
+        fast = type(f"HiredisPacking{connection_class.__name__}",
+                    (HiredisPacking, connection_class), {})
+        _FAST_PACKING[connection_class] = fast
+    return fast
 
 
 class BatchingRedis(redis.Redis):
@@ -270,6 +313,7 @@ def create_client(
         health_check_interval=30, retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    pool.connection_class = hiredis_packing(pool.connection_class)
     return BatchingRedis.from_pool(pool)  # owns its pool: aclose() closes the connections
 
 

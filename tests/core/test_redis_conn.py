@@ -12,10 +12,18 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
-from relay.redis_conn import BatchingRedis, create_client, in_order, open_connections
+from relay.redis_conn import (
+    BatchingRedis,
+    HiredisPacking,
+    create_client,
+    hiredis_packing,
+    in_order,
+    open_connections,
+)
 from tests.helpers.polling import eventually
 
 
@@ -207,3 +215,28 @@ async def test_open_connections_opens_them_now_and_pools_them(redis_url: str, re
     assert await open_connections(client, 20) == 8  # bounded by the pool
     assert await connected() - before == 8
     await client.aclose()
+
+
+@pytest.mark.parametrize("args", [
+    ("SET", "k", b"v"),
+    ("EVALSHA", "a" * 40, 2, "relay:{c}:q", "relay:{c}:s", "turn-é", -7, 2**40, bytes(70_000)),
+    (b"XADD", b"s", b"*", b"d", bytes(300)),
+    ("SET", "k", 1.5),  # a float: redis-py's packer formats it, as before
+    ("SET", "k", memoryview(b"v")),  # a memoryview: redis-py keeps it uncopied
+    ("CLIENT SETNAME", "name"),  # a command of two words: redis-py splits it
+])
+def test_hiredis_packing_puts_the_same_bytes_on_the_wire(args: tuple[Any, ...]) -> None:
+    fast = hiredis_packing(Connection)()
+    assert b"".join(fast.pack_command(*args)) == b"".join(Connection().pack_command(*args))
+
+
+def test_hiredis_packing_refuses_what_redis_py_refuses() -> None:
+    with pytest.raises(DataError):
+        hiredis_packing(Connection)().pack_command("SET", "k", True)
+
+
+async def test_the_relays_clients_pack_with_hiredis(client: redis.Redis, key_prefix: str
+                                                    ) -> None:
+    assert issubclass(client.connection_pool.connection_class, HiredisPacking)
+    await client.set(f"{key_prefix}:packed", bytes(range(256)) * 40)  # through hiredis's packer
+    assert await client.get(f"{key_prefix}:packed") == bytes(range(256)) * 40
