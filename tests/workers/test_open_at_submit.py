@@ -20,6 +20,7 @@ from tests.helpers.producer import (
     wait_turn_end,
 )
 from workers.queue.deadletters import DeadLetters
+from workers.queue.doorbells import _doorbell
 from workers.queue.records import SUBMIT_OWNER, ClaimKind, Enqueued, JobStore
 from workers.queue.submit import TurnQueue
 from workers.speech.pcm import FIRST_AUDIO_S, chunk_size
@@ -203,3 +204,15 @@ async def test_a_kept_session_is_marked_while_it_lives(redis_client, keys, make_
     await producer.close()  # closes the session: its slot and its mark go
     assert await redis_client.hget(keys.sdk_kept(), "conv-marked") is None
     assert await redis_client.zscore(keys.sdk_sessions(), lease) is None
+
+
+async def test_the_doorbell_says_when_its_submit_opened_the_turn(redis_client, keys, queue):
+    """A turn opened at submit needs no worker to write its first audio, and its doorbell says
+    so: its worker's producer then holds no other turn's session back for it."""
+    opened = await queue.submit_clip("conv-bell", tone(0.3), sample_rate=RATE)
+    queued = await queue.submit_clip("conv-bell", tone(0.3), sample_rate=RATE)  # one is active
+    await queue.submit_clip("conv-bell", tone(0.3), sample_rate=RATE, turn_id=opened)  # a retry
+    bells = [_doorbell(entry_id, fields)
+             for entry_id, fields in await redis_client.xrange(keys.jobs())]
+    assert [(b.turn_id, b.opened_at_submit) for b in bells] == [
+        (opened, True), (queued, False), (opened, False)]  # a retry opens nothing again

@@ -34,6 +34,9 @@ TURN_FIELD = b"turn"
 # "1" when the turn's clip waits beside its queue entry (``Keys.queued_audio``): the worker that
 # takes the turn reads it in the take's round trip, and only then.
 AUDIO_FIELD = b"audio"
+# "1" when the submit that rang it also opened the turn, its first audio already in the stream
+# (``Enqueued.OPENED``): no turn of the worker's producer need wait for this one's first audio.
+OPENED_FIELD = b"opened"
 
 # KEYS: jobs. ARGV: group, consumer, ids... Resets the idle time of the ids still pending for the
 # consumer (JUSTID: the delivery counter stays); returns the ids that are no longer its own.
@@ -83,6 +86,11 @@ class Doorbell:
     def stored_audio(self) -> bool:
         """The turn's clip is stored beside its queue entry (read it with the take)."""
         return self.fields.get(AUDIO_FIELD) == b"1"
+
+    @property
+    def opened_at_submit(self) -> bool:
+        """The submit opened the turn: its first audio was appended with the doorbell."""
+        return self.fields.get(OPENED_FIELD) == b"1"
 
 
 
@@ -153,7 +161,8 @@ class Doorbells:
                   stored_audio: bool = False) -> DoorbellWrite:
         """The doorbell ``ring`` would add, for ``JobStore.enqueue`` to write in its own step."""
         return DoorbellWrite(key=self._key, max_waiting=max_waiting,
-                             fields=_fields(conversation_id, turn_id, stored_audio))
+                             fields=_fields(conversation_id, turn_id, stored_audio),
+                             opened=(OPENED_FIELD, b"1"))
 
     async def ensure_group(self) -> None:
         """Create the group (and the stream) unless it exists; only BUSYGROUP is benign."""

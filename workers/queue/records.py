@@ -203,9 +203,10 @@ _SUBMIT = _SUBMIT_TURN + "return submit_turn(3)\n"
 # The same with its doorbell, in one atomic step, where the jobs stream can be named with the
 # conversation's keys (a single server; on a cluster it lives in another slot, and the doorbell is
 # a second call after this one). KEYS: queue, state, done, jobs, then as _SUBMIT. ARGV: as
-# _SUBMIT, then the most doorbells that may wait, then the doorbell's field/value pairs. Returns
-# {-2} when that many wait (nothing written, the upload deleted), else _SUBMIT's answer; a queued
-# turn, new ({1}, {3}) or already queued ({0}), gets its doorbell.
+# _SUBMIT, then the most doorbells that may wait, the field/value pair that marks a doorbell
+# whose turn this step opened, then the doorbell's field/value pairs. Returns {-2} when that many
+# wait (nothing written, the upload deleted), else _SUBMIT's answer; a queued turn, new ({1},
+# {3}: with the mark) or already queued ({0}), gets its doorbell.
 # Run twice: the turn is not queued again ({0} or {2}, as for _SUBMIT), and an already queued
 # turn gets one more doorbell, exactly as a caller's second submit gets one: a spare doorbell
 # costs one entry (its worker finds the runner busy or the queue already run) and repairs a lost
@@ -219,7 +220,12 @@ if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[ring]) then
 end
 local queued = submit_turn(4)
 if queued[1] == 0 or queued[1] == 1 or queued[1] == 3 then
-  redis.call('XADD', KEYS[4], '*', unpack(ARGV, ring + 1))
+  local bell = {unpack(ARGV, ring + 3)}
+  if queued[1] == 3 then
+    table.insert(bell, ARGV[ring + 1])
+    table.insert(bell, ARGV[ring + 2])
+  end
+  redis.call('XADD', KEYS[4], '*', unpack(bell))
 end
 return queued
 """
@@ -519,6 +525,8 @@ class DoorbellWrite:
     key: str
     max_waiting: int
     fields: tuple[ScriptArg, ...]
+    # The field/value pair added when the same step opened the turn (``Enqueued.OPENED``).
+    opened: tuple[ScriptArg, ScriptArg]
 
 
 def _claim_of(reply: list[Any]) -> Claim:
@@ -601,7 +609,7 @@ class JobStore:
                                        opening.audio.encode(), *opening.entries]
             args += [len(opened), *opened]
         if doorbell is not None:
-            args += [doorbell.max_waiting, *doorbell.fields]
+            args += [doorbell.max_waiting, *doorbell.opened, *doorbell.fields]
         if audio is None:
             result = await script(keys=keys, args=args)
         else:

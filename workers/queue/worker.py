@@ -209,7 +209,9 @@ class ProducerWorker:
     async def _dispatch_counted(self, bell: Doorbell) -> None:
         # From here the turn counts as waiting for its first audio; a runner started for it
         # takes the ticket over (and releases it once its turn has begun), else it ends here.
-        ticket = self._producer.expect_turn()
+        # Not a turn its submit opened: that one's first audio is out already, and holding the
+        # other turns' sessions back for it (up to MOTION_OPEN_GRACE_S) only delays their frames.
+        ticket = None if bell.opened_at_submit else self._producer.expect_turn()
         runner: ConversationRunner | None = None
         try:
             runner = await self._dispatch(bell, ticket)
