@@ -329,11 +329,15 @@ class Turn:
         if not self.needs_prefeed:
             return
         size = chunk_size(self._spec.sample_rate, self._services.chunk_ms)
+        # In pieces of as many chunks as one append call carries, as ``_appended`` sends them:
+        # the Motion Server takes audio in pieces of any size, and each send is a WebSocket
+        # message of the producer's busy loop (a turn opened at submit: one, not five).
+        piece = size * max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
         with self._bound():
-            for start in range(0, len(pcm), size):
+            for start in range(0, len(pcm), piece):
                 if self.interrupted:
                     return
-                await self._guarded(self._feed_motion(pcm[start : start + size], end=False))
+                await self._guarded(self._feed_motion(pcm[start : start + piece], end=False))
 
     async def end(self) -> TurnResult:
         """Mark the end of the audio, wait for the last frames, and end the turn."""
@@ -450,8 +454,9 @@ class Turn:
             self._audio_out.set()
         elif first is None and gate is not None and not self._audio_out.is_set():
             self._gate_ticket = gate.ticket()
-        self._opening = asyncio.create_task(self._open_motion(),
-                                            name=f"motion-open-{self.turn_id}")
+        if not self._attach_kept_now():
+            self._opening = asyncio.create_task(self._open_motion(),
+                                                name=f"motion-open-{self.turn_id}")
         if first is not None:
             await self._appended(list(first.chunks), end=first.end)
 
@@ -535,6 +540,23 @@ class Turn:
         else:
             self._pipe.fail(REASON_FAILOVER, "frames of an earlier attempt were delivered")
             await self._pipe.wait()  # the audio_only entry goes in before the rest of the audio
+
+    def _attach_kept_now(self) -> bool:
+        """What ``_open_motion`` would do at once, done here without a task of its own: a turn
+        whose first audio is out already (continued after what clients hold), with no other turn
+        of the producer waiting for its first audio, reusing its conversation's kept session.
+        Its audio then reaches the Motion Server one pass of the producer's event loop sooner:
+        with 20 turns starting together a pass took 10 to 17 ms (latency bench, probed)."""
+        gate = self._services.first_audio
+        if not self._audio_out.is_set() or (gate is not None and gate.waiting):
+            return False
+        session = self._reuse_kept()
+        if session is None:
+            return False
+        self._session = session  # first, so that the release path always checks it back in
+        session.attach(self._pipe)
+        self._motion_ready = True  # nothing was fed yet: the backlog is empty
+        return True
 
     def _reuse_kept(self) -> MotionSession | None:
         """The conversation's kept session, when the turn reserved no slot of its own (a slot
