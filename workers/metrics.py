@@ -27,6 +27,10 @@ MOTION_ERROR_KINDS = ("session_error", "connection_closed", "open_failed")
 DEAD_LETTER_REASONS = ("max_attempts", "deadline", "malformed", "other")
 _DURATION_BUCKETS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 _SILENCE_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
+# A kept session: under a millisecond to tens of ms on a busy producer; a new one: its token and
+# handshake (tens to hundreds of ms); the session cap: up to RELAY_SDK_WAIT_S.
+_MOTION_START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                         10.0, 30.0)
 _SAMPLE_TIMEOUT_S = 2.0
 
 # Reads the Redis figures; returns {gauge name: value}. Set by the worker (it knows the keys).
@@ -59,6 +63,12 @@ class ProducerMetrics:
             "relay_producer_turn_duration_seconds",
             "Wall time of a turn attempt from its start to its end, by outcome.",
             ["outcome"], buckets=_DURATION_BUCKETS, registry=r)
+        self.motion_start = Histogram(
+            "relay_producer_motion_start_seconds",
+            "From a turn attempt's start to its first audio sent to the Motion Server: the "
+            "session's checkout (a kept one), or its open (token, WebSocket, handshake), or the "
+            "wait for a slot at the session cap. The turn's audio never waits for it; its first "
+            "frames do.", buckets=_MOTION_START_BUCKETS, registry=r)
         self.dead_lettered = Counter(
             "relay_producer_dead_lettered_total",
             "Turns this producer moved to the dead letters, by reason (max_attempts, deadline, "
@@ -161,6 +171,9 @@ class ProducerMetrics:
         self.turn_duration.labels(outcome).observe(duration_s)
         if outcome == "audio_only":
             self.audio_only.labels(_bounded(reason or "other", AUDIO_ONLY_REASONS)).inc()
+
+    def motion_started(self, waited_s: float) -> None:
+        self.motion_start.observe(waited_s)
 
     def attempt_failed(self) -> None:
         self._turn_children["failed"].inc()

@@ -94,6 +94,9 @@ async def test_every_role_reports_traffic_slow_clients_and_logs_only_json(
         assert value(producer, "relay_producer_turns_total", outcome="complete") == 1
         assert value(producer, "relay_producer_turn_duration_seconds_count",
                      outcome="complete") == 1
+        # The turn's first audio reached the Motion Server once, after its start.
+        assert value(producer, "relay_producer_motion_start_seconds_count") == 1
+        assert value(producer, "relay_producer_motion_start_seconds_sum") > 0
         assert value(producer, "relay_producer_concurrency") == settings.producer_concurrency
         assert ("relay_producer_doorbells_pending", frozenset()) in producer
         assert value(producer, "relay_producer_metrics_sample_errors_total") == 0

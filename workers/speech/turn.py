@@ -236,6 +236,7 @@ class Turn:
         self._audio_out = asyncio.Event()  # the first audio is appended (or the turn stopped)
         # Held (counted in the producer's FirstAudioGate) from begin until the first audio.
         self._gate_ticket: GateTicket | None = None
+        self._begun_at: float | None = None  # loop time of begin, until the first motion send
         self._backlog: deque[tuple[bytes, bool]] = deque()
         self._backlog_bytes = 0
         self._audio_seq = delivered.next_seq if delivered else 0
@@ -442,6 +443,7 @@ class Turn:
         """Start the frames writer and start getting a motion session, without waiting for it:
         the turn's audio may go out at once (a failure makes the turn audio-only)."""
         self._pipe.start()
+        self._begun_at = asyncio.get_running_loop().time()
         delivered = self._delivered
         if delivered is not None and (delivered.motion_started or delivered.frames_last):
             await self._continue_without_motion(delivered)
@@ -526,6 +528,13 @@ class Turn:
             self._backlog_bytes -= len(chunk)
             await self._send_motion(chunk, end=end)
         self._motion_ready = True  # no await since the backlog was seen empty
+
+    def _motion_started(self) -> None:
+        """The first audio of this attempt reached the Motion Server: how long after begin."""
+        begun, self._begun_at = self._begun_at, None
+        metrics = self._services.metrics
+        if begun is not None and metrics is not None:
+            metrics.motion_started(asyncio.get_running_loop().time() - begun)
 
     def _drop_backlog(self) -> None:
         self._backlog.clear()
@@ -633,6 +642,7 @@ class Turn:
             session.broken = session.broken or REASON_STALL
             self._pipe.fail(REASON_STALL, f"audio send blocked for {timeout:g}s")
             return
+        self._motion_started()
         self._motion_bytes += len(chunk)
         self._pipe.audio_sent(pcm_seconds(len(chunk), self._spec.sample_rate), end=end)
 
