@@ -82,6 +82,11 @@ class TurnResult:
     error: str | None = None  # the audio-only reason (and detail) when motion failed
 
 
+def chunks_per_call(size: int) -> int:
+    """How many chunks of ``size`` bytes one fenced append call takes (see ``one_call``)."""
+    return max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
+
+
 def one_call(chunks: Sequence[bytes], start: int = 0) -> int:
     """Where the run of ``chunks`` from ``start`` that one fenced append call takes ends: at
     most ``AUDIO_BATCH_MAX`` chunks and ``AUDIO_BATCH_MAX_BYTES`` bytes, always one chunk."""
@@ -333,7 +338,7 @@ class Turn:
         # In pieces of as many chunks as one append call carries, as ``_appended`` sends them:
         # the Motion Server takes audio in pieces of any size, and each send is a WebSocket
         # message of the producer's busy loop (a turn opened at submit: one, not five).
-        piece = size * max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
+        piece = size * chunks_per_call(size)
         with self._bound():
             for start in range(0, len(pcm), piece):
                 if self.interrupted:
@@ -400,7 +405,7 @@ class Turn:
         # carried some, or an earlier attempt (or the submit) appended some.
         held = self._first_audio is not None or self._audio_bytes > 0
         first = 0 if held else first_audio_chunks(self._services.chunk_ms)
-        per_call = max(1, min(AUDIO_BATCH_MAX, AUDIO_BATCH_MAX_BYTES // size))
+        per_call = chunks_per_call(size)
         groups = [starts[:first]] + [starts[i : i + per_call]
                                      for i in range(first, len(starts), per_call)]
         for index, group in enumerate(g for g in groups if g):
@@ -519,8 +524,7 @@ class Turn:
             return
         if session is None:
             return  # interrupted meanwhile
-        self._session = session  # first, so that the release path always checks it back in
-        session.attach(self._pipe)
+        self._attach(session)
         log.debug("motion_session_ready", backlog_bytes=self._backlog_bytes,
                   wait_ms=round((asyncio.get_running_loop().time() - started) * 1000, 1))
         while self._backlog:
@@ -562,10 +566,13 @@ class Turn:
         session = self._reuse_kept()
         if session is None:
             return False
-        self._session = session  # first, so that the release path always checks it back in
-        session.attach(self._pipe)
+        self._attach(session)
         self._motion_ready = True  # nothing was fed yet: the backlog is empty
         return True
+
+    def _attach(self, session: MotionSession) -> None:
+        self._session = session  # first, so that the release path always checks it back in
+        session.attach(self._pipe)
 
     def _reuse_kept(self) -> MotionSession | None:
         """The conversation's kept session, when the turn reserved no slot of its own (a slot
