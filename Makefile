@@ -64,6 +64,7 @@ test-fast: $(STAMP) $(WEB_STAMP)
 bench: $(STAMP)
 	$(BIN)/relay bench --record docs/benchmarks.md
 	$(BIN)/relay bench --latency --record docs/benchmarks.md
+	$(BIN)/relay bench --append-cost --instructions
 
 bench-quick: $(STAMP)
 	$(BIN)/relay bench --quick

@@ -42,11 +42,15 @@ INTERRUPTED = "interrupted"
 # Conversations whose last expiry refresh a ConversationLog remembers (bounded; see _ttl_for).
 _REFRESH_MEMORY = 4096
 
-# Lua: the live push (see the module doc). ``live_begin(stream)`` before the first XADD records the
-# stream's current last id, read from the stream itself; ``live_after(id)`` records a last id the
-# caller already knows; ``live_add(id, entry)`` after each XADD; ``live_publish(stream)`` sends
+# Lua: the live push (see the module doc). A script starts a push as ``head, body = {prev}, {}``
+# with ``prev`` the stream's last id before its first XADD (``live_tip(stream)`` reads it from the
+# stream itself), calls ``live_add(head, body, id, entry)`` after each XADD, and
+# ``live_publish(stream, head, body)`` sends
 # "<prev> <id1> <len1> <id2> <len2> ...\n<entry1><entry2>..." on the stream's live channel when
-# anything was appended. The predecessor must be the stream's true last entry: an edge that sees
+# anything was appended. The message is made by one ``table.concat``: every string a script makes
+# is hashed in full when Lua interns it, so joining head and body separately first would hash and
+# copy the entries once more (the append script's cost is measured in docs/benchmarks.md, "The
+# append script's cost"). The predecessor must be the stream's true last entry: an edge that sees
 # a push naming its own position as predecessor delivers it without reading the stream. Opening
 # and interrupting read it from the stream (XREVRANGE); the append script, the hot path, takes it
 # from the turn record (``last``, else ``start``): only the scripts of this module write
@@ -56,46 +60,44 @@ _REFRESH_MEMORY = 4096
 # same push ever to arrive twice, it would be harmless: edges deliver by position, so entries they
 # already have are skipped (docs/architecture.md "Live delivery").
 LIVE_PUSH = LIVE_CHANNEL_OF_STREAM + """
-local live_head, live_body = {}, {}
-local function live_begin(stream)
+local function live_tip(stream)
   local tip = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-  live_head[1] = tip[1] and tip[1][1] or '0-0'
+  return tip[1] and tip[1][1] or '0-0'
 end
-local function live_after(id)
-  live_head[1] = id
+local function live_add(head, body, id, entry)
+  local n = #head
+  head[n + 1], head[n + 2], head[n + 3], head[n + 4] = ' ', id, ' ', #entry
+  body[#body + 1] = entry
 end
-local function live_add(id, entry)
-  live_head[#live_head + 1] = id
-  live_head[#live_head + 1] = tostring(#entry)
-  live_body[#live_body + 1] = entry
-end
-local function live_publish(stream)
-  if #live_body > 0 then
-    redis.call('SPUBLISH', live_channel_of(stream), table.concat(live_head, ' ') .. '\\n' ..
-               table.concat(live_body))
-  end
+local function live_publish(stream, head, body)
+  if #body == 0 then return end
+  local n = #head
+  head[n + 1] = '\\n'
+  for i = 1, #body do head[n + 1 + i] = body[i] end
+  redis.call('SPUBLISH', live_channel_of(stream), table.concat(head))
 end
 """
 
 # Lua: write_start(stream, turn record, turn_id, owner, maxlen, ttl_ms, start_entry, epoch,
-# first, last) appends ``start_entry`` and then ARGV[first..last] (the turn's first audio entries,
+# first, last, head, body) appends ``start_entry`` and then ARGV[first..last] (the turn's first audio entries,
 # seq 0, 1, ... in order; none when first > last), pushes them to the live channel, and makes the
 # turn record say that this turn is active at ``epoch`` with those entries appended (``na`` and
 # ``last``, exactly as the append script would have left them); returns the start entry's id. The
-# caller has checked that the turn may open and has called ``live_begin`` (with whatever it
-# appended before: a superseded turn's interrupt). Opening here and opening a queued turn at its
-# submit (``workers.queue.records``) share it, so the two can never disagree on the record.
+# caller has checked that the turn may open and passes the push it started (``head, body``, with
+# whatever it appended before: a superseded turn's interrupt). Opening here and opening a queued
+# turn at its submit (``workers.queue.records``) share it, so the two can never disagree on the
+# record.
 WRITE_START = LIVE_PUSH + """
 local function write_start(stream, record, turn, owner, maxlen, ttl_ms, start_entry, epoch,
-                           first, last_arg)
+                           first, last_arg, head, body)
   local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', start_entry)
-  live_add(id, start_entry)
+  live_add(head, body, id, start_entry)
   local last = id
   for i = first, last_arg do
     last = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i])
-    live_add(last, ARGV[i])
+    live_add(head, body, last, ARGV[i])
   end
-  live_publish(stream)
+  live_publish(stream, head, body)
   redis.call('DEL', record)
   redis.call('HSET', record, 'id', turn, 'start', id, 'status', 'active', 'owner', owner,
              'epoch', epoch)
@@ -141,12 +143,13 @@ if cur[1] == ARGV[1] then
   if epoch ~= '0' then return {3} end
 end
 if cur[2] == 'active' and cur[1] ~= ARGV[6] then return {0} end
-live_begin(KEYS[1])
+local head, body = {live_tip(KEYS[1])}, {}
 if cur[2] == 'active' then
-  live_add(redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7]), ARGV[7])
+  live_add(head, body, redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', ARGV[7]),
+           ARGV[7])
 end
 return {1, write_start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], epoch,
-                      14, #ARGV)}
+                      14, #ARGV, head, body)}
 """
 
 # KEYS: stream, turn. ARGV: turn_id, epoch, maxlen, ttl_ms ('0': leave the expiry alone, see
@@ -165,33 +168,39 @@ return {1, write_start(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARG
 _APPEND = LIVE_PUSH + """
 local cur = redis.call('HMGET', KEYS[2], 'id', 'status', 'epoch', 'na', 'nf', 'last', 'start')
 if cur[1] ~= ARGV[1] or (cur[3] or '0') ~= ARGV[2] then return false end
-local next_seq = {a = tonumber(cur[4] or '0'), f = tonumber(cur[5] or '0')}
-local fresh, flags = {}, {}
+local na, nf = tonumber(cur[4] or '0'), tonumber(cur[5] or '0')
+local fresh, flags = {}, nil
 for i = 6, #ARGV, 2 do
   local mark = ARGV[i]
-  local kind = string.sub(mark, 1, 1)
-  if next_seq[kind] then
+  local kind = string.byte(mark)
+  if kind == 97 or kind == 102 then
     local seq = tonumber(string.sub(mark, 2))
-    if seq >= next_seq[kind] then
-      next_seq[kind] = seq + 1
-      table.insert(fresh, ARGV[i + 1])
+    if kind == 97 and seq >= na then
+      na = seq + 1
+      fresh[#fresh + 1] = ARGV[i + 1]
+    elseif kind == 102 and seq >= nf then
+      nf = seq + 1
+      fresh[#fresh + 1] = ARGV[i + 1]
     end
-  elseif redis.call('HEXISTS', KEYS[2], 'm:' .. mark) == 0 and not flags[mark] then
+  elseif not (flags and flags[mark]) and redis.call('HEXISTS', KEYS[2], 'm:' .. mark) == 0 then
+    flags = flags or {}
     flags[mark] = true
-    table.insert(fresh, ARGV[i + 1])
+    fresh[#fresh + 1] = ARGV[i + 1]
   end
 end
 if #fresh == 0 then return cur[6] or '0-0' end
 if cur[2] ~= 'active' then return false end
-live_after(cur[6] or cur[7] or '0-0')
+local head, body = {cur[6] or cur[7] or '0-0'}, {}
 local last
-for _, entry in ipairs(fresh) do
-  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', entry)
-  live_add(last, entry)
+for i = 1, #fresh do
+  last = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'd', fresh[i])
+  live_add(head, body, last, fresh[i])
 end
-live_publish(KEYS[1])
-redis.call('HSET', KEYS[2], 'na', next_seq.a, 'nf', next_seq.f, 'last', last)
-for mark in pairs(flags) do redis.call('HSET', KEYS[2], 'm:' .. mark, '1') end
+live_publish(KEYS[1], head, body)
+redis.call('HSET', KEYS[2], 'na', na, 'nf', nf, 'last', last)
+if flags then
+  for mark in pairs(flags) do redis.call('HSET', KEYS[2], 'm:' .. mark, '1') end
+end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[2], 'status', ARGV[5], 'end', last) end
 if ARGV[4] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -210,10 +219,10 @@ local function interrupt_active(stream, turn, expected_turn, expected_epoch, max
   local cur = redis.call('HMGET', turn, 'id', 'status', 'epoch')
   if cur[2] ~= 'active' then return 0 end
   if cur[1] ~= expected_turn or (cur[3] or '0') ~= expected_epoch then return -1 end
-  live_begin(stream)
+  local head, body = {live_tip(stream)}, {}
   local id = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'd', entry)
-  live_add(id, entry)
-  live_publish(stream)
+  live_add(head, body, id, entry)
+  live_publish(stream, head, body)
   redis.call('HSET', turn, 'status', 'interrupted', 'end', id)
   redis.call('PEXPIRE', stream, ttl_ms)
   redis.call('PEXPIRE', turn, ttl_ms)

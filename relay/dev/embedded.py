@@ -93,9 +93,13 @@ def free_cluster_port() -> int:
 class EmbeddedServer:
     """One valkey-server process on 127.0.0.1; ``start()`` returns once it answers PING."""
 
-    def __init__(self, port: int = 0, *, extra_args: list[str] | None = None) -> None:
+    def __init__(self, port: int = 0, *, extra_args: list[str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
+        """``wrapper``: a command the server runs under (``relay bench --append-cost`` counts
+        its instructions with valgrind's callgrind)."""
         self.port = port or free_port()
         self._extra_args = extra_args or []
+        self._wrapper = wrapper or []
         self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -112,7 +116,7 @@ class EmbeddedServer:
         # After ``crash`` the directory is kept: a cluster node restarts with its nodes.conf.
         self._dir = self._dir or tempfile.mkdtemp(prefix="relay-valkey-")
         args = [
-            str(server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
+            *self._wrapper, str(server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", self._dir,
             "--maxclients", "20000", "--loglevel", "warning", *self._extra_args,
         ]

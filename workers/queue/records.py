@@ -143,9 +143,8 @@ local function open_at_submit(k)
   end
   local epoch = redis.call('HINCRBY', KEYS[2], 'epoch', 1)
   redis.call('HSET', KEYS[2], 'h:' .. ARGV[1], ARGV[12])
-  live_begin(k[1])
   write_start(k[1], k[2], ARGV[1], ARGV[7], ARGV[8], ARGV[9], ARGV[13], tostring(epoch), 14,
-              6 + tonumber(ARGV[6]))
+              6 + tonumber(ARGV[6]), {live_tip(k[1])}, {})
   return true
 end
 """

@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Queue cost (relay/dev/bench/queue_cost.py): Redis time per submit and take, by clip.
     parser.add_argument("--queue-cost", action="store_true",
                         help="measure what submitting and taking a clip turn costs Redis instead")
+    # Append cost (relay/dev/bench/append_cost.py): Redis per entry of the fenced append script.
+    parser.add_argument("--append-cost", action="store_true",
+                        help="measure what the fenced append costs Redis per entry instead, "
+                             "against plain XADD (and SPUBLISH) of the same entries")
+    parser.add_argument("--instructions", action="store_true",
+                        help="with --append-cost: also count Valkey's instructions per entry "
+                             "under valgrind's callgrind (about a minute more)")
     parser.add_argument("--latency-settle-s", type=_seconds, default=None,
                         help="pause between rounds, after every turn of one ended (0.5)")
     parser.add_argument("--redis-delay-ms", type=_delay_ms, default=None,
@@ -136,6 +143,14 @@ def queue_cost_options_from(args: argparse.Namespace) -> Any:
     return replace(options, out=args.out) if args.out is not None else options
 
 
+def append_cost_options_from(args: argparse.Namespace) -> Any:
+    from relay.dev.bench.append_cost import AppendCostOptions
+
+    options = (AppendCostOptions.quick_mode(instructions=args.instructions) if args.quick
+               else AppendCostOptions(instructions=args.instructions))
+    return replace(options, out=args.out) if args.out is not None else options
+
+
 def latency_options_from(args: argparse.Namespace) -> Any:
     from relay.dev.bench.latency import LatencyOptions
 
@@ -184,6 +199,14 @@ def run(args: argparse.Namespace) -> int:
         from relay.dev.bench import queue_cost
 
         return queue_cost.run_command(queue_cost_options_from(args), command)
+    if args.append_cost:
+        from relay.dev.bench import append_cost
+
+        return append_cost.run_command(append_cost_options_from(args), command)
+    if args.instructions:
+        parser_error = "--instructions counts only with --append-cost"
+        print(f"relay bench: {parser_error}", file=sys.stderr)
+        return 2
     options = options_from(args)
     result = run_bench(options, command)
     options.out.parent.mkdir(parents=True, exist_ok=True)
