@@ -55,6 +55,10 @@ _RETRIES = 2
 _CONNECT_TIMEOUT_S = 5.0
 # A caller waits this long for a free pooled connection before the command fails.
 _POOL_WAIT_S = 10.0
+# RESP2 on every connection, whatever the redis-py version's default (8.x speaks RESP3 unless
+# told): the edge reads pub/sub pushes off its subscriber connection as RESP2 arrays
+# (``relay.edge.hub``), and every reply parser here expects RESP2's shapes.
+_PROTOCOL = 2
 
 
 def socket_timeout_s(block_ms: int) -> float:
@@ -305,13 +309,13 @@ def create_client(
         return BoundedRedisCluster.from_url(
             url, decode_responses=False, socket_timeout=socket_timeout,
             socket_connect_timeout=_CONNECT_TIMEOUT_S, max_connections=max_connections,
-            retry=retry,
+            retry=retry, protocol=_PROTOCOL,
         )
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=_POOL_WAIT_S, decode_responses=False,
         socket_timeout=socket_timeout, socket_connect_timeout=_CONNECT_TIMEOUT_S,
         health_check_interval=30, retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[RedisConnectionError, RedisTimeoutError], protocol=_PROTOCOL,
     )
     pool.connection_class = hiredis_packing(pool.connection_class)
     return BatchingRedis.from_pool(pool)  # owns its pool: aclose() closes the connections
@@ -333,7 +337,7 @@ def node_client(host: str, port: int, *, block_ms: int, like: RedisClient) -> re
         host=host, port=port, username=kwargs.get("username"), password=kwargs.get("password"),
         ssl=bool(kwargs.get("ssl", False)), decode_responses=False,
         socket_timeout=socket_timeout_s(block_ms), socket_connect_timeout=_CONNECT_TIMEOUT_S,
-        max_connections=4, retry=_retry(0),
+        max_connections=4, retry=_retry(0), protocol=_PROTOCOL,
     )
 
 

@@ -79,14 +79,14 @@ end
 """
 
 # Lua: write_start(stream, turn record, turn_id, owner, maxlen, ttl_ms, start_entry, epoch,
-# first, last, head, body) appends ``start_entry`` and then ARGV[first..last] (the turn's first audio entries,
-# seq 0, 1, ... in order; none when first > last), pushes them to the live channel, and makes the
-# turn record say that this turn is active at ``epoch`` with those entries appended (``na`` and
-# ``last``, exactly as the append script would have left them); returns the start entry's id. The
-# caller has checked that the turn may open and passes the push it started (``head, body``, with
-# whatever it appended before: a superseded turn's interrupt). Opening here and opening a queued
-# turn at its submit (``workers.queue.records``) share it, so the two can never disagree on the
-# record.
+# first, last, head, body) appends ``start_entry`` and then ARGV[first..last] (the turn's first
+# audio entries, seq 0, 1, ... in order; none when first > last), pushes them to the live channel
+# with what ``head, body`` already hold, and makes the turn record say that this turn is active at
+# ``epoch`` with those entries appended (``na`` and ``last``, exactly as the append script would
+# have left them); returns the start entry's id. The caller has checked that the turn may open and
+# passes the push it started (``head, body``, with whatever it appended before: a superseded
+# turn's interrupt). Opening here and opening a queued turn at its submit
+# (``workers.queue.records``) share it, so the two can never disagree on the record.
 WRITE_START = LIVE_PUSH + """
 local function write_start(stream, record, turn, owner, maxlen, ttl_ms, start_entry, epoch,
                            first, last_arg, head, body)

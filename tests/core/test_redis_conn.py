@@ -240,3 +240,18 @@ async def test_the_relays_clients_pack_with_hiredis(client: redis.Redis, key_pre
     assert issubclass(client.connection_pool.connection_class, HiredisPacking)
     await client.set(f"{key_prefix}:packed", bytes(range(256)) * 40)  # through hiredis's packer
     assert await client.get(f"{key_prefix}:packed") == bytes(range(256)) * 40
+
+
+async def test_the_relays_clients_speak_resp2_whatever_the_librarys_default(
+        client: redis.Redis, redis_url: str) -> None:
+    # redis-py 8 defaults to RESP3; the edge's push parsing and every reply shape assume RESP2.
+    from relay.redis_conn import node_client
+
+    host, port = redis_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    node = node_client(host, int(port), block_ms=0, like=client)
+    try:
+        for made in (client, node):
+            info = await made.execute_command("CLIENT", "INFO")
+            assert b" resp=2 " in info
+    finally:
+        await node.aclose()

@@ -57,13 +57,18 @@ class Producers:
         child = self.children.get(raw.decode().rpartition("|")[0].rpartition(":")[0])
         return child if child is not None and child.alive else None
 
-    async def kill_runner_of(self, redis_client, keys, conversation_id: str) -> str | None:
-        """SIGKILL the producer running the conversation; its node name, or None."""
+    async def kill_runner_of(self, redis_client, keys, conversation_id: str,
+                             conversations: list[str]) -> frozenset[str] | None:
+        """SIGKILL the producer running the conversation; every one of ``conversations`` it was
+        running then (the kill cuts each of them off), or None when none runs it."""
         child = await self.runner_of(redis_client, keys, conversation_id)
         if child is None:
             return None
+        ran = frozenset([conversation_id] + [
+            conv for conv in conversations
+            if await self.runner_of(redis_client, keys, conv) is child])
         child.kill()
-        return child.name
+        return ran
 
 
 @pytest.fixture
@@ -104,14 +109,15 @@ def takeover_latencies(kills, truth_by_conv) -> list[float]:
     """Per kill of a turn still playing: seconds until the next attempt wrote its first entry.
 
     A takeover cut short, its producer itself killed before that first write (the killer picks
-    whoever runs a playing turn, so it can pick the producer that has just taken over), is not a
-    takeover that finished: it is left out, and the next kill's takeover is measured instead
-    (counting it would add the next kill's whole recovery to this one's)."""
+    whoever runs a playing turn, so it can pick the producer that has just taken over, for this
+    conversation or for another one it runs too), is not a takeover that finished: it is left
+    out, and the next kill's takeover is measured instead (counting it would add the next kill's
+    whole recovery to this one's)."""
     latencies = []
-    for index, (killed_ms, conv, turn_id) in enumerate(kills):
+    for index, (killed_ms, conv, turn_id, _) in enumerate(kills):
         later = [int(entry_id.split("-")[0]) for entry_id, turn in truth_by_conv[conv]
                  if turn == turn_id and int(entry_id.split("-")[0]) > killed_ms + 50]
-        next_kill = min((ms for ms, c, _ in kills[index + 1:] if c == conv), default=None)
+        next_kill = min((ms for ms, _, _, cut in kills[index + 1:] if conv in cut), default=None)
         if later and (next_kill is None or min(later) < next_kill):
             latencies.append((min(later) - killed_ms) / 1000)
     return latencies
@@ -154,15 +160,16 @@ async def test_sigkilled_producers_every_turn_played_exactly_once(stack, queue, 
             clips[turn_id] = clip
             order[conv].append(turn_id)
 
-    kills: list[tuple[int, str, str]] = []
+    kills: list[tuple[int, str, str, frozenset[str]]] = []
 
     async def killer() -> None:
         while len(kills) < 4:  # SIGKILL whoever runs a playing turn, at a random point of it
             conv, turn_id = await active_turn(redis_client, keys, producers, list(plan), rng)
             await asyncio.sleep(rng.uniform(0.0, 0.8))
             killed_ms = int(time.time() * 1000)
-            if await producers.kill_runner_of(redis_client, keys, conv) is not None:
-                kills.append((killed_ms, conv, turn_id))
+            cut = await producers.kill_runner_of(redis_client, keys, conv, list(plan))
+            if cut is not None:
+                kills.append((killed_ms, conv, turn_id, cut))
                 await producers.start()
 
     killing = asyncio.create_task(killer())
@@ -219,7 +226,7 @@ async def test_turn_that_kills_its_producers_goes_to_dead_letters(stack, queue, 
             # first audio, which no longer waits for the handshake): an attempt continuing a turn
             # whose frames went out finishes audio-only at once and would not be there to kill.
             await asyncio.sleep(0.05)
-            if await producers.kill_runner_of(redis_client, keys, conv):
+            if await producers.kill_runner_of(redis_client, keys, conv, [conv]):
                 seen_epochs.add(state.epoch)
                 await producers.start()
         await asyncio.sleep(0.02)
