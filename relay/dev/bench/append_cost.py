@@ -32,7 +32,6 @@ Loopback only; about 10 s, a minute more with ``--instructions``; stops by itsel
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import re
 import shutil
@@ -44,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from relay import wire
-from relay.dev.bench.procstat import run_meta
+from relay.dev.bench.procstat import run_meta, write_result
+from relay.dev.bench.redisinfo import time_and_cpu
 from relay.dev.bench.resp import RespPipe, pack
 from relay.dev.bench.schedule import CHUNK_BYTES, CHUNKS_PER_FRAMES, SAMPLE_RATE
 from relay.dev.bench.writer import animation_envelope
@@ -150,14 +150,6 @@ async def _stored_entries(client: RedisClient, keys: Keys, conversations: int) -
     return total - conversations
 
 
-async def _server_figures(client: RedisClient) -> tuple[float, float]:
-    """(usec inside commands other than INFO, CPU seconds of the server) so far."""
-    stats = await client.info("commandstats")
-    cpu = await client.info("cpu")
-    inside = sum(float(v["usec"]) for k, v in stats.items() if not k.startswith("cmdstat_info"))
-    return inside, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
-
-
 async def _run_way(server: EmbeddedServer, way: str, options: AppendCostOptions,
                    ) -> dict[str, Any]:
     """Write ``options.calls`` calls the given way on ``server`` (fresh), return its figures."""
@@ -173,13 +165,13 @@ async def _run_way(server: EmbeddedServer, way: str, options: AppendCostOptions,
         channels = [keys.live_channel(f"c{n}") for n in range(options.conversations)]
         async with _subscribed(server, channels):
             await client.config_resetstat()
-            inside0, cpu0 = await _server_figures(client)
+            inside0, cpu0 = await time_and_cpu(client)
             step = max(1, options.batch * per_call)
             errors = 0
             for start in range(0, len(commands), step):
                 replies = await pipe.send(commands[start:start + step])
                 errors += sum(1 for r in replies if isinstance(r, Exception) or r is None)
-            inside1, cpu1 = await _server_figures(client)
+            inside1, cpu1 = await time_and_cpu(client)
         stored = await _stored_entries(client, keys, options.conversations)
         return {"way": way, "calls": options.calls, "entries": entries, "stored": stored,
                 "errors": errors,
@@ -274,9 +266,7 @@ def run_command(options: AppendCostOptions, command: str) -> int:
     """``relay bench --append-cost``: run, write the JSON, print the table; 1 when an entry was
     not stored."""
     meta = run_meta(command)
-    result: dict[str, Any] = {**meta, "append_cost": asyncio.run(run_append_cost(options))}
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(result, indent=2, default=str))
+    result = write_result(meta, "append_cost", asyncio.run(run_append_cost(options)), options.out)
     print(render(result["append_cost"]), flush=True)
     print(f"\nresults: {options.out}")
     return 0 if correct(result["append_cost"]) else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -78,6 +79,16 @@ def run_meta(command: str) -> dict[str, Any]:
     now = datetime.now(UTC)
     return {"run_id": now.strftime("%Y%m%dT%H%M%SZ"), "date": now.isoformat(timespec="seconds"),
             "command": command, "git_commit": git_commit(), "machine": machine().as_dict()}
+
+
+def write_result(meta: dict[str, Any], name: str, figures: dict[str, Any], out: Path,
+                 ) -> dict[str, Any]:
+    """A one-shot bench's result (``run_meta`` taken at its start, its figures under ``name``),
+    written to ``out`` as JSON."""
+    result = {**meta, name: figures}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def git_commit(cwd: Path | None = None) -> str:

@@ -22,12 +22,12 @@ One Valkey, clients in this process, loopback only; about 10 s; stops by itself.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from relay.dev.bench.procstat import run_meta
+from relay.dev.bench.procstat import run_meta, write_result
+from relay.dev.bench.redisinfo import time_and_cpu
 from relay.dev.embedded import EmbeddedServer
 from relay.keys import Keys
 from relay.redis_conn import RedisClient, create_client
@@ -49,14 +49,6 @@ class QueueCostOptions:
     @classmethod
     def quick_mode(cls) -> QueueCostOptions:
         return cls(clips=((16_000, 1.0), (48_000, 10.0)), rounds=5)
-
-
-async def _redis_usec(client: RedisClient) -> tuple[float, float]:
-    """(usec inside commands, CPU seconds of the server) so far."""
-    stats = await client.info("commandstats")
-    cpu = await client.info("cpu")
-    inside = sum(float(v["usec"]) for k, v in stats.items() if not k.startswith("cmdstat_info"))
-    return inside, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
 async def _submit(layout: str, queue: TurnQueue, store: JobStore, conversation: str,
@@ -92,14 +84,14 @@ async def _measure(client: RedisClient, keys: Keys, layout: str, rate: int, seco
                                "clip_bytes": len(pcm)}
     for step in ("submit", "take"):
         await client.config_resetstat()
-        inside0, cpu0 = await _redis_usec(client)
+        inside0, cpu0 = await time_and_cpu(client)
         for n in range(rounds):
             conversation = f"{prefix}-{n}"
             if step == "submit":
                 await _submit(layout, queue, store, conversation, pcm, rate)
             else:
                 await _take(layout, store, conversation)
-        inside1, cpu1 = await _redis_usec(client)
+        inside1, cpu1 = await time_and_cpu(client)
         figures[f"{step}_redis_us"] = round((inside1 - inside0) / rounds, 1)
         figures[f"{step}_redis_cpu_us"] = round((cpu1 - cpu0) * 1e6 / rounds, 1)
     await client.flushall()
@@ -150,9 +142,7 @@ def render(result: dict[str, Any]) -> str:
 def run_command(options: QueueCostOptions, command: str) -> int:
     """``relay bench --queue-cost``: run, write the JSON, print the table."""
     meta = run_meta(command)
-    result: dict[str, Any] = {**meta, "queue_cost": asyncio.run(run_queue_cost(options))}
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(result, indent=2, default=str))
+    result = write_result(meta, "queue_cost", asyncio.run(run_queue_cost(options)), options.out)
     print(render(result["queue_cost"]), flush=True)
     print(f"\nresults: {options.out}")
     return 0

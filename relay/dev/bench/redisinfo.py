@@ -71,3 +71,13 @@ local rows = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
 for i, row in ipairs(rows) do out[i] = row[1] end
 return out
 """
+
+
+async def time_and_cpu(client: RedisClient) -> tuple[float, float]:
+    """(microseconds spent inside commands other than INFO, the server's CPU seconds) so far: the
+    two readings a one-shot bench subtracts around what it measures (``--queue-cost``,
+    ``--append-cost``); scripts count with what they ran inside."""
+    stats = await client.info("commandstats")
+    cpu = await client.info("cpu")
+    inside = sum(float(v["usec"]) for k, v in stats.items() if not k.startswith("cmdstat_info"))
+    return inside, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
