@@ -172,7 +172,7 @@ local na, nf = tonumber(cur[4] or '0'), tonumber(cur[5] or '0')
 local fresh, flags = {}, nil
 for i = 6, #ARGV, 2 do
   local mark = ARGV[i]
-  local kind = string.byte(mark)
+  local kind = string.byte(mark)  -- 97: 'a' (audio), 102: 'f' (frames), see wire.write_mark
   if kind == 97 or kind == 102 then
     local seq = tonumber(string.sub(mark, 2))
     if kind == 97 and seq >= na then
