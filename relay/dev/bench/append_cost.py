@@ -26,7 +26,7 @@ Figures per entry: Redis CPU (``INFO cpu``, networking included), time inside co
 valgrind is installed, the instructions Valkey executed, counted by callgrind: a count, not a
 time, so it is the same whatever else the machine is doing (two servers per way, ``calls`` / 5 and
 ``calls`` calls, and the difference divided by the extra entries, so start-up cancels out).
-Loopback only; about 10 s, a minute more with ``--instructions``; stops by itself.
+Loopback only; about 10 s, and about 90 s more with ``--instructions``; stops by itself.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "against plain XADD (and SPUBLISH) of the same entries")
     parser.add_argument("--instructions", action="store_true",
                         help="with --append-cost: also count Valkey's instructions per entry "
-                             "under valgrind's callgrind (about a minute more)")
+                             "under valgrind's callgrind (about 90 s more)")
     parser.add_argument("--latency-settle-s", type=_seconds, default=None,
                         help="pause between rounds, after every turn of one ended (0.5)")
     parser.add_argument("--redis-delay-ms", type=_delay_ms, default=None,
