@@ -72,11 +72,12 @@ class AppendCostOptions:
 
 
 def _calls(keys: Keys, log: ConversationLog, way: str, options: AppendCostOptions,
-           ) -> tuple[list[bytes], int]:
-    """The packed commands of ``way`` for ``options.calls`` calls, and the entries they write."""
+           ) -> tuple[list[list[bytes]], int]:
+    """The packed commands of ``way``, one list per call (a slot of one conversation), and the
+    entries they write."""
     audio = random.Random(3).randbytes(CHUNK_BYTES)
     envelope = animation_envelope()
-    commands: list[bytes] = []
+    calls: list[list[bytes]] = []
     entries_total = 0
     for call in range(options.calls):
         conversation = f"c{call % options.conversations}"
@@ -86,6 +87,8 @@ def _calls(keys: Keys, log: ConversationLog, way: str, options: AppendCostOption
             entries.append(wire.frames(_TURN, slot // CHUNKS_PER_FRAMES, envelope, last=False))
         entries_total += len(entries)
         stream = keys.stream(conversation).encode()
+        commands: list[bytes] = []
+        calls.append(commands)
         if way == "append":
             command = log.append_call(conversation, _TURN, *entries)
             commands.append(pack(*(_arg(part) for part in command)))
@@ -96,7 +99,7 @@ def _calls(keys: Keys, log: ConversationLog, way: str, options: AppendCostOption
         if way == "xadd_spublish":
             commands.append(pack(b"SPUBLISH", keys.live_channel(conversation).encode(),
                                  b"".join(entries)))
-    return commands, entries_total
+    return calls, entries_total
 
 
 def _arg(part: Any) -> bytes:
@@ -159,17 +162,17 @@ async def _run_way(server: EmbeddedServer, way: str, options: AppendCostOptions,
         await client.flushall()
         keys = Keys("acost")
         log = await _prepare(client, keys, options)
-        commands, entries = _calls(keys, log, way, options)
-        per_call = len(commands) // options.calls if way != "append" else 1
+        calls, entries = _calls(keys, log, way, options)
         await pipe.connect()
         channels = [keys.live_channel(f"c{n}") for n in range(options.conversations)]
         async with _subscribed(server, channels):
             await client.config_resetstat()
             inside0, cpu0 = await time_and_cpu(client)
-            step = max(1, options.batch * per_call)
             errors = 0
-            for start in range(0, len(commands), step):
-                replies = await pipe.send(commands[start:start + step])
+            for start in range(0, len(calls), options.batch):  # every way: `batch` calls a send
+                batch = [command for call in calls[start:start + options.batch]
+                         for command in call]
+                replies = await pipe.send(batch)
                 errors += sum(1 for r in replies if isinstance(r, Exception) or r is None)
             inside1, cpu1 = await time_and_cpu(client)
         stored = await _stored_entries(client, keys, options.conversations)

@@ -187,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
     from relay.dev.bench.runner import run as run_bench
 
     command = "relay " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.instructions and not args.append_cost:
+        print("relay bench: --instructions counts only with --append-cost", file=sys.stderr)
+        return 2
     if args.latency:
         from relay.dev.bench.latency import run_command
 
@@ -203,10 +206,6 @@ def run(args: argparse.Namespace) -> int:
         from relay.dev.bench import append_cost
 
         return append_cost.run_command(append_cost_options_from(args), command)
-    if args.instructions:
-        parser_error = "--instructions counts only with --append-cost"
-        print(f"relay bench: {parser_error}", file=sys.stderr)
-        return 2
     options = options_from(args)
     result = run_bench(options, command)
     options.out.parent.mkdir(parents=True, exist_ok=True)
