@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from relay.dev.bench.latency import percentiles
+from relay.dev.bench.latency import add_over_floor, evaluate, percentiles
 
 FIGURES = ("submit_to_first_audio_ms", "submit_to_first_append_ms", "submit_to_first_frames_ms",
            "submit_to_first_frames_append_ms", "first_audio_to_first_frames_ms",
@@ -58,7 +58,43 @@ def test_quick_latency_bench_reports_every_turn(tmp_path):
             assert part["sim_first_batch_unmatched"] == 0
             assert part["sim_first_batch_ms"]["p50"] >= 300
             assert part["frames_after_sim_ms"]["max"] <= part["frames_after_nominal_sim_ms"]["max"]
+        # The machine's floor for the same burst, run right after the step, every later turn
+        # delivered; the relay's figures over it are there for both kinds of turns.
+        floor = step["floor"]
+        assert floor["conversations"] == step["conversations"]
+        assert floor["submit_to_first_audio_ms"]["n"] == step["conversations"]
+        assert floor["undelivered"] == 0 and floor["submit_to_first_audio_ms"]["p50"] > 0
+        for label in ("first", "later"):
+            over = step[label]["submit_to_first_audio_ms"]["over_floor"]
+            assert over["p99"] == round(step[label]["submit_to_first_audio_ms"]["p99"]
+                                        - floor["submit_to_first_audio_ms"]["p99"], 2)
     assert "later_first_audio_p99_ms_at_20" in result["targets"]
+    assert "later_first_audio_over_floor_p99_ms_at_100" in result["targets"]
+    assert "the machine's floor for the same burst" in run.stdout
+
+
+def _step(n, first_p99, later_p99, floor_p99):
+    def audio(p99):
+        return {"submit_to_first_audio_ms": {"n": n, "p50": p99 / 2, "p99": p99, "max": p99},
+                "frames_after_sim_ms": {"n": n, "p50": 5.0, "p99": 8.0, "max": 9.0}}
+    return {"conversations": n, "first": audio(first_p99), "later": audio(later_p99),
+            "floor": {"conversations": n, "undelivered": 0,
+                      "submit_to_first_audio_ms": {"n": n, "p50": floor_p99 / 2,
+                                                   "p99": floor_p99, "max": floor_p99}}}
+
+
+def test_the_target_over_the_floor_is_the_relays_p99_less_the_floors():
+    steps = [_step(20, 15.0, 16.4, 9.6), _step(100, 70.0, 74.0, 36.0)]
+    for step in steps:
+        add_over_floor(step)
+    assert steps[0]["later"]["submit_to_first_audio_ms"]["over_floor"] == {"p50": 3.4, "p99": 6.8}
+    verdicts = evaluate(steps)
+    assert verdicts["later_first_audio_p99_ms_at_20"] == {"target": 10.0, "measured": 16.4,
+                                                          "met": False}
+    assert verdicts["later_first_audio_over_floor_p99_ms_at_20"] == {
+        "target": 10.0, "measured": 6.8, "met": True}
+    assert verdicts["later_first_audio_over_floor_p99_ms_at_100"] == {
+        "target": 20.0, "measured": 38.0, "met": False}
 
 
 def test_percentiles_are_nearest_rank():
