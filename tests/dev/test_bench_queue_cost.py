@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_quick_queue_cost_bench_measures_both_layouts(tmp_path):
     out = tmp_path / "queue-cost.json"
+    counting = shutil.which("valgrind") is not None
     run = subprocess.run(
-        [sys.executable, "-m", "relay", "bench", "--queue-cost", "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=100,
+        [sys.executable, "-m", "relay", "bench", "--queue-cost", "--quick", "--instructions",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=280,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "submit us stored / inline" in run.stdout  # the table
@@ -29,6 +32,21 @@ def test_quick_queue_cost_bench_measures_both_layouts(tmp_path):
             assert figures["clip_bytes"] == figures["sample_rate"] * figures["clip_s"] * 2
             for name in ("submit_redis_us", "take_redis_us"):
                 assert figures[name] > 0  # commands ran inside Redis and were counted
-        assert set(row["ratios"]) == {"submit_redis_us", "take_redis_us",
-                                      "submit_redis_cpu_us", "take_redis_cpu_us"}
+        timed = {"submit_redis_us", "take_redis_us", "submit_redis_cpu_us", "take_redis_cpu_us"}
+        if not counting:
+            assert set(row["ratios"]) == timed
+            continue
+        assert set(row["ratios"]) == timed | {"submit_instructions", "take_instructions",
+                                              "turn_instructions"}
+        for layout in ("stored", "inline"):
+            counted = row[layout]["instructions"]
+            assert counted["submit"] > 0 and counted["take"] > 0
+    if counting:
+        # 937 KB through the scripts, hashed and copied into Lua, against a RENAME and a GET.
+        large = rows[1]
+        assert large["inline"]["instructions"]["submit"] > large["stored"]["instructions"]["submit"]
+        assert large["ratios"]["turn_instructions"] > 1
+        assert "Valkey instructions per submit and per take" in run.stdout
+    else:
+        assert "valgrind" in result["queue_cost"]["instructions"]["skipped"]
     assert result["run_id"] and result["git_commit"]

@@ -34,9 +34,11 @@ MAX_CLIP_BYTES = 8 * 1024 * 1024  # about 87 s at 48 kHz; longer speech belongs 
 MAX_CHUNK_BYTES = 1024 * 1024
 # Clips up to this size travel inside their job (version 1), larger ones beside it (version 2).
 # Up to here the clip through the queue's scripts costs Redis little more than storing it apart
-# (relay bench --queue-cost, 31 KB: 0.9 to 1.4 times), and inside the job the worker needs no
-# read of its own (every clip stored apart put 2 ms on the latency bench's p50 at 20
-# conversations); above it, every KB through a script holds Redis longer (93 KB: 2 to 4 times).
+# (relay bench --queue-cost, 31 KB: 0.9 to 1.4 times the time; 1.8 times the instructions, but
+# those are hashing and copying loops: 1.07 times the CPU, docs/benchmarks.md "Queue cost"), and
+# inside the job the worker needs no read of its own (every clip stored apart put 2 ms on the
+# latency bench's p50 at 20 conversations); above it, every KB through a script holds Redis
+# longer (93 KB: 2 to 4 times).
 INLINE_CLIP_MAX = 64 * 1024
 
 

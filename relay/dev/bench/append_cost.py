@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -43,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import wire
+from relay.dev.bench import callgrind
 from relay.dev.bench.procstat import run_meta, write_result
 from relay.dev.bench.redisinfo import time_and_cpu
 from relay.dev.bench.resp import RespPipe, pack
@@ -185,32 +183,17 @@ async def _run_way(server: EmbeddedServer, way: str, options: AppendCostOptions,
         await client.aclose()
 
 
-def _callgrind_total(path: Path) -> int:
-    """The instruction total callgrind wrote at the server's exit."""
-    match = re.search(r"^(?:summary|totals):\s+(\d+)", path.read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no instruction total in {path}")
-    return int(match.group(1))
-
-
 async def _instructions(way: str, options: AppendCostOptions) -> float:
-    """Instructions Valkey executed per entry written ``way``: two servers under callgrind, one
-    with a fifth of the calls, so what both did besides (start-up, setup) cancels out."""
-    totals: list[tuple[int, int]] = []
-    with tempfile.TemporaryDirectory(prefix="relay-callgrind-") as tmp:
-        for calls in (max(1, options.calls // 5), options.calls):
-            out = Path(tmp) / f"{way}-{calls}.out"
-            wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-            counted = AppendCostOptions(calls=calls, conversations=options.conversations,
-                                        batch=options.batch)
-            server = EmbeddedServer(wrapper=wrapper).start(timeout_s=120)
-            try:
-                figures = await _run_way(server, way, counted)
-            finally:
-                server.stop()
-            totals.append((figures["entries"], _callgrind_total(out)))
-    (small_entries, small), (large_entries, large) = totals
-    return round((large - small) / (large_entries - small_entries))
+    """Instructions Valkey executed per entry written ``way`` (``callgrind.per_unit``: a fifth
+    of the calls, then all of them)."""
+
+    async def work(server: EmbeddedServer, calls: int) -> int:
+        counted = AppendCostOptions(calls=calls, conversations=options.conversations,
+                                    batch=options.batch)
+        figures = await _run_way(server, way, counted)
+        return int(figures["entries"])
+
+    return round(await callgrind.per_unit(work, max(1, options.calls // 5), options.calls))
 
 
 async def run_append_cost(options: AppendCostOptions) -> dict[str, Any]:
@@ -221,7 +204,7 @@ async def run_append_cost(options: AppendCostOptions) -> dict[str, Any]:
     instructions: dict[str, Any]
     if not options.instructions:
         instructions = {"skipped": "not asked for (--instructions)"}
-    elif shutil.which("valgrind") is None:
+    elif not callgrind.available():
         instructions = {"skipped": "valgrind is not installed (apt-get install valgrind)"}
     else:
         instructions = {way: await _instructions(way, options) for way in WAYS}

@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure what the fenced append costs Redis per entry instead, "
                              "against plain XADD (and SPUBLISH) of the same entries")
     parser.add_argument("--instructions", action="store_true",
-                        help="with --append-cost: also count Valkey's instructions per entry "
-                             "under valgrind's callgrind (about 90 s more)")
+                        help="with --append-cost or --queue-cost: also count Valkey's "
+                             "instructions per entry, or per submit and take, under valgrind's "
+                             "callgrind (about 90 s or two minutes more)")
     parser.add_argument("--latency-settle-s", type=_seconds, default=None,
                         help="pause between rounds, after every turn of one ended (0.5)")
     parser.add_argument("--redis-delay-ms", type=_delay_ms, default=None,
@@ -139,7 +140,8 @@ def joins_options_from(args: argparse.Namespace) -> Any:
 def queue_cost_options_from(args: argparse.Namespace) -> Any:
     from relay.dev.bench.queue_cost import QueueCostOptions
 
-    options = QueueCostOptions.quick_mode() if args.quick else QueueCostOptions()
+    options = (QueueCostOptions.quick_mode(instructions=args.instructions) if args.quick
+               else QueueCostOptions(instructions=args.instructions))
     return replace(options, out=args.out) if args.out is not None else options
 
 
@@ -187,8 +189,9 @@ def run(args: argparse.Namespace) -> int:
     from relay.dev.bench.runner import run as run_bench
 
     command = "relay " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.instructions and not args.append_cost:
-        print("relay bench: --instructions counts only with --append-cost", file=sys.stderr)
+    if args.instructions and not (args.append_cost or args.queue_cost):
+        print("relay bench: --instructions counts only with --append-cost or --queue-cost",
+              file=sys.stderr)
         return 2
     if args.latency:
         from relay.dev.bench.latency import run_command

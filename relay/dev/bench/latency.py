@@ -251,9 +251,7 @@ async def burst_floor(options: LatencyOptions, redis_url: str, n: int, log_dir: 
         try:
             await clients.start()
             for k in range(options.turns):
-                ids = [f"r{k}-{c}" for c in channels]
-                for turn_id in ids:
-                    times[turn_id] = TurnTimes()
+                ids = _new_round(k, channels, times)
                 await asyncio.gather(*(_floor_submit(client, c, t, pcm, times[t])
                                        for c, t in zip(channels, ids, strict=True)))
                 await asyncio.sleep(options.settle_s)  # the turns end outside the timed burst
@@ -370,9 +368,7 @@ async def _measure(options: LatencyOptions, client: Any, settings: Settings, edg
             cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
             busy_before = machine_busy_seconds()
             for k in range(options.turns):
-                ids = [f"r{k}-{c}" for c in conversations]
-                for turn_id in ids:
-                    times[turn_id] = TurnTimes()
+                ids = _new_round(k, conversations, times)
                 await asyncio.gather(*(_submit(queue, c, t, pcm, times[t])
                                        for c, t in zip(conversations, ids, strict=True)))
                 await _round_ended(ids, times, ended)
@@ -429,6 +425,14 @@ async def _submit(queue: Any, conversation: str, turn_id: str, pcm: bytes,
     times.submitted = time.monotonic()
     await queue.submit_clip(conversation, pcm, sample_rate=RATE, turn_id=turn_id)
     times.submit_returned = time.monotonic()
+
+
+def _new_round(k: int, conversations: list[str], times: dict[str, TurnTimes]) -> list[str]:
+    """Round ``k``'s turn ids, one per conversation, each with a fresh record in ``times``."""
+    ids = [f"r{k}-{c}" for c in conversations]
+    for turn_id in ids:
+        times[turn_id] = TurnTimes()
+    return ids
 
 
 async def _round_ended(ids: list[str], times: dict[str, TurnTimes], ended: asyncio.Event) -> None:

@@ -16,16 +16,23 @@ plus the GET of the clip for the stored layout, as the worker sends it beside th
 where both cost the same; the bench measures both layouts at every length. Figures: Redis time
 per submit and per take (``INFO commandstats`` usec of every command, scripts with what they ran
 inside), and Redis CPU per turn (``INFO cpu``: what the process spent, networking included).
-One Valkey, clients in this process, loopback only; about 10 s; stops by itself.
+With ``--instructions`` where valgrind is installed, also the instructions Valkey executed per
+submit and per take, counted by callgrind (``relay.dev.bench.callgrind``): a count, the same
+whatever else the machine is doing, where the times above move by a fifth between runs on a
+2-core VM. ``TurnQueue``'s ``INLINE_CLIP_MAX`` is set from those counts.
+One Valkey, clients in this process, loopback only; about 10 s, and about two minutes more with
+``--instructions``; stops by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from relay.dev.bench import callgrind
 from relay.dev.bench.procstat import run_meta, write_result
 from relay.dev.bench.redisinfo import time_and_cpu
 from relay.dev.embedded import EmbeddedServer
@@ -44,11 +51,15 @@ class QueueCostOptions:
     clips: tuple[tuple[int, float], ...] = ((16_000, 1.0), (16_000, 10.0), (48_000, 1.0),
                                             (48_000, 10.0), (48_000, 60.0))
     rounds: int = 200
+    instructions: bool = False
+    # Submits (and takes) on each of the two servers under callgrind (``callgrind.per_unit``).
+    instruction_rounds: tuple[int, int] = (5, 25)
     out: Path = Path("bench/results/queue-cost.json")
 
     @classmethod
-    def quick_mode(cls) -> QueueCostOptions:
-        return cls(clips=((16_000, 1.0), (48_000, 10.0)), rounds=5)
+    def quick_mode(cls, *, instructions: bool = False) -> QueueCostOptions:
+        return cls(clips=((16_000, 1.0), (48_000, 10.0)), rounds=5, instructions=instructions,
+                   instruction_rounds=(2, 6))
 
 
 async def _submit(layout: str, queue: TurnQueue, store: JobStore, conversation: str,
@@ -98,6 +109,36 @@ async def _measure(client: RedisClient, keys: Keys, layout: str, rate: int, seco
     return figures
 
 
+def _turns(layout: str, rate: int, seconds: float, *, takes: bool
+           ) -> Callable[[EmbeddedServer, int], Awaitable[int]]:
+    """``n`` submits on a server (and then their ``n`` takes), for ``callgrind.per_unit``."""
+
+    async def work(server: EmbeddedServer, n: int) -> int:
+        client = create_client(server.url)
+        try:
+            keys = Keys("qcost")
+            queue = TurnQueue(client, keys, input_ttl_s=600)
+            store = JobStore(client, keys, ttl_s=600, lease_s=60)
+            pcm = bytes(int(rate * seconds) * 2)
+            for i in range(n):
+                await _submit(layout, queue, store, f"c{i}", pcm, rate)
+            for i in range(n if takes else 0):
+                await _take(layout, store, f"c{i}")
+        finally:
+            await client.aclose()
+        return n
+
+    return work
+
+
+async def _instructions(layout: str, rate: int, seconds: float, rounds: tuple[int, int]
+                        ) -> dict[str, float]:
+    """Valkey's instructions per submit, and per take (submits and takes, less the submits)."""
+    submit = await callgrind.per_unit(_turns(layout, rate, seconds, takes=False), *rounds)
+    both = await callgrind.per_unit(_turns(layout, rate, seconds, takes=True), *rounds)
+    return {"submit": round(submit), "take": round(both - submit)}
+
+
 async def run_queue_cost(options: QueueCostOptions) -> dict[str, Any]:
     rows = []
     with EmbeddedServer() as server:
@@ -110,7 +151,32 @@ async def run_queue_cost(options: QueueCostOptions) -> dict[str, Any]:
                 rows.append({"stored": stored, "inline": inline, "ratios": _ratios(stored, inline)})
         finally:
             await client.aclose()
-    return {"options": {k: v for k, v in asdict(options).items() if k != "out"}, "rows": rows}
+    instructions: dict[str, Any] = {}
+    if not options.instructions:
+        instructions = {"skipped": "not asked for (--instructions)"}
+    elif not callgrind.available():
+        instructions = {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    else:
+        for row, (rate, seconds) in zip(rows, options.clips, strict=True):
+            for layout in (STORED, INLINE):
+                row[layout]["instructions"] = await _instructions(
+                    layout, rate, seconds, options.instruction_rounds)
+            row["ratios"].update(_instruction_ratios(row[STORED]["instructions"],
+                                                     row[INLINE]["instructions"]))
+    return {"options": {k: v for k, v in asdict(options).items() if k != "out"}, "rows": rows,
+            "instructions": instructions or {"counted": "per submit and per take, each layout"}}
+
+
+def _instruction_ratios(stored: dict[str, float], inline: dict[str, float]
+                        ) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for step in ("submit", "take"):
+        out[f"{step}_instructions"] = (round(inline[step] / stored[step], 2)
+                                       if stored[step] > 0 else None)
+    both = stored["submit"] + stored["take"]
+    out["turn_instructions"] = (round((inline["submit"] + inline["take"]) / both, 2)
+                                if both > 0 else None)
+    return out
 
 
 def _ratios(stored: dict[str, Any], inline: dict[str, Any]) -> dict[str, float | None]:
@@ -136,6 +202,21 @@ def render(result: dict[str, Any]) -> str:
             f"| {s['submit_redis_us']:g} / {i['submit_redis_us']:g} | {r['submit_redis_us']} "
             f"| {s['take_redis_us']:g} / {i['take_redis_us']:g} | {r['take_redis_us']} "
             f"| {cpu_s:.0f} / {cpu_i:.0f} |")
+    skipped = result.get("instructions", {}).get("skipped")
+    if skipped:
+        lines += ["", f"instructions: skipped ({skipped})"]
+        return "\n".join(lines)
+    lines += ["", "Valkey instructions per submit and per take (callgrind), same layouts:", "",
+              "| clip | submit stored / inline | x | take stored / inline | x | "
+              "turn (submit + take) x |", "|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        s, i, r = row["stored"], row["inline"], row["ratios"]
+        si, ii = s["instructions"], i["instructions"]
+        lines.append(
+            f"| {s['clip_s']:g} s at {s['sample_rate'] // 1000} kHz ({s['clip_bytes'] // 1024} KB) "
+            f"| {si['submit']:,.0f} / {ii['submit']:,.0f} | {r['submit_instructions']} "
+            f"| {si['take']:,.0f} / {ii['take']:,.0f} | {r['take_instructions']} "
+            f"| {r['turn_instructions']} |")
     return "\n".join(lines)
 
 
