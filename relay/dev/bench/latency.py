@@ -243,6 +243,7 @@ async def burst_floor(options: LatencyOptions, redis_url: str, n: int, log_dir: 
     ended = asyncio.Event()
     rounds: list[list[str]] = []
     pcm = clip(options.clip_s)
+    chunk_ms = Settings().chunk_ms  # the producers' and the submits' default
     try:
         await forwarder.start({"redis_url": redis_url, "channels": channels})
         port = (await forwarder.expect("ready", _READY_TIMEOUT_S))["port"]
@@ -252,7 +253,7 @@ async def burst_floor(options: LatencyOptions, redis_url: str, n: int, log_dir: 
             await clients.start()
             for k in range(options.turns):
                 ids = _new_round(k, channels, times)
-                await asyncio.gather(*(_floor_submit(client, c, t, pcm, times[t])
+                await asyncio.gather(*(_floor_submit(client, c, t, pcm, chunk_ms, times[t])
                                        for c, t in zip(channels, ids, strict=True)))
                 await asyncio.sleep(options.settle_s)  # the turns end outside the timed burst
                 await asyncio.gather(*(_floor_end(client, c, t)
@@ -272,10 +273,10 @@ async def burst_floor(options: LatencyOptions, redis_url: str, n: int, log_dir: 
             "undelivered": sum(t.first_audio is None for t in later)}
 
 
-async def _floor_submit(client: Any, channel: str, turn_id: str, pcm: bytes,
+async def _floor_submit(client: Any, channel: str, turn_id: str, pcm: bytes, chunk_ms: int,
                         times: TurnTimes) -> None:
     times.submitted = time.monotonic()
-    head, _ = clip_head(pcm, sample_rate=RATE, chunk_ms=Settings().chunk_ms)
+    head, _ = clip_head(pcm, sample_rate=RATE, chunk_ms=chunk_ms)
     entries = [wire.turn_start(turn_id, sample_rate=RATE), *wire.audio_run(turn_id, head,
                                                                            end=False)]
     frames = b"".join(delivery_frame(f"0-{i + 1}".encode(), entry)
@@ -510,7 +511,10 @@ def add_ratios(step_figures: dict[str, Any], base: dict[str, Any],
 
 def add_over_floor(step_figures: dict[str, Any]) -> None:
     """The relay's first audio over the machine's floor for the same burst (``burst_floor``):
-    what the relay itself adds, p50 and p99 each against the floor's, per kind of turn."""
+    what the relay itself adds, p50 and p99 each against the floor's, per kind of turn (none
+    when the floor could not be measured)."""
+    if "error" in step_figures["floor"]:
+        return
     floor = step_figures["floor"]["submit_to_first_audio_ms"]
     for label in ("first", "later"):
         audio = step_figures[label]["submit_to_first_audio_ms"]
@@ -573,7 +577,11 @@ async def run_latency(options: LatencyOptions, log_dir: Path) -> dict[str, Any]:
                 steps.append({"conversations": n, "error": str(exc)})
                 continue
             add_ratios(figures, result["baseline_ms"], result["baseline_idle_ms"])
-            figures["floor"] = await burst_floor(options, server.url, n, log_dir)
+            try:
+                figures["floor"] = await burst_floor(options, server.url, n, log_dir)
+            except (OSError, RelayError) as exc:  # the relay's figures stand without it
+                log.error("latency_floor_failed", conversations=n, error=str(exc))
+                figures["floor"] = {"conversations": n, "error": str(exc)}
             add_over_floor(figures)
             steps.append(figures)
         # Once more after the load: the machine is shared, so a second sample shows drift.
@@ -653,7 +661,10 @@ def render(result: dict[str, Any]) -> str:
                 for label in ("first", "later") if "sim_first_batch_ms" in s[label])
             if sim:
                 lines.append(f"  the simulator's own first batch, as it ran: {sim}")
-        if "floor" in s:
+        if "error" in s.get("floor", {}):
+            lines.append(f"  the machine's floor for the same burst: not measured "
+                         f"({s['floor']['error']})")
+        elif "floor" in s:
             floor = s["floor"]
             over = "; ".join(
                 f"{label} +{s[label]['submit_to_first_audio_ms']['over_floor']['p50']} / "

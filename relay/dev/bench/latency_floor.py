@@ -37,7 +37,6 @@ class _Pushes(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._pending = channels
         self.subscribed = asyncio.get_running_loop().create_future()
-        self.lost = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -50,10 +49,6 @@ class _Pushes(asyncio.Protocol):
                 self._pending -= 1
                 if self._pending == 0 and not self.subscribed.done():
                     self.subscribed.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
 
 
 def _client_route(clients: dict[bytes, asyncio.WriteTransport]) -> Any:

@@ -19,7 +19,8 @@ inside), and Redis CPU per turn (``INFO cpu``: what the process spent, networkin
 With ``--instructions`` where valgrind is installed, also the instructions Valkey executed per
 submit and per take, counted by callgrind (``relay.dev.bench.callgrind``): a count, the same
 whatever else the machine is doing, where the times above move by a fifth between runs on a
-2-core VM. ``TurnQueue``'s ``INLINE_CLIP_MAX`` is set from those counts.
+2-core VM. A count weighs hashing and copying loops far above their time (docs/benchmarks.md,
+"Queue cost"): it says which layout does more, the times say how much that costs.
 One Valkey, clients in this process, loopback only; about 10 s, and about two minutes more with
 ``--instructions``; stops by itself.
 """
