@@ -152,12 +152,13 @@ async def run_queue_cost(options: QueueCostOptions) -> dict[str, Any]:
                 rows.append({"stored": stored, "inline": inline, "ratios": _ratios(stored, inline)})
         finally:
             await client.aclose()
-    instructions: dict[str, Any] = {}
+    instructions: dict[str, Any]
     if not options.instructions:
         instructions = {"skipped": "not asked for (--instructions)"}
     elif not callgrind.available():
         instructions = {"skipped": "valgrind is not installed (apt-get install valgrind)"}
     else:
+        instructions = {"counted": "per submit and per take, each layout"}
         for row, (rate, seconds) in zip(rows, options.clips, strict=True):
             for layout in (STORED, INLINE):
                 row[layout]["instructions"] = await _instructions(
@@ -165,7 +166,7 @@ async def run_queue_cost(options: QueueCostOptions) -> dict[str, Any]:
             row["ratios"].update(_instruction_ratios(row[STORED]["instructions"],
                                                      row[INLINE]["instructions"]))
     return {"options": {k: v for k, v in asdict(options).items() if k != "out"}, "rows": rows,
-            "instructions": instructions or {"counted": "per submit and per take, each layout"}}
+            "instructions": instructions}
 
 
 def _instruction_ratios(stored: dict[str, float], inline: dict[str, float]
